@@ -1,0 +1,22 @@
+//! memplace's agent library: `memplaced` is a thin binary over [`app::run`].
+//!
+//! Modules, in dependency order: [`domain`] (vocabulary, no I/O), [`kernel`] (every syscall and
+//! all unsafe code), [`topology`] (sysfs), [`store`] (SQLite), [`reconcile`] (the engine),
+//! [`handoff`] (the VMM fd socket), [`api`] (gRPC edge), and [`auth`], [`config`], [`metrics`],
+//! [`app`] (wiring).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod handoff;
+pub mod kernel;
+pub mod limits;
+pub mod metrics;
+pub mod reconcile;
+pub mod store;
+pub mod topology;

@@ -1,0 +1,718 @@
+//! The gRPC edge: proto ↔ domain conversion, idempotency records, and the one mapping from
+//! errors to `tonic::Status`. It never calls the kernel module; the engine does.
+
+use crate::domain::{Backend, DomainError, Event, NodeSet, Policy, PolicyMode, RegionKey};
+use crate::reconcile::{
+    Agent, AgentError, CreateRequest, Idempotency, NodeCount, Placement, PopulateProgress,
+    PopulateRequest, RangeState, RegionView,
+};
+use memplace_proto::v1 as pb;
+use memplace_proto::v1::node_agent_service_server::NodeAgentService;
+use nix::errno::Errno;
+use prost::Message;
+use sha2::Digest;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status};
+
+/// The agent's version, reported by GetNodeInfo.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Longest request_id accepted.
+const MAX_REQUEST_ID: usize = 128;
+/// Most nodes accepted in one policy (the kernel's MAX_NUMNODES).
+const MAX_POLICY_NODES: usize = crate::domain::MAX_NODES as usize;
+
+/// The gRPC service.
+#[derive(Clone, Debug)]
+pub struct NodeAgent {
+    agent: Arc<Agent>,
+}
+
+impl NodeAgent {
+    /// Serves `agent`.
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self { agent }
+    }
+}
+
+/// Who is calling, for audit: set by the auth layer as a request extension.
+#[derive(Clone, Debug)]
+pub struct Caller(pub String);
+
+fn caller<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<Caller>()
+        .map(|c| c.0.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The one mapping from engine errors to gRPC status codes.
+pub fn status_of(e: AgentError) -> Status {
+    let code = match &e {
+        AgentError::Invalid(_) | AgentError::InvalidArgument(_) => Code::InvalidArgument,
+        AgentError::NotFound(_) => Code::NotFound,
+        AgentError::AlreadyExists(_) | AgentError::RequestIdReused(_) => Code::AlreadyExists,
+        AgentError::DuplicateRequest(_) => Code::Aborted,
+        AgentError::FailedPrecondition(_) => Code::FailedPrecondition,
+        AgentError::GenerationConflict { .. } => Code::Aborted,
+        AgentError::ResourceExhausted(_) => Code::ResourceExhausted,
+        AgentError::Cancelled => Code::Cancelled,
+        AgentError::Kernel { errno, .. } => code_of_errno(*errno),
+        AgentError::Store(s) => match s {
+            crate::store::StoreError::Locked => Code::Unavailable,
+            crate::store::StoreError::Full => Code::ResourceExhausted,
+            crate::store::StoreError::WriterGone => Code::Unavailable,
+            crate::store::StoreError::Conflict => Code::AlreadyExists,
+            _ => Code::Internal,
+        },
+    };
+    Status::new(code, e.to_string())
+}
+
+/// Kernel errno to gRPC code, in one place.
+pub fn code_of_errno(errno: Errno) -> Code {
+    match errno {
+        Errno::EINVAL | Errno::EFAULT | Errno::EOVERFLOW | Errno::EFBIG => Code::InvalidArgument,
+        Errno::ENOMEM | Errno::ENOSPC | Errno::EMFILE | Errno::ENFILE => Code::ResourceExhausted,
+        Errno::EPERM | Errno::EACCES => Code::PermissionDenied,
+        Errno::ENOENT | Errno::ESRCH | Errno::ENODEV | Errno::ENXIO => Code::FailedPrecondition,
+        Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::ENOTTY => Code::FailedPrecondition,
+        Errno::EBUSY | Errno::EAGAIN | Errno::EINTR => Code::Unavailable,
+        Errno::EIO => Code::DataLoss,
+        _ => Code::Internal,
+    }
+}
+
+fn invalid(e: DomainError) -> Status {
+    status_of(AgentError::Invalid(e))
+}
+
+/// Converts an API policy, rejecting unknown modes and node ids out of range.
+pub fn policy_from_pb(p: Option<&pb::Policy>) -> Result<Policy, Status> {
+    let p = p.ok_or_else(|| Status::invalid_argument("policy is required"))?;
+    let mode = match pb::PolicyMode::try_from(p.mode) {
+        Ok(pb::PolicyMode::Default) => PolicyMode::Default,
+        Ok(pb::PolicyMode::Bind) => PolicyMode::Bind,
+        Ok(pb::PolicyMode::Preferred) => PolicyMode::Preferred,
+        Ok(pb::PolicyMode::Interleave) => PolicyMode::Interleave,
+        Ok(pb::PolicyMode::PreferredMany) => PolicyMode::PreferredMany,
+        Ok(pb::PolicyMode::WeightedInterleave) => PolicyMode::WeightedInterleave,
+        Ok(pb::PolicyMode::Local) => PolicyMode::Local,
+        Ok(pb::PolicyMode::Unspecified) => {
+            return Err(Status::invalid_argument(
+                "policy mode is POLICY_MODE_UNSPECIFIED: set one of DEFAULT, BIND, PREFERRED, INTERLEAVE, PREFERRED_MANY, WEIGHTED_INTERLEAVE, LOCAL",
+            ));
+        }
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "policy mode {} is not a known PolicyMode value",
+                p.mode
+            )));
+        }
+    };
+    if p.nodes.len() > MAX_POLICY_NODES {
+        return Err(Status::invalid_argument(format!(
+            "policy lists {} nodes; at most {MAX_POLICY_NODES} are possible",
+            p.nodes.len()
+        )));
+    }
+    let nodes = NodeSet::from_ids(p.nodes.iter().copied()).map_err(invalid)?;
+    let policy = Policy {
+        mode,
+        nodes,
+        static_nodes: p.static_nodes,
+        relative_nodes: p.relative_nodes,
+    };
+    policy.validate().map_err(invalid)?;
+    Ok(policy)
+}
+
+/// Converts a domain policy.
+pub fn policy_to_pb(p: &Policy) -> pb::Policy {
+    pb::Policy {
+        mode: match p.mode {
+            PolicyMode::Default => pb::PolicyMode::Default,
+            PolicyMode::Bind => pb::PolicyMode::Bind,
+            PolicyMode::Preferred => pb::PolicyMode::Preferred,
+            PolicyMode::Interleave => pb::PolicyMode::Interleave,
+            PolicyMode::PreferredMany => pb::PolicyMode::PreferredMany,
+            PolicyMode::WeightedInterleave => pb::PolicyMode::WeightedInterleave,
+            PolicyMode::Local => pb::PolicyMode::Local,
+        } as i32,
+        nodes: p.nodes.iter().collect(),
+        static_nodes: p.static_nodes,
+        relative_nodes: p.relative_nodes,
+    }
+}
+
+/// Converts an API backend.
+pub fn backend_from_pb(b: i32) -> Result<Backend, Status> {
+    match pb::Backend::try_from(b) {
+        Ok(pb::Backend::GuestMemfd) => Ok(Backend::GuestMemfd),
+        Ok(pb::Backend::Memfd) => Ok(Backend::Memfd),
+        Ok(pb::Backend::MemfdHugetlb) => Ok(Backend::MemfdHugetlb),
+        Ok(pb::Backend::Unspecified) => Err(Status::invalid_argument(
+            "backend is BACKEND_UNSPECIFIED: set BACKEND_GUEST_MEMFD, BACKEND_MEMFD or BACKEND_MEMFD_HUGETLB",
+        )),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "backend {b} is not a known Backend value"
+        ))),
+    }
+}
+
+fn backend_to_pb(b: Backend) -> pb::Backend {
+    match b {
+        Backend::GuestMemfd => pb::Backend::GuestMemfd,
+        Backend::Memfd => pb::Backend::Memfd,
+        Backend::MemfdHugetlb => pb::Backend::MemfdHugetlb,
+    }
+}
+
+/// Converts a region view.
+pub fn region_to_pb(v: &RegionView) -> pb::Region {
+    use crate::domain::{RegionStatus, Strategy};
+    let i = &v.intent;
+    pb::Region {
+        vm_id: i.key.vm_id.clone(),
+        name: i.key.name.clone(),
+        uid: i.uid.clone(),
+        backend: backend_to_pb(i.backend) as i32,
+        size_bytes: i.size_bytes,
+        generation: i.generation,
+        strategy: match i.strategy {
+            Strategy::SharedPolicy => pb::Strategy::SharedPolicy,
+            Strategy::TaskPolicy => pb::Strategy::TaskPolicy,
+        } as i32,
+        ranges: v
+            .ranges
+            .iter()
+            .map(|r| pb::Range {
+                offset: r.intent.offset,
+                length: r.intent.length,
+                intended: Some(policy_to_pb(&r.intent.policy)),
+                observed: r.observed.as_ref().map(policy_to_pb),
+                state: match r.state {
+                    RangeState::Applied => pb::RangeState::Applied,
+                    RangeState::Pending => pb::RangeState::Pending,
+                    RangeState::Failed => pb::RangeState::Failed,
+                    RangeState::Drifted => pb::RangeState::Drifted,
+                } as i32,
+                last_error: r.last_error.clone(),
+                governs: match i.strategy {
+                    Strategy::SharedPolicy => pb::Governs::FutureAllocations,
+                    Strategy::TaskPolicy => pb::Governs::AgentAllocationsOnly,
+                } as i32,
+            })
+            .collect(),
+        hugepage_size_bytes: i.hugepage_size_bytes,
+        status: match i.status {
+            RegionStatus::Active => pb::RegionStatus::Active,
+            RegionStatus::Lost => pb::RegionStatus::Lost,
+        } as i32,
+        page_size_bytes: v.page_size,
+        created_unix: i.created_unix,
+        holder_pid: i.holder.map_or(0, |h| h.pid),
+    }
+}
+
+fn key(vm_id: &str, name: &str) -> RegionKey {
+    RegionKey {
+        vm_id: vm_id.to_string(),
+        name: name.to_string(),
+    }
+}
+
+fn check_request_id(id: &str) -> Result<(), Status> {
+    if id.len() > MAX_REQUEST_ID || id.chars().any(|c| !c.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(format!(
+            "request_id must be at most {MAX_REQUEST_ID} printable ASCII characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The digest of a request without its request_id: what a retry must repeat.
+fn fingerprint<M: Message>(method: &str, msg: &M) -> Vec<u8> {
+    let mut h = sha2::Sha256::new();
+    h.update(method.as_bytes());
+    h.update(msg.encode_to_vec());
+    h.finalize().to_vec()
+}
+
+/// The stored first answer to a request id, if any. A request id used for a different request is
+/// an error.
+async fn replay<R: Message + Default>(
+    agent: &Agent,
+    request_id: &str,
+    method: &str,
+    print: &[u8],
+) -> Result<Option<R>, Status> {
+    if request_id.is_empty() {
+        return Ok(None);
+    }
+    let Some(stored) = agent.store().request(request_id).await.map_err(|e| status_of(e.into()))? else {
+        return Ok(None);
+    };
+    if stored.method != method || stored.fingerprint != print {
+        return Err(status_of(AgentError::RequestIdReused(request_id.to_string())));
+    }
+    R::decode(stored.response.as_slice())
+        .map(Some)
+        .map_err(|e| Status::internal(format!("stored response for {request_id:?} is unreadable: {e}")))
+}
+
+fn node_pages(n: &[NodeCount]) -> Vec<pb::NodePages> {
+    n.iter()
+        .map(|c| pb::NodePages {
+            node: c.node,
+            pages: c.pages,
+        })
+        .collect()
+}
+
+fn placement_to_pb(p: &Placement) -> pb::GetPlacementResponse {
+    pb::GetPlacementResponse {
+        nodes: node_pages(&p.nodes()),
+        pages_not_present: p.total(|r| r.not_present),
+        pages_misplaced: p.total(|r| r.misplaced),
+        pages_unknown: p.total(|r| r.unknown),
+        page_size_bytes: p.page_size,
+        ranges: p
+            .ranges
+            .iter()
+            .map(|r| pb::RangePlacement {
+                offset: r.offset,
+                length: r.length,
+                nodes: node_pages(&r.nodes),
+                pages_not_present: r.not_present,
+                pages_misplaced: r.misplaced,
+                pages_unknown: r.unknown,
+            })
+            .collect(),
+    }
+}
+
+/// Converts an event.
+pub fn event_to_pb(e: &Event) -> pb::WatchEventsResponse {
+    pb::WatchEventsResponse {
+        sequence: e.sequence,
+        time_unix_ms: e.time_unix_ms,
+        kind: e.kind as i32,
+        vm_id: e.vm_id.clone(),
+        name: e.name.clone(),
+        message: e.message.clone(),
+        actor: e.actor.clone(),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How often Populate reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+#[tonic::async_trait]
+impl NodeAgentService for NodeAgent {
+    async fn get_node_info(
+        &self,
+        _req: Request<pb::GetNodeInfoRequest>,
+    ) -> Result<Response<pb::GetNodeInfoResponse>, Status> {
+        let agent = self.agent.clone();
+        let topo = tokio::task::spawn_blocking(move || agent.topology())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let c = self.agent.capabilities();
+        Ok(Response::new(pb::GetNodeInfoResponse {
+            nodes: topo
+                .nodes
+                .iter()
+                .map(|n| pb::NumaNode {
+                    id: n.id,
+                    cpus: n.cpus.clone(),
+                    memory_total_bytes: n.mem_total,
+                    memory_free_bytes: n.mem_free,
+                    distances: n.distances.clone(),
+                    hugepages: n
+                        .hugepages
+                        .iter()
+                        .map(|h| pb::HugepagePool {
+                            page_size_bytes: h.page_size,
+                            total_pages: h.total,
+                            free_pages: h.free,
+                        })
+                        .collect(),
+                    allowed: topo.usable.contains(n.id),
+                })
+                .collect(),
+            capabilities: Some(pb::Capabilities {
+                kvm_usable: c.kvm_usable,
+                guest_memfd_supported: c.guest_memfd_supported,
+                guest_memfd_flags: c.guest_memfd_flags,
+                guest_memfd_shared_policy: c.guest_memfd_shared_policy,
+                memfd_shared_policy: c.memfd_shared_policy,
+                preferred_many_supported: c.preferred_many,
+                weighted_interleave_supported: c.weighted_interleave,
+                kernel_release: c.kernel_release.clone(),
+                kvm_error: c.kvm_error.clone(),
+                hugetlb_shared_policy: c.hugetlb_shared_policy,
+                pidfd_getfd_supported: c.pidfd_getfd,
+            }),
+            agent_version: VERSION.to_string(),
+            page_size_bytes: self.agent.page_size(),
+        }))
+    }
+
+    async fn create_region(
+        &self,
+        req: Request<pb::CreateRegionRequest>,
+    ) -> Result<Response<pb::CreateRegionResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        check_request_id(&r.request_id)?;
+        let print = fingerprint("CreateRegion", &pb::CreateRegionRequest {
+            request_id: String::new(),
+            ..r.clone()
+        });
+        if let Some(first) = replay(&self.agent, &r.request_id, "CreateRegion", &print).await? {
+            return Ok(Response::new(first));
+        }
+        let backend = backend_from_pb(r.backend)?;
+        let mut policies = Vec::with_capacity(r.policies.len());
+        for p in &r.policies {
+            policies.push((p.offset, p.length, policy_from_pb(p.policy.as_ref())?));
+        }
+        let token = self.agent.vm_token(&r.vm_id);
+        let encode = |v: &RegionView| {
+            pb::CreateRegionResponse {
+                region: Some(region_to_pb(v)),
+                handoff_token: token.clone(),
+            }
+            .encode_to_vec()
+        };
+        let idem = (!r.request_id.is_empty()).then(|| Idempotency {
+            request_id: r.request_id.clone(),
+            method: "CreateRegion",
+            fingerprint: print.clone(),
+            encode: &encode,
+        });
+        let k = key(&r.vm_id, &r.name);
+        tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, size = r.size_bytes, "CreateRegion");
+        let result = self
+            .agent
+            .create_region(
+                CreateRequest {
+                    key: k,
+                    size_bytes: r.size_bytes,
+                    backend,
+                    hugepage_size_bytes: r.hugepage_size_bytes,
+                    policies,
+                },
+                &who,
+                idem,
+            )
+            .await;
+        match result {
+            Ok(view) => Ok(Response::new(pb::CreateRegionResponse {
+                region: Some(region_to_pb(&view)),
+                handoff_token: token,
+            })),
+            // A concurrent retry of the same request_id won the race: answer as it did.
+            Err(e @ AgentError::AlreadyExists(_)) => {
+                match replay(&self.agent, &r.request_id, "CreateRegion", &print).await? {
+                    Some(first) => Ok(Response::new(first)),
+                    None => Err(status_of(e)),
+                }
+            }
+            Err(e) => Err(status_of(e)),
+        }
+    }
+
+    async fn get_region(
+        &self,
+        req: Request<pb::GetRegionRequest>,
+    ) -> Result<Response<pb::GetRegionResponse>, Status> {
+        let r = req.into_inner();
+        let v = self
+            .agent
+            .get_region(&key(&r.vm_id, &r.name))
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::GetRegionResponse {
+            region: Some(region_to_pb(&v)),
+        }))
+    }
+
+    async fn list_regions(
+        &self,
+        req: Request<pb::ListRegionsRequest>,
+    ) -> Result<Response<pb::ListRegionsResponse>, Status> {
+        let r = req.into_inner();
+        let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
+        let v = self.agent.list_regions(vm).await.map_err(status_of)?;
+        Ok(Response::new(pb::ListRegionsResponse {
+            regions: v.iter().map(region_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_region(
+        &self,
+        req: Request<pb::DeleteRegionRequest>,
+    ) -> Result<Response<pb::DeleteRegionResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        check_request_id(&r.request_id)?;
+        let print = fingerprint("DeleteRegion", &pb::DeleteRegionRequest {
+            request_id: String::new(),
+            ..r.clone()
+        });
+        if let Some(first) = replay(&self.agent, &r.request_id, "DeleteRegion", &print).await? {
+            return Ok(Response::new(first));
+        }
+        let encode = |v: &RegionView| {
+            pb::DeleteRegionResponse {
+                region: Some(region_to_pb(v)),
+            }
+            .encode_to_vec()
+        };
+        let idem = (!r.request_id.is_empty()).then(|| Idempotency {
+            request_id: r.request_id.clone(),
+            method: "DeleteRegion",
+            fingerprint: print.clone(),
+            encode: &encode,
+        });
+        tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, "DeleteRegion");
+        match self.agent.delete_region(&key(&r.vm_id, &r.name), &who, idem).await {
+            Ok(v) => Ok(Response::new(pb::DeleteRegionResponse {
+                region: Some(region_to_pb(&v)),
+            })),
+            Err(e @ AgentError::NotFound(_)) => {
+                match replay(&self.agent, &r.request_id, "DeleteRegion", &print).await? {
+                    Some(first) => Ok(Response::new(first)),
+                    None => Err(status_of(e)),
+                }
+            }
+            Err(e) => Err(status_of(e)),
+        }
+    }
+
+    async fn set_policy(
+        &self,
+        req: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        check_request_id(&r.request_id)?;
+        let print = fingerprint("SetPolicy", &pb::SetPolicyRequest {
+            request_id: String::new(),
+            ..r.clone()
+        });
+        if let Some(first) = replay(&self.agent, &r.request_id, "SetPolicy", &print).await? {
+            return Ok(Response::new(first));
+        }
+        let policy = policy_from_pb(r.policy.as_ref())?;
+        let encode = |v: &RegionView| {
+            pb::SetPolicyResponse {
+                region: Some(region_to_pb(v)),
+                pages_migrated: 0,
+                pages_migrate_failed: 0,
+            }
+            .encode_to_vec()
+        };
+        let idem = (!r.request_id.is_empty()).then(|| Idempotency {
+            request_id: r.request_id.clone(),
+            method: "SetPolicy",
+            fingerprint: print.clone(),
+            encode: &encode,
+        });
+        tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, %policy, offset = r.offset, length = r.length, migrate = r.migrate, "SetPolicy");
+        let result = self
+            .agent
+            .set_policy(
+                &key(&r.vm_id, &r.name),
+                r.offset,
+                r.length,
+                policy,
+                r.migrate,
+                r.expected_generation,
+                &who,
+                idem,
+            )
+            .await;
+        match result {
+            Ok(o) => Ok(Response::new(pb::SetPolicyResponse {
+                region: Some(region_to_pb(&o.region)),
+                pages_migrated: o.pages_migrated,
+                pages_migrate_failed: o.pages_migrate_failed,
+            })),
+            Err(AgentError::DuplicateRequest(_)) => {
+                match replay(&self.agent, &r.request_id, "SetPolicy", &print).await? {
+                    Some(first) => Ok(Response::new(first)),
+                    None => Err(Status::internal("request record vanished")),
+                }
+            }
+            Err(e) => Err(status_of(e)),
+        }
+    }
+
+    type PopulateStream = BoxStream<pb::PopulateResponse>;
+
+    async fn populate(
+        &self,
+        req: Request<pb::PopulateRequest>,
+    ) -> Result<Response<Self::PopulateStream>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let request = PopulateRequest {
+            key: key(&r.vm_id, &r.name),
+            offset: r.offset,
+            length: r.length,
+            threads: r.threads,
+            cgroup: (!r.cgroup.is_empty()).then(|| r.cgroup.clone().into()),
+        };
+        tracing::info!(vm_id = %r.vm_id, name = %r.name, caller = %who, offset = r.offset, length = r.length, threads = r.threads, cgroup = %r.cgroup, "Populate");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let progress = Arc::new(PopulateProgress::default());
+        let agent = self.agent.clone();
+        let p = progress.clone();
+        let mut work = tokio::spawn(async move { agent.populate(request, &p, &who).await });
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.tick().await;
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    _ = tick.tick() => {
+                        let msg = pb::PopulateResponse {
+                            event: Some(pb::populate_response::Event::Progress(pb::PopulateProgress {
+                                bytes_done: progress.done.load(Ordering::Relaxed),
+                                bytes_total: progress.total.load(Ordering::Relaxed),
+                            })),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            progress.cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    _ = tx.closed() => progress.cancel.store(true, Ordering::Relaxed),
+                }
+            };
+            let msg = match outcome {
+                Ok(Ok(o)) => Ok(pb::PopulateResponse {
+                    event: Some(pb::populate_response::Event::Summary(pb::PopulateSummary {
+                        bytes_done: o.bytes_done,
+                        bytes_total: o.bytes_total,
+                        nodes: node_pages(&o.placement.nodes()),
+                        elapsed_seconds: o.elapsed_seconds,
+                        cancelled: o.cancelled,
+                        threads: o.threads,
+                    })),
+                }),
+                Ok(Err(e)) => Err(status_of(e)),
+                Err(e) => Err(Status::internal(format!("populate task: {e}"))),
+            };
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn get_placement(
+        &self,
+        req: Request<pb::GetPlacementRequest>,
+    ) -> Result<Response<pb::GetPlacementResponse>, Status> {
+        let r = req.into_inner();
+        let p = self
+            .agent
+            .placement(&key(&r.vm_id, &r.name), r.offset, r.length)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(placement_to_pb(&p)))
+    }
+
+    async fn reconcile(
+        &self,
+        req: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
+        let rep = self.agent.reconcile(vm, &who).await.map_err(status_of)?;
+        Ok(Response::new(pb::ReconcileResponse {
+            ranges_checked: rep.checked,
+            ranges_reapplied: rep.reapplied,
+            ranges_drifted: rep.drifted,
+            ranges_failed: rep.failed,
+            regions_checked: rep.regions,
+        }))
+    }
+
+    type WatchEventsStream = BoxStream<pb::WatchEventsResponse>;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let r = req.into_inner();
+        if !r.vm_id.is_empty() {
+            crate::domain::validate_name("vm_id", &r.vm_id).map_err(invalid)?;
+        }
+        // Subscribe before reading the log, so nothing falls between replay and follow.
+        let mut live = self.agent.subscribe();
+        let agent = self.agent.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.clone());
+            let mut last = r.after_sequence;
+            loop {
+                let batch = match agent.store().events_after(last, vm.as_deref(), 1000).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(status_of(e.into()))).await;
+                        return;
+                    }
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                for e in batch {
+                    last = e.sequence;
+                    if tx.send(Ok(event_to_pb(&e))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if r.no_follow {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) => {
+                        if e.sequence <= last || vm.as_deref().is_some_and(|v| v != e.vm_id) {
+                            continue;
+                        }
+                        last = e.sequence;
+                        if tx.send(Ok(event_to_pb(&e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind the live feed: catch up from the log.
+                        match agent.store().events_after(last, vm.as_deref(), 1000).await {
+                            Ok(b) => {
+                                for e in b {
+                                    last = e.sequence;
+                                    if tx.send(Ok(event_to_pb(&e))).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,316 @@
+//! Wiring and startup order: configuration is parsed and checked before anything binds; then the
+//! state database is opened and checked, the kernel probed, regions recovered, and only then do
+//! the sockets open. Shutdown is one signal that every listener watches.
+
+use crate::api::NodeAgent;
+use crate::auth::{AuthLayer, Roles};
+use crate::config::{Config, Flags};
+use crate::kernel;
+use crate::reconcile::{Agent, Limits};
+use crate::store::Store;
+use crate::topology::TopologyReader;
+use clap::Parser;
+use memplace_proto::v1::node_agent_service_server::NodeAgentServiceServer;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Startup failures. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A directory could not be made.
+    #[error("creating {0}: {1}")]
+    Dir(PathBuf, std::io::Error),
+    /// The database.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Recovery.
+    #[error("recovering regions: {0}")]
+    Agent(#[from] crate::reconcile::AgentError),
+    /// A listener could not bind.
+    #[error("binding {0}: {1}")]
+    Bind(String, std::io::Error),
+    /// The gRPC server failed.
+    #[error("serving gRPC: {0}")]
+    Serve(String),
+}
+
+/// The entry point of `memplaced`.
+pub fn main() -> ExitCode {
+    // Files the agent creates (database, sockets before chmod) are private unless made otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let flags = Flags::parse();
+    let cfg = match Config::load(&flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("memplaced: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if flags.print_config {
+        print!("{}", cfg.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    if flags.check_config {
+        println!("memplaced: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("memplaced: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("memplaced: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cfg.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<(), AppError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path).map_err(|e| AppError::Dir(path.to_path_buf(), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| AppError::Dir(path.to_path_buf(), e))
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    make_dir(&cfg.state_dir, 0o700)?;
+    // VMMs of other uids connect to sockets here; the sockets' own modes and the uid lists decide.
+    make_dir(&cfg.runtime_dir, 0o755)?;
+    let db = cfg.state_dir.join("memplace.db");
+    let mut store = Store::open(&db, Duration::from_secs(5)).await?;
+    store.set_commit_observer(crate::metrics::observe_commit);
+    let topology = TopologyReader::host();
+    let first_node = topology.read().usable.iter().next().unwrap_or(0);
+    let caps = tokio::task::spawn_blocking(move || kernel::probe::probe(first_node))
+        .await
+        .map_err(|e| AppError::Serve(e.to_string()))?;
+    log_capabilities(&caps);
+    let limits = Limits {
+        max_regions: cfg.max_regions,
+        max_ranges_per_region: cfg.max_ranges_per_region,
+        max_region_bytes: cfg.max_region_bytes,
+    };
+    let agent = Agent::start(store, caps, topology, limits).await?;
+    crate::metrics::refresh_regions(&agent).await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mode = cfg.socket_mode_bits().unwrap_or(0o660);
+
+    // Handoff socket.
+    let handoff_path = cfg.runtime_dir.join("handoff.sock");
+    let handoff = crate::handoff::bind_socket(&handoff_path, mode)
+        .map_err(|e| AppError::Bind(handoff_path.display().to_string(), e))?;
+    crate::handoff::serve(
+        handoff,
+        agent.clone(),
+        cfg.handoff_uids.iter().copied().collect(),
+        tokio::runtime::Handle::current(),
+    );
+
+    // Metrics.
+    if cfg.metrics_addr != "off" {
+        let addr: std::net::SocketAddr = cfg.metrics_addr.parse().map_err(|_| {
+            AppError::Bind(cfg.metrics_addr.clone(), std::io::Error::other("bad address"))
+        })?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AppError::Bind(addr.to_string(), e))?;
+        tokio::spawn(serve_metrics(listener, agent.clone(), stop_rx.clone()));
+    }
+
+    // Periodic reconcile.
+    if cfg.reconcile_interval_secs > 0 {
+        let agent = agent.clone();
+        let mut stop = stop_rx.clone();
+        let period = Duration::from_secs(cfg.reconcile_interval_secs);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let start = std::time::Instant::now();
+                match agent.reconcile(None, crate::reconcile::AGENT_ACTOR).await {
+                    Ok(r) => tracing::debug!(?r, "periodic reconcile"),
+                    Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
+                }
+                crate::metrics::observe_reconcile(&agent, start.elapsed()).await;
+            }
+        });
+    }
+
+    // gRPC.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<NodeAgentServiceServer<NodeAgent>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(memplace_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AppError::Serve(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(memplace_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| AppError::Serve(e.to_string()))?;
+    let service = NodeAgentServiceServer::new(NodeAgent::new(agent.clone()))
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes);
+    let roles = Roles {
+        admin_uids: cfg.admin_uids.iter().copied().collect(),
+        viewer_uids: cfg.viewer_uids.iter().copied().collect(),
+        insecure_tcp_admin: cfg.insecure_tcp,
+        ..Default::default()
+    };
+    let router = tonic::transport::Server::builder()
+        // Outermost: refuse callers without a role before they use any capacity.
+        .layer(AuthLayer::new(roles))
+        // Then shed load: a bounded number of requests in flight, the rest refused at once
+        // with UNAVAILABLE rather than queued without bound.
+        .layer(crate::limits::ShedLayer::new(cfg.max_concurrent_requests))
+        // Innermost: a deadline per request (unary calls; streams run until done or cancelled).
+        .timeout(Duration::from_secs(cfg.request_timeout_secs))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service);
+
+    let sock_path = cfg.runtime_dir.join("memplace.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let uds = tokio::net::UnixListener::bind(&sock_path)
+        .map_err(|e| AppError::Bind(sock_path.display().to_string(), e))?;
+    std::fs::set_permissions(&sock_path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(|e| AppError::Bind(sock_path.display().to_string(), e))?;
+    tracing::info!(socket = %sock_path.display(), handoff = %handoff_path.display(), db = %db.display(), "memplaced serving");
+
+    let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+    let mut tcp_task = None;
+    if let Some(addr) = cfg.listen_tcp {
+        if cfg.tls_cert.is_none() {
+            tracing::warn!(%addr, "serving gRPC on TCP WITHOUT TLS (insecure_tcp): anyone who can reach this address is an admin");
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AppError::Bind(addr.to_string(), e))?;
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let router = router.clone();
+        let mut stop = stop_rx.clone();
+        tcp_task = Some(tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.changed().await;
+                })
+                .await
+        }));
+    }
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+    let mut stop = stop_rx.clone();
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stop.changed().await;
+    }));
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    // Drain: in-flight requests get the grace period to finish.
+    let drained = tokio::time::timeout(grace, server).await;
+    if let Some(t) = tcp_task {
+        let _ = tokio::time::timeout(grace, t).await;
+    }
+    let _ = std::fs::remove_file(&sock_path);
+    let _ = std::fs::remove_file(&handoff_path);
+    match drained {
+        Ok(Ok(Ok(()))) | Err(_) => Ok(()),
+        Ok(Ok(Err(e))) => Err(AppError::Serve(e.to_string())),
+        Ok(Err(e)) => Err(AppError::Serve(e.to_string())),
+    }
+}
+
+fn log_capabilities(c: &kernel::probe::Capabilities) {
+    tracing::info!(
+        kernel = %c.kernel_release,
+        kvm = c.kvm_usable,
+        guest_memfd = c.guest_memfd_supported,
+        guest_memfd_flags = c.guest_memfd_flags,
+        guest_memfd_shared_policy = c.guest_memfd_shared_policy,
+        memfd_shared_policy = c.memfd_shared_policy,
+        preferred_many = c.preferred_many,
+        weighted_interleave = c.weighted_interleave,
+        pidfd_getfd = c.pidfd_getfd,
+        "kernel capabilities probed"
+    );
+    if !c.kvm_usable {
+        tracing::warn!(reason = %c.kvm_error, "KVM is not usable: guest_memfd regions will be refused; memfd works");
+    }
+    if !c.pidfd_getfd {
+        tracing::warn!("no CAP_SYS_PTRACE: after a restart the agent cannot take fds back from VMMs, so their regions will be reported lost");
+    }
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = stop.changed() => return,
+        };
+        let Ok((stream, _)) = conn else { continue };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let agent = agent.clone();
+                async move {
+                    let (status, body) = if req.uri().path() == "/metrics" {
+                        crate::metrics::refresh_regions(&agent).await;
+                        (200, crate::metrics::render())
+                    } else {
+                        (404, "not found: try /metrics\n".to_string())
+                    };
+                    http::Response::builder()
+                        .status(status)
+                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}

@@ -1,0 +1,317 @@
+//! Configuration: defaults, then a TOML file, then environment variables, then flags. Everything
+//! is parsed and checked before anything binds.
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Flags of `memplaced`. Each has an environment variable and a config file key of the same name.
+#[derive(Parser, Debug, Default)]
+#[command(name = "memplaced", version, about = "memplace agent: owns guest memory files and places their pages on NUMA nodes")]
+pub struct Flags {
+    /// TOML config file.
+    #[arg(long, env = "MEMPLACE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Directory of the SQLite state (memplace.db) [default: /var/lib/memplace].
+    #[arg(long, env = "MEMPLACE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Directory of the sockets (memplace.sock, handoff.sock) [default: /run/memplace].
+    #[arg(long, env = "MEMPLACE_RUNTIME_DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Also serve gRPC on this TCP address (mTLS unless --insecure-tcp).
+    #[arg(long, env = "MEMPLACE_LISTEN_TCP")]
+    pub listen_tcp: Option<SocketAddr>,
+    /// Log level or tracing filter [default: info].
+    #[arg(long, env = "MEMPLACE_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: human or json [default: human].
+    #[arg(long, env = "MEMPLACE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Prometheus /metrics listener; "off" disables it [default: 127.0.0.1:9464].
+    #[arg(long, env = "MEMPLACE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Seconds between periodic reconciles; 0 disables them [default: 30].
+    #[arg(long, env = "MEMPLACE_RECONCILE_INTERVAL_SECS")]
+    pub reconcile_interval_secs: Option<u64>,
+    /// Seconds to drain in-flight requests on SIGTERM [default: 10].
+    #[arg(long, env = "MEMPLACE_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Octal mode of the sockets [default: 0660].
+    #[arg(long, env = "MEMPLACE_SOCKET_MODE")]
+    pub socket_mode: Option<String>,
+    /// Uids with the admin role on the Unix socket, comma-separated [default: 0].
+    #[arg(long, env = "MEMPLACE_ADMIN_UIDS", value_delimiter = ',')]
+    pub admin_uids: Option<Vec<u32>>,
+    /// Uids with the viewer role, comma-separated [default: none].
+    #[arg(long, env = "MEMPLACE_VIEWER_UIDS", value_delimiter = ',')]
+    pub viewer_uids: Option<Vec<u32>>,
+    /// Uids allowed on the handoff socket, comma-separated [default: 0].
+    #[arg(long, env = "MEMPLACE_HANDOFF_UIDS", value_delimiter = ',')]
+    pub handoff_uids: Option<Vec<u32>>,
+    /// TLS certificate (PEM) for the TCP listener.
+    #[arg(long, env = "MEMPLACE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS key (PEM).
+    #[arg(long, env = "MEMPLACE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to.
+    #[arg(long, env = "MEMPLACE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allow TCP without TLS (logs a warning at every start).
+    #[arg(long, env = "MEMPLACE_INSECURE_TCP")]
+    pub insecure_tcp: Option<bool>,
+    /// Regions at most [default: 4096].
+    #[arg(long, env = "MEMPLACE_MAX_REGIONS")]
+    pub max_regions: Option<usize>,
+    /// Ranges per region at most [default: 256].
+    #[arg(long, env = "MEMPLACE_MAX_RANGES_PER_REGION")]
+    pub max_ranges_per_region: Option<usize>,
+    /// Bytes per region at most [default: 1 TiB].
+    #[arg(long, env = "MEMPLACE_MAX_REGION_BYTES")]
+    pub max_region_bytes: Option<u64>,
+    /// Per-request timeout in seconds (streams excepted) [default: 30].
+    #[arg(long, env = "MEMPLACE_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Requests in flight at most; more are refused with UNAVAILABLE [default: 64].
+    #[arg(long, env = "MEMPLACE_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// Largest gRPC message in bytes [default: 4 MiB].
+    #[arg(long, env = "MEMPLACE_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+}
+
+/// The config file, and the effective configuration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Socket directory.
+    pub runtime_dir: PathBuf,
+    /// Optional TCP listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_tcp: Option<SocketAddr>,
+    /// Log level or filter.
+    pub log_level: String,
+    /// human or json.
+    pub log_format: String,
+    /// Metrics listener, or "off".
+    pub metrics_addr: String,
+    /// Reconcile period, 0 = off.
+    pub reconcile_interval_secs: u64,
+    /// Drain time on shutdown.
+    pub shutdown_grace_secs: u64,
+    /// Socket mode, octal text.
+    pub socket_mode: String,
+    /// Admin uids.
+    pub admin_uids: Vec<u32>,
+    /// Viewer uids.
+    pub viewer_uids: Vec<u32>,
+    /// Handoff uids.
+    pub handoff_uids: Vec<u32>,
+    /// TLS certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Client CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// TCP without TLS.
+    pub insecure_tcp: bool,
+    /// Region limit.
+    pub max_regions: usize,
+    /// Range limit.
+    pub max_ranges_per_region: usize,
+    /// Region size limit.
+    pub max_region_bytes: u64,
+    /// Request timeout.
+    pub request_timeout_secs: u64,
+    /// Concurrency limit.
+    pub max_concurrent_requests: usize,
+    /// Message size limit.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: "/var/lib/memplace".into(),
+            runtime_dir: "/run/memplace".into(),
+            listen_tcp: None,
+            log_level: "info".into(),
+            log_format: "human".into(),
+            metrics_addr: "127.0.0.1:9464".into(),
+            reconcile_interval_secs: 30,
+            shutdown_grace_secs: 10,
+            socket_mode: "0660".into(),
+            admin_uids: vec![0],
+            viewer_uids: vec![],
+            handoff_uids: vec![0],
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            insecure_tcp: false,
+            max_regions: 4096,
+            max_ranges_per_region: 256,
+            max_region_bytes: 1 << 40,
+            request_timeout_secs: 30,
+            max_concurrent_requests: 64,
+            max_message_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// The file is not valid.
+    #[error("config file {0}: {1}")]
+    Parse(PathBuf, String),
+    /// A value is not acceptable.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+macro_rules! overlay {
+    ($cfg:ident, $flags:ident, $($f:ident),*) => {
+        $( if let Some(v) = $flags.$f.clone() { $cfg.$f = v; } )*
+    };
+}
+
+impl Config {
+    /// Builds the effective configuration from flags (which already include env vars) and the
+    /// file they name.
+    pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
+        let mut cfg = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.clone(), e))?;
+                toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse(path.clone(), e.to_string()))?
+            }
+            None => Config::default(),
+        };
+        overlay!(
+            cfg, flags, state_dir, runtime_dir, log_level, log_format, metrics_addr,
+            reconcile_interval_secs, shutdown_grace_secs, socket_mode, admin_uids, viewer_uids,
+            handoff_uids, insecure_tcp, max_regions, max_ranges_per_region, max_region_bytes,
+            request_timeout_secs, max_concurrent_requests, max_message_bytes
+        );
+        if flags.listen_tcp.is_some() {
+            cfg.listen_tcp = flags.listen_tcp;
+        }
+        if flags.tls_cert.is_some() {
+            cfg.tls_cert = flags.tls_cert.clone();
+        }
+        if flags.tls_key.is_some() {
+            cfg.tls_key = flags.tls_key.clone();
+        }
+        if flags.tls_client_ca.is_some() {
+            cfg.tls_client_ca = flags.tls_client_ca.clone();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !matches!(self.log_format.as_str(), "human" | "json") {
+            return bad(format!("log_format {:?} must be human or json", self.log_format));
+        }
+        if self.socket_mode_bits().is_none() {
+            return bad(format!("socket_mode {:?} must be octal, e.g. 0660", self.socket_mode));
+        }
+        if self.metrics_addr != "off" && self.metrics_addr.parse::<SocketAddr>().is_err() {
+            return bad(format!("metrics_addr {:?} must be host:port or off", self.metrics_addr));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return bad(format!("log_level {:?} is not a level or filter", self.log_level));
+        }
+        if self.max_regions == 0 || self.max_ranges_per_region == 0 || self.max_region_bytes == 0 {
+            return bad("max_regions, max_ranges_per_region and max_region_bytes must be above 0".into());
+        }
+        if self.max_concurrent_requests == 0 || self.request_timeout_secs == 0 || self.max_message_bytes < 1024 {
+            return bad("max_concurrent_requests and request_timeout_secs must be above 0, max_message_bytes at least 1024".into());
+        }
+        if self.listen_tcp.is_some() {
+            let tls = [&self.tls_cert, &self.tls_key, &self.tls_client_ca];
+            let n = tls.iter().filter(|t| t.is_some()).count();
+            if n != 0 && n != 3 {
+                return bad("TLS needs all of tls_cert, tls_key and tls_client_ca".into());
+            }
+            if n == 0 && !self.insecure_tcp {
+                return bad("listen_tcp without TLS is refused: give tls_cert, tls_key and tls_client_ca, or insecure_tcp = true".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket mode bits.
+    pub fn socket_mode_bits(&self) -> Option<u32> {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Config>("state_dirr = \"/x\"").is_err());
+    }
+
+    #[test]
+    fn flags_beat_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "state_dir = \"/from/file\"\nmax_regions = 7\n").unwrap();
+        let flags = Flags {
+            config: Some(f),
+            state_dir: Some("/from/flag".into()),
+            ..Default::default()
+        };
+        let c = Config::load(&flags).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.max_regions, 7);
+    }
+
+    #[test]
+    fn insecure_tcp_must_be_explicit() {
+        let mut c = Config {
+            listen_tcp: Some("127.0.0.1:1".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+        c.insecure_tcp = true;
+        assert!(c.validate().is_ok());
+        c.tls_cert = Some("/x".into());
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,237 @@
+//! The handoff socket for VMMs: `<runtime-dir>/handoff.sock`, SOCK_SEQPACKET. Each request and
+//! each response is one packet holding one `memplace.v1` protobuf message; fds ride in
+//! SCM_RIGHTS on the same packet. Peers are checked by SO_PEERCRED uid, and tokens compare in
+//! constant time.
+//!
+//! Connections are few and short, so each gets a plain thread that blocks on its socket and
+//! calls into the engine through the runtime handle.
+
+use crate::domain::{Holder, RegionKey};
+use crate::kernel::{fdpass, pidfd};
+use crate::reconcile::{Agent, AgentError};
+use memplace_proto::v1 as pb;
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, accept4, bind, listen, socket};
+use prost::Message;
+use std::collections::HashSet;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Binds the handoff socket at `path` with `mode`.
+pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
+    let _ = std::fs::remove_file(path);
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    listen(&fd, nix::sys::socket::Backlog::new(64).map_err(std::io::Error::from)?)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    Ok(fd)
+}
+
+/// Serves the handoff socket until the process exits.
+pub fn serve(listener: OwnedFd, agent: Arc<Agent>, allowed_uids: HashSet<u32>, rt: tokio::runtime::Handle) {
+    let allowed = Arc::new(allowed_uids);
+    std::thread::Builder::new()
+        .name("handoff-accept".into())
+        .spawn(move || {
+            loop {
+                let conn = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                    Ok(fd) => fd,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handoff accept failed");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let conn = crate::kernel::owned(conn);
+                let agent = agent.clone();
+                let allowed = allowed.clone();
+                let rt = rt.clone();
+                let _ = std::thread::Builder::new()
+                    .name("handoff-conn".into())
+                    .spawn(move || serve_conn(conn, &agent, &allowed, &rt));
+            }
+        })
+        .expect("spawning the handoff thread");
+}
+
+fn serve_conn(conn: OwnedFd, agent: &Agent, allowed: &HashSet<u32>, rt: &tokio::runtime::Handle) {
+    let cred = match fdpass::peer_credentials(conn.as_fd()) {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    let actor = format!("uid:{} pid:{}", cred.uid(), cred.pid());
+    loop {
+        let packet = match fdpass::recv(conn.as_fd()) {
+            Ok(Some(p)) => p,
+            Ok(None) | Err(_) => return,
+        };
+        let (resp, fds) = if !allowed.contains(&cred.uid()) {
+            (
+                error(pb::HandoffCode::PermissionDenied, format!("uid {} may not use the handoff socket", cred.uid())),
+                vec![],
+            )
+        } else {
+            handle(agent, rt, packet, cred.pid(), &actor)
+        };
+        let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
+        crate::metrics::metrics()
+            .handoffs
+            .get_or_create(&crate::metrics::MethodCode {
+                method: "handoff".into(),
+                code: code.as_str_name().to_string(),
+            })
+            .inc();
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        let resp = pb::HandoffResponse {
+            fd_count: borrowed.len() as u32,
+            ..resp
+        };
+        if fdpass::send(conn.as_fd(), &resp.encode_to_vec(), &borrowed).is_err() {
+            return;
+        }
+    }
+}
+
+fn error(code: pb::HandoffCode, message: String) -> pb::HandoffResponse {
+    pb::HandoffResponse {
+        code: code as i32,
+        message,
+        region: None,
+        fd_count: 0,
+    }
+}
+
+fn code_of(e: &AgentError) -> pb::HandoffCode {
+    match e {
+        AgentError::Invalid(_) | AgentError::InvalidArgument(_) => pb::HandoffCode::InvalidArgument,
+        AgentError::NotFound(_) => pb::HandoffCode::NotFound,
+        AgentError::AlreadyExists(_) => pb::HandoffCode::AlreadyExists,
+        AgentError::FailedPrecondition(_) => pb::HandoffCode::FailedPrecondition,
+        _ => pb::HandoffCode::Internal,
+    }
+}
+
+/// Handles one request; returns the response and the fds to send with it. Fds that arrived with
+/// the request are dropped (closed) unless the request takes them.
+fn handle(
+    agent: &Agent,
+    rt: &tokio::runtime::Handle,
+    packet: fdpass::Packet,
+    pid: i32,
+    actor: &str,
+) -> (pb::HandoffResponse, Vec<OwnedFd>) {
+    use pb::handoff_request::Request as R;
+    if packet.truncated {
+        return (error(pb::HandoffCode::InvalidArgument, format!(
+            "packet too large: at most {} bytes and {} fds", fdpass::MAX_PACKET, fdpass::MAX_FDS
+        )), vec![]);
+    }
+    let req = match pb::HandoffRequest::decode(packet.data.as_slice()) {
+        Ok(r) => r,
+        Err(e) => return (error(pb::HandoffCode::InvalidArgument, format!("malformed HandoffRequest: {e}")), vec![]),
+    };
+    let mut fds = packet.fds;
+    let expect_fds = |n: usize, what: &str| -> Result<(), pb::HandoffResponse> {
+        if fds.len() != n {
+            return Err(error(pb::HandoffCode::InvalidArgument, format!(
+                "{what} takes exactly {n} fd(s) in SCM_RIGHTS, got {}", fds.len()
+            )));
+        }
+        Ok(())
+    };
+    let start_time = pidfd::start_time(pid).unwrap_or(0);
+    let holder = Holder { pid, start_time };
+    match req.request {
+        None => (error(pb::HandoffCode::InvalidArgument, "empty HandoffRequest: set acquire, adopt or attach_vm".into()), vec![]),
+        Some(R::Acquire(a)) => {
+            if let Err(r) = expect_fds(0, "acquire") {
+                return (r, vec![]);
+            }
+            if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id)
+                .and_then(|_| crate::domain::validate_name("name", &a.name))
+            {
+                return (error(pb::HandoffCode::InvalidArgument, e.to_string()), vec![]);
+            }
+            if !agent.check_token(&a.vm_id, &a.token) {
+                return (error(pb::HandoffCode::PermissionDenied, format!("wrong handoff token for VM {}", a.vm_id)), vec![]);
+            }
+            let key = RegionKey { vm_id: a.vm_id, name: a.name };
+            // Dup the fds under the region lock, record the holder durably, then send: after a
+            // crash the agent looks for the file in the recorded holder.
+            let dup = rt.block_on(agent.with_fds(&key, |_, fd, vm| {
+                let f = fd.try_clone_to_owned();
+                let v = vm.map(|v| v.try_clone_to_owned());
+                (f, v)
+            }));
+            let (fd, vm) = match dup {
+                Ok((Ok(fd), vm)) => (fd, vm.and_then(|v| v.ok())),
+                Ok((Err(e), _)) => return (error(pb::HandoffCode::Internal, format!("dup: {e}")), vec![]),
+                Err(e) => return (error(code_of(&e), e.to_string()), vec![]),
+            };
+            match rt.block_on(agent.record_holder(&key, holder, actor)) {
+                Ok(view) => {
+                    let mut out = vec![fd];
+                    out.extend(vm);
+                    (pb::HandoffResponse {
+                        code: pb::HandoffCode::Ok as i32,
+                        message: String::new(),
+                        region: Some(crate::api::region_to_pb(&view)),
+                        fd_count: 0,
+                    }, out)
+                }
+                Err(e) => (error(code_of(&e), e.to_string()), vec![]),
+            }
+        }
+        Some(R::Adopt(a)) => {
+            if let Err(r) = expect_fds(1, "adopt") {
+                return (r, vec![]);
+            }
+            if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id) {
+                return (error(pb::HandoffCode::InvalidArgument, e.to_string()), vec![]);
+            }
+            if !agent.check_token(&a.vm_id, &a.token) {
+                return (error(pb::HandoffCode::PermissionDenied, format!("wrong handoff token for VM {}", a.vm_id)), vec![]);
+            }
+            let backend = match crate::api::backend_from_pb(a.backend) {
+                Ok(b) => b,
+                Err(s) => return (error(pb::HandoffCode::InvalidArgument, s.message().to_string()), vec![]),
+            };
+            let fd = fds.pop().expect("one fd checked");
+            let key = RegionKey { vm_id: a.vm_id, name: a.name };
+            match rt.block_on(agent.adopt(key, backend, a.size_bytes, fd, holder, actor)) {
+                Ok(view) => (pb::HandoffResponse {
+                    code: pb::HandoffCode::Ok as i32,
+                    message: String::new(),
+                    region: Some(crate::api::region_to_pb(&view)),
+                    fd_count: 0,
+                }, vec![]),
+                Err(e) => (error(code_of(&e), e.to_string()), vec![]),
+            }
+        }
+        Some(R::AttachVm(a)) => {
+            if let Err(r) = expect_fds(1, "attach_vm") {
+                return (r, vec![]);
+            }
+            if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id) {
+                return (error(pb::HandoffCode::InvalidArgument, e.to_string()), vec![]);
+            }
+            if !agent.check_token(&a.vm_id, &a.token) {
+                return (error(pb::HandoffCode::PermissionDenied, format!("wrong handoff token for VM {}", a.vm_id)), vec![]);
+            }
+            let fd = fds.pop().expect("one fd checked");
+            match agent.attach_vm(&a.vm_id, fd) {
+                Ok(()) => {
+                    let _ = rt.block_on(agent.emit(
+                        crate::domain::EventKind::VmAttached,
+                        Some(&RegionKey { vm_id: a.vm_id.clone(), name: String::new() }),
+                        format!("VM fd attached by pid {pid}"),
+                        actor,
+                    ));
+                    (pb::HandoffResponse { code: pb::HandoffCode::Ok as i32, message: String::new(), region: None, fd_count: 0 }, vec![])
+                }
+                Err(e) => (error(code_of(&e), e.to_string()), vec![]),
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Guest memory files: memfd (plain and hugetlb) and KVM guest_memfd, plus the KVM VM a
+//! guest_memfd belongs to.
+
+use super::check;
+use kvm_bindings::{kvm_create_guest_memfd, kvm_userspace_memory_region2};
+use kvm_ioctls::{Kvm, VmFd};
+use nix::errno::Errno;
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// `GUEST_MEMFD_FLAG_MMAP`: the file can be mmapped (kvm-bindings lacks the constant).
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED`: pages start shared, so a host mapping can touch them.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 2;
+/// `KVM_CAP_GUEST_MEMFD`.
+pub const KVM_CAP_GUEST_MEMFD: u64 = 234;
+/// `KVM_CAP_GUEST_MEMFD_FLAGS`: the mask of supported flags.
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
+/// `KVM_MEM_GUEST_MEMFD` memslot flag.
+pub const KVM_MEM_GUEST_MEMFD: u32 = 1 << 2;
+const MFD_HUGE_SHIFT: u32 = 26;
+
+/// Creates a memfd of `size` bytes; with `hugepage` set, on hugetlbfs pages of that size.
+pub fn create_memfd(name: &str, size: u64, hugepage: Option<u64>) -> Result<OwnedFd, Errno> {
+    let cname = CString::new(format!("memplace:{name}")).map_err(|_| Errno::EINVAL)?;
+    let mut flags = libc::MFD_CLOEXEC;
+    if let Some(hp) = hugepage {
+        if !hp.is_power_of_two() {
+            return Err(Errno::EINVAL);
+        }
+        flags |= libc::MFD_HUGETLB | (hp.trailing_zeros() << MFD_HUGE_SHIFT);
+    }
+    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
+    let fd = check(unsafe { libc::memfd_create(cname.as_ptr(), flags) } as libc::c_long)?;
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    nix::unistd::ftruncate(&fd, i64::try_from(size).map_err(|_| Errno::EFBIG)?)?;
+    Ok(fd)
+}
+
+/// fallocate(KEEP_SIZE) over a range, allocating its pages. With `punch`, frees them instead.
+pub fn fallocate(fd: BorrowedFd<'_>, offset: u64, len: u64, punch: bool) -> Result<(), Errno> {
+    let mut mode = libc::FALLOC_FL_KEEP_SIZE;
+    if punch {
+        mode |= libc::FALLOC_FL_PUNCH_HOLE;
+    }
+    loop {
+        // SAFETY: fallocate has no memory-safety preconditions; `fd` is live for the call.
+        let r = unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset as i64, len as i64) };
+        if r == 0 {
+            return Ok(());
+        }
+        match Errno::last() {
+            Errno::EINTR => continue,
+            e => return Err(e),
+        }
+    }
+}
+
+/// (st_dev, st_ino) of an open file: how a file is recognized in another process.
+pub fn fd_file_id(fd: BorrowedFd<'_>) -> Result<(u64, u64), Errno> {
+    let st = nix::sys::stat::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// A KVM VM, created by the agent or handed in by a VMM, on which guest_memfd files are created.
+#[derive(Debug)]
+pub struct GuestMemfdVm {
+    vm: VmFd,
+}
+
+impl GuestMemfdVm {
+    /// Opens /dev/kvm and creates a VM of the default type.
+    pub fn create() -> Result<Self, Errno> {
+        let kvm = Kvm::new().map_err(|e| Errno::from_raw(e.errno()))?;
+        let vm = kvm.create_vm().map_err(|e| Errno::from_raw(e.errno()))?;
+        Ok(Self { vm })
+    }
+
+    /// Wraps a VM fd handed in by a VMM, after checking it is one (KVM_CHECK_EXTENSION answers).
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, Errno> {
+        let kvm = Kvm::new().map_err(|e| Errno::from_raw(e.errno()))?;
+        // The VM takes ownership of the descriptor.
+        let raw = {
+            use std::os::fd::IntoRawFd;
+            fd.into_raw_fd()
+        };
+        // SAFETY: `raw` is an open descriptor we own (from OwnedFd::into_raw_fd); VmFd takes
+        // ownership and closes it on drop. A non-KVM fd is rejected just below.
+        let vm = unsafe { kvm.create_vmfd_from_rawfd(raw) }.map_err(|e| Errno::from_raw(e.errno()))?;
+        let vm = Self { vm };
+        if vm.vm.check_extension_raw(KVM_CAP_GUEST_MEMFD as _) < 0 {
+            return Err(Errno::EBADF);
+        }
+        // KVM_CHECK_EXTENSION on a non-KVM fd fails with ENOTTY, which the raw check reports as
+        // 0 or negative; require a real answer for a capability every VM reports.
+        if vm.vm.check_extension_raw(1 /* KVM_CAP_IRQCHIP */) <= 0 {
+            return Err(Errno::EBADF);
+        }
+        Ok(vm)
+    }
+
+    /// KVM_CAP_GUEST_MEMFD on this VM.
+    pub fn guest_memfd_supported(&self) -> bool {
+        self.vm.check_extension_raw(KVM_CAP_GUEST_MEMFD as _) > 0
+    }
+
+    /// KVM_CAP_GUEST_MEMFD_FLAGS on this VM.
+    pub fn guest_memfd_flags(&self) -> u64 {
+        self.vm
+            .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS as _)
+            .max(0) as u64
+    }
+
+    /// Creates a guest_memfd of `size` bytes on this VM.
+    pub fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<OwnedFd, Errno> {
+        let req = kvm_create_guest_memfd {
+            size,
+            flags,
+            reserved: [0; 6],
+        };
+        let raw = self
+            .vm
+            .create_guest_memfd(req)
+            .map_err(|e| Errno::from_raw(e.errno()))?;
+        // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+
+    /// Binds a memslot backed by `gmem` (private) and `userspace_addr` (shared) on this VM. Used
+    /// to prove a guest_memfd belongs to this VM.
+    pub fn bind_memslot(
+        &self,
+        slot: u32,
+        guest_phys_addr: u64,
+        size: u64,
+        userspace_addr: u64,
+        gmem: BorrowedFd<'_>,
+    ) -> Result<(), Errno> {
+        let region = kvm_userspace_memory_region2 {
+            slot,
+            flags: KVM_MEM_GUEST_MEMFD,
+            guest_phys_addr,
+            memory_size: size,
+            userspace_addr,
+            guest_memfd_offset: 0,
+            guest_memfd: gmem.as_raw_fd() as u32,
+            pad1: 0,
+            pad2: [0; 14],
+        };
+        // SAFETY: the memslot's userspace range is a live mapping owned by the caller for at least
+        // as long as this VM uses the slot (tests drop the VM before the mapping).
+        unsafe { self.vm.set_user_memory_region2(region) }.map_err(|e| Errno::from_raw(e.errno()))
+    }
+}
+
+impl AsFd for GuestMemfdVm {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the VmFd owns this descriptor and outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.vm.as_raw_fd()) }
+    }
+}

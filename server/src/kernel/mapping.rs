@@ -1,0 +1,210 @@
+//! A `MAP_SHARED` mapping of a guest memory file, owned for its whole life: mmap in the
+//! constructor, munmap in `Drop`. Every method takes byte offsets and checks them, so no caller
+//! ever holds a raw pointer.
+
+use super::mempolicy;
+use crate::domain::Policy;
+use nix::errno::Errno;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+const MADV_POPULATE_READ: i32 = 22;
+const MADV_POPULATE_WRITE: i32 = 23;
+/// move_pages takes page lists; query in batches of this many pages.
+const QUERY_BATCH: usize = 4096;
+
+/// A shared mapping of a whole file.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory with no thread affinity. Mapping never hands out
+// references into it; reads and writes go through raw-pointer copies, and the kernel serializes
+// policy changes on the VMA.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: &Mapping methods only pass addresses to syscalls or copy bytes through raw
+// pointers, which is sound under concurrent use (the memory is shared with other processes anyway).
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from offset 0, read-write and shared, without reserving swap or
+    /// huge pages (the file's own allocation decides that).
+    pub fn new(fd: BorrowedFd<'_>, len: u64) -> Result<Self, Errno> {
+        let len_usize = usize::try_from(len).map_err(|_| Errno::EOVERFLOW)?;
+        if len_usize == 0 {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: a fresh mapping at a kernel-chosen address cannot alias any Rust object; `fd` is
+        // a live descriptor for the duration of the call.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len_usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Errno::EINVAL)?;
+        Ok(Self {
+            ptr,
+            len: len_usize,
+        })
+    }
+
+    /// An anonymous private mapping, for capability probes and benchmarks.
+    pub fn anonymous(len: u64) -> Result<Self, Errno> {
+        let len_usize = usize::try_from(len).map_err(|_| Errno::EOVERFLOW)?;
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len_usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Errno::EINVAL)?;
+        Ok(Self {
+            ptr,
+            len: len_usize,
+        })
+    }
+
+    /// The mapped length.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Whether the mapping is empty (never, by construction).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn addr(&self, offset: u64, len: u64) -> Result<usize, Errno> {
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        if end > self.len as u64 {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self.ptr.as_ptr() as usize + offset as usize)
+    }
+
+    /// Applies `policy` to `[offset, offset+len)` with mbind. For a file with a shared policy this
+    /// binds the file's range, for anyone's later allocations.
+    pub fn mbind(&self, offset: u64, len: u64, policy: &Policy, flags: u32) -> Result<(), Errno> {
+        let addr = self.addr(offset, len)?;
+        mempolicy::mbind_raw(addr, len as usize, policy, flags)
+    }
+
+    /// The policy the kernel reports at `offset` (get_mempolicy(MPOL_F_ADDR)). `Ok(None)` for a
+    /// mode this build does not know.
+    pub fn policy_at(&self, offset: u64) -> Result<Option<Policy>, Errno> {
+        let addr = self.addr(offset, 1)?;
+        let (mode, mask) = mempolicy::policy_at_raw(addr)?;
+        Ok(mempolicy::decode(mode, mask))
+    }
+
+    /// Residency of each page in `[offset, offset+len)` in the file's page cache (mincore): true
+    /// when allocated, whether or not anyone maps it.
+    pub fn resident(&self, offset: u64, len: u64, page: u64) -> Result<Vec<bool>, Errno> {
+        let addr = self.addr(offset, len)?;
+        // mincore reports in base pages.
+        let base = super::page_size();
+        let n = len.div_ceil(base) as usize;
+        let mut vec = vec![0u8; n];
+        // SAFETY: `addr..addr+len` lies inside this mapping and `vec` has one byte per base page.
+        let ret = unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+        if ret != 0 {
+            return Err(Errno::last());
+        }
+        let per = (page / base).max(1) as usize;
+        Ok(vec
+            .chunks(per)
+            .map(|c| c.iter().any(|b| b & 1 != 0))
+            .collect())
+    }
+
+    fn madvise(&self, offset: u64, len: u64, advice: i32) -> Result<(), Errno> {
+        let addr = self.addr(offset, len)?;
+        // SAFETY: the range lies inside this mapping; the advices used here (populate, dontneed on
+        // a shared file mapping) never change file contents or free memory Rust refers to.
+        let ret = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) };
+        if ret != 0 {
+            return Err(Errno::last());
+        }
+        Ok(())
+    }
+
+    /// Maps already-present pages of the range into this process without writing (read faults).
+    /// On a hole this allocates, so callers pass only resident runs.
+    pub fn populate_read(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.madvise(offset, len, MADV_POPULATE_READ)
+    }
+
+    /// Write-faults every page of the range, allocating as a VMM's prefault does.
+    pub fn populate_write(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.madvise(offset, len, MADV_POPULATE_WRITE)
+    }
+
+    /// Drops this process's page-table entries for the range. The file keeps its pages.
+    pub fn unmap_pages(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        self.madvise(offset, len, libc::MADV_DONTNEED)
+    }
+
+    /// The node of each page of `[offset, offset+len)` (pages of `page` bytes) as move_pages
+    /// reports it for this process: the node id, or a negative errno for a page not mapped here.
+    pub fn page_nodes(&self, offset: u64, len: u64, page: u64) -> Result<Vec<i32>, Errno> {
+        let base = self.addr(offset, len)?;
+        let n = (len / page) as usize;
+        let mut out = vec![0i32; n];
+        let mut addrs = Vec::with_capacity(QUERY_BATCH.min(n));
+        for (i, chunk) in out.chunks_mut(QUERY_BATCH).enumerate() {
+            addrs.clear();
+            let first = i * QUERY_BATCH;
+            addrs.extend((0..chunk.len()).map(|j| base + (first + j) * page as usize));
+            mempolicy::query_nodes_raw(&addrs, chunk)?;
+        }
+        Ok(out)
+    }
+
+    /// Copies `data` into the mapping at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let addr = self.addr(offset, data.len() as u64)?;
+        // SAFETY: the destination lies inside this live mapping and cannot overlap `data`, which
+        // is a Rust slice; no reference into the mapping exists.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes from the mapping at `offset`.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Errno> {
+        let addr = self.addr(offset, out.len() as u64)?;
+        // SAFETY: the source lies inside this live mapping and cannot overlap `out`.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// The start address, for KVM memslots (`userspace_addr`) only.
+    pub fn guest_address(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len came from a successful mmap and are unmapped exactly once, here; no
+        // reference into the mapping outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}

@@ -1,0 +1,112 @@
+//! Taking an fd back from another process after an agent restart: find it by (st_dev, st_ino) in
+//! /proc/PID/fd, check the process is still the one recorded, then pidfd_getfd.
+
+use super::check;
+use nix::errno::Errno;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Field 22 of /proc/PID/stat: the process start time in clock ticks since boot. Together with the
+/// pid it identifies a process across pid reuse.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // `rest` starts at field 3, so field 22 is index 19.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The fd numbers in `pid` whose file is (dev, ino).
+pub fn find_fds(pid: i32, file_id: (u64, u64)) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| {
+            let n: i32 = e.file_name().to_str()?.parse().ok()?;
+            let st = nix::sys::stat::stat(&e.path()).ok()?;
+            ((st.st_dev, st.st_ino) == file_id).then_some(n)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The fd numbers in `pid` whose link text is `target` (e.g. `anon_inode:kvm-vm`).
+pub fn find_fds_by_link(pid: i32, target: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| {
+            let n: i32 = e.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            (link.to_str()? == target).then_some(n)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// A pidfd for `pid`.
+pub fn open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open has no memory-safety preconditions.
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A duplicate of `target_fd` of the process behind `pidfd` (needs PTRACE_MODE_ATTACH_REALCREDS).
+pub fn getfd(pidfd: &OwnedFd, target_fd: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_getfd has no memory-safety preconditions.
+    let fd = check(unsafe {
+        libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0)
+    })?;
+    // SAFETY: pidfd_getfd returned a new descriptor (CLOEXEC) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Takes a copy of the file (dev, ino) from process `pid` if it still is the process that started
+/// at `start`. The pidfd is opened before the start time is checked again, so the check covers the
+/// process the pidfd refers to.
+pub fn take_file(pid: i32, start: u64, file_id: (u64, u64)) -> Result<OwnedFd, Errno> {
+    if start_time(pid) != Some(start) {
+        return Err(Errno::ESRCH);
+    }
+    let pidfd = open(pid)?;
+    if start_time(pid) != Some(start) {
+        return Err(Errno::ESRCH);
+    }
+    for n in find_fds(pid, file_id) {
+        if let Ok(fd) = getfd(&pidfd, n) {
+            let st = nix::sys::stat::fstat(&fd)?;
+            if (st.st_dev, st.st_ino) == file_id {
+                return Ok(fd);
+            }
+        }
+    }
+    Err(Errno::ENOENT)
+}
+
+/// Whether this process has CAP_SYS_PTRACE in its effective set (needed for pidfd_getfd on
+/// another uid's process).
+pub fn have_cap_sys_ptrace() -> bool {
+    has_effective_cap(19)
+}
+
+/// Whether this process has CAP_SYS_NICE (needed for MPOL_MF_MOVE_ALL).
+pub fn have_cap_sys_nice() -> bool {
+    has_effective_cap(23)
+}
+
+fn has_effective_cap(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}

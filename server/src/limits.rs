@@ -1,0 +1,83 @@
+//! Load shedding: at most N requests in flight; the rest are refused at once with UNAVAILABLE,
+//! so a flood never queues without bound or starves the reconcile loop.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::sync::Semaphore;
+use tonic::server::NamedService;
+use tower::{Layer, Service};
+
+/// Limits requests in flight.
+#[derive(Clone, Debug)]
+pub struct ShedLayer {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ShedLayer {
+    /// At most `max` requests in flight.
+    pub fn new(max: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Shed {
+            inner,
+            permits: self.permits.clone(),
+            max: self.max,
+        }
+    }
+}
+
+/// The service of [`ShedLayer`].
+#[derive(Clone, Debug)]
+pub struct Shed<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl<S: NamedService> NamedService for Shed<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for Shed<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            crate::metrics::metrics().shed.inc();
+            let max = self.max;
+            return Box::pin(async move {
+                Ok(tonic::Status::unavailable(format!(
+                    "the agent is at its limit of {max} requests in flight; retry with backoff"
+                ))
+                .into_http())
+            });
+        };
+        let mut inner = self.inner.clone();
+        std::mem::swap(&mut inner, &mut self.inner);
+        Box::pin(async move {
+            let r = inner.call(req).await;
+            drop(permit);
+            r
+        })
+    }
+}

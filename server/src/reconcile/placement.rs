@@ -1,0 +1,155 @@
+//! Where a range's pages are, read from the kernel without allocating.
+//!
+//! mincore tells which pages of the file are allocated, whoever maps them. move_pages can name the
+//! node only of pages mapped in this process, so resident runs are read-faulted into the agent's
+//! mapping (a read fault on a resident page allocates nothing), queried, and unmapped again.
+
+use super::{Agent, AgentError, RangeIntent};
+use crate::domain::{RegionKey, resolve_span, validate_name};
+use crate::kernel::Mapping;
+use std::collections::BTreeMap;
+
+const ENOENT: i32 = -2;
+
+/// Pages on one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeCount {
+    /// Node id.
+    pub node: u32,
+    /// Pages.
+    pub pages: u64,
+}
+
+/// Placement of one effective range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangePlacementView {
+    /// Offset.
+    pub offset: u64,
+    /// Length.
+    pub length: u64,
+    /// Pages per node.
+    pub nodes: Vec<NodeCount>,
+    /// Pages not allocated.
+    pub not_present: u64,
+    /// Pages on a node the policy does not allow.
+    pub misplaced: u64,
+    /// Pages whose node could not be read.
+    pub unknown: u64,
+}
+
+/// Placement of a span of a region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Per range.
+    pub ranges: Vec<RangePlacementView>,
+    /// Page size.
+    pub page_size: u64,
+}
+
+impl Placement {
+    /// Pages per node over all ranges.
+    pub fn nodes(&self) -> Vec<NodeCount> {
+        let mut m: BTreeMap<u32, u64> = BTreeMap::new();
+        for r in &self.ranges {
+            for n in &r.nodes {
+                *m.entry(n.node).or_default() += n.pages;
+            }
+        }
+        m.into_iter().map(|(node, pages)| NodeCount { node, pages }).collect()
+    }
+
+    /// Sum of a field over ranges.
+    pub fn total(&self, f: impl Fn(&RangePlacementView) -> u64) -> u64 {
+        self.ranges.iter().map(f).sum()
+    }
+}
+
+/// Read-faults the resident pages of a span into `mapping` and returns each page's node (or a
+/// negative errno for a page not allocated).
+pub(crate) fn map_resident(mapping: &Mapping, offset: u64, length: u64, page: u64) -> Vec<i32> {
+    let Ok(resident) = mapping.resident(offset, length, page) else {
+        return Vec::new();
+    };
+    let mut i = 0;
+    while i < resident.len() {
+        if !resident[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < resident.len() && resident[i] {
+            i += 1;
+        }
+        // A page punched between mincore and here would be allocated by this read fault; that
+        // race needs a concurrent hole punch and costs one zero page.
+        let _ = mapping.populate_read(offset + start as u64 * page, (i - start) as u64 * page);
+    }
+    let mut nodes = nodes_of(mapping, offset, length, page);
+    for (n, r) in nodes.iter_mut().zip(resident.iter()) {
+        if !r {
+            *n = ENOENT;
+        }
+    }
+    nodes
+}
+
+/// Each page's node as mapped in this process now.
+pub(crate) fn nodes_of(mapping: &Mapping, offset: u64, length: u64, page: u64) -> Vec<i32> {
+    mapping
+        .page_nodes(offset, length, page)
+        .unwrap_or_else(|_| vec![ENOENT; (length / page) as usize])
+}
+
+/// Counts the placement of one range.
+fn count_range(mapping: &Mapping, r: &RangeIntent, page: u64) -> RangePlacementView {
+    let nodes = map_resident(mapping, r.offset, r.length, page);
+    let _ = mapping.unmap_pages(r.offset, r.length);
+    let mut per: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut view = RangePlacementView {
+        offset: r.offset,
+        length: r.length,
+        nodes: Vec::new(),
+        not_present: 0,
+        misplaced: 0,
+        unknown: 0,
+    };
+    for n in nodes {
+        if n == ENOENT {
+            view.not_present += 1;
+        } else if n < 0 {
+            view.unknown += 1;
+        } else {
+            *per.entry(n as u32).or_default() += 1;
+            if r.policy.allows(n as u32) == Some(false) {
+                view.misplaced += 1;
+            }
+        }
+    }
+    view.nodes = per.into_iter().map(|(node, pages)| NodeCount { node, pages }).collect();
+    view
+}
+
+impl Agent {
+    /// Where the pages of `[offset, offset+length)` of a region are. Never allocates.
+    pub async fn placement(&self, key: &RegionKey, offset: u64, length: u64) -> Result<Placement, AgentError> {
+        validate_name("vm_id", &key.vm_id)?;
+        validate_name("name", &key.name)?;
+        let slot = self.slot(key)?;
+        let live = slot.read().await;
+        let page = live.intent.page_size(self.page);
+        let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
+        let Some(mapping) = live.file.as_ref().and_then(|f| f.mapping.as_ref()) else {
+            return Err(AgentError::FailedPrecondition(format!(
+                "region {key} has no mapping in the agent (lost, or a guest_memfd without MMAP), so its placement cannot be read"
+            )));
+        };
+        let ranges = live.intent.ranges.clipped(offset, offset + length);
+        let ranges = tokio::task::block_in_place(|| {
+            ranges.iter().map(|r| count_range(mapping, r, page)).collect()
+        });
+        Ok(Placement {
+            ranges,
+            page_size: page,
+        })
+    }
+}

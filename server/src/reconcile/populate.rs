@@ -1,0 +1,546 @@
+//! Populate: allocate every page of a range on the nodes its policy names.
+//!
+//! Workers take chunks from a shared queue and fallocate(KEEP_SIZE) them. Under the task-policy
+//! strategy each worker first sets its own thread policy to the chunk's range policy, since the
+//! file has no shared policy and pages follow the allocating thread. Under shared-policy the
+//! file's policy places the pages whoever allocates them.
+//!
+//! With a memory cgroup named, the workers run in a short-lived child process that first joins
+//! that cgroup, so the VM's cgroup is charged rather than the agent's.
+
+use super::{Agent, AgentError, kerr};
+use crate::domain::{
+    Backend, EventKind, NodeSet, Policy, PolicyMode, RegionKey, RegionStatus, Strategy,
+    resolve_span, validate_name,
+};
+use crate::kernel::{self, mempolicy};
+use crate::store::WriteOp;
+use nix::errno::Errno;
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Bytes one worker allocates per step: large enough to amortize the syscall, small enough for
+/// even load between workers and timely progress and cancellation.
+const CHUNK: u64 = 32 << 20;
+/// Fd number the helper child finds the region's file at.
+pub const CHILD_FD: i32 = 3;
+
+/// A Populate request in domain terms.
+#[derive(Clone, Debug)]
+pub struct PopulateRequest {
+    /// The region.
+    pub key: RegionKey,
+    /// Offset.
+    pub offset: u64,
+    /// Length, 0 for to the end.
+    pub length: u64,
+    /// Workers; 0 for the default.
+    pub threads: u32,
+    /// Memory cgroup directory to charge, if any.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Shared progress of a running populate; the caller may set `cancel`.
+#[derive(Debug, Default)]
+pub struct PopulateProgress {
+    /// Bytes done.
+    pub done: AtomicU64,
+    /// Bytes to do.
+    pub total: AtomicU64,
+    /// Set to stop early.
+    pub cancel: AtomicBool,
+}
+
+/// How a populate ended.
+#[derive(Clone, Debug)]
+pub struct PopulateOutcome {
+    /// Bytes done.
+    pub bytes_done: u64,
+    /// Bytes requested.
+    pub bytes_total: u64,
+    /// Placement of the span afterwards.
+    pub placement: super::Placement,
+    /// Seconds.
+    pub elapsed_seconds: f64,
+    /// Stopped by the caller.
+    pub cancelled: bool,
+    /// Workers used.
+    pub threads: u32,
+}
+
+/// One unit of work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset.
+    pub offset: u64,
+    /// Length.
+    pub length: u64,
+    /// Policy to allocate under (task-policy), or `None` to rely on the file's policy.
+    pub policy: Option<Policy>,
+}
+
+/// Splits ranges into chunks.
+pub fn plan(ranges: &[(u64, u64, Option<Policy>)], page: u64) -> Vec<Chunk> {
+    let step = CHUNK.max(page) / page * page;
+    let mut out = Vec::new();
+    for &(offset, length, policy) in ranges {
+        let mut at = offset;
+        while at < offset + length {
+            let l = step.min(offset + length - at);
+            out.push(Chunk {
+                offset: at,
+                length: l,
+                policy,
+            });
+            at += l;
+        }
+    }
+    out
+}
+
+/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any.
+pub fn run_workers(
+    fd: BorrowedFd<'_>,
+    chunks: &[Chunk],
+    threads: usize,
+    progress: &PopulateProgress,
+) -> Result<(), Errno> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut current: Option<Policy> = None;
+                loop {
+                    if progress.cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(c) = chunks.get(i) else { break };
+                    let r = (|| {
+                        if let Some(p) = c.policy {
+                            if current != Some(p) {
+                                mempolicy::set_thread_policy(&p)?;
+                                current = Some(p);
+                            }
+                        }
+                        kernel::fallocate(fd, c.offset, c.length, false)
+                    })();
+                    match r {
+                        Ok(()) => {
+                            progress.done.fetch_add(c.length, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error.lock().expect("error slot").get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+                // Scoped threads exit here, so their task policy goes with them.
+            });
+        }
+    });
+    match first_error.into_inner().expect("error slot") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Checks that a cgroup path is a cgroup directory under /sys/fs/cgroup and returns the file a
+/// process writes to join it.
+pub fn cgroup_procs_file(path: &Path) -> Result<PathBuf, AgentError> {
+    let bad = |why: &str| AgentError::InvalidArgument(format!("cgroup {}: {why}", path.display()));
+    if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(bad("must be an absolute path without '..'"));
+    }
+    if !path.starts_with("/sys/fs/cgroup") {
+        return Err(bad("must be under /sys/fs/cgroup"));
+    }
+    let procs = path.join("cgroup.procs");
+    if !procs.exists() {
+        return Err(bad("is not a cgroup directory (no cgroup.procs)"));
+    }
+    Ok(procs)
+}
+
+/// The entry point of the helper child (`memplaced __populate-worker`): join the cgroup, then
+/// run the workers on the inherited fd, printing bytes done as lines. Exit code 0 on success.
+pub fn child_main(args: &[String]) -> i32 {
+    let mut cgroup = None;
+    let mut threads = 1usize;
+    let mut chunks = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--cgroup" => cgroup = it.next().cloned(),
+            "--threads" => threads = it.next().and_then(|t| t.parse().ok()).unwrap_or(1),
+            "--chunk" => {
+                if let Some(c) = it.next().and_then(|c| parse_chunk(c)) {
+                    chunks.push(c)
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(fd) = kernel::inherited_fd(CHILD_FD) else {
+        eprintln!("populate worker: no region fd at {CHILD_FD}");
+        return 2;
+    };
+    if let Some(cg) = cgroup {
+        // Writing 0 moves the writing process itself, in cgroup v1 and v2 alike.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(Path::new(&cg).join("cgroup.procs"))
+            .and_then(|mut f| f.write_all(b"0"))
+        {
+            eprintln!("populate worker: joining cgroup {cg}: {e}");
+            return 3;
+        }
+    }
+    let progress = PopulateProgress::default();
+    let stop = AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last = u64::MAX;
+            while !stop.load(Ordering::Relaxed) {
+                let d = progress.done.load(Ordering::Relaxed);
+                if d != last {
+                    println!("{d}");
+                    last = d;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let r = run_workers(fd.as_fd(), &chunks, threads, &progress);
+        stop.store(true, Ordering::Relaxed);
+        r
+    });
+    println!("{}", progress.done.load(Ordering::Relaxed));
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("populate worker: fallocate: {}", e.desc());
+            10 + (e as i32).min(200)
+        }
+    }
+}
+
+fn format_chunk(c: &Chunk) -> String {
+    match c.policy {
+        None => format!("{}:{}:-", c.offset, c.length),
+        Some(p) => format!(
+            "{}:{}:{}:{}:{}:{}",
+            c.offset,
+            c.length,
+            p.mode.as_str(),
+            p.nodes,
+            p.static_nodes as u8,
+            p.relative_nodes as u8
+        ),
+    }
+}
+
+fn parse_chunk(s: &str) -> Option<Chunk> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let offset = parts.first()?.parse().ok()?;
+    let length = parts.get(1)?.parse().ok()?;
+    let policy = if parts.get(2) == Some(&"-") {
+        None
+    } else {
+        Some(Policy {
+            mode: PolicyMode::parse(parts.get(2)?)?,
+            nodes: NodeSet::parse_list(parts.get(3)?).ok()?,
+            static_nodes: *parts.get(4)? == "1",
+            relative_nodes: *parts.get(5)? == "1",
+        })
+    };
+    Some(Chunk {
+        offset,
+        length,
+        policy,
+    })
+}
+
+/// Runs the workers in a child process that joins `cgroup` first.
+fn run_in_cgroup(
+    fd: BorrowedFd<'_>,
+    chunks: &[Chunk],
+    threads: usize,
+    cgroup: &Path,
+    progress: &PopulateProgress,
+) -> Result<(), AgentError> {
+    let exe = std::env::current_exe().map_err(|e| AgentError::FailedPrecondition(format!("own binary: {e}")))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__populate-worker")
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--threads")
+        .arg(threads.to_string());
+    for c in chunks {
+        cmd.arg("--chunk").arg(format_chunk(c));
+    }
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null());
+    kernel::pass_fd_to_child(&mut cmd, fd, CHILD_FD);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| AgentError::FailedPrecondition(format!("starting the populate helper: {e}")))?;
+    let stdout = child.stdout.take().expect("piped");
+    let base = progress.done.load(Ordering::Relaxed);
+    let killed = AtomicBool::new(false);
+    let pid = child.id() as i32;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !killed.load(Ordering::Relaxed) {
+                if progress.cancel.load(Ordering::Relaxed) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(d) = line.trim().parse::<u64>() {
+                progress.done.store(base + d, Ordering::Relaxed);
+            }
+        }
+        killed.store(true, Ordering::Relaxed);
+    });
+    let out = child
+        .wait_with_output()
+        .map_err(|e| AgentError::FailedPrecondition(format!("waiting for the populate helper: {e}")))?;
+    if out.status.success() || progress.cancel.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    match out.status.code() {
+        Some(c) if c >= 10 => Err(AgentError::Kernel {
+            op: "fallocate in the cgroup helper",
+            errno: Errno::from_raw(c - 10),
+        }),
+        _ => Err(AgentError::FailedPrecondition(format!("populate helper failed: {msg}"))),
+    }
+}
+
+impl Agent {
+    /// Checks that the nodes a BIND range may use have room for its unallocated pages, before
+    /// anything is allocated.
+    fn check_capacity(
+        &self,
+        backend: Backend,
+        page: u64,
+        needs: &[(Policy, u64)],
+    ) -> Result<(), AgentError> {
+        let topo = self.topology();
+        let mut demand: BTreeMap<String, (NodeSet, u64)> = BTreeMap::new();
+        for (p, pages) in needs {
+            let set = if p.mode == PolicyMode::Bind && !p.relative_nodes {
+                p.nodes
+            } else if backend == Backend::MemfdHugetlb {
+                topo.usable
+            } else {
+                continue;
+            };
+            let e = demand.entry(set.to_string()).or_insert((set, 0));
+            e.1 += pages * page;
+        }
+        for (set, bytes) in demand.values() {
+            let free: u64 = set
+                .iter()
+                .filter_map(|n| topo.node(n))
+                .map(|n| {
+                    if backend == Backend::MemfdHugetlb {
+                        n.hugepages
+                            .iter()
+                            .find(|h| h.page_size == page)
+                            .map_or(0, |h| h.free * page)
+                    } else {
+                        n.mem_free
+                    }
+                })
+                .sum();
+            if *bytes > free {
+                let what = if backend == Backend::MemfdHugetlb {
+                    format!("free {} KiB huge pages", page / 1024)
+                } else {
+                    "free memory".to_string()
+                };
+                return Err(AgentError::ResourceExhausted(format!(
+                    "populate needs {bytes} bytes on node {set} but it has {free} bytes of {what}: short by {} bytes; nothing was allocated",
+                    bytes - free
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates every page of a span. Progress is published in `progress`; setting its
+    /// `cancel` stops the workers, and what was allocated stays and is reported.
+    pub async fn populate(
+        &self,
+        req: PopulateRequest,
+        progress: &PopulateProgress,
+        actor: &str,
+    ) -> Result<PopulateOutcome, AgentError> {
+        validate_name("vm_id", &req.key.vm_id)?;
+        validate_name("name", &req.key.name)?;
+        if req.threads > 64 {
+            return Err(AgentError::InvalidArgument(format!(
+                "threads {} is too many: use 0 (default) to 64",
+                req.threads
+            )));
+        }
+        let procs = req.cgroup.as_deref().map(cgroup_procs_file).transpose()?;
+        let start = Instant::now();
+        let slot = self.slot(&req.key)?;
+        let live = slot.read().await;
+        if live.intent.status == RegionStatus::Lost {
+            return Err(AgentError::FailedPrecondition(format!(
+                "region {} is lost: its file did not survive; delete and recreate it",
+                req.key
+            )));
+        }
+        let page = live.intent.page_size(self.page);
+        let (offset, length) = resolve_span(req.offset, req.length, live.intent.size_bytes, page)?;
+        let generation = live.intent.generation;
+        let task = live.intent.strategy == Strategy::TaskPolicy;
+        let ranges = live.intent.ranges.clipped(offset, offset + length);
+        let Some(file) = live.file.as_ref() else {
+            return Err(AgentError::FailedPrecondition(format!("region {} has no file", req.key)));
+        };
+        let needs: Vec<(Policy, u64)> = tokio::task::block_in_place(|| {
+            ranges
+                .iter()
+                .map(|r| {
+                    let missing = file
+                        .mapping
+                        .as_ref()
+                        .and_then(|m| m.resident(r.offset, r.length, page).ok())
+                        .map_or(r.length / page, |v| v.iter().filter(|b| !**b).count() as u64);
+                    (r.policy, missing)
+                })
+                .collect()
+        });
+        self.check_capacity(live.intent.backend, page, &needs)?;
+        let chunks = plan(
+            &ranges
+                .iter()
+                .map(|r| (r.offset, r.length, task.then_some(r.policy)))
+                .collect::<Vec<_>>(),
+            page,
+        );
+        let threads = match req.threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()).min(8),
+            n => n as usize,
+        }
+        .min(chunks.len().max(1));
+        progress.total.store(length, Ordering::Relaxed);
+        let fd = file.fd.as_fd();
+        let result = tokio::task::block_in_place(|| match &procs {
+            Some(_) => run_in_cgroup(
+                fd,
+                &chunks,
+                threads,
+                req.cgroup.as_deref().expect("checked"),
+                progress,
+            ),
+            None => run_workers(fd, &chunks, threads, progress).map_err(kerr("fallocate")),
+        });
+        drop(live);
+        let cancelled = progress.cancel.load(Ordering::Relaxed);
+        let result = result.map_err(|e| match e {
+            AgentError::Kernel { errno, .. } if matches!(errno, Errno::ENOMEM | Errno::ENOSPC) => {
+                AgentError::ResourceExhausted(format!(
+                    "the kernel ran out of memory for this range's policy while populating ({}); what was allocated stays",
+                    errno.desc()
+                ))
+            }
+            e => e,
+        });
+        result?;
+        if task && !cancelled {
+            let mut live = slot.write().await;
+            if live.intent.generation == generation {
+                let mut ranges = live.intent.ranges.clone();
+                ranges.mark_placed(offset, offset + length);
+                if ranges != live.intent.ranges {
+                    self.store
+                        .write(vec![WriteOp::SaveRanges {
+                            key: req.key.clone(),
+                            generation,
+                            ranges: ranges.clone(),
+                        }])
+                        .await?;
+                    live.intent.ranges = ranges;
+                }
+            }
+        }
+        let placement = self.placement(&req.key, offset, length).await?;
+        let done = progress.done.load(Ordering::Relaxed);
+        self.emit(
+            EventKind::Populated,
+            Some(&req.key),
+            format!(
+                "populated {done} of {length} bytes at {offset:#x} with {threads} workers{}{}",
+                if cancelled { " (cancelled)" } else { "" },
+                req.cgroup
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(", charged to {}", c.display()))
+            ),
+            actor,
+        )
+        .await?;
+        Ok(PopulateOutcome {
+            bytes_done: done,
+            bytes_total: length,
+            placement,
+            elapsed_seconds: start.elapsed().as_secs_f64(),
+            cancelled,
+            threads: threads as u32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_splits_at_chunk_size() {
+        let p = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+        let chunks = plan(&[(0, CHUNK * 2 + 4096, Some(p)), (CHUNK * 3, 4096, None)], 4096);
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(chunks[2].length, 4096);
+        assert_eq!(chunks[3].policy, None);
+        let total: u64 = chunks.iter().map(|c| c.length).sum();
+        assert_eq!(total, CHUNK * 2 + 8192);
+    }
+
+    #[test]
+    fn chunk_text_round_trips() {
+        let mut p = Policy::new(PolicyMode::Interleave, NodeSet::from_ids([0, 2, 3]).unwrap());
+        p.static_nodes = true;
+        for c in [
+            Chunk { offset: 4096, length: 8192, policy: Some(p) },
+            Chunk { offset: 0, length: 4096, policy: None },
+        ] {
+            assert_eq!(parse_chunk(&format_chunk(&c)), Some(c));
+        }
+    }
+
+    #[test]
+    fn cgroup_paths_are_checked() {
+        assert!(cgroup_procs_file(Path::new("relative")).is_err());
+        assert!(cgroup_procs_file(Path::new("/tmp")).is_err());
+        assert!(cgroup_procs_file(Path::new("/sys/fs/cgroup/../../etc")).is_err());
+        assert!(cgroup_procs_file(Path::new("/sys/fs/cgroup/memory/does-not-exist")).is_err());
+    }
+}

@@ -1,0 +1,193 @@
+//! Bringing regions back when the agent starts. The memory outlives the agent only while some
+//! process (a VMM) holds the file, so each region's fd is taken back from its recorded holder with
+//! pidfd_getfd; then the agent maps it again, re-binds every range from intent, and verifies the
+//! binding through a different, fresh mapping.
+//!
+//! A region nobody held is in one of two states: never handed off (no guest memory can have been
+//! written: the file is recreated, empty, with its intent), or handed off to a holder that is gone
+//! (the memory is gone: the region is marked lost, the intent kept until the orchestrator deletes
+//! it). The agent never refuses to start because the host changed.
+
+use super::{Agent, AgentError, LiveRegion, RegionFile, observe};
+use crate::domain::{Backend, Event, EventKind, RegionIntent, RegionStatus, Strategy};
+use crate::kernel::{self, GuestMemfdVm, Mapping, pidfd};
+use crate::store::WriteOp;
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::sync::RwLock;
+
+const ACTOR: &str = super::AGENT_ACTOR;
+
+impl Agent {
+    /// Loads every stored region and brings it back (see the module docs).
+    pub(crate) async fn recover(&self) -> Result<(), AgentError> {
+        let stored = self.store.load_regions().await?;
+        let mut ops = Vec::new();
+        let mut events = Vec::new();
+        for intent in stored {
+            let (live, mut o, mut e) = tokio::task::block_in_place(|| self.recover_one(intent));
+            ops.append(&mut o);
+            events.append(&mut e);
+            self.regions
+                .lock()
+                .expect("region map lock")
+                .insert(live.intent.key.clone(), Arc::new(RwLock::new(live)));
+        }
+        self.commit(ops, events).await
+    }
+
+    fn recover_one(&self, mut intent: RegionIntent) -> (LiveRegion, Vec<WriteOp>, Vec<Event>) {
+        let key = intent.key.clone();
+        let mut ops = Vec::new();
+        let mut events = Vec::new();
+        if intent.status == RegionStatus::Lost {
+            return (lost(intent), ops, events);
+        }
+        let taken = match (intent.holder, intent.file_id) {
+            (Some(h), Some(id)) => Some(pidfd::take_file(h.pid, h.start_time, id).map(|fd| (h, fd))),
+            _ => None,
+        };
+        let file = match taken {
+            Some(Ok((holder, fd))) => {
+                let vm = (intent.backend == Backend::GuestMemfd)
+                    .then(|| self.recover_vm(&intent.key.vm_id, holder.pid))
+                    .flatten();
+                let mapping = Mapping::new(fd.as_fd(), intent.size_bytes).ok();
+                events.push(self.event(
+                    EventKind::FdRecovered,
+                    Some(&key),
+                    format!("fd taken back from holder pid {}", holder.pid),
+                    ACTOR,
+                ));
+                RegionFile { fd, mapping, vm }
+            }
+            Some(Err(e)) => {
+                let h = intent.holder.expect("holder checked");
+                intent.status = RegionStatus::Lost;
+                ops.push(WriteOp::SaveStatus(key.clone(), RegionStatus::Lost));
+                events.push(self.event(
+                    EventKind::HolderLost,
+                    Some(&key),
+                    format!("holder pid {} is gone or no longer holds the file ({})", h.pid, e.desc()),
+                    ACTOR,
+                ));
+                events.push(self.event(
+                    EventKind::RegionLost,
+                    Some(&key),
+                    "region lost: its memory did not survive; the intent is kept until the region is deleted".into(),
+                    ACTOR,
+                ));
+                self.counters.regions_lost.fetch_add(1, Ordering::Relaxed);
+                return (lost(intent), ops, events);
+            }
+            None => {
+                // Never handed off: nothing but the agent held it, so no guest data existed.
+                let fresh: Vec<_> = intent
+                    .ranges
+                    .ranges()
+                    .iter()
+                    .map(|r| crate::domain::RangeIntent { placed: false, ..*r })
+                    .collect();
+                if let Some(m) = crate::domain::RangeMap::from_ranges(intent.size_bytes, fresh) {
+                    intent.ranges = m;
+                }
+                match self.create_file(&intent) {
+                    Ok(f) => {
+                        intent.file_id = kernel::fd_file_id(f.fd.as_fd()).ok();
+                        ops.push(WriteOp::SaveHolder {
+                            key: key.clone(),
+                            holder: None,
+                            file_id: intent.file_id,
+                        });
+                        ops.push(WriteOp::SaveRanges {
+                            key: key.clone(),
+                            generation: intent.generation,
+                            ranges: intent.ranges.clone(),
+                        });
+                        events.push(self.event(
+                            EventKind::Reapplied,
+                            Some(&key),
+                            "file recreated empty: it had not been handed to a VMM, so no process kept it while the agent was down".into(),
+                            ACTOR,
+                        ));
+                        f
+                    }
+                    Err(e) => {
+                        let mut live = lost(intent);
+                        live.intent.status = RegionStatus::Active;
+                        for r in live.intent.ranges.ranges() {
+                            live.errors.insert(r.offset, format!("recreating the file: {e}"));
+                        }
+                        return (live, ops, events);
+                    }
+                }
+            }
+        };
+        let mut live = LiveRegion {
+            intent,
+            file: Some(file),
+            errors: HashMap::new(),
+        };
+        let applied = self.apply_all(&mut live);
+        if live.intent.strategy == Strategy::SharedPolicy && applied > 0 {
+            let bad = self.verify_fresh(&mut live);
+            events.push(self.event(
+                EventKind::Reapplied,
+                Some(&key),
+                format!(
+                    "{applied} ranges re-bound on a new mapping; {} verified through a second mapping",
+                    if bad == 0 { "all".to_string() } else { format!("{bad} failed to be") }
+                ),
+                ACTOR,
+            ));
+        }
+        (live, ops, events)
+    }
+
+    /// Reads every range's policy back through a new, separate mapping of the file. Returns the
+    /// number of ranges that do not match, recording an error on each.
+    fn verify_fresh(&self, live: &mut LiveRegion) -> u32 {
+        let page = live.intent.page_size(self.page);
+        let Some(file) = live.file.as_ref() else { return 0 };
+        let Ok(fresh) = Mapping::new(file.fd.as_fd(), live.intent.size_bytes) else {
+            return 0;
+        };
+        let mut bad = 0;
+        for r in live.intent.ranges.ranges() {
+            if observe(&fresh, r, page) != Some(r.policy) {
+                bad += 1;
+                live.errors
+                    .insert(r.offset, "binding did not read back through a fresh mapping".into());
+            }
+        }
+        bad
+    }
+
+    /// Takes the holder's KVM VM fd, when it has exactly one, so later guest_memfd regions of
+    /// this VM are created on the VM the VMM runs.
+    fn recover_vm(&self, vm_id: &str, pid: i32) -> Option<Arc<GuestMemfdVm>> {
+        if let Some(vm) = self.vm_of(vm_id) {
+            return Some(vm);
+        }
+        let fds = pidfd::find_fds_by_link(pid, "anon_inode:kvm-vm");
+        let [n] = fds.as_slice() else { return None };
+        let pfd = pidfd::open(pid).ok()?;
+        let fd = pidfd::getfd(&pfd, *n).ok()?;
+        let vm = Arc::new(GuestMemfdVm::from_fd(fd).ok()?);
+        self.vms
+            .lock()
+            .expect("vm map lock")
+            .insert(vm_id.to_string(), vm.clone());
+        Some(vm)
+    }
+}
+
+fn lost(intent: RegionIntent) -> LiveRegion {
+    LiveRegion {
+        intent,
+        file: None,
+        errors: HashMap::new(),
+    }
+}

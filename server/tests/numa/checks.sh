@@ -1,0 +1,34 @@
+# Check helpers for guest scenarios (busybox sh), installed as /lib/memplace-test/checks.sh.
+#
+# Every result is one serial console line that the host-side test reads:
+#   MEMPLACE-CHECK PASS <name>
+#   MEMPLACE-CHECK FAIL <name> <detail>
+# Names must not contain spaces.
+
+# check NAME COMMAND [ARG]...: runs COMMAND (a program or a shell function) and reports it. On
+# failure its output is shown indented, and its last line becomes the detail. Returns its status.
+check() {
+    _check_name=$1
+    shift
+    _check_out=$("$@" 2>&1)
+    _check_status=$?
+    if [ "$_check_status" -eq 0 ]; then
+        echo "MEMPLACE-CHECK PASS $_check_name"
+    else
+        [ -n "$_check_out" ] && printf '%s\n' "$_check_out" | sed 's/^/    | /'
+        _check_detail=$(printf '%s\n' "$_check_out" | sed '/^[[:space:]]*$/d' | tail -n 1)
+        echo "MEMPLACE-CHECK FAIL $_check_name exit $_check_status: ${_check_detail:-no output}"
+    fi
+    return "$_check_status"
+}
+
+# pass NAME / fail NAME DETAIL...: report a result decided by the scenario itself.
+pass() { echo "MEMPLACE-CHECK PASS $1"; }
+fail() {
+    _fail_name=$1
+    shift
+    echo "MEMPLACE-CHECK FAIL $_fail_name $*"
+}
+
+# note TEXT...: a line for the log only.
+note() { echo "memplace: $*"; }
