@@ -1,0 +1,388 @@
+//! The Rust client of memplace: a typed [`Client`] for the gRPC API over a Unix socket or TCP,
+//! node-list parsing in numactl syntax ([`nodes`]), and the VMM handoff calls ([`handoff`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), memplace_client::ClientError> {
+//! use memplace_client::{Client, pb};
+//! let mut c = Client::connect_unix("/run/memplace/memplace.sock").await?;
+//! let created = c
+//!     .create_region("vm1", "ram0", 1 << 30, pb::Backend::Memfd, vec![])
+//!     .await?;
+//! let token = created.handoff_token;
+//! let policy = memplace_client::policy(pb::PolicyMode::Bind, "0")?;
+//! c.set_policy("vm1", "ram0", 0, 0, policy, false).await?;
+//! # let _ = token;
+//! # Ok(()) }
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod handoff;
+
+pub use memplace_proto::v1 as pb;
+use pb::node_agent_service_client::NodeAgentServiceClient;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Default Unix socket of the agent.
+pub const DEFAULT_SOCKET: &str = "/run/memplace/memplace.sock";
+
+/// Client failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not connect.
+    #[error("connecting to {target}: {source}")]
+    Connect {
+        /// Socket or address.
+        target: String,
+        /// Cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The agent answered with an error status.
+    #[error("{}", .0.message())]
+    Status(#[from] tonic::Status),
+    /// Bad local input.
+    #[error("{0}")]
+    Invalid(String),
+    /// A handoff socket failure.
+    #[error("handoff: {0}")]
+    Handoff(String),
+}
+
+impl ClientError {
+    /// The gRPC code, if the agent answered with one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Node sets in the numactl list syntax (`0-3,5`).
+pub mod nodes {
+    use super::ClientError;
+    use memplace_server::domain::NodeSet;
+
+    /// Parses `0-3,5` into sorted node ids.
+    pub fn parse(text: &str) -> Result<Vec<u32>, ClientError> {
+        NodeSet::parse_list(text)
+            .map(|s| s.iter().collect())
+            .map_err(|e| ClientError::Invalid(e.to_string()))
+    }
+
+    /// Formats node ids as `0-3,5`.
+    pub fn format(ids: &[u32]) -> String {
+        NodeSet::from_ids(ids.iter().copied())
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| format!("{ids:?}"))
+    }
+}
+
+/// A policy from a mode and a node list in numactl syntax.
+pub fn policy(mode: pb::PolicyMode, nodes: &str) -> Result<pb::Policy, ClientError> {
+    Ok(pb::Policy {
+        mode: mode as i32,
+        nodes: nodes::parse(nodes)?,
+        static_nodes: false,
+        relative_nodes: false,
+    })
+}
+
+/// Parses a mode name: `bind`, `preferred`, `interleave`, `preferred-many`,
+/// `weighted-interleave`, `local`, `default`.
+pub fn parse_mode(name: &str) -> Result<pb::PolicyMode, ClientError> {
+    let n = name.to_ascii_lowercase().replace('_', "-");
+    Ok(match n.as_str() {
+        "default" => pb::PolicyMode::Default,
+        "bind" => pb::PolicyMode::Bind,
+        "preferred" => pb::PolicyMode::Preferred,
+        "interleave" => pb::PolicyMode::Interleave,
+        "preferred-many" => pb::PolicyMode::PreferredMany,
+        "weighted-interleave" => pb::PolicyMode::WeightedInterleave,
+        "local" => pb::PolicyMode::Local,
+        _ => {
+            return Err(ClientError::Invalid(format!(
+                "unknown policy mode {name:?}: use default, bind, preferred, interleave, preferred-many, weighted-interleave or local"
+            )));
+        }
+    })
+}
+
+/// A fresh request id for an idempotent mutation.
+pub fn new_request_id() -> String {
+    let mut b = [0u8; 16];
+    rand::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A connected client.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: NodeAgentServiceClient<Channel>,
+    channel: Channel,
+    /// How many times an idempotent mutation is retried on UNAVAILABLE, with the same request id.
+    pub retries: u32,
+}
+
+impl Client {
+    /// Connects to the agent's Unix socket.
+    pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let path: PathBuf = path.as_ref().to_path_buf();
+        let target = path.display().to_string();
+        // The URI is required by the API but unused: the connector dials the socket.
+        let channel = Endpoint::try_from("http://localhost")
+            .map_err(|e| ClientError::Connect {
+                target: target.clone(),
+                source: e,
+            })?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .map_err(|e| ClientError::Connect { target, source: e })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Connects to a TCP address such as `http://127.0.0.1:7443` (plain; for TLS build the
+    /// channel yourself and use [`Client::from_channel`]).
+    pub async fn connect_tcp(addr: &str) -> Result<Self, ClientError> {
+        let channel = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| ClientError::Connect {
+                target: addr.into(),
+                source: e,
+            })?
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect {
+                target: addr.into(),
+                source: e,
+            })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps a channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            inner: NodeAgentServiceClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20),
+            channel,
+            retries: 3,
+        }
+    }
+
+    /// The generated client, for calls this wrapper does not cover.
+    pub fn raw(&mut self) -> &mut NodeAgentServiceClient<Channel> {
+        &mut self.inner
+    }
+
+    /// The channel, e.g. for the health service.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Retries `f` on UNAVAILABLE; `f` must reuse the same request id each time.
+    async fn retrying<T, F, Fut>(&mut self, mut f: F) -> Result<T, ClientError>
+    where
+        F: FnMut(NodeAgentServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match f(self.inner.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::Unavailable && attempt < self.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
+    }
+
+    /// GetNodeInfo.
+    pub async fn node_info(&mut self) -> Result<pb::GetNodeInfoResponse, ClientError> {
+        self.retrying(|mut c| async move { c.get_node_info(pb::GetNodeInfoRequest {}).await })
+            .await
+    }
+
+    /// CreateRegion with a fresh request id, retried safely.
+    pub async fn create_region(
+        &mut self,
+        vm_id: &str,
+        name: &str,
+        size_bytes: u64,
+        backend: pb::Backend,
+        policies: Vec<pb::RangePolicy>,
+    ) -> Result<pb::CreateRegionResponse, ClientError> {
+        let req = pb::CreateRegionRequest {
+            vm_id: vm_id.into(),
+            name: name.into(),
+            size_bytes,
+            backend: backend as i32,
+            hugepage_size_bytes: 0,
+            policies,
+            request_id: new_request_id(),
+        };
+        self.create_region_with(req).await
+    }
+
+    /// CreateRegion with a caller-built request (keep its request_id across retries).
+    pub async fn create_region_with(
+        &mut self,
+        req: pb::CreateRegionRequest,
+    ) -> Result<pb::CreateRegionResponse, ClientError> {
+        self.retrying(|mut c| {
+            let r = req.clone();
+            async move { c.create_region(r).await }
+        })
+        .await
+    }
+
+    /// GetRegion.
+    pub async fn get_region(&mut self, vm_id: &str, name: &str) -> Result<pb::Region, ClientError> {
+        let req = pb::GetRegionRequest {
+            vm_id: vm_id.into(),
+            name: name.into(),
+        };
+        let r = self
+            .retrying(|mut c| {
+                let r = req.clone();
+                async move { c.get_region(r).await }
+            })
+            .await?;
+        r.region
+            .ok_or_else(|| ClientError::Invalid("agent returned no region".into()))
+    }
+
+    /// ListRegions.
+    pub async fn list_regions(&mut self, vm_id: &str) -> Result<Vec<pb::Region>, ClientError> {
+        let req = pb::ListRegionsRequest {
+            vm_id: vm_id.into(),
+        };
+        Ok(self
+            .retrying(|mut c| {
+                let r = req.clone();
+                async move { c.list_regions(r).await }
+            })
+            .await?
+            .regions)
+    }
+
+    /// DeleteRegion with a fresh request id, retried safely.
+    pub async fn delete_region(&mut self, vm_id: &str, name: &str) -> Result<pb::Region, ClientError> {
+        let req = pb::DeleteRegionRequest {
+            vm_id: vm_id.into(),
+            name: name.into(),
+            request_id: new_request_id(),
+        };
+        let r = self
+            .retrying(|mut c| {
+                let r = req.clone();
+                async move { c.delete_region(r).await }
+            })
+            .await?;
+        r.region
+            .ok_or_else(|| ClientError::Invalid("agent returned no region".into()))
+    }
+
+    /// SetPolicy with a fresh request id, retried safely.
+    pub async fn set_policy(
+        &mut self,
+        vm_id: &str,
+        name: &str,
+        offset: u64,
+        length: u64,
+        policy: pb::Policy,
+        migrate: bool,
+    ) -> Result<pb::SetPolicyResponse, ClientError> {
+        self.set_policy_with(pb::SetPolicyRequest {
+            vm_id: vm_id.into(),
+            name: name.into(),
+            offset,
+            length,
+            policy: Some(policy),
+            migrate,
+            expected_generation: 0,
+            request_id: new_request_id(),
+        })
+        .await
+    }
+
+    /// SetPolicy with a caller-built request.
+    pub async fn set_policy_with(
+        &mut self,
+        req: pb::SetPolicyRequest,
+    ) -> Result<pb::SetPolicyResponse, ClientError> {
+        self.retrying(|mut c| {
+            let r = req.clone();
+            async move { c.set_policy(r).await }
+        })
+        .await
+    }
+
+    /// Populate, calling `progress(done, total)` on each progress message; returns the summary.
+    pub async fn populate(
+        &mut self,
+        req: pb::PopulateRequest,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<pb::PopulateSummary, ClientError> {
+        use pb::populate_response::Event;
+        let mut stream = self.inner.populate(req).await?.into_inner();
+        while let Some(msg) = stream.message().await? {
+            match msg.event {
+                Some(Event::Progress(p)) => progress(p.bytes_done, p.bytes_total),
+                Some(Event::Summary(s)) => return Ok(s),
+                None => {}
+            }
+        }
+        Err(ClientError::Invalid("populate stream ended without a summary".into()))
+    }
+
+    /// GetPlacement.
+    pub async fn placement(
+        &mut self,
+        vm_id: &str,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<pb::GetPlacementResponse, ClientError> {
+        let req = pb::GetPlacementRequest {
+            vm_id: vm_id.into(),
+            name: name.into(),
+            offset,
+            length,
+        };
+        self.retrying(|mut c| {
+            let r = req.clone();
+            async move { c.get_placement(r).await }
+        })
+        .await
+    }
+
+    /// Reconcile.
+    pub async fn reconcile(&mut self, vm_id: &str) -> Result<pb::ReconcileResponse, ClientError> {
+        let req = pb::ReconcileRequest {
+            vm_id: vm_id.into(),
+        };
+        self.retrying(|mut c| {
+            let r = req.clone();
+            async move { c.reconcile(r).await }
+        })
+        .await
+    }
+
+    /// WatchEvents as a stream.
+    pub async fn watch_events(
+        &mut self,
+        req: pb::WatchEventsRequest,
+    ) -> Result<tonic::Streaming<pb::WatchEventsResponse>, ClientError> {
+        Ok(self.inner.watch_events(req).await?.into_inner())
+    }
+}

@@ -6,6 +6,7 @@ This copy lets the manifests be checked without building the agent, and lets the
 the values that the manifests must agree with (paths, the shutdown grace, the metrics port).
 """
 
+import re
 import tomllib
 
 DEFAULTS = {
@@ -36,8 +37,10 @@ DEFAULTS = {
 _STRINGS = {"state_dir", "runtime_dir", "listen_tcp", "metrics_addr", "socket_mode",
             "tls_cert", "tls_key", "tls_client_ca"}
 _UID_LISTS = {"admin_uids", "viewer_uids", "handoff_uids"}
-_COUNTS = {"reconcile_interval_secs", "max_regions", "max_ranges_per_region", "max_region_bytes",
-           "request_timeout_secs", "max_concurrent_requests", "max_message_bytes"}
+_COUNTS = {"max_regions", "max_ranges_per_region", "max_region_bytes", "request_timeout_secs",
+           "max_concurrent_requests", "max_message_bytes"}
+# 0 means "never" for these.
+_SECONDS = {"reconcile_interval_secs", "shutdown_grace_secs"}
 
 
 def check(path):
@@ -58,23 +61,34 @@ def check(path):
             problems.append(f"{path}: {key} must be a list of uids")
         elif key in _COUNTS and not (type(value) is int and value > 0):
             problems.append(f"{path}: {key} must be a positive integer")
-    if raw.get("log_level", "info") not in ("trace", "debug", "info", "warn", "error"):
-        problems.append(f"{path}: log_level {raw['log_level']!r} is not a level")
-    if raw.get("log_format", "human") not in ("human", "json"):
-        problems.append(f"{path}: log_format must be human or json")
-    grace = raw.get("shutdown_grace_secs", 10)
-    if not (type(grace) is int and grace >= 0):
-        problems.append(f"{path}: shutdown_grace_secs must be a non-negative integer")
-    mode = raw.get("socket_mode", "0660")
-    if not (isinstance(mode, str) and len(mode) in (3, 4) and all(c in "01234567" for c in mode)):
-        problems.append(f"{path}: socket_mode must be an octal string such as \"0660\"")
-    if not isinstance(raw.get("insecure_tcp", False), bool):
-        problems.append(f"{path}: insecure_tcp must be a boolean")
+        elif key in _SECONDS and not (type(value) is int and value >= 0):
+            problems.append(f"{path}: {key} must be a non-negative integer")
     effective = dict(DEFAULTS)
     effective.update(raw)
+    # A level or a tracing filter such as "info,memplace_server=debug".
+    if not re.fullmatch(r"[A-Za-z0-9_:=,.\-]+", str(effective["log_level"])):
+        problems.append(f"{path}: log_level {effective['log_level']!r} is not a level or filter")
+    if effective["log_format"] not in ("human", "json"):
+        problems.append(f"{path}: log_format must be human or json")
+    mode = effective["socket_mode"]
+    if not (isinstance(mode, str) and re.fullmatch(r"(0o?)?[0-7]{1,3}", mode)):
+        problems.append(f"{path}: socket_mode must be an octal string such as \"0660\"")
+    if effective["metrics_addr"] != "off" and port_of(effective["metrics_addr"]) is None:
+        problems.append(f"{path}: metrics_addr must be host:port or off")
+    if type(effective["max_message_bytes"]) is int and effective["max_message_bytes"] < 1024:
+        problems.append(f"{path}: max_message_bytes must be at least 1024")
+    if not isinstance(effective["insecure_tcp"], bool):
+        problems.append(f"{path}: insecure_tcp must be a boolean")
+    if effective["listen_tcp"] is not None:
+        tls = [effective[k] for k in ("tls_cert", "tls_key", "tls_client_ca") if effective[k] is not None]
+        if len(tls) not in (0, 3):
+            problems.append(f"{path}: TLS needs all of tls_cert, tls_key and tls_client_ca")
+        elif not tls and effective["insecure_tcp"] is not True:
+            problems.append(f"{path}: listen_tcp without TLS needs insecure_tcp = true")
     return effective, problems
 
 
 def port_of(addr):
-    """The port of a host:port or [v6]:port address."""
-    return int(addr.rsplit(":", 1)[1])
+    """The port of a host:port or [v6]:port address, or None."""
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(\d{1,5})", str(addr))
+    return int(m.group(2)) if m else None

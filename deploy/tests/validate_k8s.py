@@ -333,6 +333,7 @@ def check_daemonset(objects, where, checks, is_base, workspace_version):
     # Metrics: the configured port is the container's, and reachable from outside the pod.
     ports = {p.get("name"): p for p in c.get("ports", [])}
     if "metrics" in ports:
+        checks.expect(cfg["metrics_addr"] != "off", f"{where}: a metrics port is declared but metrics_addr is off")
         checks.expect(ports["metrics"]["containerPort"] == memplaced_config.port_of(cfg["metrics_addr"]),
                       f"{where}: the metrics containerPort is not metrics_addr's port ({cfg['metrics_addr']})")
         checks.expect(not cfg["metrics_addr"].startswith(("127.", "localhost", "[::1]")),

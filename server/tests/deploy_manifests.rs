@@ -88,7 +88,14 @@ fn deploy_checks_catch_broken_manifests() {
 /// Runs memplaced with args; kills it if it has not exited within the timeout (a memplaced
 /// that ignored --check-config would start serving instead).
 fn run_agent(args: &[&Path], flags: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_memplaced"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memplaced"));
+    // Only the file under test may configure it: memplaced reads MEMPLACE_* variables too.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("MEMPLACE_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut child = cmd
         .args(args)
         .args(flags)
         .stdin(Stdio::null())

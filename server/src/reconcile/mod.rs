@@ -909,7 +909,11 @@ impl Agent {
             return (0, 0);
         }
         let page = live.intent.page_size(self.page);
-        let Some(mapping) = live.file.as_ref().and_then(|f| f.mapping.as_ref()) else {
+        let Some((fd, mapping)) = live
+            .file
+            .as_ref()
+            .and_then(|f| Some((f.fd.as_fd(), f.mapping.as_ref()?)))
+        else {
             return (0, 0);
         };
         let mut moved = 0;
@@ -919,7 +923,7 @@ impl Agent {
             let mut before = Vec::new();
             if migrate {
                 // mbind moves only pages mapped in this process: map the resident ones first.
-                before = placement::map_resident(mapping, r.offset, r.length, page);
+                before = placement::map_resident(fd, mapping, r.offset, r.length, page);
                 flags = kernel::mempolicy::MPOL_MF_MOVE;
                 if kernel::pidfd::have_cap_sys_nice() {
                     // Pages the VMM also maps are shared; MOVE alone skips them.
@@ -1195,8 +1199,7 @@ fn observe(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Policy> {
 fn resident_pages(live: &LiveRegion, offset: u64, length: u64, page: u64) -> u64 {
     live.file
         .as_ref()
-        .and_then(|f| f.mapping.as_ref())
-        .and_then(|m| m.resident(offset, length, page).ok())
+        .and_then(|f| placement::allocated(f.fd.as_fd(), f.mapping.as_ref()?, offset, length, page).ok())
         .map_or(0, |v| v.iter().filter(|b| **b).count() as u64)
 }
 

@@ -6,7 +6,8 @@
 
 use super::{Agent, AgentError, RangeIntent};
 use crate::domain::{RegionKey, resolve_span, validate_name};
-use crate::kernel::Mapping;
+use crate::kernel::{self, Mapping};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::collections::BTreeMap;
 
 const ENOENT: i32 = -2;
@@ -66,8 +67,14 @@ impl Placement {
 
 /// Read-faults the resident pages of a span into `mapping` and returns each page's node (or a
 /// negative errno for a page not allocated).
-pub(crate) fn map_resident(mapping: &Mapping, offset: u64, length: u64, page: u64) -> Vec<i32> {
-    let Ok(resident) = mapping.resident(offset, length, page) else {
+pub(crate) fn map_resident(
+    fd: BorrowedFd<'_>,
+    mapping: &Mapping,
+    offset: u64,
+    length: u64,
+    page: u64,
+) -> Vec<i32> {
+    let Ok(resident) = allocated(fd, mapping, offset, length, page) else {
         return Vec::new();
     };
     let mut i = 0;
@@ -100,9 +107,25 @@ pub(crate) fn nodes_of(mapping: &Mapping, offset: u64, length: u64, page: u64) -
         .unwrap_or_else(|_| vec![ENOENT; (length / page) as usize])
 }
 
+/// Which pages of a span are allocated: from the page cache (cachestat), which sees pages that
+/// fallocate allocated and nobody touched; hugetlbfs has no cachestat, so there the agent's
+/// mapping answers (mincore).
+pub(crate) fn allocated(
+    fd: BorrowedFd<'_>,
+    mapping: &Mapping,
+    offset: u64,
+    length: u64,
+    page: u64,
+) -> Result<Vec<bool>, nix::errno::Errno> {
+    match kernel::files::allocated_map(fd, offset, length, page) {
+        Err(nix::errno::Errno::EOPNOTSUPP) => mapping.resident(offset, length, page),
+        r => r,
+    }
+}
+
 /// Counts the placement of one range.
-fn count_range(mapping: &Mapping, r: &RangeIntent, page: u64) -> RangePlacementView {
-    let nodes = map_resident(mapping, r.offset, r.length, page);
+fn count_range(fd: BorrowedFd<'_>, mapping: &Mapping, r: &RangeIntent, page: u64) -> RangePlacementView {
+    let nodes = map_resident(fd, mapping, r.offset, r.length, page);
     let _ = mapping.unmap_pages(r.offset, r.length);
     let mut per: BTreeMap<u32, u64> = BTreeMap::new();
     let mut view = RangePlacementView {
@@ -138,14 +161,18 @@ impl Agent {
         let live = slot.read().await;
         let page = live.intent.page_size(self.page);
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
-        let Some(mapping) = live.file.as_ref().and_then(|f| f.mapping.as_ref()) else {
+        let Some((fd, mapping)) = live
+            .file
+            .as_ref()
+            .and_then(|f| Some((f.fd.as_fd(), f.mapping.as_ref()?)))
+        else {
             return Err(AgentError::FailedPrecondition(format!(
                 "region {key} has no mapping in the agent (lost, or a guest_memfd without MMAP), so its placement cannot be read"
             )));
         };
         let ranges = live.intent.ranges.clipped(offset, offset + length);
         let ranges = tokio::task::block_in_place(|| {
-            ranges.iter().map(|r| count_range(mapping, r, page)).collect()
+            ranges.iter().map(|r| count_range(fd, mapping, r, page)).collect()
         });
         Ok(Placement {
             ranges,

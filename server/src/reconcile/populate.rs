@@ -423,7 +423,9 @@ impl Agent {
                     let missing = file
                         .mapping
                         .as_ref()
-                        .and_then(|m| m.resident(r.offset, r.length, page).ok())
+                        .and_then(|m| {
+                            super::placement::allocated(file.fd.as_fd(), m, r.offset, r.length, page).ok()
+                        })
                         .map_or(r.length / page, |v| v.iter().filter(|b| !**b).count() as u64);
                     (r.policy, missing)
                 })
