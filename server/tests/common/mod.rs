@@ -1,0 +1,150 @@
+//! Test support: the real `memplaced` binary on a temp socket and a temp state dir.
+#![allow(dead_code)]
+
+use memplace_client::{Client, pb};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running agent.
+pub struct AgentProc {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub extra: Vec<String>,
+}
+
+impl AgentProc {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir().join("memplace.sock")
+    }
+    pub fn handoff_socket(&self) -> PathBuf {
+        self.runtime_dir().join("handoff.sock")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("memplaced.log")
+    }
+
+    /// Starts an agent in a new temp dir.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut a = AgentProc {
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        a.spawn();
+        a
+    }
+
+    /// Starts the binary and waits for its socket to answer.
+    pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_memplaced"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--runtime-dir")
+            .arg(self.runtime_dir())
+            .arg("--metrics-addr")
+            .arg("off")
+            .arg("--reconcile-interval-secs")
+            .arg("0")
+            .args(&self.extra)
+            .env("MEMPLACE_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning memplaced");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "memplaced exited early with {status}: {}",
+                        std::fs::read_to_string(self.log()).unwrap_or_default()
+                    );
+                }
+            }
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("memplaced did not open {} in 30 s", self.socket().display());
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect_unix(self.socket()).await.expect("connect")
+    }
+
+    /// memplacectl against this agent.
+    pub fn ctl(&self) -> Command {
+        let mut c = Command::new(ctl_path());
+        c.arg("--socket").arg(self.socket());
+        c
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The memplacectl binary, built beside memplaced (the test command builds the workspace).
+pub fn ctl_path() -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_memplaced"));
+    let p = exe.with_file_name("memplacectl");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+pub fn policy(mode: pb::PolicyMode, nodes: &[u32]) -> pb::Policy {
+    pb::Policy {
+        mode: mode as i32,
+        nodes: nodes.to_vec(),
+        static_nodes: false,
+        relative_nodes: false,
+    }
+}
+
+pub const MIB: u64 = 1 << 20;
