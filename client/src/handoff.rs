@@ -31,16 +31,33 @@ pub struct Acquired {
 impl Handoff {
     /// Connects.
     pub fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
-        let err = |e: nix::errno::Errno| ClientError::Handoff(format!("{}: {}", path.as_ref().display(), e.desc()));
-        let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(err)?;
-        connect(sock.as_raw_fd(), &UnixAddr::new(path.as_ref()).map_err(err)?).map_err(err)?;
+        let err = |e: nix::errno::Errno| {
+            ClientError::Handoff(format!("{}: {}", path.as_ref().display(), e.desc()))
+        };
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(err)?;
+        connect(
+            sock.as_raw_fd(),
+            &UnixAddr::new(path.as_ref()).map_err(err)?,
+        )
+        .map_err(err)?;
         Ok(Self { sock })
     }
 
     /// Sends one raw packet with fds and returns the reply and its fds. For tests of malformed
     /// input; use the typed calls otherwise.
-    pub fn exchange_raw(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(pb::HandoffResponse, Vec<OwnedFd>), ClientError> {
-        fdpass::send(self.sock.as_fd(), data, fds).map_err(|e| ClientError::Handoff(format!("send: {}", e.desc())))?;
+    pub fn exchange_raw(
+        &self,
+        data: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(pb::HandoffResponse, Vec<OwnedFd>), ClientError> {
+        fdpass::send(self.sock.as_fd(), data, fds)
+            .map_err(|e| ClientError::Handoff(format!("send: {}", e.desc())))?;
         let p = fdpass::recv(self.sock.as_fd())
             .map_err(|e| ClientError::Handoff(format!("recv: {}", e.desc())))?
             .ok_or_else(|| ClientError::Handoff("the agent closed the connection".into()))?;
@@ -49,7 +66,11 @@ impl Handoff {
         Ok((resp, p.fds))
     }
 
-    fn call(&self, req: pb::handoff_request::Request, fds: &[BorrowedFd<'_>]) -> Result<(pb::HandoffResponse, Vec<OwnedFd>), ClientError> {
+    fn call(
+        &self,
+        req: pb::handoff_request::Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(pb::HandoffResponse, Vec<OwnedFd>), ClientError> {
         let msg = pb::HandoffRequest { request: Some(req) };
         let (resp, fds) = self.exchange_raw(&msg.encode_to_vec(), fds)?;
         if resp.code != pb::HandoffCode::Ok as i32 {
@@ -70,7 +91,9 @@ impl Handoff {
             &[],
         )?;
         let mut it = fds.into_iter();
-        let fd = it.next().ok_or_else(|| ClientError::Handoff("no fd in the reply".into()))?;
+        let fd = it
+            .next()
+            .ok_or_else(|| ClientError::Handoff("no fd in the reply".into()))?;
         Ok(Acquired {
             fd,
             vm_fd: it.next(),
@@ -79,7 +102,15 @@ impl Handoff {
     }
 
     /// Hands a file this process made to the agent, which creates region `name` for it.
-    pub fn adopt(&self, vm_id: &str, name: &str, backend: pb::Backend, size_bytes: u64, token: &str, fd: BorrowedFd<'_>) -> Result<pb::Region, ClientError> {
+    pub fn adopt(
+        &self,
+        vm_id: &str,
+        name: &str,
+        backend: pb::Backend,
+        size_bytes: u64,
+        token: &str,
+        fd: BorrowedFd<'_>,
+    ) -> Result<pb::Region, ClientError> {
         let (resp, _) = self.call(
             pb::handoff_request::Request::Adopt(pb::AdoptRequest {
                 vm_id: vm_id.into(),
@@ -94,7 +125,12 @@ impl Handoff {
     }
 
     /// Hands this process's KVM VM fd to the agent for the VM's later guest_memfd regions.
-    pub fn attach_vm(&self, vm_id: &str, token: &str, vm_fd: BorrowedFd<'_>) -> Result<(), ClientError> {
+    pub fn attach_vm(
+        &self,
+        vm_id: &str,
+        token: &str,
+        vm_fd: BorrowedFd<'_>,
+    ) -> Result<(), ClientError> {
         self.call(
             pb::handoff_request::Request::AttachVm(pb::AttachVmRequest {
                 vm_id: vm_id.into(),

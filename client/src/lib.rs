@@ -170,8 +170,7 @@ impl Client {
     /// Wraps a channel.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            inner: NodeAgentServiceClient::new(channel.clone())
-                .max_decoding_message_size(64 << 20),
+            inner: NodeAgentServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             channel,
             retries: 3,
         }
@@ -276,7 +275,11 @@ impl Client {
     }
 
     /// DeleteRegion with a fresh request id, retried safely.
-    pub async fn delete_region(&mut self, vm_id: &str, name: &str) -> Result<pb::Region, ClientError> {
+    pub async fn delete_region(
+        &mut self,
+        vm_id: &str,
+        name: &str,
+    ) -> Result<pb::Region, ClientError> {
         let req = pb::DeleteRegionRequest {
             vm_id: vm_id.into(),
             name: name.into(),
@@ -342,7 +345,9 @@ impl Client {
                 None => {}
             }
         }
-        Err(ClientError::Invalid("populate stream ended without a summary".into()))
+        Err(ClientError::Invalid(
+            "populate stream ended without a summary".into(),
+        ))
     }
 
     /// GetPlacement.

@@ -13,7 +13,11 @@ use std::io::Write;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "memplacectl", version, about = "Operate memplace: regions, NUMA policies, placement")]
+#[command(
+    name = "memplacectl",
+    version,
+    about = "Operate memplace: regions, NUMA policies, placement"
+)]
 struct Cli {
     /// Agent Unix socket.
     #[arg(long, global = true, env = "MEMPLACE_SOCKET", default_value = memplace_client::DEFAULT_SOCKET)]
@@ -198,13 +202,21 @@ fn parse_size(s: &str) -> Result<u64, ClientError> {
     let t = s.trim();
     let (num, mul) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
-            let m = match t[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            let m = match t[i..]
+                .to_ascii_uppercase()
+                .trim_end_matches("IB")
+                .trim_end_matches('B')
+            {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
                 "G" => 1 << 30,
                 "T" => 1u64 << 40,
-                u => return Err(ClientError::Invalid(format!("unknown size unit {u:?} in {s:?}"))),
+                u => {
+                    return Err(ClientError::Invalid(format!(
+                        "unknown size unit {u:?} in {s:?}"
+                    )));
+                }
             };
             (&t[..i], m)
         }
@@ -214,7 +226,9 @@ fn parse_size(s: &str) -> Result<u64, ClientError> {
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mul))
-        .ok_or_else(|| ClientError::Invalid(format!("bad size {s:?}: use e.g. 4G, 512M or a byte count")))
+        .ok_or_else(|| {
+            ClientError::Invalid(format!("bad size {s:?}: use e.g. 4G, 512M or a byte count"))
+        })
 }
 
 fn human(bytes: u64) -> String {
@@ -225,7 +239,11 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }
 
 fn parse_backend(s: &str) -> Result<pb::Backend, ClientError> {
@@ -233,13 +251,20 @@ fn parse_backend(s: &str) -> Result<pb::Backend, ClientError> {
         "memfd" => Ok(pb::Backend::Memfd),
         "guest-memfd" | "gmem" => Ok(pb::Backend::GuestMemfd),
         "memfd-hugetlb" | "hugetlb" => Ok(pb::Backend::MemfdHugetlb),
-        _ => Err(ClientError::Invalid(format!("unknown backend {s:?}: use memfd, guest-memfd or memfd-hugetlb"))),
+        _ => Err(ClientError::Invalid(format!(
+            "unknown backend {s:?}: use memfd, guest-memfd or memfd-hugetlb"
+        ))),
     }
 }
 
 fn mode_name(m: i32) -> String {
     pb::PolicyMode::try_from(m)
-        .map(|m| m.as_str_name().trim_start_matches("POLICY_MODE_").to_ascii_lowercase().replace('_', "-"))
+        .map(|m| {
+            m.as_str_name()
+                .trim_start_matches("POLICY_MODE_")
+                .to_ascii_lowercase()
+                .replace('_', "-")
+        })
         .unwrap_or_else(|_| format!("mode-{m}"))
 }
 
@@ -264,13 +289,17 @@ fn policy_text(p: Option<&pb::Policy>) -> String {
 }
 
 fn enum_name(s: &str, prefix: &str) -> String {
-    s.trim_start_matches(prefix).to_ascii_lowercase().replace('_', "-")
+    s.trim_start_matches(prefix)
+        .to_ascii_lowercase()
+        .replace('_', "-")
 }
 
 fn policy_json(p: Option<&pb::Policy>) -> Value {
     match p {
         None => Value::Null,
-        Some(p) => json!({"mode": mode_name(p.mode), "nodes": p.nodes, "static_nodes": p.static_nodes, "relative_nodes": p.relative_nodes}),
+        Some(p) => {
+            json!({"mode": mode_name(p.mode), "nodes": p.nodes, "static_nodes": p.static_nodes, "relative_nodes": p.relative_nodes})
+        }
     }
 }
 
@@ -311,7 +340,10 @@ fn print_region_table(r: &pb::Region) {
         r.generation,
         enum_name(r.status().as_str_name(), "REGION_STATUS_"),
     );
-    println!("  {:<14} {:<12} {:<24} {:<24} {:<9} note", "OFFSET", "LENGTH", "INTENDED", "OBSERVED", "STATE");
+    println!(
+        "  {:<14} {:<12} {:<24} {:<24} {:<9} note",
+        "OFFSET", "LENGTH", "INTENDED", "OBSERVED", "STATE"
+    );
     for x in &r.ranges {
         let note = if !x.last_error.is_empty() {
             x.last_error.clone()
@@ -347,14 +379,19 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let c = connect(&cli).await?;
             let mut h = tonic_health_client(c.channel());
             let r = h
-                .check(HealthCheckRequest { service: String::new() })
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await?
                 .into_inner();
             if r.status == 1 {
                 println!("SERVING");
                 return Ok(());
             }
-            return Err(ClientError::Invalid(format!("not serving (status {})", r.status)));
+            return Err(ClientError::Invalid(format!(
+                "not serving (status {})",
+                r.status
+            )));
         }
         _ => {}
     }
@@ -379,31 +416,90 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 },
             });
             print_value(out, &v, || {
-                println!("memplaced {}  kernel {}  page size {}", i.agent_version, caps.kernel_release, human(i.page_size_bytes));
+                println!(
+                    "memplaced {}  kernel {}  page size {}",
+                    i.agent_version,
+                    caps.kernel_release,
+                    human(i.page_size_bytes)
+                );
                 println!();
                 let ids: Vec<String> = i.nodes.iter().map(|n| format!("{:>4}", n.id)).collect();
-                println!("{:<5} {:<10} {:>12} {:>12} {:<8} distances {}", "NODE", "CPUS", "TOTAL", "FREE", "ALLOWED", ids.join(""));
+                println!(
+                    "{:<5} {:<10} {:>12} {:>12} {:<8} distances {}",
+                    "NODE",
+                    "CPUS",
+                    "TOTAL",
+                    "FREE",
+                    "ALLOWED",
+                    ids.join("")
+                );
                 for n in &i.nodes {
                     let d: Vec<String> = n.distances.iter().map(|d| format!("{d:>4}")).collect();
                     println!(
                         "{:<5} {:<10} {:>12} {:>12} {:<8}           {}",
-                        n.id, nodes::format(&n.cpus), human(n.memory_total_bytes), human(n.memory_free_bytes),
-                        if n.allowed { "yes" } else { "no" }, d.join("")
+                        n.id,
+                        nodes::format(&n.cpus),
+                        human(n.memory_total_bytes),
+                        human(n.memory_free_bytes),
+                        if n.allowed { "yes" } else { "no" },
+                        d.join("")
                     );
                 }
                 println!();
                 let yn = |b: bool| if b { "yes" } else { "no" };
-                println!("KVM usable                 {}{}", yn(caps.kvm_usable), if caps.kvm_error.is_empty() { String::new() } else { format!(" ({})", caps.kvm_error) });
-                println!("guest_memfd                {} (flags {:#x})", yn(caps.guest_memfd_supported), caps.guest_memfd_flags);
-                println!("guest_memfd shared policy  {}{}", yn(caps.guest_memfd_shared_policy), if caps.guest_memfd_shared_policy { "" } else { "  -> guest_memfd uses the task-policy strategy" });
-                println!("memfd shared policy        {}", yn(caps.memfd_shared_policy));
-                println!("hugetlb shared policy      {}", yn(caps.hugetlb_shared_policy));
-                println!("preferred-many             {}", yn(caps.preferred_many_supported));
-                println!("weighted-interleave        {}", yn(caps.weighted_interleave_supported));
-                println!("fd recovery (pidfd_getfd)  {}", yn(caps.pidfd_getfd_supported));
+                println!(
+                    "KVM usable                 {}{}",
+                    yn(caps.kvm_usable),
+                    if caps.kvm_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", caps.kvm_error)
+                    }
+                );
+                println!(
+                    "guest_memfd                {} (flags {:#x})",
+                    yn(caps.guest_memfd_supported),
+                    caps.guest_memfd_flags
+                );
+                println!(
+                    "guest_memfd shared policy  {}{}",
+                    yn(caps.guest_memfd_shared_policy),
+                    if caps.guest_memfd_shared_policy {
+                        ""
+                    } else {
+                        "  -> guest_memfd uses the task-policy strategy"
+                    }
+                );
+                println!(
+                    "memfd shared policy        {}",
+                    yn(caps.memfd_shared_policy)
+                );
+                println!(
+                    "hugetlb shared policy      {}",
+                    yn(caps.hugetlb_shared_policy)
+                );
+                println!(
+                    "preferred-many             {}",
+                    yn(caps.preferred_many_supported)
+                );
+                println!(
+                    "weighted-interleave        {}",
+                    yn(caps.weighted_interleave_supported)
+                );
+                println!(
+                    "fd recovery (pidfd_getfd)  {}",
+                    yn(caps.pidfd_getfd_supported)
+                );
             });
         }
-        Command::Region(RegionCmd::Create { vm, name, size, backend, hugepage_size, policy }) => {
+        Command::Region(RegionCmd::Create {
+            vm,
+            name,
+            size,
+            backend,
+            hugepage_size,
+            policy,
+        }) => {
             let mut policies = vec![];
             if let Some(p) = policy {
                 let (m, n) = p.split_once(':').unwrap_or((p.as_str(), ""));
@@ -418,7 +514,11 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 name,
                 size_bytes: parse_size(&size)?,
                 backend: parse_backend(&backend)? as i32,
-                hugepage_size_bytes: hugepage_size.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+                hugepage_size_bytes: hugepage_size
+                    .as_deref()
+                    .map(parse_size)
+                    .transpose()?
+                    .unwrap_or(0),
                 policies,
                 request_id: memplace_client::new_request_id(),
             };
@@ -439,22 +539,40 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let rs = c.list_regions(&vm).await?;
             let v = Value::Array(rs.iter().map(region_json).collect());
             print_value(out, &v, || {
-                println!("{:<20} {:<16} {:<14} {:>10} {:<14} {:>4} {:<7} {:>6}", "VM", "NAME", "BACKEND", "SIZE", "STRATEGY", "GEN", "STATUS", "RANGES");
+                println!(
+                    "{:<20} {:<16} {:<14} {:>10} {:<14} {:>4} {:<7} {:>6}",
+                    "VM", "NAME", "BACKEND", "SIZE", "STRATEGY", "GEN", "STATUS", "RANGES"
+                );
                 for r in &rs {
                     println!(
                         "{:<20} {:<16} {:<14} {:>10} {:<14} {:>4} {:<7} {:>6}",
-                        r.vm_id, r.name, enum_name(r.backend().as_str_name(), "BACKEND_"), human(r.size_bytes),
-                        enum_name(r.strategy().as_str_name(), "STRATEGY_"), r.generation,
-                        enum_name(r.status().as_str_name(), "REGION_STATUS_"), r.ranges.len()
+                        r.vm_id,
+                        r.name,
+                        enum_name(r.backend().as_str_name(), "BACKEND_"),
+                        human(r.size_bytes),
+                        enum_name(r.strategy().as_str_name(), "STRATEGY_"),
+                        r.generation,
+                        enum_name(r.status().as_str_name(), "REGION_STATUS_"),
+                        r.ranges.len()
                     );
                 }
             });
         }
         Command::Region(RegionCmd::Delete { vm, name }) => {
             let r = c.delete_region(&vm, &name).await?;
-            print_value(out, &region_json(&r), || println!("deleted {}/{}", r.vm_id, r.name));
+            print_value(out, &region_json(&r), || {
+                println!("deleted {}/{}", r.vm_id, r.name)
+            });
         }
-        Command::Policy(PolicyCmd::Set { span, mode, nodes: n, migrate, static_nodes, relative_nodes, expected_generation }) => {
+        Command::Policy(PolicyCmd::Set {
+            span,
+            mode,
+            nodes: n,
+            migrate,
+            static_nodes,
+            relative_nodes,
+            expected_generation,
+        }) => {
             let mut p = memplace_client::policy(memplace_client::parse_mode(&mode)?, &n)?;
             p.static_nodes = static_nodes;
             p.relative_nodes = relative_nodes;
@@ -477,7 +595,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             print_value(out, &v, || {
                 print_region_table(&region);
                 if migrate {
-                    println!("pages migrated: {}  failed: {}", r.pages_migrated, r.pages_migrate_failed);
+                    println!(
+                        "pages migrated: {}  failed: {}",
+                        r.pages_migrated, r.pages_migrate_failed
+                    );
                 }
             });
         }
@@ -496,13 +617,25 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 if show {
                     let secs = start.elapsed().as_secs_f64().max(0.001);
                     let rate = done as f64 / secs;
-                    let eta = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 };
+                    let eta = if rate > 0.0 {
+                        (total.saturating_sub(done)) as f64 / rate
+                    } else {
+                        0.0
+                    };
                     let width = 30usize;
-                    let filled = if total > 0 { (done as f64 / total as f64 * width as f64) as usize } else { 0 };
+                    let filled = if total > 0 {
+                        (done as f64 / total as f64 * width as f64) as usize
+                    } else {
+                        0
+                    };
                     eprint!(
                         "\r[{}{}] {} / {}  {}/s  ETA {:.0}s   ",
-                        "#".repeat(filled.min(width)), ".".repeat(width - filled.min(width)),
-                        human(done), human(total), human(rate as u64), eta
+                        "#".repeat(filled.min(width)),
+                        ".".repeat(width - filled.min(width)),
+                        human(done),
+                        human(total),
+                        human(rate as u64),
+                        eta
                     );
                     let _ = std::io::stderr().flush();
                 }
@@ -523,7 +656,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             print_value(out, &v, || {
                 println!(
                     "populated {} of {} in {:.2}s with {} workers ({}/s){}",
-                    human(s.bytes_done), human(s.bytes_total), s.elapsed_seconds, s.threads,
+                    human(s.bytes_done),
+                    human(s.bytes_total),
+                    s.elapsed_seconds,
+                    s.threads,
                     human((s.bytes_done as f64 / s.elapsed_seconds.max(0.001)) as u64),
                     if s.cancelled { " - cancelled" } else { "" }
                 );
@@ -533,7 +669,14 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             });
         }
         Command::Placement(span) => {
-            let p = c.placement(&span.vm, &span.name, parse_size(&span.offset)?, parse_size(&span.length)?).await?;
+            let p = c
+                .placement(
+                    &span.vm,
+                    &span.name,
+                    parse_size(&span.offset)?,
+                    parse_size(&span.length)?,
+                )
+                .await?;
             let v = json!({
                 "page_size_bytes": p.page_size_bytes, "pages_not_present": p.pages_not_present,
                 "pages_misplaced": p.pages_misplaced, "pages_unknown": p.pages_unknown,
@@ -544,18 +687,39 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             print_value(out, &v, || {
                 let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
                 let all = present + p.pages_not_present + p.pages_unknown;
-                println!("{}/{}: {} pages of {} ({} allocated)", span.vm, span.name, all, human(p.page_size_bytes), human(present * p.page_size_bytes));
+                println!(
+                    "{}/{}: {} pages of {} ({} allocated)",
+                    span.vm,
+                    span.name,
+                    all,
+                    human(p.page_size_bytes),
+                    human(present * p.page_size_bytes)
+                );
                 for n in &p.nodes {
-                    let frac = if all > 0 { n.pages as f64 / all as f64 } else { 0.0 };
+                    let frac = if all > 0 {
+                        n.pages as f64 / all as f64
+                    } else {
+                        0.0
+                    };
                     let bar = "#".repeat((frac * 40.0).round() as usize);
-                    println!("  node {:<3} {:>10} pages {:>10}  {:<40} {:5.1}%", n.node, n.pages, human(n.pages * p.page_size_bytes), bar, frac * 100.0);
+                    println!(
+                        "  node {:<3} {:>10} pages {:>10}  {:<40} {:5.1}%",
+                        n.node,
+                        n.pages,
+                        human(n.pages * p.page_size_bytes),
+                        bar,
+                        frac * 100.0
+                    );
                 }
                 println!("  not allocated {:>8} pages", p.pages_not_present);
                 if p.pages_unknown > 0 {
                     println!("  unknown node  {:>8} pages", p.pages_unknown);
                 }
                 if p.pages_misplaced > 0 {
-                    println!("  \x1b[1;31mMISPLACED     {:>8} pages on nodes the policy does not allow\x1b[0m", p.pages_misplaced);
+                    println!(
+                        "  \x1b[1;31mMISPLACED     {:>8} pages on nodes the policy does not allow\x1b[0m",
+                        p.pages_misplaced
+                    );
                 } else {
                     println!("  misplaced     {:>8} pages", 0);
                 }
@@ -567,24 +731,42 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             print_value(out, &v, || {
                 println!(
                     "checked {} ranges in {} regions: {} drifted, {} re-applied, {} failed",
-                    r.ranges_checked, r.regions_checked, r.ranges_drifted, r.ranges_reapplied, r.ranges_failed
+                    r.ranges_checked,
+                    r.regions_checked,
+                    r.ranges_drifted,
+                    r.ranges_reapplied,
+                    r.ranges_failed
                 )
             });
         }
         Command::Events { vm, after, follow } => {
             let mut s = c
-                .watch_events(pb::WatchEventsRequest { vm_id: vm, after_sequence: after, no_follow: !follow })
+                .watch_events(pb::WatchEventsRequest {
+                    vm_id: vm,
+                    after_sequence: after,
+                    no_follow: !follow,
+                })
                 .await?;
             while let Some(e) = s.message().await? {
                 let kind = enum_name(e.kind().as_str_name(), "EVENT_KIND_");
                 match out {
                     Output::Table => println!(
                         "{:>6}  {}  {:<15} {:<24} {}  ({})",
-                        e.sequence, e.time_unix_ms, kind,
-                        if e.vm_id.is_empty() { "-".to_string() } else { format!("{}/{}", e.vm_id, e.name) },
-                        e.message, e.actor
+                        e.sequence,
+                        e.time_unix_ms,
+                        kind,
+                        if e.vm_id.is_empty() {
+                            "-".to_string()
+                        } else {
+                            format!("{}/{}", e.vm_id, e.name)
+                        },
+                        e.message,
+                        e.actor
                     ),
-                    _ => println!("{}", json!({"sequence": e.sequence, "time_unix_ms": e.time_unix_ms, "kind": kind, "vm_id": e.vm_id, "name": e.name, "message": e.message, "actor": e.actor})),
+                    _ => println!(
+                        "{}",
+                        json!({"sequence": e.sequence, "time_unix_ms": e.time_unix_ms, "kind": kind, "vm_id": e.vm_id, "name": e.name, "message": e.message, "actor": e.actor})
+                    ),
                 }
             }
         }
@@ -620,8 +802,14 @@ mod tonic_health_shim {
     }
     impl Health {
         /// grpc.health.v1.Health/Check.
-        pub async fn check(&mut self, req: HealthCheckRequest) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
-            self.0.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        pub async fn check(
+            &mut self,
+            req: HealthCheckRequest,
+        ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+            self.0
+                .ready()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             let codec = tonic_prost::ProstCodec::default();
             let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
             self.0.unary(tonic::Request::new(req), path, codec).await
@@ -635,33 +823,59 @@ fn hold(h: &HoldArgs) -> Result<(), ClientError> {
     let conn = Handoff::connect(&h.handoff_socket)?;
     let got = conn.acquire(&h.vm, &h.name, &h.token)?;
     let size = got.region.size_bytes;
-    let map = Mapping::new(got.fd.as_fd(), size).map_err(|e| ClientError::Handoff(format!("mmap: {}", e.desc())))?;
-    let touch = h.touch.as_deref().map(parse_size).transpose()?.unwrap_or(0).min(size);
+    let map = Mapping::new(got.fd.as_fd(), size)
+        .map_err(|e| ClientError::Handoff(format!("mmap: {}", e.desc())))?;
+    let touch = h
+        .touch
+        .as_deref()
+        .map(parse_size)
+        .transpose()?
+        .unwrap_or(0)
+        .min(size);
     let page = memplace_server::kernel::page_size();
-    let pattern_byte = |seed: u64, off: u64| ((off / page).wrapping_mul(31).wrapping_add(seed) & 0xff) as u8;
+    let pattern_byte =
+        |seed: u64, off: u64| ((off / page).wrapping_mul(31).wrapping_add(seed) & 0xff) as u8;
     if touch > 0 {
         map.populate_write(0, touch.div_ceil(page) * page)
             .map_err(|e| ClientError::Handoff(format!("touching memory: {}", e.desc())))?;
         if let Some(seed) = h.pattern {
             let mut off = 0;
             while off < touch {
-                map.write(off, &[pattern_byte(seed, off)]).map_err(|e| ClientError::Handoff(e.desc().into()))?;
+                map.write(off, &[pattern_byte(seed, off)])
+                    .map_err(|e| ClientError::Handoff(e.desc().into()))?;
                 off += page;
             }
         }
     }
     let mut _vm = None;
     if h.bind_memslot {
-        let vm_fd = got.vm_fd.ok_or_else(|| ClientError::Handoff("no VM fd came with the region".into()))?;
-        let vm = GuestMemfdVm::from_fd(vm_fd).map_err(|e| ClientError::Handoff(format!("VM fd: {}", e.desc())))?;
+        let vm_fd = got
+            .vm_fd
+            .ok_or_else(|| ClientError::Handoff("no VM fd came with the region".into()))?;
+        let vm = GuestMemfdVm::from_fd(vm_fd)
+            .map_err(|e| ClientError::Handoff(format!("VM fd: {}", e.desc())))?;
         vm.bind_memslot(0, 0, size, map.guest_address(), got.fd.as_fd())
-            .map_err(|e| ClientError::Handoff(format!("binding memslot 0 to the guest_memfd: {}", e.desc())))?;
+            .map_err(|e| {
+                ClientError::Handoff(format!(
+                    "binding memslot 0 to the guest_memfd: {}",
+                    e.desc()
+                ))
+            })?;
         println!("memslot bound");
         _vm = Some(vm);
     }
-    println!("holding {}/{} ({} bytes) pid {}", h.vm, h.name, size, std::process::id());
+    println!(
+        "holding {}/{} ({} bytes) pid {}",
+        h.vm,
+        h.name,
+        size,
+        std::process::id()
+    );
     let _ = std::io::stdout().flush();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| ClientError::Handoff(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ClientError::Handoff(e.to_string()))?;
     rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(|e| ClientError::Handoff(e.to_string()))?;

@@ -253,15 +253,26 @@ async fn replay<R: Message + Default>(
     if request_id.is_empty() {
         return Ok(None);
     }
-    let Some(stored) = agent.store().request(request_id).await.map_err(|e| status_of(e.into()))? else {
+    let Some(stored) = agent
+        .store()
+        .request(request_id)
+        .await
+        .map_err(|e| status_of(e.into()))?
+    else {
         return Ok(None);
     };
     if stored.method != method || stored.fingerprint != print {
-        return Err(status_of(AgentError::RequestIdReused(request_id.to_string())));
+        return Err(status_of(AgentError::RequestIdReused(
+            request_id.to_string(),
+        )));
     }
     R::decode(stored.response.as_slice())
         .map(Some)
-        .map_err(|e| Status::internal(format!("stored response for {request_id:?} is unreadable: {e}")))
+        .map_err(|e| {
+            Status::internal(format!(
+                "stored response for {request_id:?} is unreadable: {e}"
+            ))
+        })
 }
 
 fn node_pages(n: &[NodeCount]) -> Vec<pb::NodePages> {
@@ -371,10 +382,13 @@ impl NodeAgentService for NodeAgent {
         let who = caller(&req);
         let r = req.into_inner();
         check_request_id(&r.request_id)?;
-        let print = fingerprint("CreateRegion", &pb::CreateRegionRequest {
-            request_id: String::new(),
-            ..r.clone()
-        });
+        let print = fingerprint(
+            "CreateRegion",
+            &pb::CreateRegionRequest {
+                request_id: String::new(),
+                ..r.clone()
+            },
+        );
         if let Some(first) = replay(&self.agent, &r.request_id, "CreateRegion", &print).await? {
             return Ok(Response::new(first));
         }
@@ -463,10 +477,13 @@ impl NodeAgentService for NodeAgent {
         let who = caller(&req);
         let r = req.into_inner();
         check_request_id(&r.request_id)?;
-        let print = fingerprint("DeleteRegion", &pb::DeleteRegionRequest {
-            request_id: String::new(),
-            ..r.clone()
-        });
+        let print = fingerprint(
+            "DeleteRegion",
+            &pb::DeleteRegionRequest {
+                request_id: String::new(),
+                ..r.clone()
+            },
+        );
         if let Some(first) = replay(&self.agent, &r.request_id, "DeleteRegion", &print).await? {
             return Ok(Response::new(first));
         }
@@ -483,7 +500,11 @@ impl NodeAgentService for NodeAgent {
             encode: &encode,
         });
         tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, "DeleteRegion");
-        match self.agent.delete_region(&key(&r.vm_id, &r.name), &who, idem).await {
+        match self
+            .agent
+            .delete_region(&key(&r.vm_id, &r.name), &who, idem)
+            .await
+        {
             Ok(v) => Ok(Response::new(pb::DeleteRegionResponse {
                 region: Some(region_to_pb(&v)),
             })),
@@ -504,10 +525,13 @@ impl NodeAgentService for NodeAgent {
         let who = caller(&req);
         let r = req.into_inner();
         check_request_id(&r.request_id)?;
-        let print = fingerprint("SetPolicy", &pb::SetPolicyRequest {
-            request_id: String::new(),
-            ..r.clone()
-        });
+        let print = fingerprint(
+            "SetPolicy",
+            &pb::SetPolicyRequest {
+                request_id: String::new(),
+                ..r.clone()
+            },
+        );
         if let Some(first) = replay(&self.agent, &r.request_id, "SetPolicy", &print).await? {
             return Ok(Response::new(first));
         }
@@ -613,7 +637,9 @@ impl NodeAgentService for NodeAgent {
             };
             let _ = tx.send(msg).await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn get_placement(
@@ -713,6 +739,8 @@ impl NodeAgentService for NodeAgent {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

@@ -62,7 +62,10 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("memplaced: starting the runtime: {e}");
@@ -82,7 +85,9 @@ pub fn main() -> ExitCode {
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if cfg.log_format == "json" {
         builder.json().init();
     } else {
@@ -92,7 +97,10 @@ fn init_logging(cfg: &Config) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -147,7 +155,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // Metrics.
     if cfg.metrics_addr != "off" {
         let addr: std::net::SocketAddr = cfg.metrics_addr.parse().map_err(|_| {
-            AppError::Bind(cfg.metrics_addr.clone(), std::io::Error::other("bad address"))
+            AppError::Bind(
+                cfg.metrics_addr.clone(),
+                std::io::Error::other("bad address"),
+            )
         })?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -219,8 +230,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let _ = std::fs::remove_file(&sock_path);
     let uds = tokio::net::UnixListener::bind(&sock_path)
         .map_err(|e| AppError::Bind(sock_path.display().to_string(), e))?;
-    std::fs::set_permissions(&sock_path, std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .map_err(|e| AppError::Bind(sock_path.display().to_string(), e))?;
+    std::fs::set_permissions(
+        &sock_path,
+        std::os::unix::fs::PermissionsExt::from_mode(mode),
+    )
+    .map_err(|e| AppError::Bind(sock_path.display().to_string(), e))?;
     tracing::info!(socket = %sock_path.display(), handoff = %handoff_path.display(), db = %db.display(), "memplaced serving");
 
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
@@ -281,11 +295,17 @@ fn log_capabilities(c: &kernel::probe::Capabilities) {
         tracing::warn!(reason = %c.kvm_error, "KVM is not usable: guest_memfd regions will be refused; memfd works");
     }
     if !c.pidfd_getfd {
-        tracing::warn!("no CAP_SYS_PTRACE: after a restart the agent cannot take fds back from VMMs, so their regions will be reported lost");
+        tracing::warn!(
+            "no CAP_SYS_PTRACE: after a restart the agent cannot take fds back from VMMs, so their regions will be reported lost"
+        );
     }
 }
 
-async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Agent>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,
@@ -295,22 +315,25 @@ async fn serve_metrics(listener: tokio::net::TcpListener, agent: Arc<Agent>, mut
         let agent = agent.clone();
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let agent = agent.clone();
-                async move {
-                    let (status, body) = if req.uri().path() == "/metrics" {
-                        crate::metrics::refresh_regions(&agent).await;
-                        (200, crate::metrics::render())
-                    } else {
-                        (404, "not found: try /metrics\n".to_string())
-                    };
-                    http::Response::builder()
-                        .status(status)
-                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let agent = agent.clone();
+                    async move {
+                        let (status, body) = if req.uri().path() == "/metrics" {
+                            crate::metrics::refresh_regions(&agent).await;
+                            (200, crate::metrics::render())
+                        } else {
+                            (404, "not found: try /metrics\n".to_string())
+                        };
+                        http::Response::builder()
+                            .status(status)
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }

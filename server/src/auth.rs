@@ -139,13 +139,17 @@ fn identify<B>(roles: &Roles, req: &http::Request<B>) -> (String, Option<Role>) 
 
 impl<S, B> Service<http::Request<B>> for Auth<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -156,7 +160,9 @@ where
         let path = req.uri().path().to_string();
         if !allowed(role, &path) {
             let msg = match role {
-                None => format!("{who} may not use this agent: it has no role (configure admin_uids/viewer_uids)"),
+                None => format!(
+                    "{who} may not use this agent: it has no role (configure admin_uids/viewer_uids)"
+                ),
                 Some(_) => format!("{who} has the viewer role, which may not call {path}"),
             };
             crate::metrics::count_denied();

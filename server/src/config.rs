@@ -8,7 +8,11 @@ use std::path::PathBuf;
 
 /// Flags of `memplaced`. Each has an environment variable and a config file key of the same name.
 #[derive(Parser, Debug, Default)]
-#[command(name = "memplaced", version, about = "memplace agent: owns guest memory files and places their pages on NUMA nodes")]
+#[command(
+    name = "memplaced",
+    version,
+    about = "memplace agent: owns guest memory files and places their pages on NUMA nodes"
+)]
 pub struct Flags {
     /// TOML config file.
     #[arg(long, env = "MEMPLACE_CONFIG")]
@@ -196,16 +200,34 @@ impl Config {
     pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
         let mut cfg = match &flags.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.clone(), e))?;
-                toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse(path.clone(), e.to_string()))?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::Read(path.clone(), e))?;
+                toml::from_str::<Config>(&text)
+                    .map_err(|e| ConfigError::Parse(path.clone(), e.to_string()))?
             }
             None => Config::default(),
         };
         overlay!(
-            cfg, flags, state_dir, runtime_dir, log_level, log_format, metrics_addr,
-            reconcile_interval_secs, shutdown_grace_secs, socket_mode, admin_uids, viewer_uids,
-            handoff_uids, insecure_tcp, max_regions, max_ranges_per_region, max_region_bytes,
-            request_timeout_secs, max_concurrent_requests, max_message_bytes
+            cfg,
+            flags,
+            state_dir,
+            runtime_dir,
+            log_level,
+            log_format,
+            metrics_addr,
+            reconcile_interval_secs,
+            shutdown_grace_secs,
+            socket_mode,
+            admin_uids,
+            viewer_uids,
+            handoff_uids,
+            insecure_tcp,
+            max_regions,
+            max_ranges_per_region,
+            max_region_bytes,
+            request_timeout_secs,
+            max_concurrent_requests,
+            max_message_bytes
         );
         if flags.listen_tcp.is_some() {
             cfg.listen_tcp = flags.listen_tcp;
@@ -227,21 +249,38 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if !matches!(self.log_format.as_str(), "human" | "json") {
-            return bad(format!("log_format {:?} must be human or json", self.log_format));
+            return bad(format!(
+                "log_format {:?} must be human or json",
+                self.log_format
+            ));
         }
         if self.socket_mode_bits().is_none() {
-            return bad(format!("socket_mode {:?} must be octal, e.g. 0660", self.socket_mode));
+            return bad(format!(
+                "socket_mode {:?} must be octal, e.g. 0660",
+                self.socket_mode
+            ));
         }
         if self.metrics_addr != "off" && self.metrics_addr.parse::<SocketAddr>().is_err() {
-            return bad(format!("metrics_addr {:?} must be host:port or off", self.metrics_addr));
+            return bad(format!(
+                "metrics_addr {:?} must be host:port or off",
+                self.metrics_addr
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            return bad(format!("log_level {:?} is not a level or filter", self.log_level));
+            return bad(format!(
+                "log_level {:?} is not a level or filter",
+                self.log_level
+            ));
         }
         if self.max_regions == 0 || self.max_ranges_per_region == 0 || self.max_region_bytes == 0 {
-            return bad("max_regions, max_ranges_per_region and max_region_bytes must be above 0".into());
+            return bad(
+                "max_regions, max_ranges_per_region and max_region_bytes must be above 0".into(),
+            );
         }
-        if self.max_concurrent_requests == 0 || self.request_timeout_secs == 0 || self.max_message_bytes < 1024 {
+        if self.max_concurrent_requests == 0
+            || self.request_timeout_secs == 0
+            || self.max_message_bytes < 1024
+        {
             return bad("max_concurrent_requests and request_timeout_secs must be above 0, max_message_bytes at least 1024".into());
         }
         if self.listen_tcp.is_some() {

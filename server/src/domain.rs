@@ -446,15 +446,20 @@ impl RangeIntent {
 }
 
 /// Resolves `offset`/`length` (0 = to the end) against a region, checking alignment and bounds.
-pub fn resolve_span(offset: u64, length: u64, size: u64, page: u64) -> Result<(u64, u64), DomainError> {
-    if offset % page != 0 {
+pub fn resolve_span(
+    offset: u64,
+    length: u64,
+    size: u64,
+    page: u64,
+) -> Result<(u64, u64), DomainError> {
+    if !offset.is_multiple_of(page) {
         return Err(DomainError::Unaligned {
             what: "offset",
             value: offset,
             page,
         });
     }
-    if length % page != 0 {
+    if !length.is_multiple_of(page) {
         return Err(DomainError::Unaligned {
             what: "length",
             value: length,
@@ -469,11 +474,13 @@ pub fn resolve_span(offset: u64, length: u64, size: u64, page: u64) -> Result<(u
             .filter(|end| *end <= size)
             .map(|_| length)
     };
-    resolved.map(|l| (offset, l)).ok_or(DomainError::OutOfBounds {
-        offset,
-        length,
-        size,
-    })
+    resolved
+        .map(|l| (offset, l))
+        .ok_or(DomainError::OutOfBounds {
+            offset,
+            length,
+            size,
+        })
 }
 
 /// The effective, non-overlapping, offset-ordered ranges of a region, covering all of it. Setting
@@ -757,8 +764,19 @@ impl EventKind {
     pub fn from_i32(v: i32) -> Option<Self> {
         use EventKind::*;
         [
-            AgentStarted, RegionCreated, RegionDeleted, PolicyApplied, DriftFound, Reapplied,
-            HolderLost, RegionLost, Populated, Handoff, FdRecovered, RegionAdopted, VmAttached,
+            AgentStarted,
+            RegionCreated,
+            RegionDeleted,
+            PolicyApplied,
+            DriftFound,
+            Reapplied,
+            HolderLost,
+            RegionLost,
+            Populated,
+            Handoff,
+            FdRecovered,
+            RegionAdopted,
+            VmAttached,
         ]
         .into_iter()
         .find(|k| *k as i32 == v)
@@ -891,11 +909,19 @@ mod tests {
         let p = 4096;
         let mut m = RangeMap::new(16 * p);
         assert!(m.apply(4 * p, 4 * p, bind(&[0])));
-        let got: Vec<_> = m.ranges().iter().map(|r| (r.offset / p, r.length / p)).collect();
+        let got: Vec<_> = m
+            .ranges()
+            .iter()
+            .map(|r| (r.offset / p, r.length / p))
+            .collect();
         assert_eq!(got, vec![(0, 4), (4, 4), (8, 8)]);
         // Overlapping the tail of the bound range and the next default range.
         assert!(m.apply(6 * p, 4 * p, bind(&[1])));
-        let got: Vec<_> = m.ranges().iter().map(|r| (r.offset / p, r.length / p)).collect();
+        let got: Vec<_> = m
+            .ranges()
+            .iter()
+            .map(|r| (r.offset / p, r.length / p))
+            .collect();
         assert_eq!(got, vec![(0, 4), (4, 2), (6, 4), (10, 6)]);
         // Setting the same policy again changes nothing.
         assert!(!m.apply(6 * p, 4 * p, bind(&[1])));
@@ -906,7 +932,11 @@ mod tests {
         // Adjacent equal ranges merge.
         m.apply(0, 4 * p, bind(&[0]));
         m.apply(4 * p, 4 * p, bind(&[0]));
-        let got: Vec<_> = m.ranges().iter().map(|r| (r.offset / p, r.length / p)).collect();
+        let got: Vec<_> = m
+            .ranges()
+            .iter()
+            .map(|r| (r.offset / p, r.length / p))
+            .collect();
         assert_eq!(got, vec![(0, 8), (8, 8)]);
     }
 

@@ -10,7 +10,9 @@ use crate::domain::{Holder, RegionKey};
 use crate::kernel::{fdpass, pidfd};
 use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, accept4, bind, listen, socket};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, UnixAddr, accept4, bind, listen, socket,
+};
 use prost::Message;
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -20,15 +22,28 @@ use std::sync::Arc;
 /// Binds the handoff socket at `path` with `mode`.
 pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    listen(&fd, nix::sys::socket::Backlog::new(64).map_err(std::io::Error::from)?)?;
+    listen(
+        &fd,
+        nix::sys::socket::Backlog::new(64).map_err(std::io::Error::from)?,
+    )?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     Ok(fd)
 }
 
 /// Serves the handoff socket until the process exits.
-pub fn serve(listener: OwnedFd, agent: Arc<Agent>, allowed_uids: HashSet<u32>, rt: tokio::runtime::Handle) {
+pub fn serve(
+    listener: OwnedFd,
+    agent: Arc<Agent>,
+    allowed_uids: HashSet<u32>,
+    rt: tokio::runtime::Handle,
+) {
     let allowed = Arc::new(allowed_uids);
     std::thread::Builder::new()
         .name("handoff-accept".into())
@@ -68,7 +83,10 @@ fn serve_conn(conn: OwnedFd, agent: &Agent, allowed: &HashSet<u32>, rt: &tokio::
         };
         let (resp, fds) = if !allowed.contains(&cred.uid()) {
             (
-                error(pb::HandoffCode::PermissionDenied, format!("uid {} may not use the handoff socket", cred.uid())),
+                error(
+                    pb::HandoffCode::PermissionDenied,
+                    format!("uid {} may not use the handoff socket", cred.uid()),
+                ),
                 vec![],
             )
         } else {
@@ -123,19 +141,39 @@ fn handle(
 ) -> (pb::HandoffResponse, Vec<OwnedFd>) {
     use pb::handoff_request::Request as R;
     if packet.truncated {
-        return (error(pb::HandoffCode::InvalidArgument, format!(
-            "packet too large: at most {} bytes and {} fds", fdpass::MAX_PACKET, fdpass::MAX_FDS
-        )), vec![]);
+        return (
+            error(
+                pb::HandoffCode::InvalidArgument,
+                format!(
+                    "packet too large: at most {} bytes and {} fds",
+                    fdpass::MAX_PACKET,
+                    fdpass::MAX_FDS
+                ),
+            ),
+            vec![],
+        );
     }
     let req = match pb::HandoffRequest::decode(packet.data.as_slice()) {
         Ok(r) => r,
-        Err(e) => return (error(pb::HandoffCode::InvalidArgument, format!("malformed HandoffRequest: {e}")), vec![]),
+        Err(e) => {
+            return (
+                error(
+                    pb::HandoffCode::InvalidArgument,
+                    format!("malformed HandoffRequest: {e}"),
+                ),
+                vec![],
+            );
+        }
     };
     let mut fds = packet.fds;
-    let expect_fds = |n: usize, what: &str| -> Result<(), pb::HandoffResponse> {
+    let expect_fds = |n: usize, what: &str| -> Result<(), Box<pb::HandoffResponse>> {
         if fds.len() != n {
-            return Err(error(pb::HandoffCode::InvalidArgument, format!(
-                "{what} takes exactly {n} fd(s) in SCM_RIGHTS, got {}", fds.len()
+            return Err(Box::new(error(
+                pb::HandoffCode::InvalidArgument,
+                format!(
+                    "{what} takes exactly {n} fd(s) in SCM_RIGHTS, got {}",
+                    fds.len()
+                ),
             )));
         }
         Ok(())
@@ -143,20 +181,38 @@ fn handle(
     let start_time = pidfd::start_time(pid).unwrap_or(0);
     let holder = Holder { pid, start_time };
     match req.request {
-        None => (error(pb::HandoffCode::InvalidArgument, "empty HandoffRequest: set acquire, adopt or attach_vm".into()), vec![]),
+        None => (
+            error(
+                pb::HandoffCode::InvalidArgument,
+                "empty HandoffRequest: set acquire, adopt or attach_vm".into(),
+            ),
+            vec![],
+        ),
         Some(R::Acquire(a)) => {
             if let Err(r) = expect_fds(0, "acquire") {
-                return (r, vec![]);
+                return (*r, vec![]);
             }
             if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id)
                 .and_then(|_| crate::domain::validate_name("name", &a.name))
             {
-                return (error(pb::HandoffCode::InvalidArgument, e.to_string()), vec![]);
+                return (
+                    error(pb::HandoffCode::InvalidArgument, e.to_string()),
+                    vec![],
+                );
             }
             if !agent.check_token(&a.vm_id, &a.token) {
-                return (error(pb::HandoffCode::PermissionDenied, format!("wrong handoff token for VM {}", a.vm_id)), vec![]);
+                return (
+                    error(
+                        pb::HandoffCode::PermissionDenied,
+                        format!("wrong handoff token for VM {}", a.vm_id),
+                    ),
+                    vec![],
+                );
             }
-            let key = RegionKey { vm_id: a.vm_id, name: a.name };
+            let key = RegionKey {
+                vm_id: a.vm_id,
+                name: a.name,
+            };
             // Dup the fds under the region lock, record the holder durably, then send: after a
             // crash the agent looks for the file in the recorded holder.
             let dup = rt.block_on(agent.with_fds(&key, |_, fd, vm| {
@@ -166,69 +222,117 @@ fn handle(
             }));
             let (fd, vm) = match dup {
                 Ok((Ok(fd), vm)) => (fd, vm.and_then(|v| v.ok())),
-                Ok((Err(e), _)) => return (error(pb::HandoffCode::Internal, format!("dup: {e}")), vec![]),
+                Ok((Err(e), _)) => {
+                    return (
+                        error(pb::HandoffCode::Internal, format!("dup: {e}")),
+                        vec![],
+                    );
+                }
                 Err(e) => return (error(code_of(&e), e.to_string()), vec![]),
             };
             match rt.block_on(agent.record_holder(&key, holder, actor)) {
                 Ok(view) => {
                     let mut out = vec![fd];
                     out.extend(vm);
-                    (pb::HandoffResponse {
-                        code: pb::HandoffCode::Ok as i32,
-                        message: String::new(),
-                        region: Some(crate::api::region_to_pb(&view)),
-                        fd_count: 0,
-                    }, out)
+                    (
+                        pb::HandoffResponse {
+                            code: pb::HandoffCode::Ok as i32,
+                            message: String::new(),
+                            region: Some(crate::api::region_to_pb(&view)),
+                            fd_count: 0,
+                        },
+                        out,
+                    )
                 }
                 Err(e) => (error(code_of(&e), e.to_string()), vec![]),
             }
         }
         Some(R::Adopt(a)) => {
             if let Err(r) = expect_fds(1, "adopt") {
-                return (r, vec![]);
+                return (*r, vec![]);
             }
             if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id) {
-                return (error(pb::HandoffCode::InvalidArgument, e.to_string()), vec![]);
+                return (
+                    error(pb::HandoffCode::InvalidArgument, e.to_string()),
+                    vec![],
+                );
             }
             if !agent.check_token(&a.vm_id, &a.token) {
-                return (error(pb::HandoffCode::PermissionDenied, format!("wrong handoff token for VM {}", a.vm_id)), vec![]);
+                return (
+                    error(
+                        pb::HandoffCode::PermissionDenied,
+                        format!("wrong handoff token for VM {}", a.vm_id),
+                    ),
+                    vec![],
+                );
             }
             let backend = match crate::api::backend_from_pb(a.backend) {
                 Ok(b) => b,
-                Err(s) => return (error(pb::HandoffCode::InvalidArgument, s.message().to_string()), vec![]),
+                Err(s) => {
+                    return (
+                        error(pb::HandoffCode::InvalidArgument, s.message().to_string()),
+                        vec![],
+                    );
+                }
             };
             let fd = fds.pop().expect("one fd checked");
-            let key = RegionKey { vm_id: a.vm_id, name: a.name };
+            let key = RegionKey {
+                vm_id: a.vm_id,
+                name: a.name,
+            };
             match rt.block_on(agent.adopt(key, backend, a.size_bytes, fd, holder, actor)) {
-                Ok(view) => (pb::HandoffResponse {
-                    code: pb::HandoffCode::Ok as i32,
-                    message: String::new(),
-                    region: Some(crate::api::region_to_pb(&view)),
-                    fd_count: 0,
-                }, vec![]),
+                Ok(view) => (
+                    pb::HandoffResponse {
+                        code: pb::HandoffCode::Ok as i32,
+                        message: String::new(),
+                        region: Some(crate::api::region_to_pb(&view)),
+                        fd_count: 0,
+                    },
+                    vec![],
+                ),
                 Err(e) => (error(code_of(&e), e.to_string()), vec![]),
             }
         }
         Some(R::AttachVm(a)) => {
             if let Err(r) = expect_fds(1, "attach_vm") {
-                return (r, vec![]);
+                return (*r, vec![]);
             }
             if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id) {
-                return (error(pb::HandoffCode::InvalidArgument, e.to_string()), vec![]);
+                return (
+                    error(pb::HandoffCode::InvalidArgument, e.to_string()),
+                    vec![],
+                );
             }
             if !agent.check_token(&a.vm_id, &a.token) {
-                return (error(pb::HandoffCode::PermissionDenied, format!("wrong handoff token for VM {}", a.vm_id)), vec![]);
+                return (
+                    error(
+                        pb::HandoffCode::PermissionDenied,
+                        format!("wrong handoff token for VM {}", a.vm_id),
+                    ),
+                    vec![],
+                );
             }
             let fd = fds.pop().expect("one fd checked");
             match agent.attach_vm(&a.vm_id, fd) {
                 Ok(()) => {
                     let _ = rt.block_on(agent.emit(
                         crate::domain::EventKind::VmAttached,
-                        Some(&RegionKey { vm_id: a.vm_id.clone(), name: String::new() }),
+                        Some(&RegionKey {
+                            vm_id: a.vm_id.clone(),
+                            name: String::new(),
+                        }),
                         format!("VM fd attached by pid {pid}"),
                         actor,
                     ));
-                    (pb::HandoffResponse { code: pb::HandoffCode::Ok as i32, message: String::new(), region: None, fd_count: 0 }, vec![])
+                    (
+                        pb::HandoffResponse {
+                            code: pb::HandoffCode::Ok as i32,
+                            message: String::new(),
+                            region: None,
+                            fd_count: 0,
+                        },
+                        vec![],
+                    )
                 }
                 Err(e) => (error(code_of(&e), e.to_string()), vec![]),
             }

@@ -98,19 +98,71 @@ pub fn metrics() -> &'static Metrics {
             shed: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "gRPC requests by method and code", m.requests.clone());
-        registry.register("request_duration_seconds", "gRPC request latency", m.latency.clone());
-        registry.register("regions", "Regions by backend, strategy and status", m.regions.clone());
-        registry.register("bytes_intended", "Bytes whose intended policy binds them to the node", m.bytes_intended.clone());
-        registry.register("bytes_observed", "Allocated bytes seen on the node at the last reconcile", m.bytes_observed.clone());
-        registry.register("ranges_drifted", "Ranges found drifted from intent", m.ranges_drifted.clone());
-        registry.register("ranges_reapplied", "Ranges whose policy was applied again", m.ranges_reapplied.clone());
-        registry.register("reconcile_duration_seconds", "Duration of reconcile passes", m.reconcile_seconds.clone());
-        registry.register("sqlite_commit_duration_seconds", "Latency of durable SQLite commits", m.commit_seconds.clone());
-        registry.register("regions_lost", "Regions whose file did not survive", m.regions_lost.clone());
-        registry.register("handoffs", "Handoff socket requests by kind and code", m.handoffs.clone());
-        registry.register("requests_denied", "Requests refused for lack of a role", m.denied.clone());
-        registry.register("requests_shed", "Requests refused by the concurrency limit", m.shed.clone());
+        registry.register(
+            "requests",
+            "gRPC requests by method and code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "gRPC request latency",
+            m.latency.clone(),
+        );
+        registry.register(
+            "regions",
+            "Regions by backend, strategy and status",
+            m.regions.clone(),
+        );
+        registry.register(
+            "bytes_intended",
+            "Bytes whose intended policy binds them to the node",
+            m.bytes_intended.clone(),
+        );
+        registry.register(
+            "bytes_observed",
+            "Allocated bytes seen on the node at the last reconcile",
+            m.bytes_observed.clone(),
+        );
+        registry.register(
+            "ranges_drifted",
+            "Ranges found drifted from intent",
+            m.ranges_drifted.clone(),
+        );
+        registry.register(
+            "ranges_reapplied",
+            "Ranges whose policy was applied again",
+            m.ranges_reapplied.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            m.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "sqlite_commit_duration_seconds",
+            "Latency of durable SQLite commits",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "regions_lost",
+            "Regions whose file did not survive",
+            m.regions_lost.clone(),
+        );
+        registry.register(
+            "handoffs",
+            "Handoff socket requests by kind and code",
+            m.handoffs.clone(),
+        );
+        registry.register(
+            "requests_denied",
+            "Requests refused for lack of a role",
+            m.denied.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Requests refused by the concurrency limit",
+            m.shed.clone(),
+        );
         Metrics { registry, ..m }
     })
 }
@@ -162,7 +214,9 @@ pub async fn refresh_regions(agent: &crate::reconcile::Agent) {
     }
     for (node, bytes) in per_node {
         m.bytes_intended
-            .get_or_create(&NodeLabel { node: node.to_string() })
+            .get_or_create(&NodeLabel {
+                node: node.to_string(),
+            })
             .set(bytes);
     }
     m.regions_lost.set(
@@ -181,8 +235,10 @@ pub async fn observe_reconcile(agent: &crate::reconcile::Agent, took: std::time:
     let m = metrics();
     m.reconcile_seconds.observe(took.as_secs_f64());
     let d = agent.counters.drifted.load(Relaxed);
-    m.ranges_drifted.inc_by(d.saturating_sub(SEEN_DRIFT.swap(d, Relaxed)));
+    m.ranges_drifted
+        .inc_by(d.saturating_sub(SEEN_DRIFT.swap(d, Relaxed)));
     let r = agent.counters.reapplied.load(Relaxed);
-    m.ranges_reapplied.inc_by(r.saturating_sub(SEEN_REAPPLIED.swap(r, Relaxed)));
+    m.ranges_reapplied
+        .inc_by(r.saturating_sub(SEEN_REAPPLIED.swap(r, Relaxed)));
     refresh_regions(agent).await;
 }

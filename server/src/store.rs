@@ -281,10 +281,11 @@ impl Store {
 
     /// The idempotency record of `request_id`.
     pub async fn request(&self, request_id: &str) -> Result<Option<StoredRequest>, StoreError> {
-        let row = sqlx::query("SELECT method, fingerprint, response FROM requests WHERE request_id = ?")
-            .bind(request_id)
-            .fetch_optional(&self.readers)
-            .await?;
+        let row =
+            sqlx::query("SELECT method, fingerprint, response FROM requests WHERE request_id = ?")
+                .bind(request_id)
+                .fetch_optional(&self.readers)
+                .await?;
         row.map(|r| {
             Ok(StoredRequest {
                 method: r.try_get("method")?,
@@ -373,7 +374,8 @@ fn region_from_row(
         hugepage_size_bytes: row.try_get::<i64, _>("hugepage_size_bytes")? as u64,
         generation: row.try_get::<i64, _>("generation")? as u64,
         strategy: Strategy::parse(&strategy).ok_or_else(|| corrupt("strategy"))?,
-        ranges: RangeMap::from_ranges(size, ranges).ok_or_else(|| corrupt("ranges do not tile it"))?,
+        ranges: RangeMap::from_ranges(size, ranges)
+            .ok_or_else(|| corrupt("ranges do not tile it"))?,
         created_unix: row.try_get("created_unix")?,
         status: if status == "lost" {
             RegionStatus::Lost
@@ -434,7 +436,10 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
 
 /// Runs each job in a savepoint of one transaction, commits, and returns each job's outcome. If
 /// the commit itself fails, every job fails: nothing of the batch is on disk.
-async fn commit_batch(conn: &mut SqliteConnection, jobs: &[Job]) -> Vec<Result<Vec<u64>, StoreError>> {
+async fn commit_batch(
+    conn: &mut SqliteConnection,
+    jobs: &[Job],
+) -> Vec<Result<Vec<u64>, StoreError>> {
     if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
         let e = StoreError::from(e);
         return jobs.iter().map(|_| Err(clone_err(&e))).collect();
@@ -508,13 +513,14 @@ async fn apply_ops(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<u
                 generation,
                 ranges,
             } => {
-                let n = sqlx::query("UPDATE regions SET generation = ? WHERE vm_id = ? AND name = ?")
-                    .bind(*generation as i64)
-                    .bind(&key.vm_id)
-                    .bind(&key.name)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
+                let n =
+                    sqlx::query("UPDATE regions SET generation = ? WHERE vm_id = ? AND name = ?")
+                        .bind(*generation as i64)
+                        .bind(&key.vm_id)
+                        .bind(&key.name)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
                 if n != 1 {
                     return Err(StoreError::Corrupt(format!("region {key} is not stored")));
                 }

@@ -129,7 +129,11 @@ fn read_node(dir: &Path, id: u32) -> Node {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let kb: u64 = name.strip_prefix("hugepages-")?.strip_suffix("kB")?.parse().ok()?;
+            let kb: u64 = name
+                .strip_prefix("hugepages-")?
+                .strip_suffix("kB")?
+                .parse()
+                .ok()?;
             Some(HugepagePool {
                 page_size: kb * 1024,
                 total: read_u64(&e.path().join("nr_hugepages")),
@@ -180,9 +184,21 @@ mod tests {
                 &format!("{d}/meminfo"),
                 &format!("Node {n} MemTotal:       1024 kB\nNode {n} MemFree:        512 kB\n"),
             );
-            write(r, &format!("{d}/distance"), if n == 0 { "10 20\n" } else { "20 10\n" });
-            write(r, &format!("{d}/hugepages/hugepages-2048kB/nr_hugepages"), "4\n");
-            write(r, &format!("{d}/hugepages/hugepages-2048kB/free_hugepages"), "3\n");
+            write(
+                r,
+                &format!("{d}/distance"),
+                if n == 0 { "10 20\n" } else { "20 10\n" },
+            );
+            write(
+                r,
+                &format!("{d}/hugepages/hugepages-2048kB/nr_hugepages"),
+                "4\n",
+            );
+            write(
+                r,
+                &format!("{d}/hugepages/hugepages-2048kB/free_hugepages"),
+                "3\n",
+            );
         }
         let t = TopologyReader::at(r).read();
         assert_eq!(t.nodes.len(), 2);

@@ -7,10 +7,20 @@ use common::{AgentProc, MIB, policy};
 use memplace_client::pb::{self, PolicyMode as M};
 use tonic::Code;
 
-fn ranges_summary(r: &pb::Region) -> Vec<(u64, u64, Option<pb::Policy>, Option<pb::Policy>, i32)> {
+type RangeRow = (u64, u64, Option<pb::Policy>, Option<pb::Policy>, i32);
+
+fn ranges_summary(r: &pb::Region) -> Vec<RangeRow> {
     r.ranges
         .iter()
-        .map(|x| (x.offset, x.length, x.intended.clone(), x.observed.clone(), x.state))
+        .map(|x| {
+            (
+                x.offset,
+                x.length,
+                x.intended.clone(),
+                x.observed.clone(),
+                x.state,
+            )
+        })
         .collect()
 }
 
@@ -20,17 +30,43 @@ async fn every_mode_reads_back_from_the_kernel_and_survives_sigkill() {
     let mut c = agent.client().await;
     let info = c.node_info().await.unwrap();
     let caps = info.capabilities.clone().unwrap();
-    assert!(caps.kvm_usable, "this test machine has /dev/kvm: {}", caps.kvm_error);
-    let node = info.nodes.iter().find(|n| n.allowed).expect("an allowed node").id;
+    assert!(
+        caps.kvm_usable,
+        "this test machine has /dev/kvm: {}",
+        caps.kvm_error
+    );
+    let node = info
+        .nodes
+        .iter()
+        .find(|n| n.allowed)
+        .expect("an allowed node")
+        .id;
 
     // A guest_memfd region and a memfd region.
-    let g = c.create_region("vm1", "gmem", 16 * MIB, pb::Backend::GuestMemfd, vec![]).await.unwrap();
+    let g = c
+        .create_region("vm1", "gmem", 16 * MIB, pb::Backend::GuestMemfd, vec![])
+        .await
+        .unwrap();
     let g = g.region.unwrap();
-    let expected = if caps.guest_memfd_shared_policy { pb::Strategy::SharedPolicy } else { pb::Strategy::TaskPolicy };
-    assert_eq!(g.strategy(), expected, "guest_memfd strategy must follow the probe");
-    let created = c.create_region("vm1", "ram", 28 * MIB, pb::Backend::Memfd, vec![]).await.unwrap();
+    let expected = if caps.guest_memfd_shared_policy {
+        pb::Strategy::SharedPolicy
+    } else {
+        pb::Strategy::TaskPolicy
+    };
+    assert_eq!(
+        g.strategy(),
+        expected,
+        "guest_memfd strategy must follow the probe"
+    );
+    let created = c
+        .create_region("vm1", "ram", 28 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
     assert!(!created.handoff_token.is_empty());
-    assert_eq!(created.region.unwrap().strategy(), pb::Strategy::SharedPolicy);
+    assert_eq!(
+        created.region.unwrap().strategy(),
+        pb::Strategy::SharedPolicy
+    );
 
     // One 4 MiB range per mode.
     let modes = [
@@ -44,13 +80,28 @@ async fn every_mode_reads_back_from_the_kernel_and_survives_sigkill() {
     ];
     for (i, (mode, nodes)) in modes.iter().enumerate() {
         let r = c
-            .set_policy("vm1", "ram", i as u64 * 4 * MIB, 4 * MIB, policy(*mode, nodes), false)
+            .set_policy(
+                "vm1",
+                "ram",
+                i as u64 * 4 * MIB,
+                4 * MIB,
+                policy(*mode, nodes),
+                false,
+            )
             .await
             .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
         let region = r.region.unwrap();
-        let range = region.ranges.iter().find(|x| x.offset == i as u64 * 4 * MIB).unwrap();
+        let range = region
+            .ranges
+            .iter()
+            .find(|x| x.offset == i as u64 * 4 * MIB)
+            .unwrap();
         assert_eq!(range.intended, Some(policy(*mode, nodes)));
-        assert_eq!(range.observed, Some(policy(*mode, nodes)), "{mode:?} observed from the kernel");
+        assert_eq!(
+            range.observed,
+            Some(policy(*mode, nodes)),
+            "{mode:?} observed from the kernel"
+        );
         assert_eq!(range.state(), pb::RangeState::Applied, "{mode:?}");
         assert_eq!(range.governs(), pb::Governs::FutureAllocations);
     }
@@ -60,7 +111,10 @@ async fn every_mode_reads_back_from_the_kernel_and_survives_sigkill() {
 
     // The task-policy guest_memfd range is pending, never falsely applied.
     if !caps.guest_memfd_shared_policy {
-        let r = c.set_policy("vm1", "gmem", 0, 0, policy(M::Bind, &[node]), false).await.unwrap();
+        let r = c
+            .set_policy("vm1", "gmem", 0, 0, policy(M::Bind, &[node]), false)
+            .await
+            .unwrap();
         let range = &r.region.unwrap().ranges[0];
         assert_eq!(range.state(), pb::RangeState::Pending);
         assert_eq!(range.governs(), pb::Governs::AgentAllocationsOnly);
@@ -72,7 +126,11 @@ async fn every_mode_reads_back_from_the_kernel_and_survives_sigkill() {
     let mut c = agent.client().await;
     let after = c.get_region("vm1", "ram").await.unwrap();
     assert_eq!(after.generation, before.generation);
-    assert_eq!(ranges_summary(&after), ranges_summary(&before), "every range re-applied after SIGKILL");
+    assert_eq!(
+        ranges_summary(&after),
+        ranges_summary(&before),
+        "every range re-applied after SIGKILL"
+    );
     let g = c.get_region("vm1", "gmem").await.unwrap();
     assert_eq!(g.strategy(), expected);
     assert_eq!(c.list_regions("").await.unwrap().len(), 2);
@@ -82,15 +140,51 @@ async fn every_mode_reads_back_from_the_kernel_and_survives_sigkill() {
 async fn ranges_split_and_merge_like_mbind() {
     let agent = AgentProc::start();
     let mut c = agent.client().await;
-    c.create_region("vm", "r", 16 * MIB, pb::Backend::Memfd, vec![]).await.unwrap();
-    c.set_policy("vm", "r", 4 * MIB, 8 * MIB, policy(M::Bind, &[0]), false).await.unwrap();
-    let r = c.set_policy("vm", "r", 6 * MIB, 2 * MIB, policy(M::Interleave, &[0]), false).await.unwrap();
-    let spans: Vec<(u64, u64)> = r.region.unwrap().ranges.iter().map(|x| (x.offset / MIB, x.length / MIB)).collect();
+    c.create_region("vm", "r", 16 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
+    c.set_policy("vm", "r", 4 * MIB, 8 * MIB, policy(M::Bind, &[0]), false)
+        .await
+        .unwrap();
+    let r = c
+        .set_policy(
+            "vm",
+            "r",
+            6 * MIB,
+            2 * MIB,
+            policy(M::Interleave, &[0]),
+            false,
+        )
+        .await
+        .unwrap();
+    let spans: Vec<(u64, u64)> = r
+        .region
+        .unwrap()
+        .ranges
+        .iter()
+        .map(|x| (x.offset / MIB, x.length / MIB))
+        .collect();
     assert_eq!(spans, vec![(0, 4), (4, 2), (6, 2), (8, 4), (12, 4)]);
-    let r = c.set_policy("vm", "r", 6 * MIB, 2 * MIB, policy(M::Bind, &[0]), false).await.unwrap();
-    let spans: Vec<(u64, u64)> = r.region.unwrap().ranges.iter().map(|x| (x.offset / MIB, x.length / MIB)).collect();
-    assert_eq!(spans, vec![(0, 4), (4, 8), (12, 4)], "equal neighbours merge");
-    let r = c.set_policy("vm", "r", 0, 0, policy(M::Default, &[]), false).await.unwrap();
+    let r = c
+        .set_policy("vm", "r", 6 * MIB, 2 * MIB, policy(M::Bind, &[0]), false)
+        .await
+        .unwrap();
+    let spans: Vec<(u64, u64)> = r
+        .region
+        .unwrap()
+        .ranges
+        .iter()
+        .map(|x| (x.offset / MIB, x.length / MIB))
+        .collect();
+    assert_eq!(
+        spans,
+        vec![(0, 4), (4, 8), (12, 4)],
+        "equal neighbours merge"
+    );
+    let r = c
+        .set_policy("vm", "r", 0, 0, policy(M::Default, &[]), false)
+        .await
+        .unwrap();
     assert_eq!(r.region.unwrap().ranges.len(), 1);
 }
 
@@ -108,11 +202,18 @@ async fn retries_are_idempotent_and_generations_conflict() {
     };
     let a = c.create_region_with(create.clone()).await.unwrap();
     let b = c.create_region_with(create.clone()).await.unwrap();
-    assert_eq!(a.region.as_ref().unwrap().uid, b.region.as_ref().unwrap().uid, "retry returns the first answer");
+    assert_eq!(
+        a.region.as_ref().unwrap().uid,
+        b.region.as_ref().unwrap().uid,
+        "retry returns the first answer"
+    );
     assert_eq!(a.handoff_token, b.handoff_token);
     let mut other = create.clone();
     other.size_bytes = 4 * MIB;
-    assert_eq!(c.create_region_with(other).await.unwrap_err().code(), Some(Code::AlreadyExists));
+    assert_eq!(
+        c.create_region_with(other).await.unwrap_err().code(),
+        Some(Code::AlreadyExists)
+    );
 
     let set = pb::SetPolicyRequest {
         vm_id: "vm".into(),
@@ -125,7 +226,11 @@ async fn retries_are_idempotent_and_generations_conflict() {
     let first = c.set_policy_with(set.clone()).await.unwrap();
     assert_eq!(first.region.as_ref().unwrap().generation, 2);
     let again = c.set_policy_with(set.clone()).await.unwrap();
-    assert_eq!(again.region.as_ref().unwrap().generation, 2, "a retried request_id changes nothing");
+    assert_eq!(
+        again.region.as_ref().unwrap().generation,
+        2,
+        "a retried request_id changes nothing"
+    );
     assert_eq!(c.get_region("vm", "r").await.unwrap().generation, 2);
 
     // A stale generation is refused with ABORTED and changes nothing.
@@ -139,28 +244,44 @@ async fn retries_are_idempotent_and_generations_conflict() {
     assert_eq!(c.get_region("vm", "r").await.unwrap().generation, 2);
 
     // Retrying a delete returns the first answer too.
-    let del = pb::DeleteRegionRequest { vm_id: "vm".into(), name: "r".into(), request_id: "del-1".into() };
+    let del = pb::DeleteRegionRequest {
+        vm_id: "vm".into(),
+        name: "r".into(),
+        request_id: "del-1".into(),
+    };
     c.raw().delete_region(del.clone()).await.unwrap();
     c.raw().delete_region(del).await.unwrap();
-    assert_eq!(c.get_region("vm", "r").await.unwrap_err().code(), Some(Code::NotFound));
+    assert_eq!(
+        c.get_region("vm", "r").await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_set_policy_is_serialized() {
     let agent = AgentProc::start();
     let mut c = agent.client().await;
-    c.create_region("vm", "r", 64 * MIB, pb::Backend::Memfd, vec![]).await.unwrap();
+    c.create_region("vm", "r", 64 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..16u64 {
         let mut c = c.clone();
         let mode = if i % 2 == 0 { M::Bind } else { M::Interleave };
         tasks.push(tokio::spawn(async move {
-            c.set_policy("vm", "r", (i % 4) * 16 * MIB, 16 * MIB, policy(mode, &[0]), false)
-                .await
-                .unwrap()
-                .region
-                .unwrap()
-                .generation
+            c.set_policy(
+                "vm",
+                "r",
+                (i % 4) * 16 * MIB,
+                16 * MIB,
+                policy(mode, &[0]),
+                false,
+            )
+            .await
+            .unwrap()
+            .region
+            .unwrap()
+            .generation
         }));
     }
     let mut gens = Vec::new();
@@ -168,11 +289,18 @@ async fn concurrent_set_policy_is_serialized() {
         gens.push(t.await.unwrap());
     }
     gens.sort();
-    assert_eq!(gens, (2..=17).collect::<Vec<_>>(), "each call got its own generation");
+    assert_eq!(
+        gens,
+        (2..=17).collect::<Vec<_>>(),
+        "each call got its own generation"
+    );
     let r = c.get_region("vm", "r").await.unwrap();
     assert_eq!(r.generation, 17);
     for x in &r.ranges {
-        assert_eq!(x.observed, x.intended, "kernel matches the last committed intent");
+        assert_eq!(
+            x.observed, x.intended,
+            "kernel matches the last committed intent"
+        );
     }
 }
 
@@ -180,7 +308,9 @@ async fn concurrent_set_policy_is_serialized() {
 async fn bad_requests_get_clear_codes_and_change_nothing() {
     let agent = AgentProc::start();
     let mut c = agent.client().await;
-    c.create_region("vm", "r", 16 * MIB, pb::Backend::Memfd, vec![]).await.unwrap();
+    c.create_region("vm", "r", 16 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
     let snapshot = c.list_regions("").await.unwrap();
 
     let good_create = pb::CreateRegionRequest {
@@ -191,22 +321,143 @@ async fn bad_requests_get_clear_codes_and_change_nothing() {
         ..Default::default()
     };
     let creates: Vec<(&str, pb::CreateRegionRequest, Code)> = vec![
-        ("size 0", pb::CreateRegionRequest { size_bytes: 0, ..good_create.clone() }, Code::InvalidArgument),
-        ("unaligned size", pb::CreateRegionRequest { size_bytes: 4097, ..good_create.clone() }, Code::InvalidArgument),
-        ("size over limit", pb::CreateRegionRequest { size_bytes: u64::MAX / 4096 * 4096, ..good_create.clone() }, Code::InvalidArgument),
-        ("empty vm_id", pb::CreateRegionRequest { vm_id: "".into(), ..good_create.clone() }, Code::InvalidArgument),
-        ("vm_id with slash", pb::CreateRegionRequest { vm_id: "a/b".into(), ..good_create.clone() }, Code::InvalidArgument),
-        ("vm_id too long", pb::CreateRegionRequest { vm_id: "a".repeat(64), ..good_create.clone() }, Code::InvalidArgument),
-        ("unicode name", pb::CreateRegionRequest { name: "räm".into(), ..good_create.clone() }, Code::InvalidArgument),
-        ("name with space", pb::CreateRegionRequest { name: "a b".into(), ..good_create.clone() }, Code::InvalidArgument),
-        ("backend unspecified", pb::CreateRegionRequest { backend: 0, ..good_create.clone() }, Code::InvalidArgument),
-        ("backend unknown", pb::CreateRegionRequest { backend: 99, ..good_create.clone() }, Code::InvalidArgument),
-        ("hugepage size on memfd", pb::CreateRegionRequest { hugepage_size_bytes: 2 * MIB, ..good_create.clone() }, Code::InvalidArgument),
-        ("bad hugepage size", pb::CreateRegionRequest { backend: pb::Backend::MemfdHugetlb as i32, hugepage_size_bytes: 12345, ..good_create.clone() }, Code::InvalidArgument),
-        ("duplicate region", pb::CreateRegionRequest { name: "r".into(), ..good_create.clone() }, Code::AlreadyExists),
-        ("initial policy out of bounds", pb::CreateRegionRequest { policies: vec![pb::RangePolicy { offset: 16 * MIB, length: 4096, policy: Some(policy(M::Bind, &[0])) }], ..good_create.clone() }, Code::InvalidArgument),
-        ("initial policy without policy", pb::CreateRegionRequest { policies: vec![pb::RangePolicy { offset: 0, length: 0, policy: None }], ..good_create.clone() }, Code::InvalidArgument),
-        ("request_id with spaces", pb::CreateRegionRequest { request_id: "a b".into(), ..good_create.clone() }, Code::InvalidArgument),
+        (
+            "size 0",
+            pb::CreateRegionRequest {
+                size_bytes: 0,
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "unaligned size",
+            pb::CreateRegionRequest {
+                size_bytes: 4097,
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "size over limit",
+            pb::CreateRegionRequest {
+                size_bytes: u64::MAX / 4096 * 4096,
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "empty vm_id",
+            pb::CreateRegionRequest {
+                vm_id: "".into(),
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "vm_id with slash",
+            pb::CreateRegionRequest {
+                vm_id: "a/b".into(),
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "vm_id too long",
+            pb::CreateRegionRequest {
+                vm_id: "a".repeat(64),
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "unicode name",
+            pb::CreateRegionRequest {
+                name: "räm".into(),
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "name with space",
+            pb::CreateRegionRequest {
+                name: "a b".into(),
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "backend unspecified",
+            pb::CreateRegionRequest {
+                backend: 0,
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "backend unknown",
+            pb::CreateRegionRequest {
+                backend: 99,
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "hugepage size on memfd",
+            pb::CreateRegionRequest {
+                hugepage_size_bytes: 2 * MIB,
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "bad hugepage size",
+            pb::CreateRegionRequest {
+                backend: pb::Backend::MemfdHugetlb as i32,
+                hugepage_size_bytes: 12345,
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "duplicate region",
+            pb::CreateRegionRequest {
+                name: "r".into(),
+                ..good_create.clone()
+            },
+            Code::AlreadyExists,
+        ),
+        (
+            "initial policy out of bounds",
+            pb::CreateRegionRequest {
+                policies: vec![pb::RangePolicy {
+                    offset: 16 * MIB,
+                    length: 4096,
+                    policy: Some(policy(M::Bind, &[0])),
+                }],
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "initial policy without policy",
+            pb::CreateRegionRequest {
+                policies: vec![pb::RangePolicy {
+                    offset: 0,
+                    length: 0,
+                    policy: None,
+                }],
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "request_id with spaces",
+            pb::CreateRegionRequest {
+                request_id: "a b".into(),
+                ..good_create.clone()
+            },
+            Code::InvalidArgument,
+        ),
     ];
     let mut n = 0;
     for (what, req, code) in creates {
@@ -223,29 +474,199 @@ async fn bad_requests_get_clear_codes_and_change_nothing() {
         ..Default::default()
     };
     let sets: Vec<(&str, pb::SetPolicyRequest, Code)> = vec![
-        ("unknown region", pb::SetPolicyRequest { name: "nope".into(), ..good.clone() }, Code::NotFound),
-        ("unknown vm", pb::SetPolicyRequest { vm_id: "nope".into(), ..good.clone() }, Code::NotFound),
-        ("bad vm_id", pb::SetPolicyRequest { vm_id: "../x".into(), ..good.clone() }, Code::InvalidArgument),
-        ("no policy", pb::SetPolicyRequest { policy: None, ..good.clone() }, Code::InvalidArgument),
-        ("mode unspecified", pb::SetPolicyRequest { policy: Some(policy(M::Unspecified, &[0])), ..good.clone() }, Code::InvalidArgument),
-        ("mode out of range", pb::SetPolicyRequest { policy: Some(pb::Policy { mode: 42, ..policy(M::Bind, &[0]) }), ..good.clone() }, Code::InvalidArgument),
-        ("default with nodes", pb::SetPolicyRequest { policy: Some(policy(M::Default, &[0])), ..good.clone() }, Code::InvalidArgument),
-        ("local with nodes", pb::SetPolicyRequest { policy: Some(policy(M::Local, &[0])), ..good.clone() }, Code::InvalidArgument),
-        ("bind without nodes", pb::SetPolicyRequest { policy: Some(policy(M::Bind, &[])), ..good.clone() }, Code::InvalidArgument),
-        ("interleave without nodes", pb::SetPolicyRequest { policy: Some(policy(M::Interleave, &[])), ..good.clone() }, Code::InvalidArgument),
-        ("preferred two nodes", pb::SetPolicyRequest { policy: Some(policy(M::Preferred, &[0, 1])), ..good.clone() }, Code::InvalidArgument),
-        ("static and relative", pb::SetPolicyRequest { policy: Some(pb::Policy { static_nodes: true, relative_nodes: true, ..policy(M::Bind, &[0]) }), ..good.clone() }, Code::InvalidArgument),
-        ("node 1024", pb::SetPolicyRequest { policy: Some(policy(M::Bind, &[1024])), ..good.clone() }, Code::InvalidArgument),
-        ("node u32::MAX", pb::SetPolicyRequest { policy: Some(policy(M::Bind, &[u32::MAX])), ..good.clone() }, Code::InvalidArgument),
-        ("offline node", pb::SetPolicyRequest { policy: Some(policy(M::Bind, &[1000])), ..good.clone() }, Code::InvalidArgument),
-        ("huge node list", pb::SetPolicyRequest { policy: Some(policy(M::Bind, &(0..5000).collect::<Vec<_>>())), ..good.clone() }, Code::InvalidArgument),
-        ("unaligned offset", pb::SetPolicyRequest { offset: 1, ..good.clone() }, Code::InvalidArgument),
-        ("unaligned length", pb::SetPolicyRequest { length: 100, ..good.clone() }, Code::InvalidArgument),
-        ("offset at end", pb::SetPolicyRequest { offset: 16 * MIB, ..good.clone() }, Code::InvalidArgument),
-        ("past the end", pb::SetPolicyRequest { offset: 12 * MIB, length: 8 * MIB, ..good.clone() }, Code::InvalidArgument),
-        ("overflowing offset+length", pb::SetPolicyRequest { offset: u64::MAX - 4095, length: 8192, ..good.clone() }, Code::InvalidArgument),
-        ("stale generation", pb::SetPolicyRequest { expected_generation: 99, ..good.clone() }, Code::Aborted),
-        ("request_id too long", pb::SetPolicyRequest { request_id: "x".repeat(200), ..good.clone() }, Code::InvalidArgument),
+        (
+            "unknown region",
+            pb::SetPolicyRequest {
+                name: "nope".into(),
+                ..good.clone()
+            },
+            Code::NotFound,
+        ),
+        (
+            "unknown vm",
+            pb::SetPolicyRequest {
+                vm_id: "nope".into(),
+                ..good.clone()
+            },
+            Code::NotFound,
+        ),
+        (
+            "bad vm_id",
+            pb::SetPolicyRequest {
+                vm_id: "../x".into(),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "no policy",
+            pb::SetPolicyRequest {
+                policy: None,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "mode unspecified",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Unspecified, &[0])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "mode out of range",
+            pb::SetPolicyRequest {
+                policy: Some(pb::Policy {
+                    mode: 42,
+                    ..policy(M::Bind, &[0])
+                }),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "default with nodes",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Default, &[0])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "local with nodes",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Local, &[0])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "bind without nodes",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Bind, &[])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "interleave without nodes",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Interleave, &[])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "preferred two nodes",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Preferred, &[0, 1])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "static and relative",
+            pb::SetPolicyRequest {
+                policy: Some(pb::Policy {
+                    static_nodes: true,
+                    relative_nodes: true,
+                    ..policy(M::Bind, &[0])
+                }),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "node 1024",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Bind, &[1024])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "node u32::MAX",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Bind, &[u32::MAX])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "offline node",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Bind, &[1000])),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "huge node list",
+            pb::SetPolicyRequest {
+                policy: Some(policy(M::Bind, &(0..5000).collect::<Vec<_>>())),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "unaligned offset",
+            pb::SetPolicyRequest {
+                offset: 1,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "unaligned length",
+            pb::SetPolicyRequest {
+                length: 100,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "offset at end",
+            pb::SetPolicyRequest {
+                offset: 16 * MIB,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "past the end",
+            pb::SetPolicyRequest {
+                offset: 12 * MIB,
+                length: 8 * MIB,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "overflowing offset+length",
+            pb::SetPolicyRequest {
+                offset: u64::MAX - 4095,
+                length: 8192,
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "stale generation",
+            pb::SetPolicyRequest {
+                expected_generation: 99,
+                ..good.clone()
+            },
+            Code::Aborted,
+        ),
+        (
+            "request_id too long",
+            pb::SetPolicyRequest {
+                request_id: "x".repeat(200),
+                ..good.clone()
+            },
+            Code::InvalidArgument,
+        ),
     ];
     for (what, req, code) in sets {
         let e = c.raw().set_policy(req).await.unwrap_err();
@@ -253,20 +674,95 @@ async fn bad_requests_get_clear_codes_and_change_nothing() {
         n += 1;
     }
     let others: Vec<(&str, Code, tonic::Status)> = vec![
-        ("get unknown", Code::NotFound, c.raw().get_region(pb::GetRegionRequest { vm_id: "vm".into(), name: "zz".into() }).await.unwrap_err()),
-        ("get bad name", Code::InvalidArgument, c.raw().get_region(pb::GetRegionRequest { vm_id: "vm".into(), name: "".into() }).await.unwrap_err()),
-        ("delete unknown", Code::NotFound, c.raw().delete_region(pb::DeleteRegionRequest { vm_id: "vm".into(), name: "zz".into(), request_id: "".into() }).await.unwrap_err()),
-        ("list bad vm", Code::InvalidArgument, c.raw().list_regions(pb::ListRegionsRequest { vm_id: "a b".into() }).await.unwrap_err()),
-        ("placement unknown", Code::NotFound, c.raw().get_placement(pb::GetPlacementRequest { vm_id: "vm".into(), name: "zz".into(), offset: 0, length: 0 }).await.unwrap_err()),
-        ("placement out of bounds", Code::InvalidArgument, c.raw().get_placement(pb::GetPlacementRequest { vm_id: "vm".into(), name: "r".into(), offset: 32 * MIB, length: 0 }).await.unwrap_err()),
-        ("reconcile bad vm", Code::InvalidArgument, c.raw().reconcile(pb::ReconcileRequest { vm_id: "/".into() }).await.unwrap_err()),
+        (
+            "get unknown",
+            Code::NotFound,
+            c.raw()
+                .get_region(pb::GetRegionRequest {
+                    vm_id: "vm".into(),
+                    name: "zz".into(),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "get bad name",
+            Code::InvalidArgument,
+            c.raw()
+                .get_region(pb::GetRegionRequest {
+                    vm_id: "vm".into(),
+                    name: "".into(),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "delete unknown",
+            Code::NotFound,
+            c.raw()
+                .delete_region(pb::DeleteRegionRequest {
+                    vm_id: "vm".into(),
+                    name: "zz".into(),
+                    request_id: "".into(),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "list bad vm",
+            Code::InvalidArgument,
+            c.raw()
+                .list_regions(pb::ListRegionsRequest {
+                    vm_id: "a b".into(),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "placement unknown",
+            Code::NotFound,
+            c.raw()
+                .get_placement(pb::GetPlacementRequest {
+                    vm_id: "vm".into(),
+                    name: "zz".into(),
+                    offset: 0,
+                    length: 0,
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "placement out of bounds",
+            Code::InvalidArgument,
+            c.raw()
+                .get_placement(pb::GetPlacementRequest {
+                    vm_id: "vm".into(),
+                    name: "r".into(),
+                    offset: 32 * MIB,
+                    length: 0,
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "reconcile bad vm",
+            Code::InvalidArgument,
+            c.raw()
+                .reconcile(pb::ReconcileRequest { vm_id: "/".into() })
+                .await
+                .unwrap_err(),
+        ),
     ];
     for (what, code, e) in others {
         assert_eq!(e.code(), code, "{what}: {}", e.message());
         n += 1;
     }
     assert!(n >= 30, "at least 30 bad requests, ran {n}");
-    assert_eq!(c.list_regions("").await.unwrap(), snapshot, "no bad request changed anything");
+    assert_eq!(
+        c.list_regions("").await.unwrap(),
+        snapshot,
+        "no bad request changed anything"
+    );
     // The agent is still serving.
     c.node_info().await.unwrap();
 }
@@ -276,12 +772,27 @@ async fn memplacectl_quick_start_works() {
     let agent = AgentProc::start();
     let run = |args: &[&str]| {
         let out = agent.ctl().args(args).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
-    let (code, out, err) = run(&["region", "create", "vm1", "ram0", "--size", "64M", "--backend", "memfd"]);
+    let (code, out, err) = run(&[
+        "region",
+        "create",
+        "vm1",
+        "ram0",
+        "--size",
+        "64M",
+        "--backend",
+        "memfd",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("handoff token"), "{out}");
-    let (code, out, err) = run(&["policy", "set", "vm1", "ram0", "--mode", "bind", "--nodes", "0"]);
+    let (code, out, err) = run(&[
+        "policy", "set", "vm1", "ram0", "--mode", "bind", "--nodes", "0",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("applied"), "{out}");
     let (code, out, _) = run(&["-o", "json", "region", "get", "vm1", "ram0"]);
@@ -289,7 +800,9 @@ async fn memplacectl_quick_start_works() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["ranges"][0]["observed"]["mode"], "bind");
     // A refused request exits 10 + the gRPC code and prints the server's message.
-    let (code, _, err) = run(&["policy", "set", "vm1", "nope", "--mode", "bind", "--nodes", "0"]);
+    let (code, _, err) = run(&[
+        "policy", "set", "vm1", "nope", "--mode", "bind", "--nodes", "0",
+    ]);
     assert_eq!(code, 10 + Code::NotFound as i32, "{err}");
     assert!(err.contains("not found"), "{err}");
     let (code, out, _) = run(&["health"]);

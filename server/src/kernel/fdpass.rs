@@ -59,7 +59,9 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<Packet>, Errno> {
             }
         }
     }
-    let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    let truncated = msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
     let n = msg.bytes;
     if n == 0 && fds.is_empty() && !truncated {
         return Ok(None);

@@ -87,7 +87,8 @@ impl GuestMemfdVm {
         };
         // SAFETY: `raw` is an open descriptor we own (from OwnedFd::into_raw_fd); VmFd takes
         // ownership and closes it on drop. A non-KVM fd is rejected just below.
-        let vm = unsafe { kvm.create_vmfd_from_rawfd(raw) }.map_err(|e| Errno::from_raw(e.errno()))?;
+        let vm =
+            unsafe { kvm.create_vmfd_from_rawfd(raw) }.map_err(|e| Errno::from_raw(e.errno()))?;
         let vm = Self { vm };
         if vm.vm.check_extension_raw(KVM_CAP_GUEST_MEMFD as _) < 0 {
             return Err(Errno::EBADF);
@@ -200,7 +201,12 @@ pub fn cached_pages(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<u64, Er
 
 /// Which pages of `[offset, offset+len)` are allocated, one bool per page of `page` bytes, found
 /// by bisecting with [`cached_pages`]: cheap where runs are long, as after a populate.
-pub fn allocated_map(fd: BorrowedFd<'_>, offset: u64, len: u64, page: u64) -> Result<Vec<bool>, Errno> {
+pub fn allocated_map(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    len: u64,
+    page: u64,
+) -> Result<Vec<bool>, Errno> {
     let base = super::page_size();
     let mut out = vec![false; (len / page) as usize];
     let mut stack = vec![(offset, len)];

@@ -124,7 +124,8 @@ impl Mapping {
         let n = len.div_ceil(base) as usize;
         let mut vec = vec![0u8; n];
         // SAFETY: `addr..addr+len` lies inside this mapping and `vec` has one byte per base page.
-        let ret = unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+        let ret =
+            unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
         if ret != 0 {
             return Err(Errno::last());
         }

@@ -39,7 +39,11 @@ fn check(ret: libc::c_long) -> Result<libc::c_long, Errno> {
 
 /// Arranges for `fd` to be open as descriptor `target` (without CLOEXEC) in the child that
 /// `cmd` spawns, so a helper process can work on a region's file.
-pub fn pass_fd_to_child(cmd: &mut std::process::Command, fd: std::os::fd::BorrowedFd<'_>, target: i32) {
+pub fn pass_fd_to_child(
+    cmd: &mut std::process::Command,
+    fd: std::os::fd::BorrowedFd<'_>,
+    target: i32,
+) {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let src = fd.as_raw_fd();

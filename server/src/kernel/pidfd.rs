@@ -15,38 +15,46 @@ pub fn start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The fd numbers in `pid` whose file is (dev, ino).
+/// The fd numbers in `pid` whose file has inode `ino`, from /proc/PID/fdinfo, which CAP_SYS_PTRACE
+/// can read even where /proc/PID/fd is closed to the agent (another uid without
+/// CAP_DAC_READ_SEARCH). Candidates are confirmed by (st_dev, st_ino) on the fd taken.
 pub fn find_fds(pid: i32, file_id: (u64, u64)) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return Vec::new();
     };
     let mut out: Vec<i32> = dir
         .flatten()
         .filter_map(|e| {
             let n: i32 = e.file_name().to_str()?.parse().ok()?;
-            let st = nix::sys::stat::stat(&e.path()).ok()?;
-            ((st.st_dev, st.st_ino) == file_id).then_some(n)
+            let info = std::fs::read_to_string(e.path()).ok()?;
+            let ino: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("ino:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            (ino == file_id.1).then_some(n)
         })
         .collect();
     out.sort_unstable();
     out
 }
 
-/// The fd numbers in `pid` whose link text is `target` (e.g. `anon_inode:kvm-vm`).
-pub fn find_fds_by_link(pid: i32, target: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+/// Copies of the fds of `pidfd`'s process whose link text is `target` (e.g.
+/// `anon_inode:kvm-vm`). Each candidate is taken with pidfd_getfd and named through this
+/// process's own /proc/self/fd, so no access to the other process's fd directory is needed.
+pub fn take_fds_by_link(pid: i32, pidfd: &OwnedFd, target: &str) -> Vec<OwnedFd> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return Vec::new();
     };
-    let mut out: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| {
-            let n: i32 = e.file_name().to_str()?.parse().ok()?;
-            let link = std::fs::read_link(e.path()).ok()?;
-            (link.to_str()? == target).then_some(n)
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|n| {
+            let fd = getfd(pidfd, n).ok()?;
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+            (link.to_str()? == target).then_some(fd)
         })
-        .collect();
-    out.sort_unstable();
-    out
+        .collect()
 }
 
 /// A pidfd for `pid`.
@@ -60,9 +68,8 @@ pub fn open(pid: i32) -> Result<OwnedFd, Errno> {
 /// A duplicate of `target_fd` of the process behind `pidfd` (needs PTRACE_MODE_ATTACH_REALCREDS).
 pub fn getfd(pidfd: &OwnedFd, target_fd: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: pidfd_getfd has no memory-safety preconditions.
-    let fd = check(unsafe {
-        libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0)
-    })?;
+    let fd =
+        check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) })?;
     // SAFETY: pidfd_getfd returned a new descriptor (CLOEXEC) that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

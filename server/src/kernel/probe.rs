@@ -57,11 +57,13 @@ pub fn probe(node: u32) -> Capabilities {
             caps.kvm_usable = true;
             caps.guest_memfd_supported = vm.guest_memfd_supported();
             caps.guest_memfd_flags = vm.guest_memfd_flags();
-            let flags = caps.guest_memfd_flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
-            if caps.guest_memfd_supported && flags & GUEST_MEMFD_FLAG_MMAP != 0 {
-                if let Ok(fd) = vm.create_guest_memfd(2 * page, flags) {
-                    caps.guest_memfd_shared_policy = shared_policy(&fd, 2 * page, &bind);
-                }
+            let flags =
+                caps.guest_memfd_flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+            if caps.guest_memfd_supported
+                && flags & GUEST_MEMFD_FLAG_MMAP != 0
+                && let Ok(fd) = vm.create_guest_memfd(2 * page, flags)
+            {
+                caps.guest_memfd_shared_policy = shared_policy(&fd, 2 * page, &bind);
             }
         }
         Err(e) => caps.kvm_error = format!("/dev/kvm: {}", e.desc()),

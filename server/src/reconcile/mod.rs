@@ -7,7 +7,9 @@ mod populate;
 mod recover;
 
 pub use placement::{NodeCount, Placement, RangePlacementView};
-pub use populate::{PopulateOutcome, PopulateProgress, PopulateRequest, child_main as populate_child_main};
+pub use populate::{
+    PopulateOutcome, PopulateProgress, PopulateRequest, child_main as populate_child_main,
+};
 
 use crate::domain::{
     Backend, DomainError, Event, EventKind, Holder, Policy, PolicyMode, RangeIntent, RangeMap,
@@ -283,7 +285,12 @@ impl Agent {
         });
         agent.recover().await?;
         agent
-            .emit(EventKind::AgentStarted, None, "agent started".into(), AGENT_ACTOR)
+            .emit(
+                EventKind::AgentStarted,
+                None,
+                "agent started".into(),
+                AGENT_ACTOR,
+            )
             .await?;
         Ok(agent)
     }
@@ -362,13 +369,22 @@ impl Agent {
         actor: &str,
     ) -> Result<(), AgentError> {
         let mut event = self.event(kind, key, message, actor);
-        let seqs = self.store.write(vec![WriteOp::AppendEvent(event.clone())]).await?;
+        let seqs = self
+            .store
+            .write(vec![WriteOp::AppendEvent(event.clone())])
+            .await?;
         event.sequence = seqs.first().copied().unwrap_or(0);
         let _ = self.events.send(event);
         Ok(())
     }
 
-    fn event(&self, kind: EventKind, key: Option<&RegionKey>, message: String, actor: &str) -> Event {
+    fn event(
+        &self,
+        kind: EventKind,
+        key: Option<&RegionKey>,
+        message: String,
+        actor: &str,
+    ) -> Event {
         Event {
             sequence: 0,
             time_unix_ms: unix_now_ms(),
@@ -385,7 +401,7 @@ impl Agent {
         let n = events.len();
         ops.extend(events.iter().cloned().map(WriteOp::AppendEvent));
         let seqs = self.store.write(ops).await?;
-        for (mut e, seq) in events.into_iter().zip(seqs.into_iter().skip(0)).take(n) {
+        for (mut e, seq) in events.into_iter().zip(seqs).take(n) {
             e.sequence = seq;
             let _ = self.events.send(e);
         }
@@ -396,7 +412,9 @@ impl Agent {
     pub fn check_policy(&self, policy: &Policy) -> Result<(), AgentError> {
         policy.validate()?;
         let unsupported = match policy.mode {
-            PolicyMode::PreferredMany if !self.caps.preferred_many => Some("preferred-many (5.15+)"),
+            PolicyMode::PreferredMany if !self.caps.preferred_many => {
+                Some("preferred-many (5.15+)")
+            }
             PolicyMode::WeightedInterleave if !self.caps.weighted_interleave => {
                 Some("weighted-interleave (6.9+)")
             }
@@ -460,7 +478,8 @@ impl Agent {
     fn create_file(&self, intent: &RegionIntent) -> Result<RegionFile, AgentError> {
         match intent.backend {
             Backend::Memfd | Backend::MemfdHugetlb => {
-                let huge = (intent.backend == Backend::MemfdHugetlb).then_some(intent.hugepage_size_bytes);
+                let huge =
+                    (intent.backend == Backend::MemfdHugetlb).then_some(intent.hugepage_size_bytes);
                 let fd = kernel::create_memfd(&intent.key.to_string(), intent.size_bytes, huge)
                     .map_err(kerr("memfd_create"))?;
                 let mapping = Mapping::new(fd.as_fd(), intent.size_bytes).map_err(kerr("mmap"))?;
@@ -473,7 +492,8 @@ impl Agent {
             Backend::GuestMemfd => {
                 let vm = self.vm_for(&intent.key.vm_id)?;
                 let flags = self.caps.guest_memfd_flags
-                    & (kernel::files::GUEST_MEMFD_FLAG_MMAP | kernel::files::GUEST_MEMFD_FLAG_INIT_SHARED);
+                    & (kernel::files::GUEST_MEMFD_FLAG_MMAP
+                        | kernel::files::GUEST_MEMFD_FLAG_INIT_SHARED);
                 let fd = vm
                     .create_guest_memfd(intent.size_bytes, flags)
                     .map_err(kerr("KVM_CREATE_GUEST_MEMFD"))?;
@@ -562,7 +582,7 @@ impl Agent {
             }
             .into());
         }
-        if req.size_bytes % page != 0 {
+        if !req.size_bytes.is_multiple_of(page) {
             return Err(DomainError::Unaligned {
                 what: "size_bytes",
                 value: req.size_bytes,
@@ -578,7 +598,12 @@ impl Agent {
         }
         self.check_range_count(&req.key, &ranges)?;
         let _m = self.membership.lock().await;
-        if self.regions.lock().expect("region map lock").contains_key(&req.key) {
+        if self
+            .regions
+            .lock()
+            .expect("region map lock")
+            .contains_key(&req.key)
+        {
             return Err(AgentError::AlreadyExists(req.key));
         }
         if self.regions.lock().expect("region map lock").len() >= self.limits.max_regions {
@@ -592,7 +617,11 @@ impl Agent {
             uid: new_uid(),
             backend: req.backend,
             size_bytes: req.size_bytes,
-            hugepage_size_bytes: if req.backend == Backend::MemfdHugetlb { page } else { 0 },
+            hugepage_size_bytes: if req.backend == Backend::MemfdHugetlb {
+                page
+            } else {
+                0
+            },
             generation: 1,
             strategy: self.strategy_for(req.backend),
             ranges,
@@ -800,7 +829,12 @@ impl Agent {
         if let Some(i) = &idem {
             ops.push(save_request(i, &view));
         }
-        let ev = self.event(EventKind::RegionDeleted, Some(key), "region deleted".into(), actor);
+        let ev = self.event(
+            EventKind::RegionDeleted,
+            Some(key),
+            "region deleted".into(),
+            actor,
+        );
         self.commit(ops, vec![ev]).await?;
         self.regions.lock().expect("region map lock").remove(key);
         // Close the fd and mapping now: a held guest_memfd keeps its whole KVM VM alive.
@@ -857,7 +891,8 @@ impl Agent {
             )));
         }
         if migrate && live.intent.backend == Backend::GuestMemfd {
-            let resident = tokio::task::block_in_place(|| resident_pages(&live, offset, length, page));
+            let resident =
+                tokio::task::block_in_place(|| resident_pages(&live, offset, length, page));
             if resident > 0 {
                 return Err(AgentError::FailedPrecondition(format!(
                     "{resident} pages of this range are already allocated, and guest_memfd pages cannot migrate between nodes; \
@@ -898,7 +933,8 @@ impl Agent {
         );
         self.commit(ops, vec![ev]).await?;
         live.intent = next;
-        let (moved, failed) = tokio::task::block_in_place(|| self.apply_range(&mut live, offset, length, migrate));
+        let (moved, failed) =
+            tokio::task::block_in_place(|| self.apply_range(&mut live, offset, length, migrate));
         Ok(SetPolicyOutcome {
             region: tokio::task::block_in_place(|| self.view(&live)),
             pages_migrated: moved,
@@ -908,7 +944,13 @@ impl Agent {
 
     /// Applies the intent over `[offset, offset+length)` to the kernel. With `migrate`, moves
     /// resident pages (memfd). Returns (pages moved, pages that failed to move). Blocking.
-    fn apply_range(&self, live: &mut LiveRegion, offset: u64, length: u64, migrate: bool) -> (u64, u64) {
+    fn apply_range(
+        &self,
+        live: &mut LiveRegion,
+        offset: u64,
+        length: u64,
+        migrate: bool,
+    ) -> (u64, u64) {
         if live.intent.strategy != Strategy::SharedPolicy {
             return (0, 0);
         }
@@ -970,7 +1012,11 @@ impl Agent {
     }
 
     /// Compares every range's intent with the kernel and re-applies what drifted.
-    pub async fn reconcile(&self, vm_id: Option<&str>, actor: &str) -> Result<ReconcileReport, AgentError> {
+    pub async fn reconcile(
+        &self,
+        vm_id: Option<&str>,
+        actor: &str,
+    ) -> Result<ReconcileReport, AgentError> {
         if let Some(v) = vm_id {
             validate_name("vm_id", v)?;
         }
@@ -978,21 +1024,34 @@ impl Agent {
         for slot in self.slots(vm_id) {
             let mut live = slot.write().await;
             report.regions += 1;
-            let events = tokio::task::block_in_place(|| self.reconcile_region(&mut live, &mut report, actor));
+            let events = tokio::task::block_in_place(|| {
+                self.reconcile_region(&mut live, &mut report, actor)
+            });
             drop(live);
             if !events.is_empty() {
                 self.commit(vec![], events).await?;
             }
         }
         use std::sync::atomic::Ordering::Relaxed;
-        self.counters.drifted.fetch_add(report.drifted as u64, Relaxed);
-        self.counters.reapplied.fetch_add(report.reapplied as u64, Relaxed);
+        self.counters
+            .drifted
+            .fetch_add(report.drifted as u64, Relaxed);
+        self.counters
+            .reapplied
+            .fetch_add(report.reapplied as u64, Relaxed);
         Ok(report)
     }
 
-    fn reconcile_region(&self, live: &mut LiveRegion, report: &mut ReconcileReport, actor: &str) -> Vec<Event> {
+    fn reconcile_region(
+        &self,
+        live: &mut LiveRegion,
+        report: &mut ReconcileReport,
+        actor: &str,
+    ) -> Vec<Event> {
         let mut events = Vec::new();
-        if live.intent.strategy != Strategy::SharedPolicy || live.intent.status == RegionStatus::Lost {
+        if live.intent.strategy != Strategy::SharedPolicy
+            || live.intent.status == RegionStatus::Lost
+        {
             report.checked += live.intent.ranges.ranges().len() as u32;
             return events;
         }
@@ -1030,7 +1089,12 @@ impl Agent {
                 events.push(self.event(
                     EventKind::Reapplied,
                     Some(&key),
-                    format!("range [{:#x}, {:#x}) re-bound to {}", r.offset, r.end(), r.policy),
+                    format!(
+                        "range [{:#x}, {:#x}) re-bound to {}",
+                        r.offset,
+                        r.end(),
+                        r.policy
+                    ),
                     actor,
                 ));
             } else {
@@ -1049,7 +1113,12 @@ impl Agent {
 
     /// Records that `holder` acquired the region's fd, so the agent can take it back after a
     /// restart.
-    pub(crate) async fn record_holder(&self, key: &RegionKey, holder: Holder, actor: &str) -> Result<RegionView, AgentError> {
+    pub(crate) async fn record_holder(
+        &self,
+        key: &RegionKey,
+        holder: Holder,
+        actor: &str,
+    ) -> Result<RegionView, AgentError> {
         let slot = self.slot(key)?;
         let mut live = slot.write().await;
         let file_id = live.intent.file_id;
@@ -1079,7 +1148,11 @@ impl Agent {
     pub(crate) async fn with_fds<T>(
         &self,
         key: &RegionKey,
-        f: impl FnOnce(&RegionIntent, std::os::fd::BorrowedFd<'_>, Option<std::os::fd::BorrowedFd<'_>>) -> T,
+        f: impl FnOnce(
+            &RegionIntent,
+            std::os::fd::BorrowedFd<'_>,
+            Option<std::os::fd::BorrowedFd<'_>>,
+        ) -> T,
     ) -> Result<T, AgentError> {
         let slot = self.slot(key)?;
         let live = slot.read().await;
@@ -1116,7 +1189,10 @@ impl Agent {
             }
             Backend::GuestMemfd => {}
         }
-        if size_bytes == 0 || size_bytes % self.page != 0 || size_bytes > self.limits.max_region_bytes {
+        if size_bytes == 0
+            || !size_bytes.is_multiple_of(self.page)
+            || size_bytes > self.limits.max_region_bytes
+        {
             return Err(DomainError::BadSize {
                 size: size_bytes,
                 max: self.limits.max_region_bytes,
@@ -1124,7 +1200,12 @@ impl Agent {
             .into());
         }
         let _m = self.membership.lock().await;
-        if self.regions.lock().expect("region map lock").contains_key(&key) {
+        if self
+            .regions
+            .lock()
+            .expect("region map lock")
+            .contains_key(&key)
+        {
             return Err(AgentError::AlreadyExists(key));
         }
         let mapping = Mapping::new(fd.as_fd(), size_bytes).map_err(|e| {
@@ -1156,10 +1237,15 @@ impl Agent {
         let ev = self.event(
             EventKind::RegionAdopted,
             Some(&key),
-            format!("adopted a {} file of {size_bytes} bytes from pid {}", backend.as_str(), holder.pid),
+            format!(
+                "adopted a {} file of {size_bytes} bytes from pid {}",
+                backend.as_str(),
+                holder.pid
+            ),
             actor,
         );
-        self.commit(vec![WriteOp::InsertRegion(intent.clone())], vec![ev]).await?;
+        self.commit(vec![WriteOp::InsertRegion(intent.clone())], vec![ev])
+            .await?;
         let live = LiveRegion {
             intent,
             file: Some(RegionFile {
@@ -1203,7 +1289,9 @@ fn observe(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Policy> {
 fn resident_pages(live: &LiveRegion, offset: u64, length: u64, page: u64) -> u64 {
     live.file
         .as_ref()
-        .and_then(|f| placement::allocated(f.fd.as_fd(), f.mapping.as_ref()?, offset, length, page).ok())
+        .and_then(|f| {
+            placement::allocated(f.fd.as_fd(), f.mapping.as_ref()?, offset, length, page).ok()
+        })
         .map_or(0, |v| v.iter().filter(|b| **b).count() as u64)
 }
 
@@ -1213,5 +1301,12 @@ fn new_uid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

@@ -7,8 +7,8 @@
 use super::{Agent, AgentError, RangeIntent};
 use crate::domain::{RegionKey, resolve_span, validate_name};
 use crate::kernel::{self, Mapping};
-use std::os::fd::{AsFd, BorrowedFd};
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd};
 
 const ENOENT: i32 = -2;
 
@@ -56,7 +56,9 @@ impl Placement {
                 *m.entry(n.node).or_default() += n.pages;
             }
         }
-        m.into_iter().map(|(node, pages)| NodeCount { node, pages }).collect()
+        m.into_iter()
+            .map(|(node, pages)| NodeCount { node, pages })
+            .collect()
     }
 
     /// Sum of a field over ranges.
@@ -124,7 +126,12 @@ pub(crate) fn allocated(
 }
 
 /// Counts the placement of one range.
-fn count_range(fd: BorrowedFd<'_>, mapping: &Mapping, r: &RangeIntent, page: u64) -> RangePlacementView {
+fn count_range(
+    fd: BorrowedFd<'_>,
+    mapping: &Mapping,
+    r: &RangeIntent,
+    page: u64,
+) -> RangePlacementView {
     let nodes = map_resident(fd, mapping, r.offset, r.length, page);
     let _ = mapping.unmap_pages(r.offset, r.length);
     let mut per: BTreeMap<u32, u64> = BTreeMap::new();
@@ -148,13 +155,21 @@ fn count_range(fd: BorrowedFd<'_>, mapping: &Mapping, r: &RangeIntent, page: u64
             }
         }
     }
-    view.nodes = per.into_iter().map(|(node, pages)| NodeCount { node, pages }).collect();
+    view.nodes = per
+        .into_iter()
+        .map(|(node, pages)| NodeCount { node, pages })
+        .collect();
     view
 }
 
 impl Agent {
     /// Where the pages of `[offset, offset+length)` of a region are. Never allocates.
-    pub async fn placement(&self, key: &RegionKey, offset: u64, length: u64) -> Result<Placement, AgentError> {
+    pub async fn placement(
+        &self,
+        key: &RegionKey,
+        offset: u64,
+        length: u64,
+    ) -> Result<Placement, AgentError> {
         validate_name("vm_id", &key.vm_id)?;
         validate_name("name", &key.name)?;
         let slot = self.slot(key)?;
@@ -172,7 +187,10 @@ impl Agent {
         };
         let ranges = live.intent.ranges.clipped(offset, offset + length);
         let ranges = tokio::task::block_in_place(|| {
-            ranges.iter().map(|r| count_range(fd, mapping, r, page)).collect()
+            ranges
+                .iter()
+                .map(|r| count_range(fd, mapping, r, page))
+                .collect()
         });
         Ok(Placement {
             ranges,

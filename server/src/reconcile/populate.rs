@@ -123,11 +123,11 @@ pub fn run_workers(
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(c) = chunks.get(i) else { break };
                     let r = (|| {
-                        if let Some(p) = c.policy {
-                            if current != Some(p) {
-                                mempolicy::set_thread_policy(&p)?;
-                                current = Some(p);
-                            }
+                        if let Some(p) = c.policy
+                            && current != Some(p)
+                        {
+                            mempolicy::set_thread_policy(&p)?;
+                            current = Some(p);
                         }
                         kernel::fallocate(fd, c.offset, c.length, false)
                     })();
@@ -156,7 +156,11 @@ pub fn run_workers(
 /// process writes to join it.
 pub fn cgroup_procs_file(path: &Path) -> Result<PathBuf, AgentError> {
     let bad = |why: &str| AgentError::InvalidArgument(format!("cgroup {}: {why}", path.display()));
-    if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
         return Err(bad("must be an absolute path without '..'"));
     }
     if !path.starts_with("/sys/fs/cgroup") {
@@ -275,7 +279,8 @@ fn run_in_cgroup(
     cgroup: &Path,
     progress: &PopulateProgress,
 ) -> Result<(), AgentError> {
-    let exe = std::env::current_exe().map_err(|e| AgentError::FailedPrecondition(format!("own binary: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| AgentError::FailedPrecondition(format!("own binary: {e}")))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("__populate-worker")
         .arg("--cgroup")
@@ -289,9 +294,9 @@ fn run_in_cgroup(
         .stderr(std::process::Stdio::piped())
         .stdin(std::process::Stdio::null());
     kernel::pass_fd_to_child(&mut cmd, fd, CHILD_FD);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| AgentError::FailedPrecondition(format!("starting the populate helper: {e}")))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        AgentError::FailedPrecondition(format!("starting the populate helper: {e}"))
+    })?;
     let stdout = child.stdout.take().expect("piped");
     let base = progress.done.load(Ordering::Relaxed);
     let killed = AtomicBool::new(false);
@@ -300,7 +305,10 @@ fn run_in_cgroup(
         s.spawn(|| {
             while !killed.load(Ordering::Relaxed) {
                 if progress.cancel.load(Ordering::Relaxed) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -314,9 +322,9 @@ fn run_in_cgroup(
         }
         killed.store(true, Ordering::Relaxed);
     });
-    let out = child
-        .wait_with_output()
-        .map_err(|e| AgentError::FailedPrecondition(format!("waiting for the populate helper: {e}")))?;
+    let out = child.wait_with_output().map_err(|e| {
+        AgentError::FailedPrecondition(format!("waiting for the populate helper: {e}"))
+    })?;
     if out.status.success() || progress.cancel.load(Ordering::Relaxed) {
         return Ok(());
     }
@@ -326,7 +334,9 @@ fn run_in_cgroup(
             op: "fallocate in the cgroup helper",
             errno: Errno::from_raw(c - 10),
         }),
-        _ => Err(AgentError::FailedPrecondition(format!("populate helper failed: {msg}"))),
+        _ => Err(AgentError::FailedPrecondition(format!(
+            "populate helper failed: {msg}"
+        ))),
     }
 }
 
@@ -414,7 +424,10 @@ impl Agent {
         let task = live.intent.strategy == Strategy::TaskPolicy;
         let ranges = live.intent.ranges.clipped(offset, offset + length);
         let Some(file) = live.file.as_ref() else {
-            return Err(AgentError::FailedPrecondition(format!("region {} has no file", req.key)));
+            return Err(AgentError::FailedPrecondition(format!(
+                "region {} has no file",
+                req.key
+            )));
         };
         let needs: Vec<(Policy, u64)> = tokio::task::block_in_place(|| {
             ranges
@@ -424,9 +437,18 @@ impl Agent {
                         .mapping
                         .as_ref()
                         .and_then(|m| {
-                            super::placement::allocated(file.fd.as_fd(), m, r.offset, r.length, page).ok()
+                            super::placement::allocated(
+                                file.fd.as_fd(),
+                                m,
+                                r.offset,
+                                r.length,
+                                page,
+                            )
+                            .ok()
                         })
-                        .map_or(r.length / page, |v| v.iter().filter(|b| !**b).count() as u64);
+                        .map_or(r.length / page, |v| {
+                            v.iter().filter(|b| !**b).count() as u64
+                        });
                     (r.policy, missing)
                 })
                 .collect()
@@ -440,7 +462,9 @@ impl Agent {
             page,
         );
         let threads = match req.threads {
-            0 => std::thread::available_parallelism().map_or(2, |n| n.get()).min(8),
+            0 => std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(8),
             n => n as usize,
         }
         .min(chunks.len().max(1));
@@ -518,7 +542,10 @@ mod tests {
     #[test]
     fn plan_splits_at_chunk_size() {
         let p = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
-        let chunks = plan(&[(0, CHUNK * 2 + 4096, Some(p)), (CHUNK * 3, 4096, None)], 4096);
+        let chunks = plan(
+            &[(0, CHUNK * 2 + 4096, Some(p)), (CHUNK * 3, 4096, None)],
+            4096,
+        );
         assert_eq!(chunks.len(), 4);
         assert_eq!(chunks[2].length, 4096);
         assert_eq!(chunks[3].policy, None);
@@ -528,11 +555,22 @@ mod tests {
 
     #[test]
     fn chunk_text_round_trips() {
-        let mut p = Policy::new(PolicyMode::Interleave, NodeSet::from_ids([0, 2, 3]).unwrap());
+        let mut p = Policy::new(
+            PolicyMode::Interleave,
+            NodeSet::from_ids([0, 2, 3]).unwrap(),
+        );
         p.static_nodes = true;
         for c in [
-            Chunk { offset: 4096, length: 8192, policy: Some(p) },
-            Chunk { offset: 0, length: 4096, policy: None },
+            Chunk {
+                offset: 4096,
+                length: 8192,
+                policy: Some(p),
+            },
+            Chunk {
+                offset: 0,
+                length: 4096,
+                policy: None,
+            },
         ] {
             assert_eq!(parse_chunk(&format_chunk(&c)), Some(c));
         }

@@ -46,7 +46,9 @@ impl Agent {
             return (lost(intent), ops, events);
         }
         let taken = match (intent.holder, intent.file_id) {
-            (Some(h), Some(id)) => Some(pidfd::take_file(h.pid, h.start_time, id).map(|fd| (h, fd))),
+            (Some(h), Some(id)) => {
+                Some(pidfd::take_file(h.pid, h.start_time, id).map(|fd| (h, fd)))
+            }
             _ => None,
         };
         let file = match taken {
@@ -70,7 +72,11 @@ impl Agent {
                 events.push(self.event(
                     EventKind::HolderLost,
                     Some(&key),
-                    format!("holder pid {} is gone or no longer holds the file ({})", h.pid, e.desc()),
+                    format!(
+                        "holder pid {} is gone or no longer holds the file ({})",
+                        h.pid,
+                        e.desc()
+                    ),
                     ACTOR,
                 ));
                 events.push(self.event(
@@ -88,7 +94,10 @@ impl Agent {
                     .ranges
                     .ranges()
                     .iter()
-                    .map(|r| crate::domain::RangeIntent { placed: false, ..*r })
+                    .map(|r| crate::domain::RangeIntent {
+                        placed: false,
+                        ..*r
+                    })
                     .collect();
                 if let Some(m) = crate::domain::RangeMap::from_ranges(intent.size_bytes, fresh) {
                     intent.ranges = m;
@@ -118,7 +127,8 @@ impl Agent {
                         let mut live = lost(intent);
                         live.intent.status = RegionStatus::Active;
                         for r in live.intent.ranges.ranges() {
-                            live.errors.insert(r.offset, format!("recreating the file: {e}"));
+                            live.errors
+                                .insert(r.offset, format!("recreating the file: {e}"));
                         }
                         return (live, ops, events);
                     }
@@ -150,7 +160,9 @@ impl Agent {
     /// number of ranges that do not match, recording an error on each.
     fn verify_fresh(&self, live: &mut LiveRegion) -> u32 {
         let page = live.intent.page_size(self.page);
-        let Some(file) = live.file.as_ref() else { return 0 };
+        let Some(file) = live.file.as_ref() else {
+            return 0;
+        };
         let Ok(fresh) = Mapping::new(file.fd.as_fd(), live.intent.size_bytes) else {
             return 0;
         };
@@ -158,8 +170,10 @@ impl Agent {
         for r in live.intent.ranges.ranges() {
             if observe(&fresh, r, page) != Some(r.policy) {
                 bad += 1;
-                live.errors
-                    .insert(r.offset, "binding did not read back through a fresh mapping".into());
+                live.errors.insert(
+                    r.offset,
+                    "binding did not read back through a fresh mapping".into(),
+                );
             }
         }
         bad
@@ -171,10 +185,12 @@ impl Agent {
         if let Some(vm) = self.vm_of(vm_id) {
             return Some(vm);
         }
-        let fds = pidfd::find_fds_by_link(pid, "anon_inode:kvm-vm");
-        let [n] = fds.as_slice() else { return None };
         let pfd = pidfd::open(pid).ok()?;
-        let fd = pidfd::getfd(&pfd, *n).ok()?;
+        let mut fds = pidfd::take_fds_by_link(pid, &pfd, "anon_inode:kvm-vm");
+        if fds.len() != 1 {
+            return None;
+        }
+        let fd = fds.pop()?;
         let vm = Arc::new(GuestMemfdVm::from_fd(fd).ok()?);
         self.vms
             .lock()

@@ -75,13 +75,13 @@ impl AgentProc {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "memplaced exited early with {status}: {}",
-                        std::fs::read_to_string(self.log()).unwrap_or_default()
-                    );
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "memplaced exited early with {status}: {}",
+                    std::fs::read_to_string(self.log()).unwrap_or_default()
+                );
             }
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
                 return;
