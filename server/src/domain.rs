@@ -581,7 +581,8 @@ impl RangeMap {
         for r in &self.ranges {
             let lo = r.offset.max(offset);
             let hi = r.end().min(end);
-            if lo >= hi || r.placed {
+            // DEFAULT places nothing, so there is nothing to mark (and no reason to split).
+            if lo >= hi || r.placed || r.policy == Policy::DEFAULT {
                 out.push(*r);
                 continue;
             }
