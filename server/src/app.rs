@@ -33,6 +33,9 @@ pub enum AppError {
     /// Recovery.
     #[error("recovering regions: {0}")]
     Agent(#[from] crate::reconcile::AgentError),
+    /// TLS files.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A listener could not bind.
     #[error("binding {0}: {1}")]
     Bind(String, std::io::Error),
@@ -62,6 +65,8 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
+    // Before the runtime starts any thread: capabilities are per thread and inherited.
+    drop_capabilities(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -119,6 +124,18 @@ fn make_dir(path: &Path, mode: u32) -> Result<(), AppError> {
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    // TLS material is read before anything is created or bound, so a bad file stops the start.
+    let tls = match (
+        &cfg.listen_tcp,
+        &cfg.tls_cert,
+        &cfg.tls_key,
+        &cfg.tls_client_ca,
+    ) {
+        (Some(_), Some(cert), Some(key), Some(ca)) => {
+            Some(crate::tls::server_config(cert, key, ca)?)
+        }
+        _ => None,
+    };
     make_dir(&cfg.state_dir, 0o700)?;
     // VMMs of other uids connect to sockets here; the sockets' own modes and the uid lists decide.
     make_dir(&cfg.runtime_dir, 0o755)?;
@@ -210,21 +227,33 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let roles = Roles {
         admin_uids: cfg.admin_uids.iter().copied().collect(),
         viewer_uids: cfg.viewer_uids.iter().copied().collect(),
+        admin_gids: cfg.admin_gids.iter().copied().collect(),
+        viewer_gids: cfg.viewer_gids.iter().copied().collect(),
+        admin_names: cfg.admin_names.iter().cloned().collect(),
+        viewer_names: cfg.viewer_names.iter().cloned().collect(),
         insecure_tcp_admin: cfg.insecure_tcp,
-        ..Default::default()
     };
-    let router = tonic::transport::Server::builder()
-        // Outermost: refuse callers without a role before they use any capacity.
-        .layer(AuthLayer::new(roles))
-        // Then shed load: a bounded number of requests in flight, the rest refused at once
-        // with UNAVAILABLE rather than queued without bound.
-        .layer(crate::limits::ShedLayer::new(cfg.max_concurrent_requests))
-        // Innermost: a deadline per request (unary calls; streams run until done or cancelled).
-        .timeout(Duration::from_secs(cfg.request_timeout_secs))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(service);
+    let auth = AuthLayer::new(roles);
+    // One shedding budget shared by the Unix and TCP listeners.
+    let shed = crate::limits::ShedLayer::new(cfg.max_concurrent_requests);
+    // The same stack serves the Unix socket (plain) and TCP (mTLS when configured).
+    let build = |server: tonic::transport::Server| {
+        server
+            // Outermost: refuse callers without a role before they use any capacity.
+            .layer(auth.clone())
+            // Then shed load: a bounded number of requests in flight (a stream counts until it
+            // ends), the rest refused at once with UNAVAILABLE rather than queued without bound.
+            .layer(shed.clone())
+            // A deadline per request, enforced by tonic around the whole stack until the
+            // response headers (unary calls; streams run until done or cancelled). Message size
+            // is bounded by the service's max_decoding_message_size (RESOURCE_EXHAUSTED).
+            .timeout(Duration::from_secs(cfg.request_timeout_secs))
+            .add_service(health_service.clone())
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone())
+            .add_service(service.clone())
+    };
+    let router = build(tonic::transport::Server::builder());
 
     let sock_path = cfg.runtime_dir.join("memplace.sock");
     let _ = std::fs::remove_file(&sock_path);
@@ -240,14 +269,24 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
     let mut tcp_task = None;
     if let Some(addr) = cfg.listen_tcp {
-        if cfg.tls_cert.is_none() {
-            tracing::warn!(%addr, "serving gRPC on TCP WITHOUT TLS (insecure_tcp): anyone who can reach this address is an admin");
-        }
+        let router = match &tls {
+            Some(tls) => {
+                tracing::info!(%addr, "serving gRPC on TCP with mTLS");
+                build(
+                    tonic::transport::Server::builder()
+                        .tls_config(tls.clone())
+                        .map_err(|e| AppError::Serve(format!("TLS: {e}")))?,
+                )
+            }
+            None => {
+                tracing::warn!(%addr, "serving gRPC on TCP WITHOUT TLS (insecure_tcp): anyone who can reach this address is an admin");
+                router.clone()
+            }
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AppError::Bind(addr.to_string(), e))?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let router = router.clone();
         let mut stop = stop_rx.clone();
         tcp_task = Some(tokio::spawn(async move {
             router
@@ -275,6 +314,40 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         Ok(Ok(Ok(()))) | Err(_) => Ok(()),
         Ok(Ok(Err(e))) => Err(AppError::Serve(e.to_string())),
         Ok(Err(e)) => Err(AppError::Serve(e.to_string())),
+    }
+}
+
+/// Keeps only the capabilities the agent uses (see `kernel::caps::KEEP`), plus
+/// CAP_NET_BIND_SERVICE when a listener needs a port below 1024, and says what will not work
+/// when a needed one is missing.
+fn drop_capabilities(cfg: &Config) {
+    use kernel::caps;
+    let mut keep = caps::KEEP.to_vec();
+    let low_port = |a: &str| {
+        a.parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.port() < 1024)
+    };
+    if cfg.listen_tcp.is_some_and(|a| a.port() < 1024) || low_port(&cfg.metrics_addr) {
+        keep.push(caps::CAP_NET_BIND_SERVICE);
+    }
+    match caps::drop_all_but(&keep) {
+        Ok(d) => tracing::info!(
+            dropped_from_bounding_set = d.bounding.len(),
+            effective = format_args!("{:#x}", d.after.effective),
+            "capabilities reduced to what the agent uses"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not drop unneeded capabilities"),
+    }
+    let now = caps::current().unwrap_or_default();
+    if !now.has(caps::CAP_SYS_NICE) {
+        tracing::warn!(
+            "no CAP_SYS_NICE: SetPolicy with migrate and placement of pages a VMM shares will fail (mbind MPOL_MF_MOVE_ALL and move_pages need it); run as root or grant CAP_SYS_NICE"
+        );
+    }
+    if !now.has(caps::CAP_SYS_PTRACE) {
+        tracing::warn!(
+            "no CAP_SYS_PTRACE: after a restart the agent cannot take region fds back from VMMs (pidfd_getfd), so held regions will be reported lost; grant CAP_SYS_PTRACE"
+        );
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::server::NamedService;
-use tonic::transport::server::UdsConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 use tower::{Layer, Service};
 
 /// A caller's role.
@@ -26,6 +26,10 @@ pub struct Roles {
     pub admin_uids: HashSet<u32>,
     /// Viewer uids.
     pub viewer_uids: HashSet<u32>,
+    /// Admin gids (checked when the uid has no role).
+    pub admin_gids: HashSet<u32>,
+    /// Viewer gids.
+    pub viewer_gids: HashSet<u32>,
     /// TCP: certificate identities (SAN or CN) with admin.
     pub admin_names: HashSet<String>,
     /// TCP: certificate identities with viewer.
@@ -54,6 +58,17 @@ impl Roles {
         if self.admin_uids.contains(&uid) {
             Some(Role::Admin)
         } else if self.viewer_uids.contains(&uid) {
+            Some(Role::Viewer)
+        } else {
+            None
+        }
+    }
+
+    /// The role of a primary gid (used only when the uid itself has no role).
+    pub fn of_gid(&self, gid: u32) -> Option<Role> {
+        if self.admin_gids.contains(&gid) {
+            Some(Role::Admin)
+        } else if self.viewer_gids.contains(&gid) {
             Some(Role::Viewer)
         } else {
             None
@@ -118,19 +133,41 @@ impl<S: NamedService> NamedService for Auth<S> {
     const NAME: &'static str = S::NAME;
 }
 
-/// The identity and role of a request's peer.
+/// The identity and role of a request's peer. Unix socket: its SO_PEERCRED uid, then its gid.
+/// TCP with mTLS: the client certificate's names (SAN entries, then CN); the handshake already
+/// proved the certificate chains to `tls_client_ca`. TCP without TLS: admin only when
+/// `insecure_tcp` was set explicitly.
 fn identify<B>(roles: &Roles, req: &http::Request<B>) -> (String, Option<Role>) {
     if let Some(info) = req.extensions().get::<UdsConnectInfo>() {
         return match info.peer_cred {
-            Some(c) => (format!("uid:{}", c.uid()), roles.of_uid(c.uid())),
+            Some(c) => {
+                let role = roles.of_uid(c.uid()).or_else(|| roles.of_gid(c.gid()));
+                (format!("uid:{}", c.uid()), role)
+            }
             None => ("uid:unknown".into(), None),
         };
     }
-    if roles.insecure_tcp_admin {
-        let peer = req
-            .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|i| i.remote_addr())
+    if let Some(info) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
+        let names = info
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|leaf| crate::tls::peer_names(leaf)))
+            .unwrap_or_default();
+        // The strongest role any of the certificate's names holds; the audit names that name.
+        for want in [Role::Admin, Role::Viewer] {
+            if let Some(n) = names.iter().find(|n| roles.of_name(n) == Some(want)) {
+                return (format!("cert:{n}"), Some(want));
+            }
+        }
+        let who = names
+            .first()
+            .map_or("cert:unnamed".to_string(), |n| format!("cert:{n}"));
+        return (who, None);
+    }
+    if roles.insecure_tcp_admin
+        && let Some(info) = req.extensions().get::<TcpConnectInfo>()
+    {
+        let peer = info
+            .remote_addr()
             .map_or("unknown".to_string(), |a| a.to_string());
         return (format!("tcp:{peer}"), Some(Role::Admin));
     }
@@ -161,7 +198,7 @@ where
         if !allowed(role, &path) {
             let msg = match role {
                 None => format!(
-                    "{who} may not use this agent: it has no role (configure admin_uids/viewer_uids)"
+                    "{who} may not use this agent: it has no role (configure admin_uids/viewer_uids/admin_gids/viewer_gids, or admin_names/viewer_names for certificates)"
                 ),
                 Some(_) => format!("{who} has the viewer role, which may not call {path}"),
             };

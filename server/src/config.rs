@@ -56,6 +56,18 @@ pub struct Flags {
     /// Uids with the viewer role, comma-separated [default: none].
     #[arg(long, env = "MEMPLACE_VIEWER_UIDS", value_delimiter = ',')]
     pub viewer_uids: Option<Vec<u32>>,
+    /// Gids with the admin role on the Unix socket (caller's primary gid) [default: none].
+    #[arg(long, env = "MEMPLACE_ADMIN_GIDS", value_delimiter = ',')]
+    pub admin_gids: Option<Vec<u32>>,
+    /// Gids with the viewer role [default: none].
+    #[arg(long, env = "MEMPLACE_VIEWER_GIDS", value_delimiter = ',')]
+    pub viewer_gids: Option<Vec<u32>>,
+    /// Client certificate names (SAN or CN) with the admin role on mTLS TCP [default: none].
+    #[arg(long, env = "MEMPLACE_ADMIN_NAMES", value_delimiter = ',')]
+    pub admin_names: Option<Vec<String>>,
+    /// Client certificate names with the viewer role [default: none].
+    #[arg(long, env = "MEMPLACE_VIEWER_NAMES", value_delimiter = ',')]
+    pub viewer_names: Option<Vec<String>>,
     /// Uids allowed on the handoff socket, comma-separated [default: 0].
     #[arg(long, env = "MEMPLACE_HANDOFF_UIDS", value_delimiter = ',')]
     pub handoff_uids: Option<Vec<u32>>,
@@ -118,6 +130,14 @@ pub struct Config {
     pub admin_uids: Vec<u32>,
     /// Viewer uids.
     pub viewer_uids: Vec<u32>,
+    /// Admin gids.
+    pub admin_gids: Vec<u32>,
+    /// Viewer gids.
+    pub viewer_gids: Vec<u32>,
+    /// Admin certificate names.
+    pub admin_names: Vec<String>,
+    /// Viewer certificate names.
+    pub viewer_names: Vec<String>,
     /// Handoff uids.
     pub handoff_uids: Vec<u32>,
     /// TLS certificate.
@@ -159,6 +179,10 @@ impl Default for Config {
             socket_mode: "0660".into(),
             admin_uids: vec![0],
             viewer_uids: vec![],
+            admin_gids: vec![],
+            viewer_gids: vec![],
+            admin_names: vec![],
+            viewer_names: vec![],
             handoff_uids: vec![0],
             tls_cert: None,
             tls_key: None,
@@ -220,6 +244,10 @@ impl Config {
             socket_mode,
             admin_uids,
             viewer_uids,
+            admin_gids,
+            viewer_gids,
+            admin_names,
+            viewer_names,
             handoff_uids,
             insecure_tcp,
             max_regions,
@@ -292,6 +320,9 @@ impl Config {
             if n == 0 && !self.insecure_tcp {
                 return bad("listen_tcp without TLS is refused: give tls_cert, tls_key and tls_client_ca, or insecure_tcp = true".into());
             }
+            if n == 3 && self.admin_names.is_empty() && self.viewer_names.is_empty() {
+                return bad("listen_tcp with mTLS needs admin_names or viewer_names: no client certificate would have a role".into());
+            }
         }
         Ok(())
     }
@@ -352,5 +383,31 @@ mod tests {
         assert!(c.validate().is_ok());
         c.tls_cert = Some("/x".into());
         assert!(c.validate().is_err());
+        c.tls_key = Some("/y".into());
+        c.tls_client_ca = Some("/z".into());
+        assert!(
+            c.validate().is_err(),
+            "mTLS without any certificate name is useless"
+        );
+        c.admin_names = vec!["ops".into()];
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn role_lists_parse_from_flags() {
+        let flags = Flags::try_parse_from([
+            "memplaced",
+            "--admin-gids",
+            "10,11",
+            "--viewer-names",
+            "a.example,b",
+        ])
+        .unwrap();
+        let c = Config::load(&flags).unwrap();
+        assert_eq!(c.admin_gids, vec![10, 11]);
+        assert_eq!(
+            c.viewer_names,
+            vec!["a.example".to_string(), "b".to_string()]
+        );
     }
 }

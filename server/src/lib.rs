@@ -19,4 +19,5 @@ pub mod limits;
 pub mod metrics;
 pub mod reconcile;
 pub mod store;
+pub mod tls;
 pub mod topology;

@@ -1,5 +1,7 @@
 //! Load shedding: at most N requests in flight; the rest are refused at once with UNAVAILABLE,
-//! so a flood never queues without bound or starves the reconcile loop.
+//! so a flood never queues without bound or starves the reconcile loop. A request stays "in
+//! flight" until its response body ends, so a streaming Populate holds its slot for as long as it
+//! runs, not only until its response headers are sent.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -79,9 +81,18 @@ where
         let mut inner = self.inner.clone();
         std::mem::swap(&mut inner, &mut self.inner);
         Box::pin(async move {
-            let r = inner.call(req).await;
-            drop(permit);
-            r
+            let resp = inner.call(req).await?;
+            // The permit moves into the body and is released when hyper drops the body: after
+            // the last frame of a stream, or when the client goes away.
+            Ok(resp.map(|body| {
+                tonic::body::Body::new(http_body_util::BodyExt::map_err(
+                    body,
+                    move |e: tonic::Status| {
+                        let _held = &permit;
+                        e
+                    },
+                ))
+            }))
         })
     }
 }

@@ -176,7 +176,19 @@ impl Store {
         if check != "ok" {
             return Err(open_err(format!("integrity check failed: {check}")));
         }
-        sqlx::migrate!("../migrations")
+        let migrator = sqlx::migrate!("../migrations");
+        let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        if let Some(applied) = applied_schema_version(&mut conn)
+            .await
+            .map_err(|e| open_err(e.to_string()))?
+            && applied > known
+        {
+            return Err(open_err(format!(
+                "it has schema version {applied}, newer than this memplace knows ({known}): \
+                 run the memplace that wrote it, or restore a backup; the file was not changed"
+            )));
+        }
+        migrator
             .run(&mut conn)
             .await
             .map_err(|e| open_err(format!("schema migration: {e}")))?;
@@ -340,6 +352,21 @@ impl Store {
     }
 }
 
+/// The highest migration recorded in the database, if it has the migrations table.
+async fn applied_schema_version(conn: &mut SqliteConnection) -> Result<Option<i64>, sqlx::Error> {
+    let has_table: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    if has_table.is_none() {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+        .fetch_one(&mut *conn)
+        .await
+}
+
 fn region_from_row(
     row: &sqlx::sqlite::SqliteRow,
     key: RegionKey,
@@ -454,13 +481,22 @@ async fn commit_batch(
                     Ok(seqs)
                 }
                 Err(e) => {
-                    sqlx::query("ROLLBACK TO job").execute(&mut *conn).await?;
-                    sqlx::query("RELEASE job").execute(&mut *conn).await?;
+                    // The job's own error is what its caller needs, not a failed rollback's.
+                    let _ = sqlx::query("ROLLBACK TO job").execute(&mut *conn).await;
+                    let _ = sqlx::query("RELEASE job").execute(&mut *conn).await;
                     Err(e)
                 }
             }
         }
         .await;
+        // A full disk, a lock or an I/O error (SQLite may answer these by rolling back the
+        // whole transaction) fails the whole batch: the jobs before it may already be undone, so none
+        // may be acknowledged.
+        if let Err(e @ (StoreError::Full | StoreError::Locked | StoreError::Sql(_))) = &r {
+            let e = clone_err(e);
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            return jobs.iter().map(|_| Err(clone_err(&e))).collect();
+        }
         results.push(r);
     }
     if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {

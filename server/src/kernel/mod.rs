@@ -6,6 +6,7 @@
 //! run them on blocking threads.
 #![allow(unsafe_code)]
 
+pub mod caps;
 pub mod fdpass;
 pub mod files;
 pub mod mapping;
