@@ -280,11 +280,19 @@ impl Client {
         vm_id: &str,
         name: &str,
     ) -> Result<pb::Region, ClientError> {
-        let req = pb::DeleteRegionRequest {
+        self.delete_region_with(pb::DeleteRegionRequest {
             vm_id: vm_id.into(),
             name: name.into(),
             request_id: new_request_id(),
-        };
+        })
+        .await
+    }
+
+    /// DeleteRegion with a caller-built request (keep its request_id across retries).
+    pub async fn delete_region_with(
+        &mut self,
+        req: pb::DeleteRegionRequest,
+    ) -> Result<pb::Region, ClientError> {
         let r = self
             .retrying(|mut c| {
                 let r = req.clone();
@@ -341,7 +349,12 @@ impl Client {
         while let Some(msg) = stream.message().await? {
             match msg.event {
                 Some(Event::Progress(p)) => progress(p.bytes_done, p.bytes_total),
-                Some(Event::Summary(s)) => return Ok(s),
+                Some(Event::Summary(s)) => {
+                    // Read to the end of the stream, so the call ends with its status (OK)
+                    // rather than a cancellation.
+                    while stream.message().await?.is_some() {}
+                    return Ok(s);
+                }
                 None => {}
             }
         }

@@ -596,6 +596,8 @@ impl NodeAgentService for NodeAgent {
             cgroup: (!r.cgroup.is_empty()).then(|| r.cgroup.clone().into()),
         };
         tracing::info!(vm_id = %r.vm_id, name = %r.name, caller = %who, offset = r.offset, length = r.length, threads = r.threads, cgroup = %r.cgroup, "Populate");
+        // A populate of the whole region reads where all its pages are: keep that for metrics.
+        let whole_region = (r.offset == 0 && r.length == 0).then(|| (r.vm_id.clone(), r.name));
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let progress = Arc::new(PopulateProgress::default());
         let agent = self.agent.clone();
@@ -621,6 +623,10 @@ impl NodeAgentService for NodeAgent {
                     _ = tx.closed() => progress.cancel.store(true, Ordering::Relaxed),
                 }
             };
+            if let (Some((vm_id, name)), Ok(Ok(o))) = (&whole_region, &outcome) {
+                let nodes = o.placement.nodes().into_iter().map(|n| (n.node, n.pages));
+                crate::metrics::observe_placement(vm_id, name, o.placement.page_size, nodes);
+            }
             let msg = match outcome {
                 Ok(Ok(o)) => Ok(pb::PopulateResponse {
                     event: Some(pb::populate_response::Event::Summary(pb::PopulateSummary {
@@ -652,6 +658,11 @@ impl NodeAgentService for NodeAgent {
             .placement(&key(&r.vm_id, &r.name), r.offset, r.length)
             .await
             .map_err(status_of)?;
+        let whole_region = r.offset == 0 && r.length == 0;
+        if whole_region {
+            let nodes = p.nodes().into_iter().map(|n| (n.node, n.pages));
+            crate::metrics::observe_placement(&r.vm_id, &r.name, p.page_size, nodes);
+        }
         Ok(Response::new(placement_to_pb(&p)))
     }
 
@@ -662,7 +673,10 @@ impl NodeAgentService for NodeAgent {
         let who = caller(&req);
         let r = req.into_inner();
         let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
+        tracing::info!(vm_id = %r.vm_id, caller = %who, "Reconcile");
+        let start = std::time::Instant::now();
         let rep = self.agent.reconcile(vm, &who).await.map_err(status_of)?;
+        crate::metrics::observe_reconcile(&self.agent, start.elapsed()).await;
         Ok(Response::new(pb::ReconcileResponse {
             ranges_checked: rep.checked,
             ranges_reapplied: rep.reapplied,

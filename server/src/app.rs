@@ -239,7 +239,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // The same stack serves the Unix socket (plain) and TCP (mTLS when configured).
     let build = |server: tonic::transport::Server| {
         server
-            // Outermost: refuse callers without a role before they use any capacity.
+            // Outside everything: count and time every request, so refusals by the auth and
+            // load-shedding layers below show up in memplace_requests with their codes too.
+            .layer(crate::metrics::RequestMetricsLayer)
+            // Then refuse callers without a role before they use any capacity.
             .layer(auth.clone())
             // Then shed load: a bounded number of requests in flight (a stream counts until it
             // ends), the rest refused at once with UNAVAILABLE rather than queued without bound.

@@ -1,4 +1,9 @@
 //! Prometheus metrics, served as text at /metrics on a loopback listener by default.
+//!
+//! Requests are counted by [`RequestMetricsLayer`] at the edge of the gRPC server; the engine's
+//! counters are copied in at each scrape; per-node bytes come from the intent (intended) and from
+//! the last whole-region placement read of each region (observed), so a scrape never walks guest
+//! memory.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -6,7 +11,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::OnceLock;
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tonic::server::NamedService;
+use tower::{Layer, Service};
 
 /// Labels of request metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,7 +64,9 @@ pub struct Metrics {
     pub regions: Family<RegionLabels, Gauge>,
     /// Bytes whose intended policy names the node (hard node sets only).
     pub bytes_intended: Family<NodeLabel, Gauge>,
-    /// Bytes observed on the node at the last reconcile.
+    /// Allocated bytes on the node, summed over each region's last whole-region placement read
+    /// (GetPlacement or Populate of the whole region). Reading placement walks every page, so
+    /// neither a scrape nor a reconcile pass does it.
     pub bytes_observed: Family<NodeLabel, Gauge>,
     /// Ranges found drifted.
     pub ranges_drifted: Counter,
@@ -120,7 +133,7 @@ pub fn metrics() -> &'static Metrics {
         );
         registry.register(
             "bytes_observed",
-            "Allocated bytes seen on the node at the last reconcile",
+            "Allocated bytes on the node as of each region's last whole-region GetPlacement or Populate",
             m.bytes_observed.clone(),
         );
         registry.register(
@@ -184,9 +197,32 @@ pub fn render() -> String {
     out
 }
 
-/// Recomputes region gauges and intended bytes per node from the engine's intent.
+/// Each region's pages per node as last read from the kernel over the whole region, in bytes.
+fn observed() -> &'static Mutex<HashMap<(String, String), Vec<(u32, u64)>>> {
+    static O: OnceLock<Mutex<HashMap<(String, String), Vec<(u32, u64)>>>> = OnceLock::new();
+    O.get_or_init(Default::default)
+}
+
+/// Records where a whole region's pages are (`(node, pages)` of `page_size` bytes), as a
+/// GetPlacement or Populate over the whole region just read them from the kernel.
+pub fn observe_placement(
+    vm_id: &str,
+    name: &str,
+    page_size: u64,
+    nodes: impl IntoIterator<Item = (u32, u64)>,
+) {
+    let bytes = nodes
+        .into_iter()
+        .map(|(n, pages)| (n, pages.saturating_mul(page_size)))
+        .collect();
+    if let Ok(mut o) = observed().lock() {
+        o.insert((vm_id.to_string(), name.to_string()), bytes);
+    }
+}
+
+/// Recomputes region gauges and per-node bytes from the engine's intent, and copies the
+/// engine's counters in.
 pub async fn refresh_regions(agent: &crate::reconcile::Agent) {
-    use std::collections::HashMap;
     let Ok(regions) = agent.list_intents().await else {
         return;
     };
@@ -219,26 +255,268 @@ pub async fn refresh_regions(agent: &crate::reconcile::Agent) {
             })
             .set(bytes);
     }
+    m.bytes_observed.clear();
+    if let Ok(mut o) = observed().lock() {
+        // Forget regions that are gone, so a deleted region stops counting.
+        let live: HashSet<(&str, &str)> = regions
+            .iter()
+            .map(|r| (r.key.vm_id.as_str(), r.key.name.as_str()))
+            .collect();
+        o.retain(|(vm, name), _| live.contains(&(vm.as_str(), name.as_str())));
+        let mut per_node: HashMap<u32, u64> = HashMap::new();
+        for (node, bytes) in o.values().flatten() {
+            *per_node.entry(*node).or_default() += bytes;
+        }
+        for (node, bytes) in per_node {
+            m.bytes_observed
+                .get_or_create(&NodeLabel {
+                    node: node.to_string(),
+                })
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
     m.regions_lost.set(
         regions
             .iter()
             .filter(|r| r.status == crate::domain::RegionStatus::Lost)
             .count() as i64,
     );
+    sync_counters(agent);
 }
 
-/// Records a reconcile pass and the engine's drift counters.
-pub async fn observe_reconcile(agent: &crate::reconcile::Agent, took: std::time::Duration) {
+/// Brings the drift counters up to the engine's, which count every pass (periodic or requested).
+fn sync_counters(agent: &crate::reconcile::Agent) {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     static SEEN_DRIFT: AtomicU64 = AtomicU64::new(0);
     static SEEN_REAPPLIED: AtomicU64 = AtomicU64::new(0);
     let m = metrics();
-    m.reconcile_seconds.observe(took.as_secs_f64());
     let d = agent.counters.drifted.load(Relaxed);
     m.ranges_drifted
         .inc_by(d.saturating_sub(SEEN_DRIFT.swap(d, Relaxed)));
     let r = agent.counters.reapplied.load(Relaxed);
     m.ranges_reapplied
         .inc_by(r.saturating_sub(SEEN_REAPPLIED.swap(r, Relaxed)));
+}
+
+/// Records a reconcile pass, periodic or requested.
+pub async fn observe_reconcile(agent: &crate::reconcile::Agent, took: std::time::Duration) {
+    metrics().reconcile_seconds.observe(took.as_secs_f64());
     refresh_regions(agent).await;
+}
+
+/// The `method` label of a request path: the known gRPC methods by name (`service/Method`), and
+/// `unknown` for anything else, so a caller cannot grow the label set without bound.
+fn method_label(path: &str) -> String {
+    static KNOWN: OnceLock<HashSet<String>> = OnceLock::new();
+    let known = KNOWN.get_or_init(|| {
+        use prost::Message;
+        let mut known = HashSet::new();
+        for set in [
+            memplace_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        known.insert(format!(
+                            "{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        known.insert("grpc.reflection.v1.ServerReflection/ServerReflectionInfo".into());
+        known.insert("grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".into());
+        known
+    });
+    let name = path.trim_start_matches('/');
+    if known.contains(name) {
+        name.to_string()
+    } else {
+        "unknown".to_string()
+    }
+}
+
+/// The canonical name of a gRPC status code (`OK`, `NOT_FOUND`, ...).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The grpc-status in a header map, if there is one.
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let v = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    Some(tonic::Code::from_i32(v))
+}
+
+/// One request being measured: recorded exactly once, when its status is known, or as
+/// CANCELLED if the response is dropped first (the client went away mid-stream).
+struct CallTimer {
+    method: String,
+    start: Instant,
+    done: bool,
+}
+
+impl CallTimer {
+    fn finish(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let m = metrics();
+        m.requests
+            .get_or_create(&MethodCode {
+                method: self.method.clone(),
+                code: code_name(code).into(),
+            })
+            .inc();
+        m.latency
+            .get_or_create(&MethodLabel {
+                method: self.method.clone(),
+            })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for CallTimer {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled);
+    }
+}
+
+/// A response body that records its call when the trailers carrying grpc-status go by.
+struct MeteredBody {
+    inner: tonic::body::Body,
+    timer: CallTimer,
+}
+
+impl hyper::body::Body for MeteredBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    this.timer.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(s))) => this.timer.finish(s.code()),
+            // A gRPC response that ends without a status is broken.
+            Poll::Ready(None) => this.timer.finish(tonic::Code::Unknown),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The tower layer that counts gRPC requests by method and status code and times them, from
+/// the first byte in to the status out (so a stream is timed to its end).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestMetricsLayer;
+
+impl<S> Layer<S> for RequestMetricsLayer {
+    type Service = RequestMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestMetrics { inner }
+    }
+}
+
+/// The service of [`RequestMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct RequestMetrics<S> {
+    inner: S,
+}
+
+impl<S: NamedService> NamedService for RequestMetrics<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for RequestMetrics<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let mut timer = CallTimer {
+            method: method_label(req.uri().path()),
+            start: Instant::now(),
+            done: false,
+        };
+        let mut inner = self.inner.clone();
+        std::mem::swap(&mut inner, &mut self.inner);
+        Box::pin(async move {
+            let resp = match inner.call(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    timer.finish(tonic::Code::Unknown);
+                    return Err(e);
+                }
+            };
+            // A refusal or an early error is "trailers-only": the status is in the headers.
+            if let Some(code) = grpc_status(resp.headers()) {
+                timer.finish(code);
+                return Ok(resp);
+            }
+            let (parts, body) = resp.into_parts();
+            if hyper::body::Body::is_end_stream(&body) {
+                timer.finish(tonic::Code::Unknown);
+            }
+            let body = tonic::body::Body::new(MeteredBody { inner: body, timer });
+            Ok(http::Response::from_parts(parts, body))
+        })
+    }
 }

@@ -53,15 +53,22 @@ impl AgentProc {
             .append(true)
             .open(self.log())
             .expect("log file");
+        // Test defaults, unless the test gives the flag itself (clap refuses a repeated flag).
+        let mut defaults = vec![];
+        for (flag, value) in [
+            ("--metrics-addr", "off"),
+            ("--reconcile-interval-secs", "0"),
+        ] {
+            if !self.extra.iter().any(|a| a == flag) {
+                defaults.extend([flag, value]);
+            }
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_memplaced"))
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--runtime-dir")
             .arg(self.runtime_dir())
-            .arg("--metrics-addr")
-            .arg("off")
-            .arg("--reconcile-interval-secs")
-            .arg("0")
+            .args(&defaults)
             .args(&self.extra)
             .env("MEMPLACE_LOG_LEVEL", "info")
             .stdout(Stdio::null())

@@ -1,0 +1,326 @@
+//! What an operator watches: the Prometheus endpoint, parsed by the Python prometheus_client
+//! parser after real activity, and the JSON log lines of mutations.
+
+mod common;
+
+use common::{AgentProc, MIB, policy};
+use memplace_client::handoff::Handoff;
+use memplace_client::pb;
+use memplace_server::domain::{NodeSet, Policy, PolicyMode};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+
+/// A free loopback port (the agent binds it a moment later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET /metrics over plain HTTP/1.1, returning the body.
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// One parsed sample.
+struct Sample {
+    name: String,
+    labels: serde_json::Map<String, Value>,
+    value: f64,
+}
+
+/// Parses exposition text with `prometheus_client.parser.text_string_to_metric_families`.
+fn parse_with_python(text: &str) -> Vec<Sample> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/parse_metrics.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed to parse the metrics (apt-get install python3)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Python prometheus_client parser rejected /metrics (is prometheus_client installed? \
+         python3 -m pip install prometheus_client): {}\n---\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.into_iter()
+        .map(|s| Sample {
+            name: s["name"].as_str().unwrap().to_string(),
+            labels: s["labels"].as_object().unwrap().clone(),
+            value: s["value"].as_f64().unwrap(),
+        })
+        .collect()
+}
+
+/// The value of the sample `name` whose labels include `labels`; panics with the neighbours if
+/// there is none.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).and_then(|x| x.as_str()) == Some(*v))
+        })
+        .collect();
+    match found.as_slice() {
+        [one] => one.value,
+        [] => panic!(
+            "no sample {name}{labels:?}; samples of that name: {:?}",
+            samples
+                .iter()
+                .filter(|s| s.name == name)
+                .map(|s| (&s.labels, s.value))
+                .collect::<Vec<_>>()
+        ),
+        many => panic!("{} samples match {name}{labels:?}", many.len()),
+    }
+}
+
+const AGENT: &str = "memplace.v1.NodeAgentService/";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_carry_requests_regions_bytes_drift_and_handoffs() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = AgentProc::start_with(&["--metrics-addr", &addr]);
+    let mut c = agent.client().await;
+
+    // Activity: a region bound to node 0, populated, read, drifted behind the agent's back
+    // through a VMM's mapping, reconciled; a refused request; a second region deleted.
+    let created = c
+        .create_region(
+            "vm1",
+            "ram0",
+            64 * MIB,
+            pb::Backend::Memfd,
+            vec![pb::RangePolicy {
+                offset: 0,
+                length: 0,
+                policy: Some(policy(pb::PolicyMode::Bind, &[0])),
+            }],
+        )
+        .await
+        .unwrap();
+    c.create_region("vm1", "scratch", 4 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
+    c.delete_region("vm1", "scratch").await.unwrap();
+    let summary = c
+        .populate(
+            pb::PopulateRequest {
+                vm_id: "vm1".into(),
+                name: "ram0".into(),
+                ..Default::default()
+            },
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.bytes_done, 64 * MIB);
+    c.placement("vm1", "ram0", 0, 0).await.unwrap();
+    let missing = c.get_region("vm1", "nope").await.unwrap_err();
+    assert_eq!(missing.code(), Some(tonic::Code::NotFound));
+
+    let handoff = Handoff::connect(agent.handoff_socket()).unwrap();
+    let held = handoff
+        .acquire("vm1", "ram0", &created.handoff_token)
+        .unwrap();
+    let map = memplace_server::kernel::Mapping::new(
+        std::os::fd::AsFd::as_fd(&held.fd),
+        held.region.size_bytes,
+    )
+    .unwrap();
+    let other = Policy {
+        mode: PolicyMode::Preferred,
+        nodes: NodeSet::from_ids([0]).unwrap(),
+        static_nodes: false,
+        relative_nodes: false,
+    };
+    // memfd keeps one shared policy: a VMM's mbind changes what the agent reads back.
+    map.mbind(0, 16 * MIB, &other, 0).unwrap();
+    let rep = c.reconcile("").await.unwrap();
+    assert_eq!(rep.ranges_drifted, 1, "{rep:?}");
+
+    let text = scrape(port);
+    let s = parse_with_python(&text);
+
+    // Requests by method and code, from the edge layer; streams counted when they end.
+    let req = "memplace_requests_total";
+    for (method, code, at_least) in [
+        ("CreateRegion", "OK", 2.0),
+        ("DeleteRegion", "OK", 1.0),
+        ("Populate", "OK", 1.0),
+        ("GetPlacement", "OK", 1.0),
+        ("Reconcile", "OK", 1.0),
+        ("GetRegion", "NOT_FOUND", 1.0),
+    ] {
+        let v = value(
+            &s,
+            req,
+            &[("method", &format!("{AGENT}{method}")), ("code", code)],
+        );
+        assert!(v >= at_least, "{method} {code}: {v}");
+    }
+    // The latency histogram: counts match the requests, buckets are cumulative, sums positive.
+    let create = &[("method", "memplace.v1.NodeAgentService/CreateRegion")][..];
+    let count = value(&s, "memplace_request_duration_seconds_count", create);
+    assert_eq!(count, 2.0);
+    assert!(value(&s, "memplace_request_duration_seconds_sum", create) > 0.0);
+    let buckets: Vec<(f64, f64)> = s
+        .iter()
+        .filter(|x| {
+            x.name == "memplace_request_duration_seconds_bucket"
+                && x.labels["method"] == create[0].1
+        })
+        .map(|x| {
+            let le = x.labels["le"].as_str().unwrap();
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            (le, x.value)
+        })
+        .collect();
+    assert!(buckets.len() > 5, "{buckets:?}");
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "{buckets:?}"
+    );
+    assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, count));
+
+    // Regions by backend, strategy and status; bytes per node; lost regions.
+    let regions = [
+        ("backend", "memfd"),
+        ("strategy", "shared-policy"),
+        ("status", "active"),
+    ];
+    assert_eq!(value(&s, "memplace_regions", &regions), 1.0);
+    assert_eq!(
+        value(&s, "memplace_bytes_intended", &[("node", "0")]),
+        (64 * MIB) as f64
+    );
+    assert_eq!(
+        value(&s, "memplace_bytes_observed", &[("node", "0")]),
+        (64 * MIB) as f64
+    );
+    assert_eq!(value(&s, "memplace_regions_lost", &[]), 0.0);
+    // Drift found (and re-applied, as far as the engine managed) by the requested reconcile,
+    // and its duration.
+    assert_eq!(value(&s, "memplace_ranges_drifted_total", &[]), 1.0);
+    assert_eq!(
+        value(&s, "memplace_ranges_reapplied_total", &[]),
+        f64::from(rep.ranges_reapplied)
+    );
+    assert_eq!(
+        value(&s, "memplace_reconcile_duration_seconds_count", &[]),
+        1.0
+    );
+    // Every mutation committed durably: create, create, delete at least.
+    assert!(value(&s, "memplace_sqlite_commit_duration_seconds_count", &[]) >= 3.0);
+    assert!(value(&s, "memplace_sqlite_commit_duration_seconds_sum", &[]) > 0.0);
+    assert_eq!(
+        value(
+            &s,
+            "memplace_handoffs_total",
+            &[("code", "HANDOFF_CODE_OK")]
+        ),
+        1.0
+    );
+    drop(map);
+
+    // Deleting the region takes its bytes off both gauges at the next scrape.
+    drop(held);
+    c.delete_region("vm1", "ram0").await.unwrap();
+    let s = parse_with_python(&scrape(port));
+    for gauge in ["memplace_bytes_intended", "memplace_bytes_observed"] {
+        assert!(
+            !s.iter().any(|x| x.name == gauge && x.value != 0.0),
+            "{gauge} still counts a deleted region"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_name_vm_region_request_and_caller() {
+    let agent = AgentProc::start_with(&["--log-format", "json"]);
+    let mut c = agent.client().await;
+    let req = pb::CreateRegionRequest {
+        vm_id: "vm7".into(),
+        name: "ram0".into(),
+        size_bytes: 4 * MIB,
+        backend: pb::Backend::Memfd as i32,
+        request_id: "req-json-log-1".into(),
+        ..Default::default()
+    };
+    c.create_region_with(req).await.unwrap();
+    c.set_policy_with(pb::SetPolicyRequest {
+        vm_id: "vm7".into(),
+        name: "ram0".into(),
+        policy: Some(policy(pb::PolicyMode::Bind, &[0])),
+        request_id: "req-json-log-2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.delete_region_with(pb::DeleteRegionRequest {
+        vm_id: "vm7".into(),
+        name: "ram0".into(),
+        request_id: "req-json-log-3".into(),
+    })
+    .await
+    .unwrap();
+    let log = std::fs::read_to_string(agent.log()).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect();
+    for (message, request_id) in [
+        ("CreateRegion", "req-json-log-1"),
+        ("SetPolicy", "req-json-log-2"),
+        ("DeleteRegion", "req-json-log-3"),
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message} line in:\n{log}"));
+        let f = &line["fields"];
+        assert_eq!(line["level"], "INFO", "{line}");
+        assert_eq!(f["vm_id"], "vm7", "{line}");
+        assert_eq!(f["name"], "ram0", "{line}");
+        assert_eq!(f["request_id"], request_id, "{line}");
+        assert_eq!(
+            f["caller"],
+            format!("uid:{}", nix::unistd::getuid()),
+            "{line}"
+        );
+        assert!(line["timestamp"].is_string(), "{line}");
+    }
+}
