@@ -227,3 +227,53 @@ pub fn allocated_map(
     }
     Ok(out)
 }
+
+/// Which huge pages of `[offset, offset+len)` of a hugetlbfs file of `file_len` bytes are
+/// allocated, without allocating any. hugetlbfs has no cachestat, and mincore sees only pages
+/// mapped in this process, so a page that fallocate allocated would read as a hole. Instead each
+/// page is read-faulted through a temporary mapping whose holes fail rather than allocate (see
+/// [`super::Mapping::fail_faults_on_holes`]).
+pub fn hugetlb_allocated_map(
+    fd: BorrowedFd<'_>,
+    file_len: u64,
+    offset: u64,
+    len: u64,
+    page: u64,
+) -> Result<Vec<bool>, Errno> {
+    let probe = super::Mapping::new(fd, file_len)?;
+    let _guard = probe.fail_faults_on_holes(offset, len)?;
+    (0..len / page)
+        .map(|i| match probe.populate_read(offset + i * page, page) {
+            Ok(()) => Ok(true),
+            Err(Errno::EFAULT) => Ok(false),
+            Err(e) => Err(e),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hole probe works on any file that userfaultfd supports, so shmem stands in for
+    /// hugetlbfs here (whose pool a unit test cannot count on).
+    #[test]
+    fn probing_for_holes_finds_allocated_pages_and_allocates_none() {
+        let page = super::super::page_size();
+        let fd = create_memfd("probe-test", 8 * page, None).unwrap();
+        fallocate(fd.as_fd(), page, page, false).unwrap();
+        fallocate(fd.as_fd(), 5 * page, 2 * page, false).unwrap();
+        let map = hugetlb_allocated_map(fd.as_fd(), 8 * page, 0, 8 * page, page).unwrap();
+        assert_eq!(
+            map,
+            [false, true, false, false, false, true, true, false],
+            "fallocated pages, which nobody mapped, are found"
+        );
+        assert_eq!(
+            cached_pages(fd.as_fd(), 0, 8 * page).unwrap(),
+            3,
+            "the probe allocated nothing"
+        );
+        assert_eq!(allocated_map(fd.as_fd(), 0, 8 * page, page).unwrap(), map);
+    }
+}

@@ -5,11 +5,35 @@
 use super::mempolicy;
 use crate::domain::Policy;
 use nix::errno::Errno;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 const MADV_POPULATE_READ: i32 = 22;
 const MADV_POPULATE_WRITE: i32 = 23;
+
+// userfaultfd uAPI (linux/userfaultfd.h); libc lacks these.
+const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
 /// move_pages takes page lists; query in batches of this many pages.
 const QUERY_BATCH: usize = 4096;
 
@@ -151,6 +175,45 @@ impl Mapping {
     /// On a hole this allocates, so callers pass only resident runs.
     pub fn populate_read(&self, offset: u64, len: u64) -> Result<(), Errno> {
         self.madvise(offset, len, MADV_POPULATE_READ)
+    }
+
+    /// Makes faults on holes of `[offset, offset+len)` fail instead of allocating, for as long as
+    /// the returned userfaultfd is open (missing-page mode with `UFFD_FEATURE_SIGBUS`): a read
+    /// fault on an allocated page maps it, one on a hole fails with EFAULT (MADV_POPULATE_READ)
+    /// and allocates nothing. Pages already mapped here are unaffected.
+    pub fn fail_faults_on_holes(&self, offset: u64, len: u64) -> Result<OwnedFd, Errno> {
+        let start = self.addr(offset, len)? as u64;
+        // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
+        let raw = super::check(unsafe {
+            libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK)
+        })?;
+        // SAFETY: userfaultfd returned a new descriptor that nothing else owns.
+        let uffd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_SIGBUS,
+            ioctls: 0,
+        };
+        // SAFETY: `api` is a live, correctly laid out struct uffdio_api the kernel reads and writes.
+        super::check(unsafe {
+            libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi)
+        } as libc::c_long)?;
+        let mut reg = UffdioRegister {
+            start,
+            len,
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a live struct uffdio_register; its range lies inside this mapping,
+        // which outlives nothing the kernel keeps (closing the fd unregisters the range).
+        super::check(unsafe {
+            libc::ioctl(
+                uffd.as_raw_fd(),
+                UFFDIO_REGISTER,
+                &mut reg as *mut UffdioRegister,
+            )
+        } as libc::c_long)?;
+        Ok(uffd)
     }
 
     /// Write-faults every page of the range, allocating as a VMM's prefault does.

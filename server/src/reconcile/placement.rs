@@ -1,8 +1,10 @@
 //! Where a range's pages are, read from the kernel without allocating.
 //!
-//! mincore tells which pages of the file are allocated, whoever maps them. move_pages can name the
-//! node only of pages mapped in this process, so resident runs are read-faulted into the agent's
-//! mapping (a read fault on a resident page allocates nothing), queried, and unmapped again.
+//! cachestat tells which pages of the file are allocated, whoever maps them and whether or not
+//! anyone touched them (hugetlbfs, which lacks it, is probed page by page instead). move_pages can
+//! name the node only of pages mapped in this process, so allocated runs are read-faulted into the
+//! agent's mapping (a read fault on an allocated page allocates nothing), queried, and unmapped
+//! again.
 
 use super::{Agent, AgentError, RangeIntent};
 use crate::domain::{RegionKey, resolve_span, validate_name};
@@ -67,8 +69,9 @@ impl Placement {
     }
 }
 
-/// Read-faults the resident pages of a span into `mapping` and returns each page's node (or a
-/// negative errno for a page not allocated).
+/// Read-faults the allocated pages of a span into `mapping` and returns each page's node, -ENOENT
+/// for a page not allocated, or another negative errno where the kernel could not tell. Pages not
+/// allocated are never touched, so nothing is allocated.
 pub(crate) fn map_resident(
     fd: BorrowedFd<'_>,
     mapping: &Mapping,
@@ -76,9 +79,12 @@ pub(crate) fn map_resident(
     length: u64,
     page: u64,
 ) -> Vec<i32> {
-    let Ok(resident) = allocated(fd, mapping, offset, length, page) else {
-        return Vec::new();
+    let pages = (length / page) as usize;
+    let resident = match allocated(fd, mapping, offset, length, page) {
+        Ok(r) => r,
+        Err(e) => return vec![-(e as i32); pages],
     };
+    let mut nodes = vec![ENOENT; pages];
     let mut i = 0;
     while i < resident.len() {
         if !resident[i] {
@@ -89,29 +95,26 @@ pub(crate) fn map_resident(
         while i < resident.len() && resident[i] {
             i += 1;
         }
-        // A page punched between mincore and here would be allocated by this read fault; that
-        // race needs a concurrent hole punch and costs one zero page.
-        let _ = mapping.populate_read(offset + start as u64 * page, (i - start) as u64 * page);
-    }
-    let mut nodes = nodes_of(mapping, offset, length, page);
-    for (n, r) in nodes.iter_mut().zip(resident.iter()) {
-        if !r {
-            *n = ENOENT;
-        }
+        let (at, len) = (offset + start as u64 * page, (i - start) as u64 * page);
+        // A page punched between the allocation check and here would be allocated by this read
+        // fault; that race needs a concurrent hole punch and costs one zero page.
+        let _ = mapping.populate_read(at, len);
+        nodes[start..i].copy_from_slice(&nodes_of(mapping, at, len, page));
     }
     nodes
 }
 
-/// Each page's node as mapped in this process now.
+/// Each page's node as mapped in this process now (-ENOENT where not mapped here).
 pub(crate) fn nodes_of(mapping: &Mapping, offset: u64, length: u64, page: u64) -> Vec<i32> {
     mapping
         .page_nodes(offset, length, page)
-        .unwrap_or_else(|_| vec![ENOENT; (length / page) as usize])
+        .unwrap_or_else(|e| vec![-(e as i32); (length / page) as usize])
 }
 
-/// Which pages of a span are allocated: from the page cache (cachestat), which sees pages that
-/// fallocate allocated and nobody touched; hugetlbfs has no cachestat, so there the agent's
-/// mapping answers (mincore).
+/// Which pages of a span are allocated. From the page cache (cachestat), which sees pages that
+/// fallocate allocated and nobody touched. hugetlbfs has no cachestat and its mincore sees only
+/// pages mapped in this process, so there each huge page is probed through a mapping whose holes
+/// fail instead of allocating.
 pub(crate) fn allocated(
     fd: BorrowedFd<'_>,
     mapping: &Mapping,
@@ -120,7 +123,9 @@ pub(crate) fn allocated(
     page: u64,
 ) -> Result<Vec<bool>, nix::errno::Errno> {
     match kernel::files::allocated_map(fd, offset, length, page) {
-        Err(nix::errno::Errno::EOPNOTSUPP) => mapping.resident(offset, length, page),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            kernel::files::hugetlb_allocated_map(fd, mapping.len(), offset, length, page)
+        }
         r => r,
     }
 }

@@ -53,12 +53,27 @@ pub struct PopulateProgress {
     pub total: AtomicU64,
     /// Set to stop early.
     pub cancel: AtomicBool,
+    /// Notified whenever `done` grows, so a caller can report the first progress at once instead
+    /// of on its next tick (a fast populate may finish before any tick).
+    pub advanced: tokio::sync::Notify,
+}
+
+impl PopulateProgress {
+    fn advance_to(&self, done: u64) {
+        self.done.store(done, Ordering::Relaxed);
+        self.advanced.notify_one();
+    }
+
+    fn advance_by(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+        self.advanced.notify_one();
+    }
 }
 
 /// How a populate ended.
 #[derive(Clone, Debug)]
 pub struct PopulateOutcome {
-    /// Bytes done.
+    /// Bytes of the span allocated afterwards, as the kernel reports them.
     pub bytes_done: u64,
     /// Bytes requested.
     pub bytes_total: u64,
@@ -102,7 +117,8 @@ pub fn plan(ranges: &[(u64, u64, Option<Policy>)], page: u64) -> Vec<Chunk> {
     out
 }
 
-/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any.
+/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any. Each worker is
+/// a fresh thread, so a task policy it sets for its chunks dies with it.
 pub fn run_workers(
     fd: BorrowedFd<'_>,
     chunks: &[Chunk],
@@ -132,12 +148,13 @@ pub fn run_workers(
                         kernel::fallocate(fd, c.offset, c.length, false)
                     })();
                     match r {
-                        Ok(()) => {
-                            progress.done.fetch_add(c.length, Ordering::Relaxed);
-                        }
+                        Ok(()) => progress.advance_by(c.length),
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
-                            first_error.lock().expect("error slot").get_or_insert(e);
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
                             break;
                         }
                     }
@@ -146,7 +163,7 @@ pub fn run_workers(
             });
         }
     });
-    match first_error.into_inner().expect("error slot") {
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
     }
@@ -297,7 +314,13 @@ fn run_in_cgroup(
     let mut child = cmd.spawn().map_err(|e| {
         AgentError::FailedPrecondition(format!("starting the populate helper: {e}"))
     })?;
-    let stdout = child.stdout.take().expect("piped");
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(AgentError::FailedPrecondition(
+            "the populate helper has no stdout".into(),
+        ));
+    };
     let base = progress.done.load(Ordering::Relaxed);
     let killed = AtomicBool::new(false);
     let pid = child.id() as i32;
@@ -317,7 +340,7 @@ fn run_in_cgroup(
         for line in std::io::BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if let Ok(d) = line.trim().parse::<u64>() {
-                progress.done.store(base + d, Ordering::Relaxed);
+                progress.advance_to(base + d);
             }
         }
         killed.store(true, Ordering::Relaxed);
@@ -408,7 +431,9 @@ impl Agent {
                 req.threads
             )));
         }
-        let procs = req.cgroup.as_deref().map(cgroup_procs_file).transpose()?;
+        if let Some(cg) = req.cgroup.as_deref() {
+            cgroup_procs_file(cg)?;
+        }
         let start = Instant::now();
         let slot = self.slot(&req.key)?;
         let live = slot.read().await;
@@ -470,18 +495,14 @@ impl Agent {
         .min(chunks.len().max(1));
         progress.total.store(length, Ordering::Relaxed);
         let fd = file.fd.as_fd();
-        let result = tokio::task::block_in_place(|| match &procs {
-            Some(_) => run_in_cgroup(
-                fd,
-                &chunks,
-                threads,
-                req.cgroup.as_deref().expect("checked"),
-                progress,
-            ),
+        let result = tokio::task::block_in_place(|| match req.cgroup.as_deref() {
+            Some(cg) => run_in_cgroup(fd, &chunks, threads, cg, progress),
             None => run_workers(fd, &chunks, threads, progress).map_err(kerr("fallocate")),
         });
         drop(live);
-        let cancelled = progress.cancel.load(Ordering::Relaxed);
+        // A cancel that came after the last chunk stopped nothing.
+        let cancelled = progress.cancel.load(Ordering::Relaxed)
+            && progress.done.load(Ordering::Relaxed) < length;
         let result = result.map_err(|e| match e {
             AgentError::Kernel { errno, .. } if matches!(errno, Errno::ENOMEM | Errno::ENOSPC) => {
                 AgentError::ResourceExhausted(format!(
@@ -509,13 +530,28 @@ impl Agent {
                 }
             }
         }
-        let placement = self.placement(&req.key, offset, length).await?;
-        let done = progress.done.load(Ordering::Relaxed);
+        // What the kernel holds now, not what the workers did: pages allocated before count, and
+        // a page punched meanwhile does not. A file the agent cannot map (a guest_memfd without
+        // MMAP) has no readable placement; then the workers' count stands.
+        let (placement, done) = match self.placement(&req.key, offset, length).await {
+            Ok(p) => {
+                let done = (length / page - p.total(|r| r.not_present)) * page;
+                (p, done)
+            }
+            Err(AgentError::FailedPrecondition(_)) => (
+                super::Placement {
+                    ranges: Vec::new(),
+                    page_size: page,
+                },
+                progress.done.load(Ordering::Relaxed),
+            ),
+            Err(e) => return Err(e),
+        };
         self.emit(
             EventKind::Populated,
             Some(&req.key),
             format!(
-                "populated {done} of {length} bytes at {offset:#x} with {threads} workers{}{}",
+                "populated: {done} of {length} bytes at {offset:#x} allocated, with {threads} workers{}{}",
                 if cancelled { " (cancelled)" } else { "" },
                 req.cgroup
                     .as_ref()

@@ -1,0 +1,869 @@
+//! The placement engine against the real binary on this host (one NUMA node, real KVM): Populate
+//! on guest_memfd, memfd and hugetlb memfd, progress and cancellation, cgroup charging through the
+//! populate helper process, GetPlacement against numa_maps and numastat and against node free
+//! memory, migration, capacity refusals, and what a task policy governs.
+//!
+//! Every number the agent reports is checked against something the kernel shows independently
+//! (/proc/PID/numa_maps, numastat, memory.usage_in_bytes, node meminfo). The tests share the host's
+//! memory and huge page pool, so they run one at a time.
+
+mod common;
+
+use common::{AgentProc, MIB, policy};
+use memplace_client::{Client, pb};
+use pb::PolicyMode as M;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::Code;
+
+const GIB: u64 = 1 << 30;
+const PAGE: u64 = 4096;
+const NODE0: &str = "/sys/devices/system/node/node0";
+const HUGE_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+/// The tests measure node memory, cgroups and the huge page pool: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn bind0() -> Vec<pb::RangePolicy> {
+    vec![pb::RangePolicy {
+        offset: 0,
+        length: 0,
+        policy: Some(policy(M::Bind, &[0])),
+    }]
+}
+
+/// A field of node 0's meminfo ("MemFree", "HugePages_Free"), in kB or pages as the file says.
+fn node0_meminfo(field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("{NODE0}/meminfo")).expect("node0 meminfo");
+    text.lines()
+        .find_map(|l| {
+            let rest = l.split_once(&format!(" {field}:"))?.1;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in node0 meminfo:\n{text}"))
+}
+
+fn pages_on(p: &pb::GetPlacementResponse, node: u32) -> u64 {
+    p.nodes
+        .iter()
+        .filter(|n| n.node == node)
+        .map(|n| n.pages)
+        .sum()
+}
+
+/// Pages allocated (on any node, or on one the kernel could not name).
+fn present(p: &pb::GetPlacementResponse) -> u64 {
+    p.nodes.iter().map(|n| n.pages).sum::<u64>() + p.pages_unknown
+}
+
+/// Checks that every page of a placement is accounted for, and returns the pages present.
+fn consistent(p: &pb::GetPlacementResponse, total_pages: u64) -> u64 {
+    assert_eq!(
+        present(p) + p.pages_not_present,
+        total_pages,
+        "present + not present must cover the span: {p:?}"
+    );
+    assert_eq!(p.pages_unknown, 0, "every allocated page has a node: {p:?}");
+    assert_eq!(p.pages_misplaced, 0, "{p:?}");
+    present(p)
+}
+
+fn populate_req(
+    vm: &str,
+    name: &str,
+    offset: u64,
+    length: u64,
+    threads: u32,
+) -> pb::PopulateRequest {
+    pb::PopulateRequest {
+        vm_id: vm.into(),
+        name: name.into(),
+        offset,
+        length,
+        threads,
+        cgroup: String::new(),
+    }
+}
+
+/// Runs a Populate to its end: every progress message and the summary.
+async fn populate_all(
+    c: &mut Client,
+    req: pb::PopulateRequest,
+) -> Result<(Vec<pb::PopulateProgress>, pb::PopulateSummary), tonic::Status> {
+    use pb::populate_response::Event;
+    let mut stream = c.raw().populate(req).await?.into_inner();
+    let mut progress = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(Event::Progress(p)) => progress.push(p),
+            Some(Event::Summary(s)) => return Ok((progress, s)),
+            None => {}
+        }
+    }
+    panic!("populate stream ended without a summary");
+}
+
+async fn placement(c: &mut Client, vm: &str, name: &str) -> pb::GetPlacementResponse {
+    c.placement(vm, name, 0, 0).await.expect("GetPlacement")
+}
+
+/// The message of the next POPULATED event of a region after `after` (a stored sequence).
+async fn next_populated_event(c: &mut Client, vm: &str, name: &str, after: u64) -> String {
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest {
+            vm_id: vm.into(),
+            after_sequence: after,
+            no_follow: false,
+        })
+        .await
+        .expect("WatchEvents");
+    // A guard against a hang, not a timing assertion: the event follows the populate's end.
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(e) = events.message().await.expect("event stream") {
+            if e.kind == pb::EventKind::Populated as i32 && e.name == name {
+                return e.message;
+            }
+        }
+        panic!("event stream ended");
+    })
+    .await
+    .expect("no POPULATED event within 120 s")
+}
+
+/// The sequence of the newest stored event of a VM (0 if none).
+async fn last_sequence(c: &mut Client, vm: &str) -> u64 {
+    let mut events = c
+        .watch_events(pb::WatchEventsRequest {
+            vm_id: vm.into(),
+            after_sequence: 0,
+            no_follow: true,
+        })
+        .await
+        .expect("WatchEvents");
+    let mut last = 0;
+    while let Some(e) = events.message().await.expect("event stream") {
+        last = e.sequence;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn populate_allocates_every_page_on_node0_and_streams_progress() {
+    let _serial = SERIAL.lock().await;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let caps = c.node_info().await.unwrap().capabilities.unwrap();
+    assert!(
+        caps.kvm_usable,
+        "this host has /dev/kvm: {}",
+        caps.kvm_error
+    );
+    let size = 512 * MIB;
+    for (name, backend) in [
+        ("gmem", pb::Backend::GuestMemfd),
+        ("ram", pb::Backend::Memfd),
+    ] {
+        c.create_region("vm1", name, size, backend, bind0())
+            .await
+            .unwrap();
+        let before = placement(&mut c, "vm1", name).await;
+        assert_eq!(consistent(&before, size / PAGE), 0, "{name}: fresh region");
+
+        let (progress, summary) = populate_all(&mut c, populate_req("vm1", name, 0, 0, 1))
+            .await
+            .unwrap();
+        println!(
+            "{name}: {} progress messages, {:.2}s",
+            progress.len(),
+            summary.elapsed_seconds
+        );
+        assert!(
+            !progress.is_empty(),
+            "{name}: a 512 MiB populate streams progress"
+        );
+        let mut last = 0;
+        for p in &progress {
+            assert_eq!(p.bytes_total, size, "{name}: {p:?}");
+            assert!(
+                p.bytes_done >= last && p.bytes_done <= size,
+                "{name}: {progress:?}"
+            );
+            last = p.bytes_done;
+        }
+        assert!(!summary.cancelled, "{name}");
+        assert_eq!(summary.threads, 1, "{name}");
+        assert_eq!(
+            (summary.bytes_done, summary.bytes_total),
+            (size, size),
+            "{name}"
+        );
+        assert_eq!(
+            summary.nodes,
+            vec![pb::NodePages {
+                node: 0,
+                pages: size / PAGE
+            }],
+            "{name}: the summary reads the kernel"
+        );
+
+        let after = placement(&mut c, "vm1", name).await;
+        assert_eq!(after.page_size_bytes, PAGE);
+        assert_eq!(consistent(&after, size / PAGE), size / PAGE, "{name}");
+        assert_eq!(pages_on(&after, 0), size / PAGE, "{name}: all on node 0");
+        c.delete_region("vm1", name).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_populate_leaves_a_consistent_region_that_a_new_populate_completes() {
+    let _serial = SERIAL.lock().await;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    // No BIND here: the capacity check reads MemFree, which page cache on a busy host can hold
+    // below the region size although the memory is there.
+    let size = 2 * GIB;
+    let pages = size / PAGE;
+    c.create_region("vm1", "big", size, pb::Backend::GuestMemfd, vec![])
+        .await
+        .unwrap();
+    let seq = last_sequence(&mut c, "vm1").await;
+
+    // Drop the stream at the first progress message: the first chunk is in, the rest is not.
+    {
+        use pb::populate_response::Event;
+        let mut stream = c
+            .raw()
+            .populate(populate_req("vm1", "big", 0, 0, 1))
+            .await
+            .unwrap()
+            .into_inner();
+        match stream.message().await.unwrap().and_then(|m| m.event) {
+            Some(Event::Progress(p)) => {
+                println!("cancelling at {} of {} bytes", p.bytes_done, p.bytes_total);
+                assert!(p.bytes_done > 0 && p.bytes_done < size, "{p:?}");
+            }
+            other => panic!("expected a progress message first, got {other:?}"),
+        }
+    }
+    let msg = next_populated_event(&mut c, "vm1", "big", seq).await;
+    println!("event: {msg}");
+    assert!(
+        msg.contains("(cancelled)"),
+        "the event says cancelled: {msg}"
+    );
+
+    let p = placement(&mut c, "vm1", "big").await;
+    let done = consistent(&p, pages);
+    println!("after cancel: {done} of {pages} pages present");
+    assert!(
+        done > 0 && done < pages,
+        "cancelled mid-way: some pages but not all ({done} of {pages})"
+    );
+    assert_eq!(pages_on(&p, 0), done);
+
+    // The region still works, and a new populate completes the rest.
+    let r = c.get_region("vm1", "big").await.unwrap();
+    assert_eq!(r.status(), pb::RegionStatus::Active);
+    let (_, summary) = populate_all(&mut c, populate_req("vm1", "big", 0, 0, 0))
+        .await
+        .unwrap();
+    assert!(!summary.cancelled);
+    assert_eq!(summary.bytes_done, size);
+    let p = placement(&mut c, "vm1", "big").await;
+    assert_eq!(consistent(&p, pages), pages);
+    assert_eq!(pages_on(&p, 0), pages);
+    c.delete_region("vm1", "big").await.unwrap();
+}
+
+/// A memory cgroup made for a test, removed when dropped (once no task is in it).
+struct TempCgroup(PathBuf);
+
+impl TempCgroup {
+    fn new(tag: &str) -> Self {
+        let root = Path::new("/sys/fs/cgroup/memory");
+        assert!(
+            root.join("memory.usage_in_bytes").exists(),
+            "this host has the cgroup v1 memory controller at {}",
+            root.display()
+        );
+        let dir = root.join(format!("memplace-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        TempCgroup(dir)
+    }
+
+    fn usage(&self) -> u64 {
+        usage_of(&self.0)
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for TempCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove {}", self.0.display());
+    }
+}
+
+fn usage_of(cgroup: &Path) -> u64 {
+    std::fs::read_to_string(cgroup.join("memory.usage_in_bytes"))
+        .unwrap_or_else(|e| panic!("{}: {e}", cgroup.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The memory cgroup directory of a process, from /proc/PID/cgroup.
+fn memory_cgroup_of(pid: u32) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let rel = text
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+            ctrl.split(',').any(|c| c == "memory").then_some(path)
+        })
+        .unwrap_or_else(|| panic!("no memory controller in /proc/{pid}/cgroup:\n{text}"));
+    Path::new("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn populate_with_a_cgroup_charges_that_cgroup_not_the_agent() {
+    let _serial = SERIAL.lock().await;
+    let mut agent = AgentProc::start();
+    // The agent gets a cgroup of its own, so other processes of this host do not blur its usage.
+    let agent_cg = TempCgroup::new("agent");
+    agent_cg.add(agent.pid());
+    let agent_mem = memory_cgroup_of(agent.pid());
+    assert_eq!(agent_mem, agent_cg.0, "the agent's memory cgroup per /proc");
+    let vm_cg = TempCgroup::new("vm");
+    let mut c = agent.client().await;
+    let size = 256 * MIB;
+    for (name, backend) in [
+        ("ram", pb::Backend::Memfd),
+        ("gmem", pb::Backend::GuestMemfd),
+    ] {
+        c.create_region("vm1", name, size, backend, bind0())
+            .await
+            .unwrap();
+        let (vm_before, agent_before) = (vm_cg.usage(), usage_of(&agent_mem));
+        let mut req = populate_req("vm1", name, 0, 0, 2);
+        req.cgroup = vm_cg.0.display().to_string();
+        let (_, summary) = populate_all(&mut c, req).await.unwrap();
+        assert_eq!(summary.bytes_done, size, "{name}: {summary:?}");
+        let (vm_after, agent_after) = (vm_cg.usage(), usage_of(&agent_mem));
+        let vm_grew = vm_after.saturating_sub(vm_before);
+        let agent_grew = agent_after.saturating_sub(agent_before);
+        println!("{name}: vm cgroup +{vm_grew} bytes, agent cgroup +{agent_grew} bytes");
+        assert!(
+            vm_grew >= size / 10 * 9,
+            "{name}: the named cgroup is charged for the populate: +{vm_grew} of {size}"
+        );
+        assert!(
+            agent_grew < size / 4,
+            "{name}: the agent's cgroup is not: +{agent_grew} of {size}"
+        );
+        let p = placement(&mut c, "vm1", name).await;
+        assert_eq!(pages_on(&p, 0), size / PAGE, "{name}");
+
+        // Deleting the region frees its memory, and with it the cgroup's charge.
+        c.delete_region("vm1", name).await.unwrap();
+        let freed = vm_after.saturating_sub(vm_cg.usage());
+        assert!(
+            freed >= size / 10 * 9,
+            "{name}: deleting the region uncharges the cgroup: -{freed} of {size}"
+        );
+    }
+
+    // A path that is not a cgroup is refused before anything runs.
+    c.create_region("vm1", "ram", 16 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
+    let mut req = populate_req("vm1", "ram", 0, 0, 1);
+    req.cgroup = "/tmp".into();
+    let e = populate_all(&mut c, req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    c.delete_region("vm1", "ram").await.unwrap();
+
+    // A cgroup can only go once no task is in it: stop the agent first.
+    agent.kill();
+    drop(vm_cg);
+    drop(agent_cg);
+}
+
+/// A `memplacectl hold` process: acquires a region, touches `touch`, waits for SIGTERM.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn start(agent: &AgentProc, vm: &str, name: &str, token: &str, touch: &str) -> Self {
+        let mut child = agent
+            .ctl()
+            .args(["hold", vm, name, "--token", token, "--handoff-socket"])
+            .arg(agent.handoff_socket())
+            .args(["--touch", touch])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("memplacectl hold");
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        assert!(line.starts_with("holding"), "holder said {line:?}");
+        Holder(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// Pages per node of the holder's mapping whose numa_maps line mentions `file`.
+fn numa_maps_nodes(pid: u32, file: &str) -> Vec<(u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/numa_maps")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains(file))
+        .unwrap_or_else(|| panic!("no mapping of {file} in /proc/{pid}/numa_maps:\n{text}"));
+    println!("numa_maps: {line}");
+    line.split_whitespace()
+        .filter_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            Some((k.strip_prefix('N')?.parse().ok()?, v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// numastat -p PID: MB on node 0 in the "Private" row (file and shared mappings count there).
+fn numastat_private_node0_mb(pid: u32) -> f64 {
+    let out = std::process::Command::new("numastat")
+        .args(["-p", &pid.to_string()])
+        .output()
+        .expect("numastat (Debian package numactl) is installed");
+    assert!(out.status.success(), "numastat -p {pid}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    text.lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "Private").then(|| w.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no Private row in numastat output:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_agrees_with_numa_maps_and_numastat_of_a_holder() {
+    let _serial = SERIAL.lock().await;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let size = 64 * MIB;
+    for (name, backend, file) in [
+        ("ram", pb::Backend::Memfd, "memfd:memplace:vm1/ram"),
+        ("gmem", pb::Backend::GuestMemfd, "kvm-gmem"),
+    ] {
+        let created = c
+            .create_region("vm1", name, size, backend, vec![])
+            .await
+            .unwrap();
+        // The holder touches the memory itself: the agent populated nothing.
+        let holder = Holder::start(&agent, "vm1", name, &created.handoff_token, "64M");
+        let p = placement(&mut c, "vm1", name).await;
+        assert_eq!(consistent(&p, size / PAGE), size / PAGE, "{name}");
+        let agent_node0 = pages_on(&p, 0);
+        let maps = numa_maps_nodes(holder.pid(), file);
+        assert_eq!(
+            maps,
+            vec![(0, agent_node0)],
+            "{name}: GetPlacement says {agent_node0} pages on node 0; numa_maps of the holder says {maps:?}"
+        );
+        let mb = numastat_private_node0_mb(holder.pid());
+        assert!(
+            mb >= (size / MIB) as f64,
+            "{name}: numastat shows {mb} MB on node 0 for the holder, which maps {} MiB there",
+            size / MIB
+        );
+        drop(holder);
+        c.delete_region("vm1", name).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_placement_allocates_nothing() {
+    let _serial = SERIAL.lock().await;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let size = GIB;
+    let pages = size / PAGE;
+    for (name, backend) in [
+        ("gmem", pb::Backend::GuestMemfd),
+        ("ram", pb::Backend::Memfd),
+    ] {
+        c.create_region("vm1", name, size, backend, bind0())
+            .await
+            .unwrap();
+        let free_before = node0_meminfo("MemFree") * 1024;
+        let first = placement(&mut c, "vm1", name).await;
+        let free_after = node0_meminfo("MemFree") * 1024;
+        assert_eq!(consistent(&first, pages), 0, "{name}: nothing present");
+        assert_eq!(first.pages_not_present, pages, "{name}");
+        let dropped = free_before.saturating_sub(free_after);
+        println!("{name}: node 0 MemFree dropped by {dropped} bytes across GetPlacement");
+        assert!(
+            dropped < size / 4,
+            "{name}: GetPlacement of an unpopulated {size}-byte region took {dropped} bytes"
+        );
+        let second = placement(&mut c, "vm1", name).await;
+        assert_eq!(
+            second.pages_not_present, pages,
+            "{name}: still nothing present"
+        );
+
+        // Half populated: exactly half.
+        populate_all(&mut c, populate_req("vm1", name, 0, size / 2, 0))
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let p = placement(&mut c, "vm1", name).await;
+            assert_eq!(consistent(&p, pages), pages / 2, "{name}");
+            assert_eq!(p.pages_not_present, pages / 2, "{name}");
+            assert_eq!(pages_on(&p, 0), pages / 2, "{name}");
+        }
+        let upper = c.placement("vm1", name, size / 2, 0).await.unwrap();
+        assert_eq!(upper.pages_not_present, pages / 2, "{name}: upper half");
+        c.delete_region("vm1", name).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_on_memfd_reports_and_guest_memfd_refuses_allocated_pages() {
+    let _serial = SERIAL.lock().await;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let size = 64 * MIB;
+
+    // memfd: populate half, then migrate to BIND {0} (the only node: nothing has to move).
+    c.create_region("vm1", "ram", size, pb::Backend::Memfd, bind0())
+        .await
+        .unwrap();
+    populate_all(&mut c, populate_req("vm1", "ram", 0, size / 2, 0))
+        .await
+        .unwrap();
+    let r = c
+        .set_policy("vm1", "ram", 0, 0, policy(M::Bind, &[0]), true)
+        .await
+        .unwrap();
+    println!(
+        "memfd migrate: {} moved, {} failed",
+        r.pages_migrated, r.pages_migrate_failed
+    );
+    assert_eq!(
+        (r.pages_migrated, r.pages_migrate_failed),
+        (0, 0),
+        "on one node every page already sits on node 0"
+    );
+    let region = r.region.unwrap();
+    assert!(
+        region
+            .ranges
+            .iter()
+            .all(|x| x.state() == pb::RangeState::Applied),
+        "{region:?}"
+    );
+    let p = placement(&mut c, "vm1", "ram").await;
+    assert_eq!(consistent(&p, size / PAGE), size / PAGE / 2, "pages stay");
+    assert_eq!(pages_on(&p, 0), size / PAGE / 2);
+
+    // guest_memfd: allocated pages cannot move, so migrate is refused where there are any.
+    c.create_region("vm1", "gmem", size, pb::Backend::GuestMemfd, bind0())
+        .await
+        .unwrap();
+    populate_all(&mut c, populate_req("vm1", "gmem", 0, size / 2, 0))
+        .await
+        .unwrap();
+    let generation = c.get_region("vm1", "gmem").await.unwrap().generation;
+    let e = c
+        .raw()
+        .set_policy(pb::SetPolicyRequest {
+            vm_id: "vm1".into(),
+            name: "gmem".into(),
+            offset: 0,
+            length: size / 2,
+            policy: Some(policy(M::Preferred, &[0])),
+            migrate: true,
+            expected_generation: 0,
+            request_id: memplace_client::new_request_id(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("cannot migrate") && e.message().contains("8192 pages"),
+        "the refusal explains that the allocated pages cannot move: {}",
+        e.message()
+    );
+    assert_eq!(
+        c.get_region("vm1", "gmem").await.unwrap().generation,
+        generation,
+        "a refused SetPolicy changes no intent"
+    );
+    let r = c
+        .set_policy("vm1", "gmem", size / 2, 0, policy(M::Preferred, &[0]), true)
+        .await
+        .expect("migrate over an unallocated guest_memfd range has nothing to move");
+    assert_eq!((r.pages_migrated, r.pages_migrate_failed), (0, 0));
+    let p = placement(&mut c, "vm1", "gmem").await;
+    assert_eq!(consistent(&p, size / PAGE), size / PAGE / 2);
+    c.delete_region("vm1", "gmem").await.unwrap();
+    c.delete_region("vm1", "ram").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn populate_beyond_node_free_memory_is_refused_before_allocating() {
+    let _serial = SERIAL.lock().await;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let free = node0_meminfo("MemFree") * 1024;
+    let total = node0_meminfo("MemTotal") * 1024;
+    // memfd is sparse: a region far beyond the node's memory costs nothing until populated.
+    let size = (total * 2).next_multiple_of(GIB).max(64 * GIB);
+    assert!(size > free);
+    c.create_region("vm1", "huge", size, pb::Backend::Memfd, bind0())
+        .await
+        .unwrap();
+    let e = populate_all(&mut c, populate_req("vm1", "huge", 0, 0, 0))
+        .await
+        .unwrap_err();
+    println!("{}", e.message());
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("node 0") && e.message().contains("short by"),
+        "the refusal names the node and the shortfall: {}",
+        e.message()
+    );
+    let p = placement(&mut c, "vm1", "huge").await;
+    assert_eq!(
+        consistent(&p, size / PAGE),
+        0,
+        "nothing was allocated before the refusal"
+    );
+    // A range that fits still populates.
+    populate_all(&mut c, populate_req("vm1", "huge", 0, 16 * MIB, 0))
+        .await
+        .unwrap();
+    let p = placement(&mut c, "vm1", "huge").await;
+    assert_eq!(consistent(&p, size / PAGE), 16 * MIB / PAGE);
+    c.delete_region("vm1", "huge").await.unwrap();
+}
+
+/// Reserves 2 MiB huge pages for a test and gives them back when dropped.
+struct HugePool {
+    before: u64,
+}
+
+impl HugePool {
+    fn reserve(extra: u64) -> Self {
+        let read = || -> u64 {
+            std::fs::read_to_string(HUGE_2M)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let before = read();
+        let pool = HugePool { before };
+        std::fs::write(HUGE_2M, (before + extra).to_string()).unwrap();
+        assert_eq!(
+            read(),
+            before + extra,
+            "the kernel could not reserve {extra} huge pages of 2 MiB"
+        );
+        pool
+    }
+}
+
+impl Drop for HugePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(HUGE_2M, self.before.to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hugetlb_populate_placement_alignment_and_pool_exhaustion() {
+    let _serial = SERIAL.lock().await;
+    const HUGE: u64 = 2 * MIB;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let _pool = HugePool::reserve(16);
+    let free0 = node0_meminfo("HugePages_Free");
+    assert!(free0 >= 16, "node 0 has the reserved pages free: {free0}");
+
+    // A region of twice what the pool holds for us.
+    let size = 32 * HUGE;
+    let created = c
+        .create_region_with(pb::CreateRegionRequest {
+            vm_id: "vm1".into(),
+            name: "huge".into(),
+            size_bytes: size,
+            backend: pb::Backend::MemfdHugetlb as i32,
+            hugepage_size_bytes: HUGE,
+            policies: bind0(),
+            request_id: memplace_client::new_request_id(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.region.unwrap().page_size_bytes, HUGE);
+
+    // Offsets and lengths must be huge-page aligned.
+    let e = populate_all(&mut c, populate_req("vm1", "huge", PAGE, HUGE, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = populate_all(&mut c, populate_req("vm1", "huge", HUGE, MIB, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .raw()
+        .get_placement(pb::GetPlacementRequest {
+            vm_id: "vm1".into(),
+            name: "huge".into(),
+            offset: MIB,
+            length: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(node0_meminfo("HugePages_Free"), free0, "nothing allocated");
+
+    // Fresh: nothing present, and reading says so without allocating.
+    let p = placement(&mut c, "vm1", "huge").await;
+    assert_eq!(p.page_size_bytes, HUGE);
+    assert_eq!(consistent(&p, 32), 0);
+    assert_eq!(node0_meminfo("HugePages_Free"), free0);
+
+    // Populate 8 huge pages (fallocate: nobody maps them).
+    let (_, summary) = populate_all(&mut c, populate_req("vm1", "huge", 0, 8 * HUGE, 0))
+        .await
+        .unwrap();
+    assert_eq!(summary.bytes_done, 8 * HUGE, "{summary:?}");
+    assert_eq!(summary.nodes, vec![pb::NodePages { node: 0, pages: 8 }]);
+    assert_eq!(
+        node0_meminfo("HugePages_Free"),
+        free0 - 8,
+        "the kernel's pool agrees: 8 pages taken"
+    );
+    for _ in 0..2 {
+        let p = placement(&mut c, "vm1", "huge").await;
+        assert_eq!(p.page_size_bytes, HUGE);
+        assert_eq!(consistent(&p, 32), 8, "{p:?}");
+        assert_eq!(pages_on(&p, 0), 8);
+        assert_eq!(p.ranges[0].pages_not_present, 0, "{p:?}");
+        assert_eq!(
+            node0_meminfo("HugePages_Free"),
+            free0 - 8,
+            "reading placement allocates no huge page"
+        );
+    }
+
+    // The whole region needs 24 more pages than the 8 the pool has left: refused up front.
+    let e = populate_all(&mut c, populate_req("vm1", "huge", 0, 0, 0))
+        .await
+        .unwrap_err();
+    println!("{}", e.message());
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("node 0") && e.message().contains("huge pages"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        node0_meminfo("HugePages_Free"),
+        free0 - 8,
+        "nothing allocated by the refused populate"
+    );
+
+    // Deleting frees the pages back to the pool.
+    c.delete_region("vm1", "huge").await.unwrap();
+    assert_eq!(node0_meminfo("HugePages_Free"), free0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn task_policy_ranges_are_applied_by_populate_and_pending_after_a_change() {
+    let _serial = SERIAL.lock().await;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let caps = c.node_info().await.unwrap().capabilities.unwrap();
+    assert!(
+        !caps.guest_memfd_shared_policy,
+        "this test is for kernels before 6.19, whose guest_memfd has no shared policy"
+    );
+    let size = 64 * MIB;
+    let r = c
+        .create_region("vm1", "gmem", size, pb::Backend::GuestMemfd, bind0())
+        .await
+        .unwrap()
+        .region
+        .unwrap();
+    assert_eq!(r.strategy(), pb::Strategy::TaskPolicy);
+    let states = |r: &pb::Region| -> Vec<(u64, u64, pb::RangeState, pb::Governs)> {
+        r.ranges
+            .iter()
+            .map(|x| (x.offset, x.length, x.state(), x.governs()))
+            .collect()
+    };
+    use pb::Governs::AgentAllocationsOnly as Agent;
+    use pb::RangeState::{Applied, Pending};
+    assert_eq!(states(&r), vec![(0, size, Pending, Agent)]);
+
+    // Populating the first half places that half only.
+    populate_all(&mut c, populate_req("vm1", "gmem", 0, size / 2, 0))
+        .await
+        .unwrap();
+    let r = c.get_region("vm1", "gmem").await.unwrap();
+    assert_eq!(
+        states(&r),
+        vec![
+            (0, size / 2, Applied, Agent),
+            (size / 2, size / 2, Pending, Agent)
+        ]
+    );
+    populate_all(&mut c, populate_req("vm1", "gmem", 0, 0, 0))
+        .await
+        .unwrap();
+    let r = c.get_region("vm1", "gmem").await.unwrap();
+    assert_eq!(states(&r), vec![(0, size, Applied, Agent)]);
+
+    // The same policy again keeps the range placed; a different one makes it pending.
+    c.set_policy("vm1", "gmem", 0, 0, policy(M::Bind, &[0]), false)
+        .await
+        .unwrap();
+    let r = c.get_region("vm1", "gmem").await.unwrap();
+    assert_eq!(states(&r), vec![(0, size, Applied, Agent)]);
+    let r = c
+        .set_policy("vm1", "gmem", 0, 0, policy(M::Preferred, &[0]), false)
+        .await
+        .unwrap()
+        .region
+        .unwrap();
+    assert_eq!(states(&r), vec![(0, size, Pending, Agent)]);
+    let r = c.get_region("vm1", "gmem").await.unwrap();
+    assert_eq!(states(&r), vec![(0, size, Pending, Agent)]);
+    c.delete_region("vm1", "gmem").await.unwrap();
+}
