@@ -604,23 +604,38 @@ impl NodeAgentService for NodeAgent {
         let p = progress.clone();
         let mut work = tokio::spawn(async move { agent.populate(request, &p, &who).await });
         tokio::spawn(async move {
+            let progress_msg = |p: &PopulateProgress| pb::PopulateResponse {
+                event: Some(pb::populate_response::Event::Progress(
+                    pb::PopulateProgress {
+                        bytes_done: p.done.load(Ordering::Relaxed),
+                        bytes_total: p.total.load(Ordering::Relaxed),
+                    },
+                )),
+            };
             let mut tick = tokio::time::interval(PROGRESS_EVERY);
             tick.tick().await;
+            let mut reported = false;
             let outcome = loop {
                 tokio::select! {
                     r = &mut work => break r,
-                    _ = tick.tick() => {
-                        let msg = pb::PopulateResponse {
-                            event: Some(pb::populate_response::Event::Progress(pb::PopulateProgress {
-                                bytes_done: progress.done.load(Ordering::Relaxed),
-                                bytes_total: progress.total.load(Ordering::Relaxed),
-                            })),
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
+                    // The first chunk is reported at once: a fast populate may end before a tick.
+                    _ = progress.advanced.notified(), if !reported => {
+                        reported = true;
+                        if tx.send(Ok(progress_msg(&progress))).await.is_err() {
                             progress.cancel.store(true, Ordering::Relaxed);
                         }
                     }
-                    _ = tx.closed() => progress.cancel.store(true, Ordering::Relaxed),
+                    _ = tick.tick() => {
+                        reported = true;
+                        if tx.send(Ok(progress_msg(&progress))).await.is_err() {
+                            progress.cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    _ = tx.closed() => {
+                        progress.cancel.store(true, Ordering::Relaxed);
+                        // Nobody listens any more (closed() stays ready): just wait for the end.
+                        break (&mut work).await;
+                    }
                 }
             };
             if let (Some((vm_id, name)), Ok(Ok(o))) = (&whole_region, &outcome) {
