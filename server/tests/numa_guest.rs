@@ -5,6 +5,12 @@
 //! Debian's newest 6.12 kernel with 2 and with 4 nodes, and Debian's newest kernel from 6.19 on
 //! (where guest_memfd has a shared memory policy) with 2 nodes and KVM inside the guest.
 //!
+//! Inside each guest `scenario.sh` runs the real memplaced and memplacectl: every policy mode, per-range
+//! policies, live migration, the task-policy strategy, restarts, capacity refusals, cgroup
+//! charging and (on the new kernel) guest_memfd's shared policy, each placement read both from the
+//! agent and from a holder's numa_maps. `deliberate_wrong_placement_fails` proves those checks fail
+//! when the expected node is wrong.
+//!
 //! These tests fail, never skip, when QEMU, the kernels or the binaries cannot be had.
 //! `tests/numa/README.md` says how to run them and which environment variables they read.
 
@@ -52,6 +58,40 @@ fn new_kernel_with_two_nodes_and_kvm() {
     });
 }
 
+/// A deliberate wrong placement makes the suite fail: with `memplace.selftest=wrong-node` the
+/// scenario expects node 0 where BIND puts the pages on the last node, and both the agent's
+/// placement check and the holder's numa_maps check must report FAIL (and nothing else).
+#[test]
+fn deliberate_wrong_placement_fails() {
+    let guest = Guest {
+        name: "selftest-wrong-node",
+        kernel: KernelKind::Lts,
+        nodes: 2,
+        kvm: false,
+    };
+    let run = boot_guest(&guest, "memplace.selftest=wrong-node");
+    let failed: Vec<&str> = run
+        .report
+        .failed
+        .iter()
+        .map(|f| f.split_whitespace().next().unwrap_or_default())
+        .collect();
+    assert!(
+        run.report.done && failed == ["bind-one-node-agent", "bind-one-node-numa-maps"],
+        "{}: wanted exactly the two deliberate failures, got {:?}; passed {:?}\nlast lines of {}:\n{}",
+        run.what,
+        run.report.failed,
+        run.report.passed,
+        run.log.display(),
+        tail(&run.text, LOG_TAIL_LINES)
+    );
+    assert!(
+        run.report.failed.iter().all(|f| f.contains("holds")),
+        "the failures must name the node counts: {:?}",
+        run.report.failed
+    );
+}
+
 enum KernelKind {
     /// The newest Debian 6.12 cloud kernel: no shared policy on guest_memfd.
     Lts,
@@ -83,7 +123,58 @@ struct SerialReport {
     done: bool,
 }
 
+/// What one boot produced.
+struct GuestRun {
+    what: String,
+    elapsed: std::time::Duration,
+    status: std::process::ExitStatus,
+    report: SerialReport,
+    log: PathBuf,
+    text: String,
+}
+
 fn run_guest(guest: &Guest) {
+    let run = boot_guest(guest, "");
+    let mut problems = Vec::new();
+    match run.status.code() {
+        Some(0) => {}
+        Some(124) => problems.push("QEMU was killed at the timeout".to_owned()),
+        _ => problems.push(format!("boot-guest.sh failed: {}", run.status)),
+    }
+    problems.extend(
+        run.report
+            .failed
+            .iter()
+            .map(|failure| format!("FAIL {failure}")),
+    );
+    if !run.report.done {
+        problems.push("no MEMPLACE-DONE line: the guest did not finish the scenario".to_owned());
+    }
+    if run.report.passed.is_empty() {
+        problems.push("no check passed".to_owned());
+    }
+    if !problems.is_empty() {
+        panic!(
+            "{} failed after {:.1} s:\n  {}\nlast lines of {}:\n{}",
+            run.what,
+            run.elapsed.as_secs_f64(),
+            problems.join("\n  "),
+            run.log.display(),
+            tail(&run.text, LOG_TAIL_LINES)
+        );
+    }
+    println!(
+        "{}: {} checks passed in {:.1} s: {}",
+        run.what,
+        run.report.passed.len(),
+        run.elapsed.as_secs_f64(),
+        run.report.passed.join(" ")
+    );
+}
+
+/// Builds the guest's initramfs, boots it with `append` added to the kernel command line, and
+/// reads its serial log.
+fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
     let _one_at_a_time = GUEST_LOCK
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -136,48 +227,24 @@ fn run_guest(guest: &Guest) {
     if guest.kvm {
         boot.arg("--kvm");
     }
+    if !append.is_empty() {
+        boot.arg("--append").arg(append);
+    }
     let status = boot.status().expect("run boot-guest.sh");
     let elapsed = started.elapsed();
 
     let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
-    let report = parse_serial_log(&text);
-    let what = format!(
-        "guest {} (kernel {version}, {nodes} nodes of {node_mb} MiB)",
-        guest.name
-    );
-    let mut problems = Vec::new();
-    match status.code() {
-        Some(0) => {}
-        Some(124) => problems.push("QEMU was killed at the timeout".to_owned()),
-        _ => problems.push(format!("boot-guest.sh failed: {status}")),
+    GuestRun {
+        what: format!(
+            "guest {} (kernel {version}, {nodes} nodes of {node_mb} MiB)",
+            guest.name
+        ),
+        elapsed,
+        status,
+        report: parse_serial_log(&text),
+        log,
+        text,
     }
-    problems.extend(
-        report
-            .failed
-            .iter()
-            .map(|failure| format!("FAIL {failure}")),
-    );
-    if !report.done {
-        problems.push("no MEMPLACE-DONE line: the guest did not finish the scenario".to_owned());
-    }
-    if report.passed.is_empty() {
-        problems.push("no check passed".to_owned());
-    }
-    if !problems.is_empty() {
-        panic!(
-            "{what} failed after {:.1} s:\n  {}\nlast lines of {}:\n{}",
-            elapsed.as_secs_f64(),
-            problems.join("\n  "),
-            log.display(),
-            tail(&text, LOG_TAIL_LINES)
-        );
-    }
-    println!(
-        "{what}: {} checks passed in {:.1} s: {}",
-        report.passed.len(),
-        elapsed.as_secs_f64(),
-        report.passed.join(" ")
-    );
 }
 
 fn fetch_kernels() -> Result<Kernels, String> {

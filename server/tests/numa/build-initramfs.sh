@@ -80,6 +80,7 @@ fi
 
 install -m 755 "$HERE/init.sh" "$STAGE/init"
 install -m 644 "$HERE/checks.sh" "$STAGE/lib/memplace-test/checks.sh"
+install -m 644 "$HERE/placement.sh" "$STAGE/lib/memplace-test/placement.sh"
 install -m 755 "$SCENARIO" "$STAGE/scenario.sh"
 
 mkdir -p "$(dirname "$OUT")"

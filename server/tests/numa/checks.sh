@@ -22,6 +22,23 @@ check() {
     return "$_check_status"
 }
 
+# step NAME COMMAND [ARG]...: like check, but COMMAND runs in this shell, so the variables it sets
+# (AGENT_PID, HOLDER_PID) stay set. Its output goes to the log only on failure.
+step() {
+    _step_name=$1
+    shift
+    "$@" >/tmp/memplace-step.out 2>&1
+    _step_status=$?
+    if [ "$_step_status" -eq 0 ]; then
+        echo "MEMPLACE-CHECK PASS $_step_name"
+    else
+        sed 's/^/    | /' /tmp/memplace-step.out
+        _step_detail=$(sed '/^[[:space:]]*$/d' /tmp/memplace-step.out | tail -n 1)
+        echo "MEMPLACE-CHECK FAIL $_step_name exit $_step_status: ${_step_detail:-no output}"
+    fi
+    return "$_step_status"
+}
+
 # pass NAME / fail NAME DETAIL...: report a result decided by the scenario itself.
 pass() { echo "MEMPLACE-CHECK PASS $1"; }
 fail() {

@@ -112,11 +112,342 @@ sanity_checks() {
 }
 
 # --- memplace scenarios --------------------------------------------------------------------------
-memplace_checks() {
-    : # memplaced + memplacectl scenarios go here
+# Every placement is read twice: by the agent (GetPlacement, `memplacectl placement`) and, where a
+# holder maps the region, from the holder's /proc/PID/numa_maps. Both are compared with the nodes
+# the policy must produce (placement.sh), never with "some pages exist".
+
+. /lib/memplace-test/placement.sh
+
+MB=32                          # region size of each check
+PAGES=$(pages_of_mb $MB)       # 8192
+HALF=$((PAGES / 2))
+TOL_INTERLEAVE=$((PAGES / 100)) # interleave by file offset is exact; 1% is the stated tolerance
+CGROOT=/sys/fs/cgroup
+WEIGHTS=/sys/kernel/mm/mempolicy/weighted_interleave
+# MEMPLACE_SELFTEST=wrong-node (kernel argument memplace.selftest=wrong-node): expect node 0 where
+# BIND puts the pages on the last node, so both placement checks of bind-one-node must FAIL.
+SELFTEST=${MEMPLACE_SELFTEST:-}
+
+# Two nodes for BIND and PREFERRED_MANY: on 4 nodes 1 and the last, leaving node 0 (where an
+# unpinned agent may well run) out; on 2 nodes there are no others.
+if [ "$NODES" -gt 2 ]; then PAIR="1,$LAST" PAIR_GROUP="1+$LAST"; else PAIR="0,1" PAIR_GROUP="0+1"; fi
+
+# mode_case NAME EXPECTED TOLERANCE POLICY [POLICY-SET-ARGS...]: a memfd region is created with
+# POLICY (MODE[:NODES]), or, with POLICY "-", gets its policy from `policy set ARGS`; the agent
+# populates it, and GetPlacement and a holder's numa_maps must both show EXPECTED.
+mode_case() {
+    local name=$1 want=$2 tol=$3 policy=$4
+    shift 4
+    if [ "$policy" = - ]; then
+        step "$name-create" region_create vm-modes "$name" ${MB}M || return 1
+        step "$name-policy" set_policy vm-modes "$name" "$@" || {
+            region_delete vm-modes "$name"
+            return 1
+        }
+    else
+        step "$name-create" region_create vm-modes "$name" ${MB}M --policy "$policy" || return 1
+    fi
+    if step "$name-populate" populate vm-modes "$name"; then
+        check "$name-agent" expect_placement vm-modes "$name" "$want" "$tol"
+        if step "$name-hold" holder_start vm-modes "$name" ${MB}M; then
+            check "$name-numa-maps" expect_holder "$HOLDER_PID" $((MB << 20)) "$want" "$tol"
+            holder_stop "$HOLDER_PID"
+        fi
+    fi
+    region_delete vm-modes "$name"
 }
 
-sanity_checks
+set_weights() {
+    for f in auto __auto_type; do
+        [ -e "$WEIGHTS/$f" ] && { echo 0 >"$WEIGHTS/$f" || return 1; }
+    done
+    for n in $(seq 0 "$LAST"); do echo 1 >"$WEIGHTS/node$n" || return 1; done
+    echo 3 >"$WEIGHTS/node0" && echo 1 >"$WEIGHTS/node$LAST" || return 1
+    grep . "$WEIGHTS"/*
+}
+
+every_mode() {
+    if [ "$SELFTEST" = wrong-node ]; then
+        note "self-test: bind-one-node expects node 0, where the pages must not be"
+        mode_case bind-one-node "0:$PAGES" 0 "bind:$LAST"
+        return
+    fi
+    mode_case bind-one-node "$LAST:$PAGES" 0 "bind:$LAST"
+    mode_case bind-two-nodes "$PAIR_GROUP:$PAGES" 0 "bind:$PAIR"
+    mode_case preferred "$LAST:$PAGES" 0 - --mode preferred --nodes "$LAST"
+    mode_case preferred-many "$PAIR_GROUP:$PAGES" 0 "preferred-many:$PAIR"
+    mode_case interleave-2 "0:$HALF $LAST:$HALF" "$TOL_INTERLEAVE" "interleave:0,$LAST"
+    if [ "$NODES" -ge 4 ]; then
+        q=$((PAGES / 4))
+        mode_case interleave-4 "0:$q 1:$q 2:$q 3:$q" "$TOL_INTERLEAVE" interleave:0-3
+    fi
+    if step weighted-interleave-weights set_weights; then
+        mode_case weighted-interleave "0:$((PAGES * 3 / 4)) $LAST:$((PAGES / 4))" "$TOL_INTERLEAVE" \
+            - --mode weighted-interleave --nodes "0,$LAST"
+    fi
+}
+
+# per_range_case VM: one region, three ranges on different nodes: [0,8M) BIND 0, [8M,16M) BIND
+# last, [16M,32M) INTERLEAVE over all nodes. Each range's placement is checked, then a holder that
+# touches only the first 8 MiB and one that touches everything.
+per_range_case() {
+    local vm=$1 q=$((PAGES / 4)) share=$((HALF / NODES)) all="" totals n
+    step "per-range-$vm-create" region_create "$vm" ranges ${MB}M --policy "interleave:0-$LAST" || return 1
+    if step "per-range-$vm-policy-a" set_policy "$vm" ranges --length 8M --mode bind --nodes 0 &&
+        step "per-range-$vm-policy-b" set_policy "$vm" ranges --offset 8M --length 8M --mode bind --nodes "$LAST" &&
+        step "per-range-$vm-populate" populate "$vm" ranges; then
+        for n in $(seq 0 "$LAST"); do all="$all $n:$share"; done
+        totals="0:$((q + share)) $LAST:$((q + share))"
+        for n in $(seq 1 $((LAST - 1))); do totals="$totals $n:$share"; done
+        check "per-range-$vm-agent" expect_placement "$vm" ranges "$totals" "$TOL_INTERLEAVE"
+        check "per-range-$vm-agent-a" expect_range_placement 0 0 "0:$q" 0
+        check "per-range-$vm-agent-b" expect_range_placement 1 $((8 << 20)) "$LAST:$q" 0
+        check "per-range-$vm-agent-c" expect_range_placement 2 $((16 << 20)) "$all" "$TOL_INTERLEAVE"
+        if step "per-range-$vm-hold-8M" holder_start "$vm" ranges 8M; then
+            check "per-range-$vm-numa-maps-a" expect_holder "$HOLDER_PID" $((MB << 20)) "0:$q" 0
+            holder_stop "$HOLDER_PID"
+        fi
+        if step "per-range-$vm-hold-all" holder_start "$vm" ranges ${MB}M; then
+            check "per-range-$vm-numa-maps-all" expect_holder "$HOLDER_PID" $((MB << 20)) "$totals" "$TOL_INTERLEAVE"
+            holder_stop "$HOLDER_PID"
+        fi
+    fi
+    region_delete "$vm" ranges
+}
+
+# A populated range moves from node 0 to the last node with `policy set --migrate`; the holder
+# keeps it mapped throughout and sees every page on the last node afterwards.
+migrate_case() {
+    step migrate-create region_create vm-migrate r ${MB}M --policy bind:0 || return 1
+    if step migrate-populate populate vm-migrate r &&
+        step migrate-hold holder_start vm-migrate r ${MB}M; then
+        check migrate-before-numa-maps expect_holder "$HOLDER_PID" $((MB << 20)) "0:$PAGES" 0
+        step migrate-set-policy set_policy vm-migrate r --mode bind --nodes "$LAST" --migrate &&
+            check migrate-reported expect_migrated "$PAGES"
+        check migrate-after-agent expect_placement vm-migrate r "$LAST:$PAGES" 0
+        check migrate-after-numa-maps expect_holder "$HOLDER_PID" $((MB << 20)) "$LAST:$PAGES" 0
+        holder_stop "$HOLDER_PID"
+    fi
+    region_delete vm-migrate r
+}
+
+expect_migrated() {
+    moved=$(flat_get "$WORK/policy.flat" pages_migrated)
+    failed=$(flat_get "$WORK/policy.flat" pages_migrate_failed)
+    echo "pages migrated $moved, failed $failed; want $1 and 0"
+    [ "$moved" = "$1" ] && [ "$failed" = 0 ]
+}
+
+# SIGKILL the agent while holders keep the fds, then restart it. Before: a memfd region (and on
+# the KVM guest a guest_memfd region, see gmem_before_restart) BIND to the last node, half
+# populated by the agent, half held by a holder on node 0's CPU. After: the regions, their policy
+# and their pages are intact, and memory allocated after the restart still lands on the last node:
+# faulted by a new holder on node 0's CPU, and (guest_memfd) populated by the agent.
+restart_case() {
+    local gen memfd_holder="" gmem_holder=""
+    if step restart-create region_create vm-restart r ${MB}M --policy "bind:$LAST"; then
+        gen=$(flat_get "$WORK/create.flat" generation)
+        if step restart-populate-half populate vm-restart r --length $((MB / 2))M &&
+            step restart-hold holder_start vm-restart r $((MB / 2))M numactl --cpunodebind=0; then
+            memfd_holder=$HOLDER_PID
+            check restart-before-numa-maps expect_holder "$memfd_holder" $((MB << 20)) "$LAST:$HALF" 0
+        fi
+    fi
+    if [ "${MEMPLACE_KVM:-0}" = 1 ]; then
+        gmem_before_restart && gmem_holder=$HOLDER_PID
+    fi
+    step restart-sigkill agent_kill
+    step restart-agent-back agent_start main || return 1
+    if [ -n "$memfd_holder" ]; then
+        check restart-intent-intact expect_region vm-restart r status=active "generation=$gen" \
+            strategy=shared-policy ranges.0.state=applied ranges.0.observed.mode=bind \
+            "ranges.0.observed.nodes.0=$LAST" "holder_pid=$memfd_holder"
+        check restart-pages-intact expect_placement vm-restart r "$LAST:$HALF" 0 --length $((MB / 2))M
+        if step restart-hold-more holder_start vm-restart r ${MB}M numactl --cpunodebind=0; then
+            check restart-new-pages-numa-maps expect_holder "$HOLDER_PID" $((MB << 20)) "$LAST:$PAGES" 0
+            check restart-new-pages-agent expect_placement vm-restart r "$LAST:$PAGES" 0
+            holder_stop "$HOLDER_PID"
+        fi
+        holder_stop "$memfd_holder"
+    fi
+    region_delete vm-restart r
+    if [ -n "$gmem_holder" ]; then
+        gmem_after_restart
+        holder_stop "$gmem_holder"
+    fi
+    [ "${MEMPLACE_KVM:-0}" = 1 ] && region_delete vm-gmem g
+    return 0
+}
+
+# BIND to a node with less free memory than the region: Populate is refused with
+# RESOURCE_EXHAUSTED (memplacectl exit 18) and nothing was allocated.
+capacity_case() {
+    local free_mb big
+    free_mb=$(($(node_meminfo "$LAST" MemFree) / 1024))
+    big=$((free_mb + 64))
+    step capacity-create region_create vm-capacity big ${big}M --policy "bind:$LAST" || return 1
+    check capacity-refused expect_exit 18 memplacectl populate vm-capacity big
+    check capacity-nothing-allocated expect_nothing_allocated vm-capacity big $((big * 256))
+    region_delete vm-capacity big
+}
+
+expect_nothing_allocated() {
+    memplacectl -o json placement "$1" "$2" | json_flat >"$WORK/placement.flat" || return 1
+    absent=$(flat_get "$WORK/placement.flat" pages_not_present)
+    echo "pages not present: $absent of $3"
+    [ "$absent" = "$3" ]
+}
+
+# Populate with --cgroup charges the named memory cgroup (v2) for the pages.
+cgroup_case() {
+    local before after cg=$CGROOT/memplace-vm
+    step cgroup-setup sh -c "echo +memory >$CGROOT/cgroup.subtree_control && mkdir -p $cg && cat $cg/memory.current" ||
+        return 1
+    step cgroup-create region_create vm-cgroup r ${MB}M --policy "bind:$LAST" || return 1
+    before=$(cat $cg/memory.current)
+    step cgroup-populate populate vm-cgroup r --cgroup "$cg"
+    after=$(cat $cg/memory.current)
+    check cgroup-charged expect_growth "$before" "$after" $((MB << 20))
+    check cgroup-placement expect_placement vm-cgroup r "$LAST:$PAGES" 0
+    region_delete vm-cgroup r
+}
+
+expect_growth() {
+    echo "memory.current $1 -> $2, grew by $(($2 - $1)) bytes; want at least 95% of $3"
+    [ $(($2 - $1)) -ge $(($3 * 95 / 100)) ]
+}
+
+# guest_memfd with the kernel's shared policy (6.19+ with KVM), 48 MiB: BIND to the last node
+# after creation; the agent populates the first 16 MiB, a holder on node 0's CPU faults the next
+# 16 MiB. Both must land on the last node. Leaves HOLDER_PID holding it for the restart.
+GMEM_MB=$((MB + MB / 2))
+gmem_before_restart() {
+    step gmem-create region_create vm-gmem g ${GMEM_MB}M --backend guest-memfd || return 1
+    check gmem-shared-policy expect_region vm-gmem g strategy=shared-policy backend=guest-memfd
+    step gmem-policy set_policy vm-gmem g --mode bind --nodes "$LAST" || return 1
+    step gmem-populate populate vm-gmem g --length $((MB / 2))M &&
+        check gmem-populate-agent expect_placement vm-gmem g "$LAST:$HALF" 0 --length $((MB / 2))M
+    step gmem-hold holder_start vm-gmem g ${MB}M numactl --cpunodebind=0 || return 1
+    check gmem-holder-faults-numa-maps expect_holder "$HOLDER_PID" $((GMEM_MB << 20)) "$LAST:$PAGES" 0
+    check gmem-holder-faults-agent expect_placement vm-gmem g "$LAST:$PAGES" 0 --length ${MB}M
+}
+
+# After the SIGKILL and restart, with the first holder keeping the fd: the policy is intact, a new
+# holder on node 0's CPU faults 8 MiB more, and the agent populates the rest; all on the last node.
+gmem_after_restart() {
+    local total
+    total=$(pages_of_mb $GMEM_MB)
+    check gmem-intent-intact expect_region vm-gmem g status=active strategy=shared-policy \
+        ranges.0.state=applied ranges.0.observed.mode=bind "ranges.0.observed.nodes.0=$LAST"
+    if step gmem-hold-after-restart holder_start vm-gmem g $((MB + 8))M numactl --cpunodebind=0; then
+        step gmem-populate-after-restart populate vm-gmem g &&
+            check gmem-after-restart-agent expect_placement vm-gmem g "$LAST:$total" 0
+        holder_stop "$HOLDER_PID"
+    fi
+    if step gmem-hold-all-after-restart holder_start vm-gmem g ${GMEM_MB}M numactl --cpunodebind=0; then
+        check gmem-after-restart-numa-maps expect_holder "$HOLDER_PID" $((GMEM_MB << 20)) "$LAST:$total" 0
+        holder_stop "$HOLDER_PID"
+    fi
+}
+
+# Without KVM (the 6.12 guests) a guest_memfd region is refused with FAILED_PRECONDITION (19).
+guest_memfd_unsupported() {
+    memplacectl region create vm-gmem g --size ${MB}M --backend guest-memfd >"$WORK/gmem.out" 2>&1
+    status=$?
+    cat "$WORK/gmem.out"
+    echo "exit $status, want 19 and a message naming KVM"
+    [ "$status" -eq 19 ] && grep -q KVM "$WORK/gmem.out"
+}
+
+# An agent confined by a cpuset cgroup: cpus = the last node's CPU, mems = nodes 1..last.
+# LOCAL and DEFAULT: Populate allocates in the agent's worker threads, so LOCAL means their node,
+# and DEFAULT falls back to their task policy (none: local allocation); both put every page on
+# the last node. RELATIVE: the kernel folds relative node ids onto the allowed set, so relative
+# {1} is the second allowed node (node 2 of {1,2,3}), or node 1 when only {1} is allowed
+# (1 mod 1 = 0), and the kernel reports the relative mask as given. Plain BIND {0} is refused
+# there (INVALID_ARGUMENT, exit 13). STATIC {last} places on the last node and the kernel reports
+# the static flag back; the rebinding that STATIC changes happens only when the cpuset changes
+# later, which is not shown.
+confined_agent_checks() {
+    local cg=$CGROOT/memplace-agent relative_node=$((1 + 1 % LAST))
+    step cpuset-setup sh -c "echo +cpuset >$CGROOT/cgroup.subtree_control && mkdir -p $cg &&
+        echo 1-$LAST >$cg/cpuset.mems && echo $LAST >$cg/cpuset.cpus && cat $cg/cpuset.mems.effective" ||
+        return 1
+    step agent-confined-start agent_start confined sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg" ||
+        return 1
+    check agent-confined-cpuset expect_confined "$AGENT_PID"
+    mode_case local "$LAST:$PAGES" 0 local
+    mode_case default "$LAST:$PAGES" 0 default
+    mode_case relative "$relative_node:$PAGES" 0 - --mode bind --nodes 1 --relative
+    check relative-reported expect_flat "$WORK/policy.flat" ranges.0.state=applied \
+        ranges.0.observed.relative_nodes=true ranges.0.observed.nodes.0=1
+    check bind-outside-cpuset-refused expect_exit 13 set_policy_fresh vm-cpuset outside --mode bind --nodes 0
+    mode_case static "$LAST:$PAGES" 0 - --mode bind --nodes "$LAST" --static
+    check static-reported expect_flat "$WORK/policy.flat" ranges.0.state=applied \
+        ranges.0.observed.static_nodes=true "ranges.0.observed.nodes.0=$LAST"
+    agent_stop
+}
+
+expect_confined() {
+    grep -E '^(Mems|Cpus)_allowed_list' /proc/"$1"/status
+    grep -Eq "^Mems_allowed_list:[[:space:]]*(1-$LAST|$LAST)\$" /proc/"$1"/status &&
+        grep -Eq "^Cpus_allowed_list:[[:space:]]*$LAST\$" /proc/"$1"/status
+}
+
+set_policy_fresh() {
+    local vm=$1 name=$2 status
+    shift 2
+    region_create "$vm" "$name" ${MB}M >/dev/null || return 99
+    memplacectl policy set "$vm" "$name" "$@"
+    status=$?
+    region_delete "$vm" "$name"
+    return $status
+}
+
+# The task-policy strategy (the one guest_memfd uses without a shared policy) forced on memfd:
+# the agent's workers allocate under a thread policy per range.
+task_policy_agent_checks() {
+    step agent-task-policy-start agent_start task-policy env MEMPLACE_FORCE_STRATEGY=task-policy || return 1
+    step task-policy-create region_create vm-task r ${MB}M --policy "bind:$LAST" &&
+        check task-policy-strategy expect_region vm-task r strategy=task-policy &&
+        step task-policy-populate populate vm-task r &&
+        check task-policy-bind-agent expect_placement vm-task r "$LAST:$PAGES" 0 &&
+        step task-policy-hold holder_start vm-task r ${MB}M &&
+        check task-policy-bind-numa-maps expect_holder "$HOLDER_PID" $((MB << 20)) "$LAST:$PAGES" 0
+    holder_stop "$HOLDER_PID"
+    region_delete vm-task r
+    per_range_case vm-task
+    agent_stop
+}
+
+# section NAME FUNCTION: runs one group of checks, with the guest's uptime in the log.
+section() {
+    note "$1 at $(cut -d ' ' -f 1 /proc/uptime) s"
+    shift
+    "$@"
+}
+
+memplace_checks() {
+    section agent step agent-start agent_start main || return 0
+    section modes every_mode
+    [ -n "$SELFTEST" ] && return 0
+    section per-range per_range_case vm-ranges
+    section migrate migrate_case
+    section capacity capacity_case
+    section cgroup cgroup_case
+    if [ "${MEMPLACE_KVM:-0}" != 1 ]; then
+        section guest-memfd check gmem-unsupported guest_memfd_unsupported
+    fi
+    section restart restart_case
+    agent_stop
+    section confined-agent confined_agent_checks
+    section task-policy-agent task_policy_agent_checks
+    note "done at $(cut -d ' ' -f 1 /proc/uptime) s"
+}
+
+if [ -z "$SELFTEST" ]; then
+    section sanity sanity_checks
+fi
 memplace_checks
 # Reaching this line is what tells /init the scenario did not abort.
 exit 0
