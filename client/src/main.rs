@@ -193,7 +193,8 @@ struct HoldArgs {
     #[arg(long)]
     pattern: Option<u64>,
     /// For guest_memfd: bind memslot 0 of the VM fd that came with the region to it, proving
-    /// the file belongs to that VM.
+    /// the file belongs to that VM. Fails with this agent, which sends no VM fd: a KVM VM fd
+    /// answers only in the process that created it (the kernel returns EIO to any other).
     #[arg(long)]
     bind_memslot: bool,
 }
@@ -849,9 +850,15 @@ fn hold(h: &HoldArgs) -> Result<(), ClientError> {
     }
     let mut _vm = None;
     if h.bind_memslot {
-        let vm_fd = got
-            .vm_fd
-            .ok_or_else(|| ClientError::Handoff("no VM fd came with the region".into()))?;
+        let vm_fd = got.vm_fd.ok_or_else(|| {
+            ClientError::Handoff(
+                "no VM fd came with the region: a KVM VM fd answers only in the process that \
+                     created it, and a guest_memfd binds only to the VM it was created on, so a \
+                     guest_memfd the agent made cannot back a memslot of this VMM's VM; create it \
+                     in the VMM and hand it in with adopt"
+                    .into(),
+            )
+        })?;
         let vm = GuestMemfdVm::from_fd(vm_fd)
             .map_err(|e| ClientError::Handoff(format!("VM fd: {}", e.desc())))?;
         vm.bind_memslot(0, 0, size, map.guest_address(), got.fd.as_fd())
@@ -864,47 +871,48 @@ fn hold(h: &HoldArgs) -> Result<(), ClientError> {
         println!("memslot bound");
         _vm = Some(vm);
     }
-    println!(
-        "holding {}/{} ({} bytes) pid {}",
-        h.vm,
-        h.name,
-        size,
-        std::process::id()
-    );
-    let _ = std::io::stdout().flush();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ClientError::Handoff(e.to_string()))?;
-    rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).map_err(|e| ClientError::Handoff(e.to_string()))?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| ClientError::Handoff(e.to_string()))?;
-        let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| ClientError::Handoff(e.to_string()))?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = usr1.recv() => {
-                    let ok = match h.pattern {
-                        Some(seed) => {
-                            let mut off = 0;
-                            let mut good = true;
-                            let mut b = [0u8; 1];
-                            while off < touch {
-                                if map.read(off, &mut b).is_err() || b[0] != pattern_byte(seed, off) { good = false; break; }
-                                off += page;
+    // `run` is already on the multi-threaded runtime: block this worker in place rather than
+    // starting a second runtime. The signal handlers exist before "holding" is printed, so a
+    // caller that waits for that line may signal at once.
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).map_err(|e| ClientError::Handoff(e.to_string()))?;
+            let mut int = signal(SignalKind::interrupt()).map_err(|e| ClientError::Handoff(e.to_string()))?;
+            let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| ClientError::Handoff(e.to_string()))?;
+            println!(
+                "holding {}/{} ({} bytes) pid {}",
+                h.vm,
+                h.name,
+                size,
+                std::process::id()
+            );
+            let _ = std::io::stdout().flush();
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = usr1.recv() => {
+                        let ok = match h.pattern {
+                            Some(seed) => {
+                                let mut off = 0;
+                                let mut good = true;
+                                let mut b = [0u8; 1];
+                                while off < touch {
+                                    if map.read(off, &mut b).is_err() || b[0] != pattern_byte(seed, off) { good = false; break; }
+                                    off += page;
+                                }
+                                good
                             }
-                            good
-                        }
-                        None => true,
-                    };
-                    println!("pattern {}", if ok { "ok" } else { "BAD" });
-                    let _ = std::io::stdout().flush();
+                            None => true,
+                        };
+                        println!("pattern {}", if ok { "ok" } else { "BAD" });
+                        let _ = std::io::stdout().flush();
+                    }
                 }
             }
-        }
-        Ok::<_, ClientError>(())
+            Ok::<_, ClientError>(())
+        })
     })?;
     drop(map);
     Ok(())

@@ -19,6 +19,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
+/// How /proc names a KVM VM fd.
+const KVM_VM_LINK: &str = "anon_inode:kvm-vm";
+
 /// Binds the handoff socket at `path` with `mode`.
 pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
@@ -213,16 +216,14 @@ fn handle(
                 vm_id: a.vm_id,
                 name: a.name,
             };
-            // Dup the fds under the region lock, record the holder durably, then send: after a
-            // crash the agent looks for the file in the recorded holder.
-            let dup = rt.block_on(agent.with_fds(&key, |_, fd, vm| {
-                let f = fd.try_clone_to_owned();
-                let v = vm.map(|v| v.try_clone_to_owned());
-                (f, v)
-            }));
-            let (fd, vm) = match dup {
-                Ok((Ok(fd), vm)) => (fd, vm.and_then(|v| v.ok())),
-                Ok((Err(e), _)) => {
+            // Dup the fd under the region lock, record the holder durably, then send: after a
+            // crash the agent looks for the file in the recorded holder. The agent's VM fd is not
+            // sent: KVM refuses VM ioctls from any process but the VM's creator (EIO), so it would
+            // be of no use to the VMM.
+            let dup = rt.block_on(agent.with_fds(&key, |_, fd, _vm| fd.try_clone_to_owned()));
+            let fd = match dup {
+                Ok(Ok(fd)) => fd,
+                Ok(Err(e)) => {
                     return (
                         error(pb::HandoffCode::Internal, format!("dup: {e}")),
                         vec![],
@@ -231,19 +232,15 @@ fn handle(
                 Err(e) => return (error(code_of(&e), e.to_string()), vec![]),
             };
             match rt.block_on(agent.record_holder(&key, holder, actor)) {
-                Ok(view) => {
-                    let mut out = vec![fd];
-                    out.extend(vm);
-                    (
-                        pb::HandoffResponse {
-                            code: pb::HandoffCode::Ok as i32,
-                            message: String::new(),
-                            region: Some(crate::api::region_to_pb(&view)),
-                            fd_count: 0,
-                        },
-                        out,
-                    )
-                }
+                Ok(view) => (
+                    pb::HandoffResponse {
+                        code: pb::HandoffCode::Ok as i32,
+                        message: String::new(),
+                        region: Some(crate::api::region_to_pb(&view)),
+                        fd_count: 0,
+                    },
+                    vec![fd],
+                ),
                 Err(e) => (error(code_of(&e), e.to_string()), vec![]),
             }
         }
@@ -275,7 +272,12 @@ fn handle(
                     );
                 }
             };
-            let fd = fds.pop().expect("one fd checked");
+            let Some(fd) = fds.pop() else {
+                return (
+                    error(pb::HandoffCode::Internal, "the fd vanished".into()),
+                    vec![],
+                );
+            };
             let key = RegionKey {
                 vm_id: a.vm_id,
                 name: a.name,
@@ -312,7 +314,13 @@ fn handle(
                     vec![],
                 );
             }
-            let fd = fds.pop().expect("one fd checked");
+            let Some(fd) = fds.pop() else {
+                return (
+                    error(pb::HandoffCode::Internal, "the fd vanished".into()),
+                    vec![],
+                );
+            };
+            let is_vm = fdpass::link_of(fd.as_fd()).is_some_and(|l| l == KVM_VM_LINK);
             match agent.attach_vm(&a.vm_id, fd) {
                 Ok(()) => {
                     let _ = rt.block_on(agent.emit(
@@ -334,6 +342,17 @@ fn handle(
                         vec![],
                     )
                 }
+                Err(_) if is_vm => (
+                    error(
+                        pb::HandoffCode::FailedPrecondition,
+                        "a KVM VM fd answers only in the process that created it: the kernel \
+                         refuses VM ioctls from any other process (EIO), so the agent cannot \
+                         create guest_memfd files on this VM; create the guest_memfd in the VMM \
+                         and hand it in with adopt"
+                            .into(),
+                    ),
+                    vec![],
+                ),
                 Err(e) => (error(code_of(&e), e.to_string()), vec![]),
             }
         }

@@ -13,6 +13,10 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 pub const MAX_PACKET: usize = 64 * 1024;
 /// The most fds accepted in one packet; more are closed and the packet is refused.
 pub const MAX_FDS: usize = 4;
+/// The most fds the kernel passes in one message (SCM_MAX_FD). Receive space is sized for this
+/// many, so SCM_RIGHTS is never cut short: the kernel would install the fds that fit and set
+/// MSG_CTRUNC, and nix then refuses to walk the control messages, which would leak those fds.
+const SCM_MAX_FD: usize = 253;
 
 /// A received packet.
 #[derive(Debug)]
@@ -21,7 +25,7 @@ pub struct Packet {
     pub data: Vec<u8>,
     /// The fds it carried, owned.
     pub fds: Vec<OwnedFd>,
-    /// Whether the payload or the fd list was cut short.
+    /// Whether the payload was cut short or more than [`MAX_FDS`] fds came (all are closed).
     pub truncated: bool,
 }
 
@@ -41,7 +45,7 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result
 /// Receives one packet. Returns `Ok(None)` at end of stream.
 pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<Packet>, Errno> {
     let mut buf = vec![0u8; MAX_PACKET];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
@@ -61,9 +65,12 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<Packet>, Errno> {
     }
     let truncated = msg
         .flags
-        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+        || fds.len() > MAX_FDS;
     let n = msg.bytes;
-    if n == 0 && fds.is_empty() && !truncated {
+    // A SOCK_SEQPACKET read gives 0 bytes both for an empty packet (a valid, empty protobuf
+    // message) and at end of stream; only the hang-up state tells them apart.
+    if n == 0 && fds.is_empty() && !truncated && peer_hung_up(sock) {
         return Ok(None);
     }
     buf.truncate(n);
@@ -74,7 +81,29 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<Packet>, Errno> {
     }))
 }
 
+/// Whether the peer has closed or shut down its end.
+fn peer_hung_up(sock: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd that outlives the call, and nfds is 1; a zero timeout
+    // does not block.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r < 0 || p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+}
+
 /// The peer's credentials (SO_PEERCRED).
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> Result<UnixCredentials, Errno> {
     getsockopt(&sock, sockopt::PeerCredentials)
+}
+
+/// What /proc/self/fd names the file behind `fd` (e.g. `anon_inode:kvm-vm`, `/memfd:x (deleted)`).
+pub fn link_of(fd: BorrowedFd<'_>) -> Option<String> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .ok()?
+        .into_os_string()
+        .into_string()
+        .ok()
 }

@@ -40,23 +40,6 @@ pub fn find_fds(pid: i32, file_id: (u64, u64)) -> Vec<i32> {
     out
 }
 
-/// Copies of the fds of `pidfd`'s process whose link text is `target` (e.g.
-/// `anon_inode:kvm-vm`). Each candidate is taken with pidfd_getfd and named through this
-/// process's own /proc/self/fd, so no access to the other process's fd directory is needed.
-pub fn take_fds_by_link(pid: i32, pidfd: &OwnedFd, target: &str) -> Vec<OwnedFd> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|n| {
-            let fd = getfd(pidfd, n).ok()?;
-            let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-            (link.to_str()? == target).then_some(fd)
-        })
-        .collect()
-}
-
 /// A pidfd for `pid`.
 pub fn open(pid: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: pidfd_open has no memory-safety preconditions.
@@ -94,6 +77,23 @@ pub fn take_file(pid: i32, start: u64, file_id: (u64, u64)) -> Result<OwnedFd, E
         }
     }
     Err(Errno::ENOENT)
+}
+
+/// Looks through every other process for one that has the file (dev, ino) open and takes a copy
+/// from it. For when the recorded holder is gone but the memory may not be: a second VMM acquired
+/// the file later, or the VMM passed its fd on. Returns the process (pid, start time) and the fd.
+pub fn take_file_from_any(file_id: (u64, u64)) -> Option<(i32, u64, OwnedFd)> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me && !find_fds(pid, file_id).is_empty())
+        .find_map(|pid| {
+            let start = start_time(pid)?;
+            let fd = take_file(pid, start, file_id).ok()?;
+            Some((pid, start, fd))
+        })
 }
 
 /// Whether this process has CAP_SYS_PTRACE in its effective set (needed for pidfd_getfd on

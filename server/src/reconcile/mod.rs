@@ -469,11 +469,6 @@ impl Agent {
         Ok(())
     }
 
-    /// The VM fd the agent holds for `vm_id`, if any.
-    pub(crate) fn vm_of(&self, vm_id: &str) -> Option<Arc<GuestMemfdVm>> {
-        self.vms.lock().expect("vm map lock").get(vm_id).cloned()
-    }
-
     /// Creates the kernel file of a region.
     fn create_file(&self, intent: &RegionIntent) -> Result<RegionFile, AgentError> {
         match intent.backend {

@@ -9,11 +9,12 @@
 //! it). The agent never refuses to start because the host changed.
 
 use super::{Agent, AgentError, LiveRegion, RegionFile, observe};
-use crate::domain::{Backend, Event, EventKind, RegionIntent, RegionStatus, Strategy};
-use crate::kernel::{self, GuestMemfdVm, Mapping, pidfd};
+use crate::domain::{Event, EventKind, Holder, RegionIntent, RegionStatus, Strategy};
+use crate::kernel::{self, Mapping, pidfd};
 use crate::store::WriteOp;
+use nix::errno::Errno;
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::RwLock;
@@ -46,35 +47,47 @@ impl Agent {
             return (lost(intent), ops, events);
         }
         let taken = match (intent.holder, intent.file_id) {
-            (Some(h), Some(id)) => {
-                Some(pidfd::take_file(h.pid, h.start_time, id).map(|fd| (h, fd)))
-            }
+            (Some(h), Some(id)) => Some(take_back(h, id)),
             _ => None,
         };
         let file = match taken {
             Some(Ok((holder, fd))) => {
-                let vm = (intent.backend == Backend::GuestMemfd)
-                    .then(|| self.recover_vm(&intent.key.vm_id, holder.pid))
-                    .flatten();
+                let recorded = intent.holder.map_or(0, |h| h.pid);
+                let message = if holder.pid == recorded {
+                    format!("fd taken back from holder pid {}", holder.pid)
+                } else {
+                    // Record who holds it now, so the next restart looks there first.
+                    intent.holder = Some(holder);
+                    ops.push(WriteOp::SaveHolder {
+                        key: key.clone(),
+                        holder: Some(holder),
+                        file_id: intent.file_id,
+                    });
+                    format!(
+                        "fd taken back from pid {}, which holds the file; the recorded holder pid {recorded} is gone",
+                        holder.pid
+                    )
+                };
                 let mapping = Mapping::new(fd.as_fd(), intent.size_bytes).ok();
-                events.push(self.event(
-                    EventKind::FdRecovered,
-                    Some(&key),
-                    format!("fd taken back from holder pid {}", holder.pid),
-                    ACTOR,
-                ));
-                RegionFile { fd, mapping, vm }
+                events.push(self.event(EventKind::FdRecovered, Some(&key), message, ACTOR));
+                // No VM fd comes back: one taken from another process would refuse every VM
+                // ioctl here (KVM answers only its creator), and the file itself keeps its VM
+                // alive.
+                RegionFile {
+                    fd,
+                    mapping,
+                    vm: None,
+                }
             }
             Some(Err(e)) => {
-                let h = intent.holder.expect("holder checked");
+                let pid = intent.holder.map_or(0, |h| h.pid);
                 intent.status = RegionStatus::Lost;
                 ops.push(WriteOp::SaveStatus(key.clone(), RegionStatus::Lost));
                 events.push(self.event(
                     EventKind::HolderLost,
                     Some(&key),
                     format!(
-                        "holder pid {} is gone or no longer holds the file ({})",
-                        h.pid,
+                        "holder pid {pid} is gone or no longer holds the file, and no other process has it ({})",
                         e.desc()
                     ),
                     ACTOR,
@@ -178,25 +191,16 @@ impl Agent {
         }
         bad
     }
+}
 
-    /// Takes the holder's KVM VM fd, when it has exactly one, so later guest_memfd regions of
-    /// this VM are created on the VM the VMM runs.
-    fn recover_vm(&self, vm_id: &str, pid: i32) -> Option<Arc<GuestMemfdVm>> {
-        if let Some(vm) = self.vm_of(vm_id) {
-            return Some(vm);
-        }
-        let pfd = pidfd::open(pid).ok()?;
-        let mut fds = pidfd::take_fds_by_link(pid, &pfd, "anon_inode:kvm-vm");
-        if fds.len() != 1 {
-            return None;
-        }
-        let fd = fds.pop()?;
-        let vm = Arc::new(GuestMemfdVm::from_fd(fd).ok()?);
-        self.vms
-            .lock()
-            .expect("vm map lock")
-            .insert(vm_id.to_string(), vm.clone());
-        Some(vm)
+/// Takes the file back from its recorded holder or, when that process is gone or no longer has
+/// it, from any other process that has it open.
+fn take_back(recorded: Holder, file_id: (u64, u64)) -> Result<(Holder, OwnedFd), Errno> {
+    match pidfd::take_file(recorded.pid, recorded.start_time, file_id) {
+        Ok(fd) => Ok((recorded, fd)),
+        Err(e) => pidfd::take_file_from_any(file_id)
+            .map(|(pid, start_time, fd)| (Holder { pid, start_time }, fd))
+            .ok_or(e),
     }
 }
 
