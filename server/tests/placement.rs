@@ -300,6 +300,10 @@ impl TempCgroup {
     fn add(&self, pid: u32) {
         std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
     }
+
+    fn limit(&self, bytes: u64) {
+        std::fs::write(self.0.join("memory.limit_in_bytes"), bytes.to_string()).unwrap();
+    }
 }
 
 impl Drop for TempCgroup {
@@ -383,6 +387,41 @@ async fn populate_with_a_cgroup_charges_that_cgroup_not_the_agent() {
             "{name}: deleting the region uncharges the cgroup: -{freed} of {size}"
         );
     }
+
+    // A limit too small for the populate: refused before anything is allocated.
+    let tight = TempCgroup::new("tight");
+    c.create_region("vm1", "ram", size, pb::Backend::Memfd, bind0())
+        .await
+        .unwrap();
+    tight.limit(size / 4);
+    let mut req = populate_req("vm1", "ram", 0, 0, 1);
+    req.cgroup = tight.0.display().to_string();
+    let e = populate_all(&mut c, req.clone()).await.unwrap_err();
+    println!("{}", e.message());
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains(&req.cgroup) && e.message().contains("short by"),
+        "the refusal names the cgroup and the shortfall: {}",
+        e.message()
+    );
+    let p = placement(&mut c, "vm1", "ram").await;
+    assert_eq!(consistent(&p, size / PAGE), 0, "nothing was allocated");
+
+    // Room for exactly the pages passes that check, but the cgroup is also charged for the file's
+    // page-cache index and the helper's own memory, so its OOM killer stops the helper part-way.
+    tight.limit(tight.usage() + size);
+    let e = populate_all(&mut c, req).await.unwrap_err();
+    println!("{}", e.message());
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("OOM killer"), "{}", e.message());
+    let p = placement(&mut c, "vm1", "ram").await;
+    let done = consistent(&p, size / PAGE);
+    assert!(
+        done < size / PAGE,
+        "the helper was stopped before the end: {done} pages"
+    );
+    c.delete_region("vm1", "ram").await.unwrap();
+    drop(tight);
 
     // A path that is not a cgroup is refused before anything runs.
     c.create_region("vm1", "ram", 16 * MIB, pb::Backend::Memfd, vec![])

@@ -352,6 +352,21 @@ fn run_in_cgroup(
         return Ok(());
     }
     let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
+        // Nobody but the agent (on cancel, handled above) and the kernel kills the helper, and
+        // the kernel's SIGKILL is the cgroup's OOM killer: the allocation hit a memory limit.
+        let why = format!(
+            "the populate helper in cgroup {} was killed by signal {signal}",
+            cgroup.display()
+        );
+        return Err(if signal == libc::SIGKILL {
+            AgentError::ResourceExhausted(format!(
+                "{why}, by the OOM killer of that cgroup or an ancestor: its memory limit is too small for this populate; what was allocated stays"
+            ))
+        } else {
+            AgentError::FailedPrecondition(why)
+        });
+    }
     match out.status.code() {
         Some(c) if c >= 10 => Err(AgentError::Kernel {
             op: "fallocate in the cgroup helper",
@@ -360,6 +375,44 @@ fn run_in_cgroup(
         _ => Err(AgentError::FailedPrecondition(format!(
             "populate helper failed: {msg}"
         ))),
+    }
+}
+
+/// Bytes that may still be charged to a memory cgroup under its own limit and its ancestors'
+/// (v1 `memory.limit_in_bytes`/`usage_in_bytes`, v2 `memory.max`/`current`); `None` when no
+/// limit applies or none can be read.
+fn cgroup_room(cgroup: &Path) -> Option<u64> {
+    let read = |dir: &Path, file: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    cgroup
+        .ancestors()
+        .take_while(|d| d.starts_with("/sys/fs/cgroup"))
+        .filter_map(|d| {
+            let (limit, usage) = match read(d, "memory.limit_in_bytes") {
+                Some(limit) => (limit, read(d, "memory.usage_in_bytes")?),
+                // v2 writes "max" for no limit, which does not parse.
+                None => (read(d, "memory.max")?, read(d, "memory.current")?),
+            };
+            Some(limit.saturating_sub(usage))
+        })
+        .min()
+}
+
+/// Refuses a populate whose unallocated bytes would not fit under the memory limit of the cgroup
+/// it charges, before anything is allocated (rather than have the OOM killer stop it half-way).
+fn check_cgroup_room(cgroup: &Path, bytes: u64) -> Result<(), AgentError> {
+    match cgroup_room(cgroup) {
+        Some(room) if bytes > room => Err(AgentError::ResourceExhausted(format!(
+            "populate needs {bytes} bytes charged to cgroup {} but its memory limit leaves {room} bytes: short by {} bytes; nothing was allocated",
+            cgroup.display(),
+            bytes - room
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -479,6 +532,12 @@ impl Agent {
                 .collect()
         });
         self.check_capacity(live.intent.backend, page, &needs)?;
+        // hugetlb pages are charged to the hugetlb controller, not to memory.
+        if let Some(cg) = req.cgroup.as_deref()
+            && live.intent.backend != Backend::MemfdHugetlb
+        {
+            check_cgroup_room(cg, needs.iter().map(|(_, pages)| pages * page).sum())?;
+        }
         let chunks = plan(
             &ranges
                 .iter()
