@@ -12,6 +12,18 @@ use std::path::Path;
 pub const DEFAULT_HANDOFF_SOCKET: &str = "/run/memplace/handoff.sock";
 
 /// A connection to the handoff socket.
+///
+/// ```no_run
+/// # fn demo(token: &str) -> Result<(), memplace_client::ClientError> {
+/// use memplace_client::handoff::{DEFAULT_HANDOFF_SOCKET, Handoff};
+/// let h = Handoff::connect(DEFAULT_HANDOFF_SOCKET)?;
+/// // `token` is CreateRegion's handoff_token for vm1.
+/// let got = h.acquire("vm1", "ram0", token)?;
+/// // mmap `got.fd` (got.region.size_bytes long) as guest RAM; for guest_memfd, `got.vm_fd` is
+/// // the KVM VM the file belongs to.
+/// # let _ = got;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Handoff {
     sock: OwnedFd,
@@ -22,7 +34,9 @@ pub struct Handoff {
 pub struct Acquired {
     /// The region's file.
     pub fd: OwnedFd,
-    /// The KVM VM fd, for a guest_memfd region on a VM the agent created.
+    /// A second fd, if the agent sends one. This agent does not: a KVM VM fd answers only in
+    /// the process that created it (the kernel gives EIO to any other), so the agent's VM fd
+    /// would be of no use to a VMM.
     pub vm_fd: Option<OwnedFd>,
     /// The region.
     pub region: pb::Region,
@@ -101,7 +115,10 @@ impl Handoff {
         })
     }
 
-    /// Hands a file this process made to the agent, which creates region `name` for it.
+    /// Hands a file this process made to the agent, which creates region `name` for it. The
+    /// file must be of `backend`'s kind and exactly `size_bytes` long. This is how a VMM that
+    /// backs guest memory with guest_memfd works with the agent: a guest_memfd binds only to the
+    /// VM it was created on, so the VMM creates it.
     pub fn adopt(
         &self,
         vm_id: &str,
@@ -125,6 +142,10 @@ impl Handoff {
     }
 
     /// Hands this process's KVM VM fd to the agent for the VM's later guest_memfd regions.
+    ///
+    /// On the kernels known so far this is refused (FAILED_PRECONDITION): KVM answers VM ioctls
+    /// only from the process that created the VM, so the agent cannot create guest_memfd files on
+    /// it. Create the guest_memfd in the VMM and hand it in with [`Handoff::adopt`].
     pub fn attach_vm(
         &self,
         vm_id: &str,

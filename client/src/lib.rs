@@ -1,5 +1,14 @@
-//! The Rust client of memplace: a typed [`Client`] for the gRPC API over a Unix socket or TCP,
-//! node-list parsing in numactl syntax ([`nodes`]), and the VMM handoff calls ([`handoff`]).
+//! The Rust client of memplace: a typed [`Client`] for the gRPC API over a Unix socket, plain
+//! TCP or mTLS ([`Client::connect_unix`], [`Client::connect_tcp`], [`Client::connect_tls`]),
+//! node lists in numactl syntax ([`nodes`], [`policy`], [`parse_mode`]), and the VMM side of the
+//! handoff socket ([`handoff::Handoff`]: acquire, adopt, attach a VM).
+//!
+//! Mutations carry a `request_id`. The convenience calls make a fresh one and keep it across
+//! their own retries (on UNAVAILABLE), so a retry after a lost answer returns the first answer
+//! and changes nothing; the `*_with` calls take a request you built, for ids you keep yourself.
+//!
+//! An orchestrator's flow — create, bind, populate, verify, hand to the VMM — is in
+//! `client/examples/orchestrator.rs`. In short:
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), memplace_client::ClientError> {
@@ -8,10 +17,15 @@
 //! let created = c
 //!     .create_region("vm1", "ram0", 1 << 30, pb::Backend::Memfd, vec![])
 //!     .await?;
-//! let token = created.handoff_token;
 //! let policy = memplace_client::policy(pb::PolicyMode::Bind, "0")?;
 //! c.set_policy("vm1", "ram0", 0, 0, policy, false).await?;
-//! # let _ = token;
+//! let req = pb::PopulateRequest { vm_id: "vm1".into(), name: "ram0".into(), ..Default::default() };
+//! let summary = c.populate(req, |done, total| eprintln!("{done}/{total}")).await?;
+//! let placement = c.placement("vm1", "ram0", 0, 0).await?;
+//! assert_eq!(placement.pages_misplaced, 0);
+//! // The VMM acquires the fd with the VM's token (see `handoff`).
+//! let token = created.handoff_token;
+//! # let _ = (summary, token);
 //! # Ok(()) }
 //! ```
 #![deny(unsafe_code)]
@@ -67,6 +81,11 @@ pub mod nodes {
     use memplace_server::domain::NodeSet;
 
     /// Parses `0-3,5` into sorted node ids.
+    ///
+    /// ```
+    /// assert_eq!(memplace_client::nodes::parse("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+    /// assert!(memplace_client::nodes::parse("3-1").is_err());
+    /// ```
     pub fn parse(text: &str) -> Result<Vec<u32>, ClientError> {
         NodeSet::parse_list(text)
             .map(|s| s.iter().collect())
@@ -74,6 +93,10 @@ pub mod nodes {
     }
 
     /// Formats node ids as `0-3,5`.
+    ///
+    /// ```
+    /// assert_eq!(memplace_client::nodes::format(&[5, 0, 1, 2]), "0-2,5");
+    /// ```
     pub fn format(ids: &[u32]) -> String {
         NodeSet::from_ids(ids.iter().copied())
             .map(|s| s.to_string())
@@ -82,6 +105,12 @@ pub mod nodes {
 }
 
 /// A policy from a mode and a node list in numactl syntax.
+///
+/// ```
+/// use memplace_client::pb;
+/// let p = memplace_client::policy(pb::PolicyMode::Interleave, "0-1").unwrap();
+/// assert_eq!((p.mode(), p.nodes), (pb::PolicyMode::Interleave, vec![0, 1]));
+/// ```
 pub fn policy(mode: pb::PolicyMode, nodes: &str) -> Result<pb::Policy, ClientError> {
     Ok(pb::Policy {
         mode: mode as i32,
@@ -92,7 +121,13 @@ pub fn policy(mode: pb::PolicyMode, nodes: &str) -> Result<pb::Policy, ClientErr
 }
 
 /// Parses a mode name: `bind`, `preferred`, `interleave`, `preferred-many`,
-/// `weighted-interleave`, `local`, `default`.
+/// `weighted-interleave`, `local`, `default` (`_` and `-` are the same).
+///
+/// ```
+/// use memplace_client::{parse_mode, pb};
+/// assert_eq!(parse_mode("preferred_many").unwrap(), pb::PolicyMode::PreferredMany);
+/// assert!(parse_mode("scatter").is_err());
+/// ```
 pub fn parse_mode(name: &str) -> Result<pb::PolicyMode, ClientError> {
     let n = name.to_ascii_lowercase().replace('_', "-");
     Ok(match n.as_str() {
@@ -116,6 +151,19 @@ pub fn new_request_id() -> String {
     let mut b = [0u8; 16];
     rand::fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// PEM files for [`Client::connect_tls`].
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// The CA that signed the agent's certificate.
+    pub ca: PathBuf,
+    /// This client's certificate.
+    pub cert: PathBuf,
+    /// This client's private key.
+    pub key: PathBuf,
+    /// The name to expect in the agent's certificate, when it differs from the address's host.
+    pub domain: Option<String>,
 }
 
 /// A connected client.
@@ -150,8 +198,15 @@ impl Client {
         Ok(Self::from_channel(channel))
     }
 
-    /// Connects to a TCP address such as `http://127.0.0.1:7443` (plain; for TLS build the
-    /// channel yourself and use [`Client::from_channel`]).
+    /// Connects to a plain TCP address such as `http://127.0.0.1:7443` (an agent started with
+    /// `insecure_tcp`); see [`Client::connect_tls`] for mTLS.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), memplace_client::ClientError> {
+    /// let mut c = memplace_client::Client::connect_tcp("http://127.0.0.1:7443").await?;
+    /// println!("{} nodes", c.node_info().await?.nodes.len());
+    /// # Ok(()) }
+    /// ```
     pub async fn connect_tcp(addr: &str) -> Result<Self, ClientError> {
         let channel = Endpoint::from_shared(addr.to_string())
             .map_err(|e| ClientError::Connect {
@@ -164,6 +219,49 @@ impl Client {
                 target: addr.into(),
                 source: e,
             })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Connects to the agent's mTLS TCP listener: `addr` is `https://host:port`, `tls` names the
+    /// CA that signed the agent's certificate and this client's certificate and key, whose
+    /// name the agent maps to a role.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), memplace_client::ClientError> {
+    /// use memplace_client::{Client, TlsFiles};
+    /// let tls = TlsFiles {
+    ///     ca: "/etc/memplace/ca.pem".into(),
+    ///     cert: "/etc/memplace/orchestrator.pem".into(),
+    ///     key: "/etc/memplace/orchestrator-key.pem".into(),
+    ///     domain: Some("localhost".into()),
+    /// };
+    /// let mut c = Client::connect_tls("https://10.0.0.5:7443", &tls).await?;
+    /// # let _ = c.node_info().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_tls(addr: &str, tls: &TlsFiles) -> Result<Self, ClientError> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |p: &Path| {
+            std::fs::read(p)
+                .map_err(|e| ClientError::Invalid(format!("reading {}: {e}", p.display())))
+        };
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+            .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(d) = &tls.domain {
+            config = config.domain_name(d.clone());
+        }
+        let err = |e| ClientError::Connect {
+            target: addr.into(),
+            source: e,
+        };
+        let channel = Endpoint::from_shared(addr.to_string())
+            .map_err(err)?
+            .tls_config(config)
+            .map_err(err)?
+            .connect()
+            .await
+            .map_err(err)?;
         Ok(Self::from_channel(channel))
     }
 
@@ -186,7 +284,8 @@ impl Client {
         self.channel.clone()
     }
 
-    /// Retries `f` on UNAVAILABLE; `f` must reuse the same request id each time.
+    /// Retries `f` on UNAVAILABLE (the agent restarting, or shedding load) with backoff; `f`
+    /// sends the same request, with the same request id, each time.
     async fn retrying<T, F, Fut>(&mut self, mut f: F) -> Result<T, ClientError>
     where
         F: FnMut(NodeAgentServiceClient<Channel>) -> Fut,

@@ -197,9 +197,12 @@ pub fn render() -> String {
     out
 }
 
-/// Each region's pages per node as last read from the kernel over the whole region, in bytes.
-fn observed() -> &'static Mutex<HashMap<(String, String), Vec<(u32, u64)>>> {
-    static O: OnceLock<Mutex<HashMap<(String, String), Vec<(u32, u64)>>>> = OnceLock::new();
+/// Bytes per node of each region (by vm_id and name), as last read over the whole region.
+type ObservedBytes = HashMap<(String, String), Vec<(u32, u64)>>;
+
+/// Each region's bytes per node as last read from the kernel over the whole region.
+fn observed() -> &'static Mutex<ObservedBytes> {
+    static O: OnceLock<Mutex<ObservedBytes>> = OnceLock::new();
     O.get_or_init(Default::default)
 }
 
