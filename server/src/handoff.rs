@@ -5,8 +5,14 @@
 //!
 //! Connections are few and short, so each gets a plain thread that blocks on its socket and
 //! calls into the engine through the runtime handle.
+//!
+//! What KVM allows shapes the requests: a VM fd answers only in the process that created it, and a
+//! guest_memfd binds only to the VM it was created on. So acquire sends the region's file alone
+//! (a guest_memfd the agent made can be mapped by the VMM, not bound to its memslots), a VMM that
+//! backs guest memory with guest_memfd creates the file and hands it in with adopt, and attach_vm
+//! is refused with that explanation where the kernel refuses the VM fd.
 
-use crate::domain::{Holder, RegionKey};
+use crate::domain::{Backend, Holder, RegionKey};
 use crate::kernel::{fdpass, pidfd};
 use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
@@ -278,6 +284,23 @@ fn handle(
                     vec![],
                 );
             };
+            let kind = fdpass::file_kind(fd.as_fd());
+            let fits = match backend {
+                Backend::Memfd | Backend::MemfdHugetlb => kind == fdpass::FileKind::Memfd,
+                Backend::GuestMemfd => kind == fdpass::FileKind::GuestMemfd,
+            };
+            if !fits {
+                return (
+                    error(
+                        pb::HandoffCode::InvalidArgument,
+                        format!(
+                            "the fd handed in is not a {} file (it looks like {kind:?})",
+                            backend.as_str()
+                        ),
+                    ),
+                    vec![],
+                );
+            }
             let key = RegionKey {
                 vm_id: a.vm_id,
                 name: a.name,

@@ -563,6 +563,27 @@ async fn guest_memfd_regions_stay_placed_through_twenty_sigkills() {
         .expect("CreateRegion guest_memfd");
     let token = created.handoff_token;
     populate(&mut c, "vm2", "gmem").await;
+    // The VMM cannot bind the agent's guest_memfd to a memslot: no usable VM fd exists for it
+    // outside the agent, and hold --bind-memslot says why instead of failing obscurely.
+    let out = Command::new(ctl_path())
+        .args([
+            "hold",
+            "vm2",
+            "gmem",
+            "--token",
+            &token,
+            "--bind-memslot",
+            "--handoff-socket",
+        ])
+        .arg(agent.handoff_socket())
+        .output()
+        .expect("memplacectl hold --bind-memslot");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("answers only in the process that created it"),
+        "{err}"
+    );
     let mut held = hold(&agent, "vm2", "gmem", &token, 11);
     assert_eq!(held.pattern_after_sigusr1(), "pattern ok");
 
@@ -915,15 +936,16 @@ async fn bad_handoff_requests_are_refused_without_leaking_fds() {
             token: token.into(),
         })
     };
-    let adopt = |name: &str| {
+    let adopt_as = |name: &str, backend: pb::Backend, size_bytes: u64| {
         R::Adopt(pb::AdoptRequest {
             vm_id: "vm7".into(),
             name: name.into(),
-            backend: pb::Backend::Memfd as i32,
-            size_bytes: 4 * MIB,
+            backend: backend as i32,
+            size_bytes,
             token: token.clone(),
         })
     };
+    let adopt = |name: &str| adopt_as(name, pb::Backend::Memfd, 4 * MIB);
     // Count once the gRPC and handoff connections are both accepted and answered (by a request
     // that returns no fd: the agent closes its copy of a sent fd only after the send).
     c.node_info().await.unwrap();
@@ -974,6 +996,39 @@ async fn bad_handoff_requests_are_refused_without_leaking_fds() {
         f,
         Code::InvalidArgument,
         "exactly 1 fd",
+    ));
+    let (r, f) = handoff_call(
+        &h,
+        adopt_as("a3", pb::Backend::Memfd, 8 * MIB),
+        &[spare.as_fd()],
+    );
+    cases.push((
+        "adopt with the wrong size",
+        r,
+        f,
+        Code::InvalidArgument,
+        "does not match",
+    ));
+    let (r, f) = handoff_call(
+        &h,
+        adopt_as("a4", pb::Backend::GuestMemfd, 4 * MIB),
+        &[spare.as_fd()],
+    );
+    cases.push((
+        "a memfd adopted as guest_memfd",
+        r,
+        f,
+        Code::InvalidArgument,
+        "not a guest_memfd",
+    ));
+    let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
+    let (r, f) = handoff_call(&h, adopt("a5"), &[pipe_r.as_fd()]);
+    cases.push((
+        "a pipe adopted as memfd",
+        r,
+        f,
+        Code::InvalidArgument,
+        "not a memfd",
     ));
     let (r, f) = handoff_call(&h, adopt("a2"), &[spare.as_fd(), spare2.as_fd()]);
     cases.push((

@@ -107,3 +107,31 @@ pub fn link_of(fd: BorrowedFd<'_>) -> Option<String> {
         .into_string()
         .ok()
 }
+
+/// What kind of memory file an fd handed in is, as far as the kernel tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// shmem or hugetlbfs (a memfd, or a tmpfs file): answers F_GET_SEALS.
+    Memfd,
+    /// A guest_memfd: an anonymous inode before 6.19, its own pseudo-filesystem from 6.19.
+    GuestMemfd,
+    /// Anything else.
+    Other,
+}
+
+/// `anon_inodefs`, where guest_memfd lives before 6.19.
+const ANON_INODE_FS_MAGIC: libc::c_long = 0x0904_1934;
+/// The guest_memfd pseudo-filesystem of 6.19+ ("GMEM").
+const GUEST_MEMFD_MAGIC: libc::c_long = 0x474d_454d;
+
+/// Classifies a file handed in. A guest_memfd is told by its filesystem and by refusing
+/// F_GET_SEALS (other anonymous inodes cannot be mapped as memory, which adopt also requires).
+pub fn file_kind(fd: BorrowedFd<'_>) -> FileKind {
+    if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GET_SEALS).is_ok() {
+        return FileKind::Memfd;
+    }
+    match nix::sys::statfs::fstatfs(fd).map(|s| s.filesystem_type().0 as libc::c_long) {
+        Ok(ANON_INODE_FS_MAGIC | GUEST_MEMFD_MAGIC) => FileKind::GuestMemfd,
+        _ => FileKind::Other,
+    }
+}

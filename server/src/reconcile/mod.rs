@@ -1173,16 +1173,12 @@ impl Agent {
         validate_name("vm_id", &key.vm_id)?;
         validate_name("name", &key.name)?;
         let st = nix::sys::stat::fstat(&fd).map_err(kerr("fstat"))?;
+        // guest_memfd reports its size too; a region larger than its file would fault SIGBUS.
         let file_size = st.st_size as u64;
-        match backend {
-            Backend::Memfd | Backend::MemfdHugetlb => {
-                if file_size != size_bytes {
-                    return Err(AgentError::InvalidArgument(format!(
-                        "size_bytes {size_bytes} does not match the file's size {file_size}"
-                    )));
-                }
-            }
-            Backend::GuestMemfd => {}
+        if file_size != size_bytes {
+            return Err(AgentError::InvalidArgument(format!(
+                "size_bytes {size_bytes} does not match the file's size {file_size}"
+            )));
         }
         if size_bytes == 0
             || !size_bytes.is_multiple_of(self.page)

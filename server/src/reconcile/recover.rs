@@ -3,10 +3,17 @@
 //! pidfd_getfd; then the agent maps it again, re-binds every range from intent, and verifies the
 //! binding through a different, fresh mapping.
 //!
+//! Only the last holder is recorded. When it is gone, every other process is searched for the
+//! file (by inode in /proc/PID/fdinfo, confirmed by (st_dev, st_ino) on the fd taken): an earlier
+//! acquirer, or a process the VMM passed its fd to, keeps the memory alive just as well.
+//!
 //! A region nobody held is in one of two states: never handed off (no guest memory can have been
-//! written: the file is recreated, empty, with its intent), or handed off to a holder that is gone
-//! (the memory is gone: the region is marked lost, the intent kept until the orchestrator deletes
-//! it). The agent never refuses to start because the host changed.
+//! written: the file is recreated, empty, with its intent), or handed off and now held by no
+//! process (the memory is gone: the region is marked lost, the intent kept until the orchestrator
+//! deletes it). The agent never refuses to start because the host changed.
+//!
+//! No KVM VM fd is taken back: KVM refuses every VM ioctl from a process other than the VM's
+//! creator, so a VM fd from a holder (or the dead agent's own VM) would be of no use here.
 
 use super::{Agent, AgentError, LiveRegion, RegionFile, observe};
 use crate::domain::{Event, EventKind, Holder, RegionIntent, RegionStatus, Strategy};
