@@ -19,8 +19,8 @@ pub const DEFAULT_HANDOFF_SOCKET: &str = "/run/memplace/handoff.sock";
 /// let h = Handoff::connect(DEFAULT_HANDOFF_SOCKET)?;
 /// // `token` is CreateRegion's handoff_token for vm1.
 /// let got = h.acquire("vm1", "ram0", token)?;
-/// // mmap `got.fd` (got.region.size_bytes long) as guest RAM; for guest_memfd, `got.vm_fd` is
-/// // the KVM VM the file belongs to.
+/// // mmap `got.fd` (got.region.size_bytes long) as guest RAM. A guest_memfd to bind to your
+/// // VM's memslots must be created on that VM by you and handed in with `adopt` instead.
 /// # let _ = got;
 /// # Ok(()) }
 /// ```
