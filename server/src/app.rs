@@ -247,6 +247,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             // Then shed load: a bounded number of requests in flight (a stream counts until it
             // ends), the rest refused at once with UNAVAILABLE rather than queued without bound.
             .layer(shed.clone())
+            // Innermost, around the services where decoding happens: a body that is not valid
+            // protobuf is the caller's error (INVALID_ARGUMENT), not the agent's (INTERNAL).
+            .layer(crate::limits::DecodeErrorLayer)
             // A deadline per request, enforced by tonic around the whole stack until the
             // response headers (unary calls; streams run until done or cancelled). Message size
             // is bounded by the service's max_decoding_message_size (RESOURCE_EXHAUSTED).
