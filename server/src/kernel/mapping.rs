@@ -13,6 +13,10 @@ const MADV_POPULATE_WRITE: i32 = 23;
 
 // userfaultfd uAPI (linux/userfaultfd.h); libc lacks these.
 const UFFD_API: u64 = 0xAA;
+/// Handle only faults from user mode (5.11+). The probe's faults come from madvise, in kernel
+/// mode, so they fail either way; this flag lets a process without CAP_SYS_PTRACE open one when
+/// vm.unprivileged_userfaultfd is 0.
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 /// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
@@ -139,27 +143,6 @@ impl Mapping {
         Ok(mempolicy::decode(mode, mask))
     }
 
-    /// Residency of each page in `[offset, offset+len)` in the file's page cache (mincore): true
-    /// when allocated, whether or not anyone maps it.
-    pub fn resident(&self, offset: u64, len: u64, page: u64) -> Result<Vec<bool>, Errno> {
-        let addr = self.addr(offset, len)?;
-        // mincore reports in base pages.
-        let base = super::page_size();
-        let n = len.div_ceil(base) as usize;
-        let mut vec = vec![0u8; n];
-        // SAFETY: `addr..addr+len` lies inside this mapping and `vec` has one byte per base page.
-        let ret =
-            unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
-        if ret != 0 {
-            return Err(Errno::last());
-        }
-        let per = (page / base).max(1) as usize;
-        Ok(vec
-            .chunks(per)
-            .map(|c| c.iter().any(|b| b & 1 != 0))
-            .collect())
-    }
-
     fn madvise(&self, offset: u64, len: u64, advice: i32) -> Result<(), Errno> {
         let addr = self.addr(offset, len)?;
         // SAFETY: the range lies inside this mapping; the advices used here (populate, dontneed on
@@ -183,10 +166,16 @@ impl Mapping {
     /// and allocates nothing. Pages already mapped here are unaffected.
     pub fn fail_faults_on_holes(&self, offset: u64, len: u64) -> Result<OwnedFd, Errno> {
         let start = self.addr(offset, len)? as u64;
-        // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
-        let raw = super::check(unsafe {
-            libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK)
-        })?;
+        let open = |flags: libc::c_int| {
+            // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
+            super::check(unsafe { libc::syscall(libc::SYS_userfaultfd, flags) })
+        };
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        let raw = match open(flags | UFFD_USER_MODE_ONLY) {
+            // Before 5.11 the flag is unknown.
+            Err(Errno::EINVAL) => open(flags)?,
+            r => r?,
+        };
         // SAFETY: userfaultfd returned a new descriptor that nothing else owns.
         let uffd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
         let mut api = UffdioApi {
