@@ -1,9 +1,14 @@
 //! `memplacectl`: the command line of memplace.
 //!
-//! Exit codes: 0 success; 1 a local error (bad input, connection failure); 2 bad usage; and
-//! 10 + the gRPC code when the agent refuses (e.g. 13 = INVALID_ARGUMENT, 15 = NOT_FOUND,
-//! 16 = ALREADY_EXISTS, 18 = RESOURCE_EXHAUSTED, 19 = FAILED_PRECONDITION, 20 = ABORTED,
-//! 24 = UNAVAILABLE).
+//! Exit codes: 0 success; 1 a local error (bad input, connection failure, handoff refusal); 2 bad
+//! usage; and 10 + the gRPC code when the agent refuses, printing the agent's message (11 =
+//! CANCELLED, 13 = INVALID_ARGUMENT, 14 = DEADLINE_EXCEEDED, 15 = NOT_FOUND, 16 = ALREADY_EXISTS,
+//! 17 = PERMISSION_DENIED, 18 = RESOURCE_EXHAUSTED, 19 = FAILED_PRECONDITION, 20 = ABORTED,
+//! 23 = INTERNAL, 24 = UNAVAILABLE, 25 = DATA_LOSS).
+//!
+//! Every read command takes `--output table|json|yaml`. JSON is one pretty-printed document
+//! (for `events`, one compact object per line), with field names and enum spellings that stay
+//! stable for scripts.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use memplace_client::handoff::{DEFAULT_HANDOFF_SOCKET, Handoff};
@@ -22,9 +27,22 @@ struct Cli {
     /// Agent Unix socket.
     #[arg(long, global = true, env = "MEMPLACE_SOCKET", default_value = memplace_client::DEFAULT_SOCKET)]
     socket: String,
-    /// Agent TCP address (http://host:port) instead of the socket.
+    /// Agent TCP address instead of the socket: http://host:port (insecure_tcp) or
+    /// https://host:port (mTLS, with --tls-ca, --tls-cert and --tls-key).
     #[arg(long, global = true, env = "MEMPLACE_ADDR")]
     addr: Option<String>,
+    /// mTLS: the CA that signed the agent's certificate (PEM).
+    #[arg(long, global = true, env = "MEMPLACE_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// mTLS: this client's certificate (PEM); its name is what the agent maps to a role.
+    #[arg(long, global = true, env = "MEMPLACE_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// mTLS: this client's private key (PEM).
+    #[arg(long, global = true, env = "MEMPLACE_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// mTLS: the name in the agent's certificate, if not the host of --addr.
+    #[arg(long, global = true, env = "MEMPLACE_TLS_DOMAIN")]
+    tls_domain: Option<String>,
     /// Output format of read commands.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -247,6 +265,31 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm` (UTC).
+fn utc_time(unix_ms: i64) -> String {
+    let (days, ms) = (
+        unix_ms.div_euclid(86_400_000),
+        unix_ms.rem_euclid(86_400_000),
+    );
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
 fn parse_backend(s: &str) -> Result<pb::Backend, ClientError> {
     match s.to_ascii_lowercase().replace('_', "-").as_str() {
         "memfd" => Ok(pb::Backend::Memfd),
@@ -366,9 +409,37 @@ fn print_region_table(r: &pb::Region) {
 }
 
 async fn connect(cli: &Cli) -> Result<Client, ClientError> {
-    match &cli.addr {
-        Some(a) => Client::connect_tcp(a).await,
-        None => Client::connect_unix(&cli.socket).await,
+    match (&cli.addr, &cli.tls_ca, &cli.tls_cert, &cli.tls_key) {
+        (Some(a), Some(ca), Some(cert), Some(key)) => {
+            let tls = memplace_client::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                domain: cli.tls_domain.clone(),
+            };
+            Client::connect_tls(a, &tls).await
+        }
+        (Some(a), None, None, None) if !a.starts_with("https:") => Client::connect_tcp(a).await,
+        (Some(_), ..) => Err(ClientError::Invalid(
+            "TLS needs all of --tls-ca, --tls-cert and --tls-key, and an https:// --addr".into(),
+        )),
+        (None, ..) => Client::connect_unix(&cli.socket).await,
+    }
+}
+
+/// Whether stderr is a terminal, so a progress bar can redraw in place.
+fn stderr_is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+/// Bold red when stdout is a terminal, plain text otherwise (pipes, files, tests).
+fn alarm(text: &str) -> String {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        format!("\x1b[1;31m{text}\x1b[0m")
+    } else {
+        text.to_string()
     }
 }
 
@@ -386,7 +457,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 .await?
                 .into_inner();
             if r.status == 1 {
-                println!("SERVING");
+                print_value(out, &json!({"status": "SERVING"}), || println!("SERVING"));
                 return Ok(());
             }
             return Err(ClientError::Invalid(format!(
@@ -613,7 +684,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 cgroup: p.cgroup.clone(),
             };
             let start = std::time::Instant::now();
-            let show = out == Output::Table;
+            let show = out == Output::Table && stderr_is_tty();
             let work = c.populate(req, |done, total| {
                 if show {
                     let secs = start.elapsed().as_secs_f64().max(0.001);
@@ -713,14 +784,41 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     );
                 }
                 println!("  not allocated {:>8} pages", p.pages_not_present);
+                if p.ranges.len() > 1 {
+                    for r in &p.ranges {
+                        let nodes: Vec<String> = r
+                            .nodes
+                            .iter()
+                            .map(|n| format!("node {}: {}", n.node, n.pages))
+                            .collect();
+                        let line = format!(
+                            "  range {:#x}+{}: {}; {} not allocated, {} misplaced",
+                            r.offset,
+                            human(r.length),
+                            if nodes.is_empty() {
+                                "no pages".into()
+                            } else {
+                                nodes.join(", ")
+                            },
+                            r.pages_not_present,
+                            r.pages_misplaced
+                        );
+                        if r.pages_misplaced > 0 {
+                            println!("{}", alarm(&line));
+                        } else {
+                            println!("{line}");
+                        }
+                    }
+                }
                 if p.pages_unknown > 0 {
                     println!("  unknown node  {:>8} pages", p.pages_unknown);
                 }
                 if p.pages_misplaced > 0 {
-                    println!(
-                        "  \x1b[1;31mMISPLACED     {:>8} pages on nodes the policy does not allow\x1b[0m",
+                    let line = format!(
+                        "  MISPLACED     {:>8} pages on nodes the policy does not allow",
                         p.pages_misplaced
                     );
+                    println!("{}", alarm(&line));
                 } else {
                     println!("  misplaced     {:>8} pages", 0);
                 }
@@ -748,26 +846,35 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     no_follow: !follow,
                 })
                 .await?;
+            if out == Output::Table {
+                println!(
+                    "{:>6}  {:<23}  {:<15} {:<24} {:<9} MESSAGE",
+                    "SEQ", "TIME (UTC)", "KIND", "REGION", "ACTOR"
+                );
+            }
             while let Some(e) = s.message().await? {
                 let kind = enum_name(e.kind().as_str_name(), "EVENT_KIND_");
+                let v = json!({"sequence": e.sequence, "time_unix_ms": e.time_unix_ms, "kind": kind, "vm_id": e.vm_id, "name": e.name, "message": e.message, "actor": e.actor});
                 match out {
                     Output::Table => println!(
-                        "{:>6}  {}  {:<15} {:<24} {}  ({})",
+                        "{:>6}  {:<23}  {:<15} {:<24} {:<9} {}",
                         e.sequence,
-                        e.time_unix_ms,
+                        utc_time(e.time_unix_ms),
                         kind,
                         if e.vm_id.is_empty() {
                             "-".to_string()
                         } else {
                             format!("{}/{}", e.vm_id, e.name)
                         },
+                        e.actor,
                         e.message,
-                        e.actor
                     ),
-                    _ => println!(
-                        "{}",
-                        json!({"sequence": e.sequence, "time_unix_ms": e.time_unix_ms, "kind": kind, "vm_id": e.vm_id, "name": e.name, "message": e.message, "actor": e.actor})
-                    ),
+                    // One object per line, so `--follow` output can be read line by line.
+                    Output::Json => println!("{v}"),
+                    // One YAML document per event.
+                    Output::Yaml => {
+                        print!("---\n{}", serde_yaml::to_string(&v).unwrap_or_default())
+                    }
                 }
             }
         }

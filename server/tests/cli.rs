@@ -1,0 +1,407 @@
+//! memplacectl against the real agent: every subcommand, each output format, the exit codes
+//! (10 + the gRPC code, with the agent's message), the environment variables, and `hold`.
+
+mod common;
+
+use common::AgentProc;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use tonic::Code;
+
+/// Exit code, stdout and stderr of one memplacectl run.
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+impl Run {
+    fn of(mut cmd: Command) -> Run {
+        let o = cmd.output().expect("running memplacectl");
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            out: String::from_utf8_lossy(&o.stdout).into(),
+            err: String::from_utf8_lossy(&o.stderr).into(),
+        }
+    }
+    /// Asserts success and returns stdout.
+    fn ok(self) -> String {
+        assert_eq!(self.code, 0, "stderr: {}\nstdout: {}", self.err, self.out);
+        self.out
+    }
+    fn json(self) -> Value {
+        let out = self.ok();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+}
+
+fn ctl(agent: &AgentProc, args: &[&str]) -> Run {
+    let mut c = agent.ctl();
+    c.args(args);
+    Run::of(c)
+}
+
+/// The exit code memplacectl documents for a gRPC refusal.
+fn refused(code: Code) -> i32 {
+    10 + code as i32
+}
+
+#[test]
+fn every_read_command_speaks_table_json_and_yaml() {
+    let agent = AgentProc::start();
+    let info = ctl(&agent, &["info"]).ok();
+    assert!(
+        info.contains("NODE") && info.contains("distances"),
+        "{info}"
+    );
+    assert!(info.contains("memfd shared policy"), "{info}");
+    let v = ctl(&agent, &["info", "-o", "json"]).json();
+    assert_eq!(v["nodes"][0]["id"], 0);
+    assert_eq!(v["nodes"][0]["distances"], serde_json::json!([10]));
+    assert_eq!(v["capabilities"]["memfd_shared_policy"], true);
+    let y = ctl(&agent, &["info", "--output", "yaml"]).ok();
+    assert!(
+        y.contains("agent_version:") && y.contains("capabilities:"),
+        "{y}"
+    );
+
+    let created = ctl(
+        &agent,
+        &[
+            "-o", "json", "region", "create", "vm1", "ram0", "--size", "16M", "--policy", "bind:0",
+        ],
+    )
+    .json();
+    assert_eq!(created["size_bytes"], 16 << 20);
+    assert_eq!(created["backend"], "memfd");
+    assert_eq!(created["strategy"], "shared-policy");
+    assert_eq!(created["ranges"][0]["intended"]["mode"], "bind");
+    assert_eq!(created["handoff_token"].as_str().unwrap().len(), 64);
+
+    let table = ctl(&agent, &["region", "get", "vm1", "ram0"]).ok();
+    assert!(
+        table.contains("vm1/ram0") && table.contains("applied"),
+        "{table}"
+    );
+    let got = ctl(&agent, &["region", "get", "vm1", "ram0", "-o", "json"]).json();
+    assert_eq!(
+        got["ranges"][0]["observed"]["nodes"],
+        serde_json::json!([0])
+    );
+    let y = ctl(&agent, &["-o", "yaml", "region", "get", "vm1", "ram0"]).ok();
+    assert!(y.contains("vm_id: vm1") && y.contains("mode: bind"), "{y}");
+
+    ctl(&agent, &["region", "create", "vm2", "ram0", "--size", "4M"]).ok();
+    let all = ctl(&agent, &["-o", "json", "region", "list"]).json();
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    let vm2 = ctl(&agent, &["-o", "json", "region", "list", "--vm", "vm2"]).json();
+    assert_eq!(vm2[0]["vm_id"], "vm2");
+    assert_eq!(vm2.as_array().unwrap().len(), 1);
+    let list = ctl(&agent, &["region", "list"]).ok();
+    assert!(
+        list.starts_with("VM ") && list.lines().count() == 3,
+        "{list}"
+    );
+
+    // policy set: numactl node syntax and modes by name; the region table shows the split.
+    let t = ctl(
+        &agent,
+        &[
+            "policy",
+            "set",
+            "vm1",
+            "ram0",
+            "--offset",
+            "8M",
+            "--length",
+            "4M",
+            "--mode",
+            "preferred",
+            "--nodes",
+            "0",
+        ],
+    )
+    .ok();
+    assert!(
+        t.contains("preferred 0") && t.contains("generation 2"),
+        "{t}"
+    );
+    let v = ctl(
+        &agent,
+        &[
+            "-o",
+            "json",
+            "policy",
+            "set",
+            "vm1",
+            "ram0",
+            "--mode",
+            "interleave",
+            "--nodes",
+            "0-0",
+            "--expected-generation",
+            "2",
+        ],
+    )
+    .json();
+    assert_eq!(v["generation"], 3);
+    assert_eq!(v["ranges"][0]["intended"]["mode"], "interleave");
+
+    // populate, then placement from the kernel.
+    let p = ctl(&agent, &["-o", "json", "populate", "vm1", "ram0"]).json();
+    assert_eq!(p["bytes_done"], 16 << 20);
+    assert_eq!(p["cancelled"], false);
+    let t = ctl(&agent, &["populate", "vm2", "ram0", "--threads", "1"]).ok();
+    assert!(t.contains("populated 4.0 MiB of 4.0 MiB"), "{t}");
+    let pl = ctl(&agent, &["placement", "vm1", "ram0"]).ok();
+    assert!(pl.contains("node 0") && pl.contains("100.0%"), "{pl}");
+    assert!(pl.contains("misplaced            0 pages"), "{pl}");
+    let pl = ctl(&agent, &["-o", "json", "placement", "vm1", "ram0"]).json();
+    assert_eq!(pl["nodes"][0]["pages"], (16 << 20) / 4096);
+    assert_eq!(pl["pages_misplaced"], 0);
+
+    // reconcile.
+    let r = ctl(&agent, &["-o", "json", "reconcile"]).json();
+    assert_eq!(r["regions_checked"], 2);
+    assert_eq!(r["ranges_failed"], 0);
+    let r = ctl(&agent, &["reconcile", "--vm", "vm2"]).ok();
+    assert!(r.contains("in 1 regions"), "{r}");
+
+    // events: a table, JSON lines, YAML documents.
+    let ev = ctl(&agent, &["events", "--vm", "vm1"]).ok();
+    assert!(
+        ev.contains("region-created") && ev.contains("uid:0"),
+        "{ev}"
+    );
+    let lines = ctl(&agent, &["-o", "json", "events"]).ok();
+    let kinds: Vec<String> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .into()
+        })
+        .collect();
+    for k in [
+        "agent-started",
+        "region-created",
+        "policy-applied",
+        "populated",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
+    }
+    let y = ctl(&agent, &["-o", "yaml", "events", "--after", "1"]).ok();
+    assert!(
+        y.starts_with("---\n") && !y.contains("agent-started"),
+        "{y}"
+    );
+
+    // health.
+    assert_eq!(ctl(&agent, &["health"]).ok().trim(), "SERVING");
+    assert_eq!(
+        ctl(&agent, &["-o", "json", "health"]).json()["status"],
+        "SERVING"
+    );
+
+    // delete.
+    let d = ctl(&agent, &["region", "delete", "vm2", "ram0"]).ok();
+    assert_eq!(d.trim(), "deleted vm2/ram0");
+}
+
+#[test]
+fn exit_codes_map_grpc_codes_and_print_the_agents_message() {
+    let agent = AgentProc::start();
+    ctl(&agent, &["region", "create", "vm1", "ram0", "--size", "4M"]).ok();
+
+    let r = ctl(&agent, &["region", "get", "vm1", "nope"]);
+    assert_eq!(r.code, refused(Code::NotFound), "{}", r.err);
+    assert_eq!(r.err.trim(), "memplacectl: region vm1/nope not found");
+    assert!(r.out.is_empty());
+
+    let r = ctl(&agent, &["region", "create", "vm1", "ram0", "--size", "4M"]);
+    assert_eq!(r.code, refused(Code::AlreadyExists), "{}", r.err);
+    assert!(r.err.contains("already exists"), "{}", r.err);
+
+    let r = ctl(
+        &agent,
+        &["region", "create", "vm1", "bad/name", "--size", "4M"],
+    );
+    assert_eq!(r.code, refused(Code::InvalidArgument), "{}", r.err);
+    assert!(r.err.contains("name"), "{}", r.err);
+
+    let r = ctl(
+        &agent,
+        &[
+            "policy",
+            "set",
+            "vm1",
+            "ram0",
+            "--mode",
+            "bind",
+            "--nodes",
+            "0",
+            "--expected-generation",
+            "7",
+        ],
+    );
+    assert_eq!(r.code, refused(Code::Aborted), "{}", r.err);
+    assert!(r.err.contains("generation"), "{}", r.err);
+
+    // Local errors: bad input exits 1 before anything is sent; bad usage exits 2 (clap).
+    let r = ctl(&agent, &["region", "create", "vm1", "x", "--size", "4Q"]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains("unknown size unit"), "{}", r.err);
+    let r = ctl(
+        &agent,
+        &[
+            "policy", "set", "vm1", "ram0", "--mode", "scatter", "--nodes", "0",
+        ],
+    );
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains("unknown policy mode"), "{}", r.err);
+    let r = ctl(
+        &agent,
+        &[
+            "policy", "set", "vm1", "ram0", "--mode", "bind", "--nodes", "3-1",
+        ],
+    );
+    assert_eq!(r.code, 1, "{}", r.err);
+    let r = ctl(&agent, &["region", "create", "vm1", "x"]);
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("--size"), "{}", r.err);
+    let r = ctl(&agent, &["region", "list", "-o", "xml"]);
+    assert_eq!(r.code, 2, "{}", r.err);
+
+    // No agent there: a local error naming the socket.
+    let mut c = Command::new(common::ctl_path());
+    c.args(["--socket", "/nonexistent/memplace.sock", "info"]);
+    let r = Run::of(c);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains("/nonexistent/memplace.sock"), "{}", r.err);
+    // TLS options need each other.
+    let r = ctl(&agent, &["--addr", "https://127.0.0.1:1", "info"]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains("--tls-ca"), "{}", r.err);
+}
+
+#[test]
+fn environment_selects_the_agent() {
+    let agent = AgentProc::start();
+    let mut c = Command::new(common::ctl_path());
+    c.env("MEMPLACE_SOCKET", agent.socket())
+        .args(["-o", "json", "info"]);
+    let v = Run::of(c).json();
+    assert_eq!(v["nodes"][0]["id"], 0);
+}
+
+/// Reads stdout lines of a child on a thread, handing them over a channel.
+fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line that satisfies `want`, or a panic once the child's stdout closes.
+fn wait_for(rx: &std::sync::mpsc::Receiver<String>, want: impl Fn(&str) -> bool) -> String {
+    loop {
+        match rx.recv() {
+            Ok(l) if want(&l) => return l,
+            Ok(_) => {}
+            Err(_) => panic!("the child's stdout closed before the expected line"),
+        }
+    }
+}
+
+fn sigterm(child: &Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+#[test]
+fn events_follow_streams_new_events() {
+    let agent = AgentProc::start();
+    let mut follow = agent
+        .ctl()
+        .args(["-o", "json", "events", "--follow", "--vm", "vmf"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut follow);
+    ctl(&agent, &["region", "create", "vmf", "ram0", "--size", "4M"]).ok();
+    let l = wait_for(&rx, |l| l.contains("region-created"));
+    let v: Value = serde_json::from_str(&l).unwrap();
+    assert_eq!(
+        (v["vm_id"].as_str(), v["name"].as_str()),
+        (Some("vmf"), Some("ram0"))
+    );
+    ctl(&agent, &["region", "delete", "vmf", "ram0"]).ok();
+    wait_for(&rx, |l| l.contains("region-deleted"));
+    // Still following: it has not exited.
+    assert!(follow.try_wait().unwrap().is_none());
+    sigterm(&follow);
+    follow.wait().unwrap();
+}
+
+#[test]
+fn hold_is_a_stand_in_vmm() {
+    let agent = AgentProc::start();
+    let created = ctl(
+        &agent,
+        &[
+            "-o", "json", "region", "create", "vmh", "ram0", "--size", "8M", "--policy", "bind:0",
+        ],
+    )
+    .json();
+    let token = created["handoff_token"].as_str().unwrap().to_string();
+    let mut hold = agent
+        .ctl()
+        .args(["hold", "vmh", "ram0", "--touch", "2M", "--pattern", "7"])
+        .arg("--handoff-socket")
+        .arg(agent.handoff_socket())
+        .env("MEMPLACE_HANDOFF_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut hold);
+    let l = wait_for(&rx, |l| l.starts_with("holding"));
+    assert!(
+        l.contains("vmh/ram0") && l.contains(&hold.id().to_string()),
+        "{l}"
+    );
+    let got = ctl(&agent, &["-o", "json", "region", "get", "vmh", "ram0"]).json();
+    assert_eq!(got["holder_pid"], hold.id());
+    // The touched pages were allocated by the holder's faults, under the region's policy.
+    let pl = ctl(&agent, &["-o", "json", "placement", "vmh", "ram0"]).json();
+    assert_eq!(pl["nodes"][0]["pages"], (2 << 20) / 4096);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(hold.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    assert_eq!(wait_for(&rx, |l| l.starts_with("pattern")), "pattern ok");
+    // A wrong token is refused by the handoff socket: a local error (exit 1) with its code.
+    let r = Run::of({
+        let mut c = agent.ctl();
+        c.args(["hold", "vmh", "ram0", "--token", "00"])
+            .arg("--handoff-socket")
+            .arg(agent.handoff_socket());
+        c
+    });
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains("PERMISSION_DENIED"), "{}", r.err);
+    sigterm(&hold);
+    assert!(hold.wait().unwrap().success());
+}
