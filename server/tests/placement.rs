@@ -25,6 +25,14 @@ const HUGE_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 /// The tests measure node memory, cgroups and the huge page pool: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Waits for the other tests of this file, then starts an agent and connects to it.
+async fn start() -> (tokio::sync::MutexGuard<'static, ()>, AgentProc, Client) {
+    let serial = SERIAL.lock().await;
+    let agent = AgentProc::start();
+    let client = agent.client().await;
+    (serial, agent, client)
+}
+
 fn bind0() -> Vec<pb::RangePolicy> {
     vec![pb::RangePolicy {
         offset: 0,
@@ -150,9 +158,7 @@ async fn last_sequence(c: &mut Client, vm: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn populate_allocates_every_page_on_node0_and_streams_progress() {
-    let _serial = SERIAL.lock().await;
-    let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let (_serial, _agent, mut c) = start().await;
     let caps = c.node_info().await.unwrap().capabilities.unwrap();
     assert!(
         caps.kvm_usable,
@@ -217,9 +223,7 @@ async fn populate_allocates_every_page_on_node0_and_streams_progress() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelled_populate_leaves_a_consistent_region_that_a_new_populate_completes() {
-    let _serial = SERIAL.lock().await;
-    let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let (_serial, _agent, mut c) = start().await;
     // No BIND here: the capacity check reads MemFree, which page cache on a busy host can hold
     // below the region size although the memory is there.
     let size = 2 * GIB;
@@ -342,15 +346,15 @@ fn memory_cgroup_of(pid: u32) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn populate_with_a_cgroup_charges_that_cgroup_not_the_agent() {
-    let _serial = SERIAL.lock().await;
-    let mut agent = AgentProc::start();
-    // The agent gets a cgroup of its own, so other processes of this host do not blur its usage.
+    // Declared before the agent, so they are removed after it is gone (a cgroup with a task in it
+    // cannot be).
     let agent_cg = TempCgroup::new("agent");
+    let vm_cg = TempCgroup::new("vm");
+    let (_serial, agent, mut c) = start().await;
+    // The agent gets a cgroup of its own, so other processes of this host do not blur its usage.
     agent_cg.add(agent.pid());
     let agent_mem = memory_cgroup_of(agent.pid());
     assert_eq!(agent_mem, agent_cg.0, "the agent's memory cgroup per /proc");
-    let vm_cg = TempCgroup::new("vm");
-    let mut c = agent.client().await;
     let size = 256 * MIB;
     for (name, backend) in [
         ("ram", pb::Backend::Memfd),
@@ -432,11 +436,6 @@ async fn populate_with_a_cgroup_charges_that_cgroup_not_the_agent() {
     let e = populate_all(&mut c, req).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     c.delete_region("vm1", "ram").await.unwrap();
-
-    // A cgroup can only go once no task is in it: stop the agent first.
-    agent.kill();
-    drop(vm_cg);
-    drop(agent_cg);
 }
 
 /// A `memplacectl hold` process: acquires a region, touches `touch`, waits for SIGTERM.
@@ -509,9 +508,7 @@ fn numastat_private_node0_mb(pid: u32) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn placement_agrees_with_numa_maps_and_numastat_of_a_holder() {
-    let _serial = SERIAL.lock().await;
-    let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let (_serial, agent, mut c) = start().await;
     let size = 64 * MIB;
     for (name, backend, file) in [
         ("ram", pb::Backend::Memfd, "memfd:memplace:vm1/ram"),
@@ -545,9 +542,7 @@ async fn placement_agrees_with_numa_maps_and_numastat_of_a_holder() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_placement_allocates_nothing() {
-    let _serial = SERIAL.lock().await;
-    let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let (_serial, _agent, mut c) = start().await;
     let size = GIB;
     let pages = size / PAGE;
     for (name, backend) in [
@@ -592,9 +587,7 @@ async fn get_placement_allocates_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_on_memfd_reports_and_guest_memfd_refuses_allocated_pages() {
-    let _serial = SERIAL.lock().await;
-    let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let (_serial, _agent, mut c) = start().await;
     let size = 64 * MIB;
 
     // memfd: populate half, then migrate to BIND {0} (the only node: nothing has to move).
@@ -675,9 +668,7 @@ async fn migrate_on_memfd_reports_and_guest_memfd_refuses_allocated_pages() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn populate_beyond_node_free_memory_is_refused_before_allocating() {
-    let _serial = SERIAL.lock().await;
-    let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let (_serial, _agent, mut c) = start().await;
     let free = node0_meminfo("MemFree") * 1024;
     let total = node0_meminfo("MemTotal") * 1024;
     // memfd is sparse: a region far beyond the node's memory costs nothing until populated.
@@ -745,10 +736,8 @@ impl Drop for HugePool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hugetlb_populate_placement_alignment_and_pool_exhaustion() {
-    let _serial = SERIAL.lock().await;
     const HUGE: u64 = 2 * MIB;
-    let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let (_serial, _agent, mut c) = start().await;
     let _pool = HugePool::reserve(16);
     let free0 = node0_meminfo("HugePages_Free");
     assert!(free0 >= 16, "node 0 has the reserved pages free: {free0}");
@@ -845,9 +834,7 @@ async fn hugetlb_populate_placement_alignment_and_pool_exhaustion() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn task_policy_ranges_are_applied_by_populate_and_pending_after_a_change() {
-    let _serial = SERIAL.lock().await;
-    let agent = AgentProc::start();
-    let mut c = agent.client().await;
+    let (_serial, _agent, mut c) = start().await;
     let caps = c.node_info().await.unwrap().capabilities.unwrap();
     assert!(
         !caps.guest_memfd_shared_policy,
