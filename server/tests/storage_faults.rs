@@ -346,3 +346,39 @@ async fn a_schema_from_a_newer_memplace_is_refused() {
     agent.spawn();
     agent.client().await.node_info().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_deadline_is_cut_off_and_reconcile_converges() {
+    // The lock outlasts the 1 s request deadline (the store waits up to 5 s for it).
+    let agent = AgentProc::start_with(&["--request-timeout-secs", "1"]);
+    let db = agent.state_dir().join("memplace.db");
+    let mut c = agent.client().await;
+    c.retries = 0;
+    c.create_region("vm1", "ram0", 4 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
+    let before = c.get_region("vm1", "ram0").await.unwrap();
+    let err = {
+        let _lock = Locker::hold(&db);
+        c.set_policy("vm1", "ram0", 0, 0, policy(M::Interleave, &[0]), false)
+            .await
+            .unwrap_err()
+    };
+    assert!(
+        matches!(err.code(), Some(Code::Cancelled | Code::DeadlineExceeded)),
+        "{err}"
+    );
+    assert!(err.to_string().to_lowercase().contains("timeout"), "{err}");
+    // Whether or not the abandoned commit landed, the region is whole and, after a reconcile,
+    // the kernel follows the stored intent.
+    c.reconcile("").await.unwrap();
+    let after = c.get_region("vm1", "ram0").await.unwrap();
+    assert!(
+        after.generation == before.generation || after.generation == before.generation + 1,
+        "{after:?}"
+    );
+    for r in &after.ranges {
+        assert_eq!(r.observed, r.intended, "{after:?}");
+    }
+    c.node_info().await.unwrap();
+}
