@@ -405,3 +405,71 @@ fn hold_is_a_stand_in_vmm() {
     sigterm(&hold);
     assert!(hold.wait().unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_cancels_a_populate_and_the_agent_stops() {
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    // Interrupt once pages are arriving. If the populate wins the race and finishes first, try
+    // again with a region twice as large: the point is what a cancel does, not how fast.
+    for (attempt, gib) in [1u64, 2, 4].into_iter().enumerate() {
+        let name = format!("big{attempt}");
+        let size = format!("{gib}G");
+        ctl(&agent, &["region", "create", "vmc", &name, "--size", &size]).ok();
+        let mut pop = agent
+            .ctl()
+            .args(["populate", "vmc", &name, "--threads", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        loop {
+            let p = c.placement("vmc", &name, 0, 0).await.unwrap();
+            if p.nodes.iter().map(|n| n.pages).sum::<u64>() > 0 || pop.try_wait().unwrap().is_some()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pop.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let out = pop.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.code() == Some(0) {
+            // Finished before the signal arrived.
+            ctl(&agent, &["region", "delete", "vmc", &name]).ok();
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(refused(Code::Cancelled)), "{err}");
+        assert!(err.contains("cancelled"), "{err}");
+        // The agent saw the stream go and stopped: its populate event says so, and the region
+        // is not fully allocated.
+        let mut events = c
+            .watch_events(memplace_client::pb::WatchEventsRequest {
+                vm_id: "vmc".into(),
+                after_sequence: 0,
+                no_follow: false,
+            })
+            .await
+            .unwrap();
+        loop {
+            let e = events
+                .message()
+                .await
+                .unwrap()
+                .expect("the event stream ended");
+            if e.name == name && e.kind() == memplace_client::pb::EventKind::Populated {
+                assert!(e.message.contains("(cancelled)"), "{}", e.message);
+                break;
+            }
+        }
+        let p = c.placement("vmc", &name, 0, 0).await.unwrap();
+        assert!(p.pages_not_present > 0, "{p:?}");
+        ctl(&agent, &["region", "delete", "vmc", &name]).ok();
+        return;
+    }
+    panic!("every populate finished before Ctrl-C reached it, even 4 GiB");
+}
