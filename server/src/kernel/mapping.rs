@@ -163,7 +163,8 @@ impl Mapping {
     /// Makes faults on holes of `[offset, offset+len)` fail instead of allocating, for as long as
     /// the returned userfaultfd is open (missing-page mode with `UFFD_FEATURE_SIGBUS`): a read
     /// fault on an allocated page maps it, one on a hole fails with EFAULT (MADV_POPULATE_READ)
-    /// and allocates nothing. Pages already mapped here are unaffected.
+    /// and allocates nothing. Pages already mapped here are unaffected. A direct read of a hole
+    /// through this mapping would raise SIGBUS, so use it only on a mapping made for probing.
     pub fn fail_faults_on_holes(&self, offset: u64, len: u64) -> Result<OwnedFd, Errno> {
         let start = self.addr(offset, len)? as u64;
         let open = |flags: libc::c_int| {
@@ -193,8 +194,9 @@ impl Mapping {
             mode: UFFDIO_REGISTER_MODE_MISSING,
             ioctls: 0,
         };
-        // SAFETY: `reg` is a live struct uffdio_register; its range lies inside this mapping,
-        // which outlives nothing the kernel keeps (closing the fd unregisters the range).
+        // SAFETY: `reg` is a live struct uffdio_register the kernel reads and writes; its range lies
+        // inside this mapping. Registering changes only how faults there are handled, and ends
+        // when the fd closes or the mapping goes.
         super::check(unsafe {
             libc::ioctl(
                 uffd.as_raw_fd(),
