@@ -3,6 +3,7 @@
 
 use super::check;
 use nix::errno::Errno;
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Field 22 of /proc/PID/stat: the process start time in clock ticks since boot. Together with the
@@ -19,11 +20,21 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// can read even where /proc/PID/fd is closed to the agent (another uid without
 /// CAP_DAC_READ_SEARCH). Candidates are confirmed by (st_dev, st_ino) on the fd taken.
 pub fn find_fds(pid: i32, file_id: (u64, u64)) -> Vec<i32> {
+    let mut out: Vec<i32> = open_inodes(pid)
+        .into_iter()
+        .filter(|&(_, ino)| ino == file_id.1)
+        .map(|(n, _)| n)
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Every (fd number, inode) of `pid`, from /proc/PID/fdinfo.
+fn open_inodes(pid: i32) -> Vec<(i32, u64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return Vec::new();
     };
-    let mut out: Vec<i32> = dir
-        .flatten()
+    dir.flatten()
         .filter_map(|e| {
             let n: i32 = e.file_name().to_str()?.parse().ok()?;
             let info = std::fs::read_to_string(e.path()).ok()?;
@@ -33,11 +44,53 @@ pub fn find_fds(pid: i32, file_id: (u64, u64)) -> Vec<i32> {
                 .trim()
                 .parse()
                 .ok()?;
-            (ino == file_id.1).then_some(n)
+            Some((n, ino))
         })
-        .collect();
-    out.sort_unstable();
-    out
+        .collect()
+}
+
+/// Which other processes have which inodes open, from one pass over /proc/*/fdinfo. For when a
+/// recorded holder is gone but the memory may not be: a second VMM acquired the file later, or
+/// the VMM passed its fd on. A restart that looks for several files reads /proc once.
+#[derive(Debug, Default)]
+pub struct OpenFiles {
+    /// inode -> (pid, fd number).
+    by_ino: HashMap<u64, Vec<(i32, i32)>>,
+}
+
+impl OpenFiles {
+    /// Reads every process's fd table but this one's.
+    pub fn scan() -> Self {
+        let me = std::process::id() as i32;
+        let mut by_ino: HashMap<u64, Vec<(i32, i32)>> = HashMap::new();
+        let pids = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != me);
+        for pid in pids {
+            for (n, ino) in open_inodes(pid) {
+                by_ino.entry(ino).or_default().push((pid, n));
+            }
+        }
+        Self { by_ino }
+    }
+
+    /// Takes a copy of the file (dev, ino) from a process seen holding it, if one still does.
+    /// Returns that process (pid, start time) and the fd.
+    pub fn take(&self, file_id: (u64, u64)) -> Option<(i32, u64, OwnedFd)> {
+        self.by_ino.get(&file_id.1)?.iter().find_map(|&(pid, n)| {
+            let start = start_time(pid)?;
+            let pidfd = open(pid).ok()?;
+            if start_time(pid) != Some(start) {
+                return None;
+            }
+            let fd = getfd(&pidfd, n).ok()?;
+            let st = nix::sys::stat::fstat(&fd).ok()?;
+            ((st.st_dev, st.st_ino) == file_id).then_some((pid, start, fd))
+        })
+    }
 }
 
 /// A pidfd for `pid`.
@@ -77,23 +130,6 @@ pub fn take_file(pid: i32, start: u64, file_id: (u64, u64)) -> Result<OwnedFd, E
         }
     }
     Err(Errno::ENOENT)
-}
-
-/// Looks through every other process for one that has the file (dev, ino) open and takes a copy
-/// from it. For when the recorded holder is gone but the memory may not be: a second VMM acquired
-/// the file later, or the VMM passed its fd on. Returns the process (pid, start time) and the fd.
-pub fn take_file_from_any(file_id: (u64, u64)) -> Option<(i32, u64, OwnedFd)> {
-    let me = std::process::id() as i32;
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != me && !find_fds(pid, file_id).is_empty())
-        .find_map(|pid| {
-            let start = start_time(pid)?;
-            let fd = take_file(pid, start, file_id).ok()?;
-            Some((pid, start, fd))
-        })
 }
 
 /// Whether this process has CAP_SYS_PTRACE in its effective set (needed for pidfd_getfd on

@@ -34,8 +34,11 @@ impl Agent {
         let stored = self.store.load_regions().await?;
         let mut ops = Vec::new();
         let mut events = Vec::new();
+        // Read from /proc only if some recorded holder is gone.
+        let mut others = None;
         for intent in stored {
-            let (live, mut o, mut e) = tokio::task::block_in_place(|| self.recover_one(intent));
+            let (live, mut o, mut e) =
+                tokio::task::block_in_place(|| self.recover_one(intent, &mut others));
             ops.append(&mut o);
             events.append(&mut e);
             self.regions
@@ -46,7 +49,11 @@ impl Agent {
         self.commit(ops, events).await
     }
 
-    fn recover_one(&self, mut intent: RegionIntent) -> (LiveRegion, Vec<WriteOp>, Vec<Event>) {
+    fn recover_one(
+        &self,
+        mut intent: RegionIntent,
+        others: &mut Option<pidfd::OpenFiles>,
+    ) -> (LiveRegion, Vec<WriteOp>, Vec<Event>) {
         let key = intent.key.clone();
         let mut ops = Vec::new();
         let mut events = Vec::new();
@@ -54,7 +61,7 @@ impl Agent {
             return (lost(intent), ops, events);
         }
         let taken = match (intent.holder, intent.file_id) {
-            (Some(h), Some(id)) => Some(take_back(h, id)),
+            (Some(h), Some(id)) => Some(take_back(h, id, others)),
             _ => None,
         };
         let file = match taken {
@@ -201,11 +208,17 @@ impl Agent {
 }
 
 /// Takes the file back from its recorded holder or, when that process is gone or no longer has
-/// it, from any other process that has it open.
-fn take_back(recorded: Holder, file_id: (u64, u64)) -> Result<(Holder, OwnedFd), Errno> {
+/// it, from any other process that has it open (`others` is filled on first need).
+fn take_back(
+    recorded: Holder,
+    file_id: (u64, u64),
+    others: &mut Option<pidfd::OpenFiles>,
+) -> Result<(Holder, OwnedFd), Errno> {
     match pidfd::take_file(recorded.pid, recorded.start_time, file_id) {
         Ok(fd) => Ok((recorded, fd)),
-        Err(e) => pidfd::take_file_from_any(file_id)
+        Err(e) => others
+            .get_or_insert_with(pidfd::OpenFiles::scan)
+            .take(file_id)
             .map(|(pid, start_time, fd)| (Holder { pid, start_time }, fd))
             .ok_or(e),
     }
