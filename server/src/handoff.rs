@@ -90,6 +90,7 @@ fn serve_conn(conn: OwnedFd, agent: &Agent, allowed: &HashSet<u32>, rt: &tokio::
             Ok(Some(p)) => p,
             Ok(None) | Err(_) => return,
         };
+        let (kind, vm_id, name) = describe(&packet.data);
         let (resp, fds) = if !allowed.contains(&cred.uid()) {
             (
                 error(
@@ -105,10 +106,11 @@ fn serve_conn(conn: OwnedFd, agent: &Agent, allowed: &HashSet<u32>, rt: &tokio::
         crate::metrics::metrics()
             .handoffs
             .get_or_create(&crate::metrics::MethodCode {
-                method: "handoff".into(),
+                method: kind.into(),
                 code: code.as_str_name().to_string(),
             })
             .inc();
+        tracing::info!(%vm_id, %name, caller = %actor, code = code.as_str_name(), detail = %resp.message, "handoff {kind}");
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         let resp = pb::HandoffResponse {
             fd_count: borrowed.len() as u32,
@@ -117,6 +119,17 @@ fn serve_conn(conn: OwnedFd, agent: &Agent, allowed: &HashSet<u32>, rt: &tokio::
         if fdpass::send(conn.as_fd(), &resp.encode_to_vec(), &borrowed).is_err() {
             return;
         }
+    }
+}
+
+/// What a packet asks, for the log line and metrics: kind, vm_id and name (empty if unknown).
+fn describe(data: &[u8]) -> (&'static str, String, String) {
+    use pb::handoff_request::Request as R;
+    match pb::HandoffRequest::decode(data).map(|r| r.request) {
+        Ok(Some(R::Acquire(a))) => ("acquire", a.vm_id, a.name),
+        Ok(Some(R::Adopt(a))) => ("adopt", a.vm_id, a.name),
+        Ok(Some(R::AttachVm(a))) => ("attach_vm", a.vm_id, String::new()),
+        Ok(None) | Err(_) => ("malformed", String::new(), String::new()),
     }
 }
 

@@ -248,7 +248,7 @@ async fn metrics_carry_requests_regions_bytes_drift_and_handoffs() {
         value(
             &s,
             "memplace_handoffs_total",
-            &[("code", "HANDOFF_CODE_OK")]
+            &[("method", "acquire"), ("code", "HANDOFF_CODE_OK")]
         ),
         1.0
     );
@@ -278,7 +278,12 @@ async fn json_logs_name_vm_region_request_and_caller() {
         request_id: "req-json-log-1".into(),
         ..Default::default()
     };
-    c.create_region_with(req).await.unwrap();
+    let token = c.create_region_with(req).await.unwrap().handoff_token;
+    let held = Handoff::connect(agent.handoff_socket())
+        .unwrap()
+        .acquire("vm7", "ram0", &token)
+        .unwrap();
+    drop(held);
     c.set_policy_with(pb::SetPolicyRequest {
         vm_id: "vm7".into(),
         name: "ram0".into(),
@@ -323,4 +328,18 @@ async fn json_logs_name_vm_region_request_and_caller() {
         );
         assert!(line["timestamp"].is_string(), "{line}");
     }
+    // The VMM side is logged too, with the peer's uid and pid as the caller.
+    let line = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "handoff acquire")
+        .unwrap_or_else(|| panic!("no handoff line in:\n{log}"));
+    let f = &line["fields"];
+    assert_eq!(
+        (&f["vm_id"], &f["name"]),
+        (&"vm7".into(), &"ram0".into()),
+        "{line}"
+    );
+    assert_eq!(f["code"], "HANDOFF_CODE_OK", "{line}");
+    let me = format!("uid:{} pid:{}", nix::unistd::getuid(), std::process::id());
+    assert_eq!(f["caller"], me, "{line}");
 }
