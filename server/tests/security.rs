@@ -361,6 +361,29 @@ async fn tcp_needs_mtls_and_certificate_names_map_to_roles() {
             .is_err()
     );
 
+    // memplacectl over mTLS: the viewer reads, and is refused a mutation.
+    let (vc, vk) = (w("viewer.pem", &viewer.cert), w("viewer.key", &viewer.key));
+    let ctl = |args: &[&str]| {
+        Command::new(ctl_path())
+            .args(["--addr", &format!("https://{addr}"), "--tls-ca", &client_ca])
+            .args([
+                "--tls-cert",
+                &vc,
+                "--tls-key",
+                &vk,
+                "--tls-domain",
+                "localhost",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = ctl(&["region", "list"]);
+    assert_eq!(code_of(&o), 0, "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ram0"), "{o:?}");
+    let o = ctl(&["region", "delete", "vm1", "ram0"]);
+    assert_eq!(code_of(&o), 10 + Code::PermissionDenied as i32, "{o:?}");
+
     let mut root = agent.client().await;
     assert_eq!(root.list_regions("").await.unwrap().len(), 1);
 }
