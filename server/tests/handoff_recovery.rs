@@ -1190,3 +1190,51 @@ async fn watch_events_follows_handoffs_live() {
     );
     assert!(got[0].sequence > start && got[1].sequence > got[0].sequence);
 }
+
+/// A region never handed off had no guest data (only the agent held it), so a restart recreates
+/// its file empty with the same intent, and says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_region_never_handed_off_comes_back_empty_with_its_intent() {
+    let mut agent = AgentProc::start();
+    let mut c = agent.client().await;
+    c.create_region(
+        "vm11",
+        "ram",
+        8 * MIB,
+        pb::Backend::Memfd,
+        vec![pb::RangePolicy {
+            offset: 0,
+            length: 0,
+            policy: Some(policy(pb::PolicyMode::Bind, &[0])),
+        }],
+    )
+    .await
+    .unwrap();
+    populate(&mut c, "vm11", "ram").await;
+    let old_ino = stored_holder(&agent.state_dir(), "vm11", "ram").await.3;
+    assert_eq!(
+        c.placement("vm11", "ram", 0, 0)
+            .await
+            .unwrap()
+            .pages_not_present,
+        0
+    );
+    agent.restart();
+    let mut c = agent.client().await;
+    assert_bound(&c.get_region("vm11", "ram").await.unwrap(), "recreated");
+    let p = c.placement("vm11", "ram", 0, 0).await.unwrap();
+    assert_eq!(p.pages_not_present, 8 * MIB / PAGE, "the new file is empty");
+    let ev = events_after(&mut c, 0).await;
+    assert!(
+        ev.iter()
+            .any(|e| e.kind() == Kind::Reapplied && e.message.contains("recreated empty")),
+        "{ev:#?}"
+    );
+    assert!(
+        ev.iter()
+            .all(|e| e.kind() != Kind::FdRecovered && e.kind() != Kind::RegionLost)
+    );
+    let (pid, _, _, ino) = stored_holder(&agent.state_dir(), "vm11", "ram").await;
+    assert_eq!(pid, -1, "no holder recorded");
+    assert_ne!(ino, old_ino, "the new file's identity is recorded");
+}
