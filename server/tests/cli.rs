@@ -473,3 +473,104 @@ async fn ctrl_c_cancels_a_populate_and_the_agent_stops() {
     }
     panic!("every populate finished before Ctrl-C reached it, even 4 GiB");
 }
+
+/// A certificate and key in PEM, signed by `issuer`.
+fn leaf(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    sans: &[&str],
+    cn: &str,
+) -> (String, String) {
+    let mut p =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn mtls_over_tcp_with_certificate_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "memplacectl test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let ca_file = write("ca.pem", &ca_pem);
+    let (cert, key) = leaf(&issuer, &["localhost"], "memplaced");
+    let (server_cert, server_key) = (write("server.pem", &cert), write("server.key", &key));
+    let (cert, key) = leaf(&issuer, &[], "ops-admin");
+    let (admin_cert, admin_key) = (write("admin.pem", &cert), write("admin.key", &key));
+    let (cert, key) = leaf(&issuer, &[], "nobody");
+    let (nobody_cert, nobody_key) = (write("nobody.pem", &cert), write("nobody.key", &key));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let agent = AgentProc::start_with(&[
+        "--listen-tcp",
+        &listen,
+        "--tls-cert",
+        &server_cert,
+        "--tls-key",
+        &server_key,
+        "--tls-client-ca",
+        &ca_file,
+        "--admin-names",
+        "ops-admin",
+    ]);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let addr = format!("https://127.0.0.1:{port}");
+    let over_tls = |cert: &str, key: &str, args: &[&str]| {
+        let mut c = Command::new(common::ctl_path());
+        c.args([
+            "--addr",
+            &addr,
+            "--tls-ca",
+            &ca_file,
+            "--tls-domain",
+            "localhost",
+        ])
+        .args(["--tls-cert", cert, "--tls-key", key])
+        .args(args);
+        Run::of(c)
+    };
+    let v = over_tls(
+        &admin_cert,
+        &admin_key,
+        &[
+            "-o", "json", "region", "create", "vmt", "ram0", "--size", "4M",
+        ],
+    )
+    .json();
+    assert_eq!(v["vm_id"], "vmt");
+    // The audit actor is the certificate's name.
+    let ev = ctl(&agent, &["-o", "json", "events", "--vm", "vmt"]).ok();
+    assert!(ev.contains("ops-admin"), "{ev}");
+    // A certificate from the right CA without a role is refused by the agent.
+    let r = over_tls(&nobody_cert, &nobody_key, &["region", "list"]);
+    assert_eq!(r.code, refused(Code::PermissionDenied), "{}", r.err);
+    assert!(r.err.contains("nobody"), "{}", r.err);
+    // The same options from the environment.
+    let mut c = Command::new(common::ctl_path());
+    c.env("MEMPLACE_ADDR", &addr)
+        .env("MEMPLACE_TLS_CA", &ca_file)
+        .env("MEMPLACE_TLS_CERT", &admin_cert)
+        .env("MEMPLACE_TLS_KEY", &admin_key)
+        .env("MEMPLACE_TLS_DOMAIN", "localhost")
+        .args(["-o", "json", "region", "list"]);
+    assert_eq!(Run::of(c).json()[0]["name"], "ram0");
+}
