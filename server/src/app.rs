@@ -249,7 +249,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             .layer(shed.clone())
             // Innermost, around the services where decoding happens: a body that is not valid
             // protobuf is the caller's error (INVALID_ARGUMENT), not the agent's (INTERNAL).
-            .layer(crate::limits::DecodeErrorLayer)
+            .layer(tower::util::MapResponseLayer::new(
+                crate::limits::decode_error_is_invalid_argument,
+            ))
             // A deadline per request, enforced by tonic around the whole stack until the
             // response headers (unary calls; streams run until done or cancelled). Message size
             // is bounded by the service's max_decoding_message_size (RESOURCE_EXHAUSTED).

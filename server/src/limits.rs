@@ -97,70 +97,28 @@ where
     }
 }
 
-/// Answers a request body that is not valid protobuf (truncated, bad wire type, invalid UTF-8)
-/// with INVALID_ARGUMENT: tonic's codec reports it as INTERNAL, which would tell the caller the
-/// agent is broken when the request is. It sits inside the auth and shedding layers, right
-/// around the services, because only there are decode failures produced.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DecodeErrorLayer;
-
-impl<S> Layer<S> for DecodeErrorLayer {
-    type Service = DecodeError<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        DecodeError { inner }
-    }
-}
-
-/// The service of [`DecodeErrorLayer`].
-#[derive(Clone, Debug)]
-pub struct DecodeError<S> {
-    inner: S,
-}
-
-impl<S: NamedService> NamedService for DecodeError<S> {
-    const NAME: &'static str = S::NAME;
-}
-
 /// tonic's message for a body its codec could not decode, as it appears percent-encoded in the
 /// grpc-message header.
 const DECODE_FAILURE: &str = "failed%20to%20decode%20Protobuf%20message";
 
-impl<S, B> Service<http::Request<B>> for DecodeError<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+/// Answers a request body that is not valid protobuf (truncated, bad wire type, invalid UTF-8)
+/// with INVALID_ARGUMENT: tonic's codec reports it as INTERNAL, which would tell the caller the
+/// agent is broken when the request is. Used with `tower::util::MapResponseLayer` right around
+/// the services, where decode failures are produced.
+pub fn decode_error_is_invalid_argument(
+    mut resp: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let h = resp.headers();
+    let internal = h.get("grpc-status").is_some_and(|v| v == "13");
+    let decode = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.starts_with(DECODE_FAILURE));
+    if internal && decode {
+        resp.headers_mut().insert(
+            "grpc-status",
+            http::HeaderValue::from(tonic::Code::InvalidArgument as i32),
+        );
     }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let mut inner = self.inner.clone();
-        std::mem::swap(&mut inner, &mut self.inner);
-        Box::pin(async move {
-            let mut resp = inner.call(req).await?;
-            let h = resp.headers();
-            let internal = h.get("grpc-status").is_some_and(|v| v == "13");
-            let decode = h
-                .get("grpc-message")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|m| m.starts_with(DECODE_FAILURE));
-            if internal && decode {
-                let code = (tonic::Code::InvalidArgument as i32).to_string();
-                if let Ok(v) = http::HeaderValue::from_str(&code) {
-                    resp.headers_mut().insert("grpc-status", v);
-                }
-            }
-            Ok(resp)
-        })
-    }
+    resp
 }

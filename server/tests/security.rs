@@ -459,7 +459,22 @@ async fn insecure_tcp_callers_are_admins_and_audited_by_address() {
 // ---------------------------------------------------------------------------------------------
 // Audit, limits, capabilities
 
-async fn populate(c: &mut Client, threads: u32) {
+/// Creates vm1/ram0, binds it to node 0 and populates it: a mutation of each kind the engine
+/// applies to the kernel.
+async fn create_bind_populate(c: &mut Client, threads: u32) {
+    c.create_region("vm1", "ram0", 8 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
+    c.set_policy(
+        "vm1",
+        "ram0",
+        0,
+        0,
+        policy(pb::PolicyMode::Bind, &[0]),
+        false,
+    )
+    .await
+    .unwrap();
     let req = pb::PopulateRequest {
         vm_id: "vm1".into(),
         name: "ram0".into(),
@@ -488,20 +503,7 @@ async fn all_events(c: &mut Client) -> Vec<pb::WatchEventsResponse> {
 async fn every_mutation_records_its_actor() {
     let agent = AgentProc::start();
     let mut c = agent.client().await;
-    c.create_region("vm1", "ram0", 8 * MIB, pb::Backend::Memfd, vec![])
-        .await
-        .unwrap();
-    c.set_policy(
-        "vm1",
-        "ram0",
-        0,
-        0,
-        policy(pb::PolicyMode::Bind, &[0]),
-        false,
-    )
-    .await
-    .unwrap();
-    populate(&mut c, 1).await;
+    create_bind_populate(&mut c, 1).await;
     c.reconcile("").await.unwrap();
     c.delete_region("vm1", "ram0").await.unwrap();
     let events = all_events(&mut c).await;
@@ -644,20 +646,7 @@ async fn the_agent_keeps_only_the_capabilities_it_uses() {
     );
     // And it still does its work: mbind, populate (a helper process), placement.
     let mut c = agent.client().await;
-    c.create_region("vm1", "ram0", 8 * MIB, pb::Backend::Memfd, vec![])
-        .await
-        .unwrap();
-    c.set_policy(
-        "vm1",
-        "ram0",
-        0,
-        0,
-        policy(pb::PolicyMode::Bind, &[0]),
-        false,
-    )
-    .await
-    .unwrap();
-    populate(&mut c, 2).await;
+    create_bind_populate(&mut c, 2).await;
     let p = c.placement("vm1", "ram0", 0, 0).await.unwrap();
     assert_eq!(p.pages_misplaced, 0);
 }
