@@ -701,6 +701,19 @@ impl NodeAgentService for NodeAgent {
         }))
     }
 
+    async fn issue_handoff_token(
+        &self,
+        req: Request<pb::IssueHandoffTokenRequest>,
+    ) -> Result<Response<pb::IssueHandoffTokenResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        crate::domain::validate_name("vm_id", &r.vm_id).map_err(invalid)?;
+        tracing::info!(vm_id = %r.vm_id, caller = %who, "IssueHandoffToken");
+        Ok(Response::new(pb::IssueHandoffTokenResponse {
+            handoff_token: self.agent.vm_token(&r.vm_id),
+        }))
+    }
+
     type WatchEventsStream = BoxStream<pb::WatchEventsResponse>;
 
     async fn watch_events(
