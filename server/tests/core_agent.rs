@@ -813,16 +813,44 @@ async fn memplacectl_quick_start_works() {
 async fn handoff_tokens_are_per_vm_and_stable() {
     let mut agent = AgentProc::start();
     let mut c = agent.client().await;
-    let created = c.create_region("vm-a", "r", 4 * MIB, pb::Backend::Memfd, vec![]).await.unwrap();
+    let created = c
+        .create_region("vm-a", "r", 4 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
     let issue = |vm: &str| pb::IssueHandoffTokenRequest { vm_id: vm.into() };
-    let a = c.raw().issue_handoff_token(issue("vm-a")).await.unwrap().into_inner().handoff_token;
-    assert_eq!(a, created.handoff_token, "one token per VM, whoever issues it");
-    let b = c.raw().issue_handoff_token(issue("vm-b")).await.unwrap().into_inner().handoff_token;
+    let a = c
+        .raw()
+        .issue_handoff_token(issue("vm-a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .handoff_token;
+    assert_eq!(
+        a, created.handoff_token,
+        "one token per VM, whoever issues it"
+    );
+    let b = c
+        .raw()
+        .issue_handoff_token(issue("vm-b"))
+        .await
+        .unwrap()
+        .into_inner()
+        .handoff_token;
     assert_ne!(a, b, "each VM has its own token");
-    let e = c.raw().issue_handoff_token(issue("bad/vm")).await.unwrap_err();
+    let e = c
+        .raw()
+        .issue_handoff_token(issue("bad/vm"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     agent.restart();
     let mut c = agent.client().await;
-    let again = c.raw().issue_handoff_token(issue("vm-a")).await.unwrap().into_inner().handoff_token;
+    let again = c
+        .raw()
+        .issue_handoff_token(issue("vm-a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .handoff_token;
     assert_eq!(again, a, "tokens survive a restart");
 }
