@@ -697,6 +697,12 @@ impl memplace_proto::v1::node_agent_service_server::NodeAgentService for Echo {
     ) -> Result<tonic::Response<pb::ReconcileResponse>, tonic::Status> {
         unimplemented()
     }
+    async fn issue_handoff_token(
+        &self,
+        _: tonic::Request<pb::IssueHandoffTokenRequest>,
+    ) -> Result<tonic::Response<pb::IssueHandoffTokenResponse>, tonic::Status> {
+        unimplemented()
+    }
     type WatchEventsStream = EchoStream<pb::WatchEventsResponse>;
     async fn watch_events(
         &self,
