@@ -495,6 +495,21 @@ impl Client {
         .await
     }
 
+    /// IssueHandoffToken: the VM's handoff token, for a VMM that adopts its own files before
+    /// any region of the VM exists.
+    pub async fn issue_handoff_token(&mut self, vm_id: &str) -> Result<String, ClientError> {
+        let req = pb::IssueHandoffTokenRequest {
+            vm_id: vm_id.into(),
+        };
+        Ok(self
+            .retrying(|mut c| {
+                let r = req.clone();
+                async move { c.issue_handoff_token(r).await }
+            })
+            .await?
+            .handoff_token)
+    }
+
     /// WatchEvents as a stream.
     pub async fn watch_events(
         &mut self,

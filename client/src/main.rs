@@ -91,6 +91,11 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// The VM's handoff token (IssueHandoffToken), for a VMM that adopts its own files.
+    Token {
+        /// VM id.
+        vm: String,
+    },
     /// Stand-in VMM: acquire a region's fd, map it, optionally touch it, wait for a signal.
     Hold(HoldArgs),
 }
@@ -823,6 +828,11 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     println!("  misplaced     {:>8} pages", 0);
                 }
             });
+        }
+        Command::Token { vm } => {
+            let token = c.issue_handoff_token(&vm).await?;
+            let v = json!({"vm_id": vm, "handoff_token": token});
+            print_value(out, &v, || println!("{token}"));
         }
         Command::Reconcile { vm } => {
             let r = c.reconcile(&vm).await?;

@@ -198,6 +198,12 @@ fn every_read_command_speaks_table_json_and_yaml() {
         "{y}"
     );
 
+    // token: the same token CreateRegion returned.
+    let t = ctl(&agent, &["-o", "json", "token", "vm1"]).json();
+    assert_eq!(t["handoff_token"], created["handoff_token"]);
+    let t = ctl(&agent, &["token", "vm1"]).ok();
+    assert_eq!(t.trim(), created["handoff_token"].as_str().unwrap());
+
     // health.
     assert_eq!(ctl(&agent, &["health"]).ok().trim(), "SERVING");
     assert_eq!(

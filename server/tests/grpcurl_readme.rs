@@ -157,7 +157,7 @@ fn operations_section_runs_as_written_and_covers_every_rpc() {
         .filter_map(|l| l.trim().strip_prefix("rpc "))
         .map(|l| l.split('(').next().unwrap().trim())
         .collect();
-    assert_eq!(rpcs.len(), 10, "{rpcs:?}");
+    assert!(rpcs.len() >= 10, "{rpcs:?}");
     let covered = |needle: &str| passed.iter().any(|c| c.contains(needle));
     for rpc in &rpcs {
         assert!(
