@@ -36,9 +36,10 @@ impl Agent {
         let mut events = Vec::new();
         // Read from /proc only if some recorded holder is gone.
         let mut others = None;
+        let mut holders = pidfd::HolderFds::default();
         for intent in stored {
             let (live, mut o, mut e) =
-                tokio::task::block_in_place(|| self.recover_one(intent, &mut others));
+                tokio::task::block_in_place(|| self.recover_one(intent, &mut holders, &mut others));
             ops.append(&mut o);
             events.append(&mut e);
             self.regions
@@ -52,6 +53,7 @@ impl Agent {
     fn recover_one(
         &self,
         mut intent: RegionIntent,
+        holders: &mut pidfd::HolderFds,
         others: &mut Option<pidfd::OpenFiles>,
     ) -> (LiveRegion, Vec<WriteOp>, Vec<Event>) {
         let key = intent.key.clone();
@@ -61,7 +63,7 @@ impl Agent {
             return (lost(intent), ops, events);
         }
         let taken = match (intent.holder, intent.file_id) {
-            (Some(h), Some(id)) => Some(take_back(h, id, others)),
+            (Some(h), Some(id)) => Some(take_back(h, id, holders, others)),
             _ => None,
         };
         let file = match taken {
@@ -212,9 +214,10 @@ impl Agent {
 fn take_back(
     recorded: Holder,
     file_id: (u64, u64),
+    holders: &mut pidfd::HolderFds,
     others: &mut Option<pidfd::OpenFiles>,
 ) -> Result<(Holder, OwnedFd), Errno> {
-    match pidfd::take_file(recorded.pid, recorded.start_time, file_id) {
+    match holders.take(recorded.pid, recorded.start_time, file_id) {
         Ok(fd) => Ok((recorded, fd)),
         Err(e) => others
             .get_or_insert_with(pidfd::OpenFiles::scan)
