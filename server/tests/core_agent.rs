@@ -854,3 +854,83 @@ async fn handoff_tokens_are_per_vm_and_stable() {
         .handoff_token;
     assert_eq!(again, a, "tokens survive a restart");
 }
+
+/// Someone changes a range's policy through their own mapping of the file: Reconcile finds the
+/// drift and repairs it, and so does setting the same policy again.
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_through_another_mapping_is_repaired() {
+    use memplace_client::handoff::Handoff;
+    use memplace_server::domain::{NodeSet, Policy, PolicyMode};
+    use memplace_server::kernel::Mapping;
+    use std::os::fd::AsFd;
+
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let created = c
+        .create_region("vm", "r", 8 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
+    c.set_policy("vm", "r", 0, 4 * MIB, policy(M::Bind, &[0]), false)
+        .await
+        .unwrap();
+    let got = Handoff::connect(agent.handoff_socket())
+        .unwrap()
+        .acquire("vm", "r", &created.handoff_token)
+        .unwrap();
+    let theirs = Mapping::new(got.fd.as_fd(), 8 * MIB).unwrap();
+    let preferred = Policy::new(PolicyMode::Preferred, NodeSet::from_ids([0]).unwrap());
+    // Drift both ranges: the BIND one and the DEFAULT one.
+    theirs.mbind(0, 8 * MIB, &preferred, 0).unwrap();
+    let r = c.get_region("vm", "r").await.unwrap();
+    assert!(
+        r.ranges
+            .iter()
+            .all(|x| x.state() == pb::RangeState::Drifted),
+        "{r:?}"
+    );
+
+    let rep = c.reconcile("vm").await.unwrap();
+    assert_eq!(
+        (rep.ranges_drifted, rep.ranges_reapplied, rep.ranges_failed),
+        (2, 2, 0)
+    );
+    let r = c.get_region("vm", "r").await.unwrap();
+    for x in &r.ranges {
+        assert_eq!(x.observed, x.intended, "repaired: {x:?}");
+        assert_eq!(x.state(), pb::RangeState::Applied);
+    }
+    // The holder's own view agrees: the file's policy is back.
+    assert_eq!(
+        theirs.policy_at(0).unwrap().map(|p| p.mode),
+        Some(PolicyMode::Bind)
+    );
+    assert_eq!(
+        theirs.policy_at(4 * MIB).unwrap().map(|p| p.mode),
+        Some(PolicyMode::Default)
+    );
+
+    // Drift again; setting the same policy again repairs it too.
+    theirs.mbind(0, 4 * MIB, &preferred, 0).unwrap();
+    let r = c
+        .set_policy("vm", "r", 0, 4 * MIB, policy(M::Bind, &[0]), false)
+        .await
+        .unwrap()
+        .region
+        .unwrap();
+    assert_eq!(r.ranges[0].observed, Some(policy(M::Bind, &[0])));
+    let events = c
+        .watch_events(pb::WatchEventsRequest {
+            vm_id: "vm".into(),
+            after_sequence: 0,
+            no_follow: true,
+        })
+        .await
+        .unwrap();
+    let mut events = events;
+    let mut kinds = Vec::new();
+    while let Some(e) = events.message().await.unwrap() {
+        kinds.push(e.kind());
+    }
+    assert!(kinds.contains(&pb::EventKind::DriftFound), "{kinds:?}");
+    assert!(kinds.contains(&pb::EventKind::Reapplied), "{kinds:?}");
+}

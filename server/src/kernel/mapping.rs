@@ -41,11 +41,13 @@ struct UffdioRegister {
 /// move_pages takes page lists; query in batches of this many pages.
 const QUERY_BATCH: usize = 4096;
 
-/// A shared mapping of a whole file.
+/// A shared mapping of a file, or of a window of it. Methods take offsets in the file.
 #[derive(Debug)]
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// The file offset the mapping starts at (0 for anonymous mappings).
+    base: u64,
 }
 
 // SAFETY: the mapping is plain shared memory with no thread affinity. Mapping never hands out
@@ -60,7 +62,16 @@ impl Mapping {
     /// Maps `len` bytes of `fd` from offset 0, read-write and shared, without reserving swap or
     /// huge pages (the file's own allocation decides that).
     pub fn new(fd: BorrowedFd<'_>, len: u64) -> Result<Self, Errno> {
+        Self::window(fd, 0, len)
+    }
+
+    /// Maps `[offset, offset+len)` of `fd` alone. A window that covers one range has no
+    /// neighbouring VMAs the kernel could merge it with, so mbind through it changes exactly
+    /// that range of the file's shared policy. `offset` must be page-aligned (huge-page aligned
+    /// for hugetlbfs).
+    pub fn window(fd: BorrowedFd<'_>, offset: u64, len: u64) -> Result<Self, Errno> {
         let len_usize = usize::try_from(len).map_err(|_| Errno::EOVERFLOW)?;
+        let file_offset = libc::off_t::try_from(offset).map_err(|_| Errno::EOVERFLOW)?;
         if len_usize == 0 {
             return Err(Errno::EINVAL);
         }
@@ -73,7 +84,7 @@ impl Mapping {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_NORESERVE,
                 fd.as_raw_fd(),
-                0,
+                file_offset,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -83,6 +94,7 @@ impl Mapping {
         Ok(Self {
             ptr,
             len: len_usize,
+            base: offset,
         })
     }
 
@@ -107,6 +119,7 @@ impl Mapping {
         Ok(Self {
             ptr,
             len: len_usize,
+            base: 0,
         })
     }
 
@@ -120,12 +133,14 @@ impl Mapping {
         self.len == 0
     }
 
+    /// The address of file offset `offset`, checking `[offset, offset+len)` is mapped here.
     fn addr(&self, offset: u64, len: u64) -> Result<usize, Errno> {
-        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        let rel = offset.checked_sub(self.base).ok_or(Errno::EINVAL)?;
+        let end = rel.checked_add(len).ok_or(Errno::EINVAL)?;
         if end > self.len as u64 {
             return Err(Errno::EINVAL);
         }
-        Ok(self.ptr.as_ptr() as usize + offset as usize)
+        Ok(self.ptr.as_ptr() as usize + rel as usize)
     }
 
     /// Applies `policy` to `[offset, offset+len)` with mbind. For a file with a shared policy this

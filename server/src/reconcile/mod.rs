@@ -684,12 +684,15 @@ impl Agent {
         if live.intent.strategy != Strategy::SharedPolicy {
             return 0;
         }
-        let Some(mapping) = live.file.as_ref().and_then(|f| f.mapping.as_ref()) else {
+        let Some(file) = live.file.as_ref() else {
             return 0;
         };
+        let fd = file.fd.as_fd();
         let mut n = 0;
         for r in live.intent.ranges.ranges() {
-            match mapping.mbind(r.offset, r.length, &r.policy, 0) {
+            let bound = Mapping::window(fd, r.offset, r.length)
+                .and_then(|w| bind_file_range(&w, r.offset, r.length, &r.policy, 0));
+            match bound {
                 Ok(()) => {
                     live.errors.remove(&r.offset);
                     n += 1;
@@ -950,16 +953,20 @@ impl Agent {
             return (0, 0);
         }
         let page = live.intent.page_size(self.page);
-        let Some((fd, mapping)) = live
-            .file
-            .as_ref()
-            .and_then(|f| Some((f.fd.as_fd(), f.mapping.as_ref()?)))
-        else {
+        let Some(fd) = live.file.as_ref().map(|f| f.fd.as_fd()) else {
             return (0, 0);
         };
         let mut moved = 0;
         let mut failed = 0;
         for r in live.intent.ranges.clipped(offset, offset + length) {
+            let window = match Mapping::window(fd, r.offset, r.length) {
+                Ok(w) => w,
+                Err(e) => {
+                    live.errors.insert(r.offset, format!("mmap: {}", e.desc()));
+                    continue;
+                }
+            };
+            let mapping = &window;
             let mut flags = 0;
             let mut before = Vec::new();
             if migrate {
@@ -971,7 +978,7 @@ impl Agent {
                     flags |= kernel::mempolicy::MPOL_MF_MOVE_ALL;
                 }
             }
-            let result = mapping.mbind(r.offset, r.length, &r.policy, flags);
+            let result = bind_file_range(mapping, r.offset, r.length, &r.policy, flags);
             // Errors are recorded per range of the intent that contains this piece.
             let owner = live
                 .intent
@@ -1053,7 +1060,10 @@ impl Agent {
         let page = live.intent.page_size(self.page);
         let key = live.intent.key.clone();
         let ranges: Vec<RangeIntent> = live.intent.ranges.ranges().to_vec();
-        let Some(mapping) = live.file.as_ref().and_then(|f| f.mapping.as_ref()) else {
+        let Some(file) = live.file.as_ref() else {
+            return events;
+        };
+        let Some(mapping) = file.mapping.as_ref() else {
             return events;
         };
         let mut errors = Vec::new();
@@ -1076,7 +1086,10 @@ impl Agent {
                 ),
                 actor,
             ));
-            let ok = mapping.mbind(r.offset, r.length, &r.policy, 0).is_ok()
+            // Re-bind through a fresh window, verify through the long-lived mapping.
+            let ok = Mapping::window(file.fd.as_fd(), r.offset, r.length)
+                .and_then(|w| bind_file_range(&w, r.offset, r.length, &r.policy, 0))
+                .is_ok()
                 && observe(mapping, &r, page) == Some(r.policy);
             if ok {
                 report.reapplied += 1;
@@ -1262,6 +1275,34 @@ fn save_request(i: &Idempotency<'_>, view: &RegionView) -> WriteOp {
         fingerprint: i.fingerprint.clone(),
         response: (i.encode)(view),
     }
+}
+
+/// Binds a file range's shared policy through `binder`, a fresh window mapping exactly that
+/// range (never the agent's long-lived mapping):
+/// - the kernel skips mbind on a VMA whose own policy already equals the new one, so re-binding
+///   through the long-lived mapping would leave in place a policy someone changed through another
+///   mapping;
+/// - when mbind merges a VMA with an equal-policy neighbour it sets the policy over the merged
+///   span, so a window wider than the range could overwrite its neighbours' policies;
+/// - a fresh VMA has no policy, which equals DEFAULT, so DEFAULT goes through LOCAL first.
+///
+/// The long-lived mapping also stays one VMA however many ranges there are.
+fn bind_file_range(
+    binder: &Mapping,
+    offset: u64,
+    length: u64,
+    policy: &Policy,
+    flags: u32,
+) -> Result<(), Errno> {
+    if policy.mode == PolicyMode::Default {
+        binder.mbind(
+            offset,
+            length,
+            &Policy::new(PolicyMode::Local, crate::domain::NodeSet::new()),
+            0,
+        )?;
+    }
+    binder.mbind(offset, length, policy, flags)
 }
 
 /// Reads the policy the kernel holds for a range at its first and last page; `None` when they
