@@ -10,6 +10,8 @@
 //! (for `events`, one compact object per line), with field names and enum spellings that stay
 //! stable for scripts.
 
+#![deny(unsafe_code)]
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use memplace_client::handoff::{DEFAULT_HANDOFF_SOCKET, Handoff};
 use memplace_client::{Client, ClientError, nodes, pb};
