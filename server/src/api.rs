@@ -594,6 +594,7 @@ impl NodeAgentService for NodeAgent {
             length: r.length,
             threads: r.threads,
             cgroup: (!r.cgroup.is_empty()).then(|| r.cgroup.clone().into()),
+            verify: r.verify,
         };
         tracing::info!(vm_id = %r.vm_id, name = %r.name, caller = %who, offset = r.offset, length = r.length, threads = r.threads, cgroup = %r.cgroup, "Populate");
         // A populate of the whole region reads where all its pages are: keep that for metrics.
@@ -638,7 +639,9 @@ impl NodeAgentService for NodeAgent {
                     }
                 }
             };
-            if let (Some((vm_id, name)), Ok(Ok(o))) = (&whole_region, &outcome) {
+            if let (Some((vm_id, name)), Ok(Ok(o))) = (&whole_region, &outcome)
+                && o.verified
+            {
                 let nodes = o.placement.nodes().into_iter().map(|n| (n.node, n.pages));
                 crate::metrics::observe_placement(vm_id, name, o.placement.page_size, nodes);
             }
@@ -651,6 +654,7 @@ impl NodeAgentService for NodeAgent {
                         elapsed_seconds: o.elapsed_seconds,
                         cancelled: o.cancelled,
                         threads: o.threads,
+                        verified: o.verified,
                     })),
                 }),
                 Ok(Err(e)) => Err(status_of(e)),

@@ -152,8 +152,21 @@ fn every_read_command_speaks_table_json_and_yaml() {
     let p = ctl(&agent, &["-o", "json", "populate", "vm1", "ram0"]).json();
     assert_eq!(p["bytes_done"], 16 << 20);
     assert_eq!(p["cancelled"], false);
+    // memplacectl verifies by default: the summary names the nodes.
+    assert_eq!(p["verified"], true, "{p}");
+    assert_eq!(p["nodes"][0]["pages"], 4096, "{p}");
     let t = ctl(&agent, &["populate", "vm2", "ram0", "--threads", "1"]).ok();
     assert!(t.contains("populated 4.0 MiB of 4.0 MiB"), "{t}");
+    assert!(t.contains("node 0: 1024 pages"), "{t}");
+    // --no-verify answers from the page cache: the bytes, no nodes.
+    let p = ctl(
+        &agent,
+        &["-o", "json", "populate", "vm2", "ram0", "--no-verify"],
+    )
+    .json();
+    assert_eq!(p["bytes_done"], 4 << 20, "{p}");
+    assert_eq!(p["verified"], false, "{p}");
+    assert_eq!(p["nodes"], serde_json::json!([]), "{p}");
     let pl = ctl(&agent, &["placement", "vm1", "ram0"]).ok();
     assert!(pl.contains("node 0") && pl.contains("100.0%"), "{pl}");
     assert!(pl.contains("misplaced            0 pages"), "{pl}");

@@ -383,6 +383,7 @@ async fn populate(c: &mut Client, vm: &str, name: &str) -> pb::PopulateSummary {
             length: 0,
             threads: 1,
             cgroup: String::new(),
+            verify: true,
         },
         |_, _| {},
     )

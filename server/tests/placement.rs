@@ -91,6 +91,7 @@ fn populate_req(
         length,
         threads,
         cgroup: String::new(),
+        verify: true,
     }
 }
 
@@ -217,6 +218,62 @@ async fn populate_allocates_every_page_on_node0_and_streams_progress() {
         assert_eq!(after.page_size_bytes, PAGE);
         assert_eq!(consistent(&after, size / PAGE), size / PAGE, "{name}");
         assert_eq!(pages_on(&after, 0), size / PAGE, "{name}: all on node 0");
+        c.delete_region("vm1", name).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn populate_verifies_in_its_workers_or_answers_from_the_page_cache() {
+    let (_serial, _agent, mut c) = start().await;
+    let size = 96 * MIB;
+    for (name, backend) in [
+        ("gmem", pb::Backend::GuestMemfd),
+        ("ram", pb::Backend::Memfd),
+    ] {
+        // Three ranges, so the workers' per-chunk read-back is summed per range; 2 workers.
+        let ranges = (0..3)
+            .map(|i| pb::RangePolicy {
+                offset: i * 32 * MIB,
+                length: 32 * MIB,
+                policy: Some(policy(M::Bind, &[0])),
+            })
+            .collect();
+        c.create_region("vm1", name, size, backend, ranges)
+            .await
+            .unwrap();
+        // Without verify: the bytes come from the page cache, and no nodes are claimed.
+        let (_, quick) = populate_all(
+            &mut c,
+            pb::PopulateRequest {
+                verify: false,
+                ..populate_req("vm1", name, 0, 64 * MIB, 2)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(quick.bytes_done, 64 * MIB, "{name}: {quick:?}");
+        assert!(!quick.verified, "{name}: {quick:?}");
+        assert!(quick.nodes.is_empty(), "{name}: {quick:?}");
+        let p = placement(&mut c, "vm1", name).await;
+        assert_eq!(consistent(&p, size / PAGE), 64 * MIB / PAGE, "{name}");
+
+        // With verify over the whole region: the pages allocated before count too.
+        let (_, full) = populate_all(&mut c, populate_req("vm1", name, 0, 0, 2))
+            .await
+            .unwrap();
+        assert!(full.verified, "{name}: {full:?}");
+        assert_eq!(full.bytes_done, size, "{name}: {full:?}");
+        assert_eq!(
+            full.nodes,
+            vec![pb::NodePages {
+                node: 0,
+                pages: size / PAGE
+            }],
+            "{name}"
+        );
+        // GetPlacement, read independently, agrees.
+        let p = placement(&mut c, "vm1", name).await;
+        assert_eq!(pages_on(&p, 0), size / PAGE, "{name}");
         c.delete_region("vm1", name).await.unwrap();
     }
 }

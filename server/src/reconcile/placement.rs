@@ -139,6 +139,16 @@ fn count_range(
 ) -> RangePlacementView {
     let nodes = map_resident(fd, mapping, r.offset, r.length, page);
     let _ = mapping.unmap_pages(r.offset, r.length);
+    range_view(r, nodes.into_iter().map(|n| (n, 1)))
+}
+
+/// The placement of one range from `(status, pages)` pairs, where a status is what
+/// [`map_resident`] reports for a page: a node id, -ENOENT for a page not allocated, or another
+/// negative errno.
+pub(crate) fn range_view(
+    r: &RangeIntent,
+    statuses: impl IntoIterator<Item = (i32, u64)>,
+) -> RangePlacementView {
     let mut per: BTreeMap<u32, u64> = BTreeMap::new();
     let mut view = RangePlacementView {
         offset: r.offset,
@@ -148,15 +158,15 @@ fn count_range(
         misplaced: 0,
         unknown: 0,
     };
-    for n in nodes {
+    for (n, pages) in statuses {
         if n == ENOENT {
-            view.not_present += 1;
+            view.not_present += pages;
         } else if n < 0 {
-            view.unknown += 1;
+            view.unknown += pages;
         } else {
-            *per.entry(n as u32).or_default() += 1;
+            *per.entry(n as u32).or_default() += pages;
             if r.policy.allows(n as u32) == Some(false) {
-                view.misplaced += 1;
+                view.misplaced += pages;
             }
         }
     }

@@ -5,15 +5,21 @@
 //! file has no shared policy and pages follow the allocating thread. Under shared-policy the
 //! file's policy places the pages whoever allocates them.
 //!
+//! Asked to verify, each worker also reads its chunk's pages back right after allocating them
+//! (read faults through the agent's mapping, then move_pages, then the page-table entries are
+//! dropped again), so the proof runs in parallel with the allocation instead of in one pass
+//! after it. Without verify the answer comes from the page cache alone (cachestat).
+//!
 //! With a memory cgroup named, the workers run in a short-lived child process that first joins
 //! that cgroup, so the VM's cgroup is charged rather than the agent's.
 
+use super::placement::{self, Placement};
 use super::{Agent, AgentError, kerr};
 use crate::domain::{
     Backend, EventKind, NodeSet, Policy, PolicyMode, RegionKey, RegionStatus, Strategy,
     resolve_span, validate_name,
 };
-use crate::kernel::{self, mempolicy};
+use crate::kernel::{self, Mapping, mempolicy};
 use crate::store::WriteOp;
 use nix::errno::Errno;
 use std::collections::BTreeMap;
@@ -42,6 +48,8 @@ pub struct PopulateRequest {
     pub threads: u32,
     /// Memory cgroup directory to charge, if any.
     pub cgroup: Option<PathBuf>,
+    /// Read every allocated page's node back from the kernel before answering.
+    pub verify: bool,
 }
 
 /// Shared progress of a running populate; the caller may set `cancel`.
@@ -77,8 +85,10 @@ pub struct PopulateOutcome {
     pub bytes_done: u64,
     /// Bytes requested.
     pub bytes_total: u64,
-    /// Placement of the span afterwards.
-    pub placement: super::Placement,
+    /// Placement of the span afterwards; empty unless `verified`.
+    pub placement: Placement,
+    /// Whether `placement` was read from the kernel.
+    pub verified: bool,
     /// Seconds.
     pub elapsed_seconds: f64,
     /// Stopped by the caller.
@@ -117,17 +127,44 @@ pub fn plan(ranges: &[(u64, u64, Option<Policy>)], page: u64) -> Vec<Chunk> {
     out
 }
 
-/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any. Each worker is
-/// a fresh thread, so a task policy it sets for its chunks dies with it.
+/// Pages of one chunk per kernel status, as [`placement::map_resident`] reports a page: a node
+/// id, -ENOENT for a page not allocated, or another negative errno.
+pub type ChunkStatus = BTreeMap<i32, u64>;
+
+/// Reads back where the pages of a chunk that was just allocated are: read-faults them into
+/// `mapping` (every page is allocated, so this allocates nothing), asks move_pages, and drops the
+/// page-table entries again.
+fn read_back(mapping: &Mapping, c: &Chunk, page: u64) -> ChunkStatus {
+    let mut status = ChunkStatus::new();
+    match mapping.populate_read(c.offset, c.length) {
+        Ok(()) => {
+            for n in placement::nodes_of(mapping, c.offset, c.length, page) {
+                *status.entry(n).or_default() += 1;
+            }
+        }
+        Err(e) => {
+            status.insert(-(e as i32), c.length / page);
+        }
+    }
+    let _ = mapping.unmap_pages(c.offset, c.length);
+    status
+}
+
+/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any, or else each
+/// chunk's status, read back through `verify` (the mapping and page size) right after the chunk
+/// was allocated; empty without `verify`. Each worker is a fresh thread, so a task policy it sets
+/// for its chunks dies with it.
 pub fn run_workers(
     fd: BorrowedFd<'_>,
     chunks: &[Chunk],
     threads: usize,
     progress: &PopulateProgress,
-) -> Result<(), Errno> {
+    verify: Option<(&Mapping, u64)>,
+) -> Result<Vec<ChunkStatus>, Errno> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error = std::sync::Mutex::new(None);
+    let statuses = std::sync::Mutex::new(vec![ChunkStatus::new(); chunks.len()]);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
@@ -148,7 +185,19 @@ pub fn run_workers(
                         kernel::fallocate(fd, c.offset, c.length, false)
                     })();
                     match r {
-                        Ok(()) => progress.advance_by(c.length),
+                        Ok(()) => {
+                            progress.advance_by(c.length);
+                            if let Some((mapping, page)) = verify {
+                                let status = read_back(mapping, c, page);
+                                if let Some(slot) = statuses
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_mut(i)
+                                {
+                                    *slot = status;
+                                }
+                            }
+                        }
                         Err(e) => {
                             failed.store(true, Ordering::Relaxed);
                             first_error
@@ -165,8 +214,25 @@ pub fn run_workers(
     });
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
-        None => Ok(()),
+        None => Ok(statuses.into_inner().unwrap_or_else(|p| p.into_inner())),
     }
+}
+
+/// Bytes of a span allocated, from the page cache (a probe through a mapping on hugetlbfs, which
+/// has none); `None` where the kernel cannot tell.
+fn allocated_bytes(
+    fd: BorrowedFd<'_>,
+    mapping: Option<&Mapping>,
+    offset: u64,
+    length: u64,
+    page: u64,
+) -> Option<u64> {
+    let map = match mapping {
+        Some(m) => placement::allocated(fd, m, offset, length, page),
+        None => kernel::files::allocated_map(fd, offset, length, page),
+    };
+    map.ok()
+        .map(|v| v.iter().filter(|allocated| **allocated).count() as u64 * page)
 }
 
 /// Checks that a cgroup path is a cgroup directory under /sys/fs/cgroup and returns the file a
@@ -238,13 +304,13 @@ pub fn child_main(args: &[String]) -> i32 {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
-        let r = run_workers(fd.as_fd(), &chunks, threads, &progress);
+        let r = run_workers(fd.as_fd(), &chunks, threads, &progress, None);
         stop.store(true, Ordering::Relaxed);
         r
     });
     println!("{}", progress.done.load(Ordering::Relaxed));
     match r {
-        Ok(()) => 0,
+        Ok(_) => 0,
         Err(e) => {
             eprintln!("populate worker: fallocate: {}", e.desc());
             10 + (e as i32).min(200)
@@ -554,11 +620,17 @@ impl Agent {
         .min(chunks.len().max(1));
         progress.total.store(length, Ordering::Relaxed);
         let fd = file.fd.as_fd();
+        let mapping = file.mapping.as_ref();
+        // The helper child of a cgroup populate has no mapping: verify after it, below.
+        let verify_in_workers = match (req.verify, req.cgroup.is_none(), mapping) {
+            (true, true, Some(m)) => Some((m, page)),
+            _ => None,
+        };
         let result = tokio::task::block_in_place(|| match req.cgroup.as_deref() {
-            Some(cg) => run_in_cgroup(fd, &chunks, threads, cg, progress),
-            None => run_workers(fd, &chunks, threads, progress).map_err(kerr("fallocate")),
+            Some(cg) => run_in_cgroup(fd, &chunks, threads, cg, progress).map(|()| Vec::new()),
+            None => run_workers(fd, &chunks, threads, progress, verify_in_workers)
+                .map_err(kerr("fallocate")),
         });
-        drop(live);
         // A cancel that came after the last chunk stopped nothing.
         let cancelled = progress.cancel.load(Ordering::Relaxed)
             && progress.done.load(Ordering::Relaxed) < length;
@@ -571,7 +643,30 @@ impl Agent {
             }
             e => e,
         });
-        result?;
+        let statuses = result?;
+        // Every chunk was read back unless the populate stopped early; then a full pass below.
+        let read_back = (verify_in_workers.is_some() && !cancelled).then(|| Placement {
+            ranges: ranges
+                .iter()
+                .map(|r| {
+                    let statuses = chunks
+                        .iter()
+                        .zip(&statuses)
+                        .filter(|(c, _)| c.offset >= r.offset && c.offset < r.end())
+                        .flat_map(|(_, s)| s.iter().map(|(&n, &pages)| (n, pages)));
+                    placement::range_view(r, statuses)
+                })
+                .collect(),
+            page_size: page,
+        });
+        let cached = (!req.verify)
+            .then(|| {
+                tokio::task::block_in_place(|| {
+                    allocated_bytes(file.fd.as_fd(), mapping, offset, length, page)
+                })
+            })
+            .flatten();
+        drop(live);
         if task && !cancelled {
             let mut live = slot.write().await;
             if live.intent.generation == generation {
@@ -592,19 +687,32 @@ impl Agent {
         // What the kernel holds now, not what the workers did: pages allocated before count, and
         // a page punched meanwhile does not. A file the agent cannot map (a guest_memfd without
         // MMAP) has no readable placement; then the workers' count stands.
-        let (placement, done) = match self.placement(&req.key, offset, length).await {
-            Ok(p) => {
-                let done = (length / page - p.total(|r| r.not_present)) * page;
-                (p, done)
+        let unverified = |done: Option<u64>| {
+            let placement = Placement {
+                ranges: Vec::new(),
+                page_size: page,
+            };
+            (
+                placement,
+                done.unwrap_or(progress.done.load(Ordering::Relaxed)),
+                false,
+            )
+        };
+        let present = |p: &Placement| (length / page - p.total(|r| r.not_present)) * page;
+        let (placement, done, verified) = match read_back {
+            Some(p) => {
+                let done = present(&p);
+                (p, done, true)
             }
-            Err(AgentError::FailedPrecondition(_)) => (
-                super::Placement {
-                    ranges: Vec::new(),
-                    page_size: page,
-                },
-                progress.done.load(Ordering::Relaxed),
-            ),
-            Err(e) => return Err(e),
+            None if req.verify => match self.placement(&req.key, offset, length).await {
+                Ok(p) => {
+                    let done = present(&p);
+                    (p, done, true)
+                }
+                Err(AgentError::FailedPrecondition(_)) => unverified(None),
+                Err(e) => return Err(e),
+            },
+            None => unverified(cached),
         };
         self.emit(
             EventKind::Populated,
@@ -623,6 +731,7 @@ impl Agent {
             bytes_done: done,
             bytes_total: length,
             placement,
+            verified,
             elapsed_seconds: start.elapsed().as_secs_f64(),
             cancelled,
             threads: threads as u32,
