@@ -463,46 +463,47 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
 
 /// Runs each job in a savepoint of one transaction, commits, and returns each job's outcome. If
 /// the commit itself fails, every job fails: nothing of the batch is on disk.
+///
+/// Every statement is a round trip to sqlx's SQLite worker thread, so the transaction and
+/// savepoint statements between two jobs go as one multi-statement query.
 async fn commit_batch(
     conn: &mut SqliteConnection,
     jobs: &[Job],
 ) -> Vec<Result<Vec<u64>, StoreError>> {
-    if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+    let fail_all = |e: StoreError| jobs.iter().map(|_| Err(clone_err(&e))).collect();
+    if let Err(e) = sqlx::query("BEGIN IMMEDIATE; SAVEPOINT job")
+        .execute(&mut *conn)
+        .await
+    {
         let e = StoreError::from(e);
-        return jobs.iter().map(|_| Err(clone_err(&e))).collect();
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return fail_all(e);
     }
     let mut results = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let r = async {
-            sqlx::query("SAVEPOINT job").execute(&mut *conn).await?;
-            match apply_ops(conn, &job.ops).await {
-                Ok(seqs) => {
-                    sqlx::query("RELEASE job").execute(&mut *conn).await?;
-                    Ok(seqs)
-                }
-                Err(e) => {
-                    // The job's own error is what its caller needs, not a failed rollback's.
-                    let _ = sqlx::query("ROLLBACK TO job").execute(&mut *conn).await;
-                    let _ = sqlx::query("RELEASE job").execute(&mut *conn).await;
-                    Err(e)
-                }
-            }
-        }
-        .await;
+    for (i, job) in jobs.iter().enumerate() {
+        let last = i + 1 == jobs.len();
+        let r = apply_ops(conn, &job.ops).await;
         // A full disk, a lock or an I/O error (SQLite may answer these by rolling back the
         // whole transaction) fails the whole batch: the jobs before it may already be undone, so none
         // may be acknowledged.
         if let Err(e @ (StoreError::Full | StoreError::Locked | StoreError::Sql(_))) = &r {
             let e = clone_err(e);
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            return jobs.iter().map(|_| Err(clone_err(&e))).collect();
+            return fail_all(e);
+        }
+        // The job's own error is what its caller needs; only its savepoint is undone.
+        let close = match (&r, last) {
+            (Ok(_), false) => "RELEASE job; SAVEPOINT job",
+            (Ok(_), true) => "RELEASE job; COMMIT",
+            (Err(_), false) => "ROLLBACK TO job; RELEASE job; SAVEPOINT job",
+            (Err(_), true) => "ROLLBACK TO job; RELEASE job; COMMIT",
+        };
+        if let Err(e) = sqlx::query(close).execute(&mut *conn).await {
+            let e = StoreError::from(e);
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            return fail_all(e);
         }
         results.push(r);
-    }
-    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
-        let e = StoreError::from(e);
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return jobs.iter().map(|_| Err(clone_err(&e))).collect();
     }
     results
 }
@@ -560,12 +561,7 @@ async fn apply_ops(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<u
                 if n != 1 {
                     return Err(StoreError::Corrupt(format!("region {key} is not stored")));
                 }
-                sqlx::query("DELETE FROM ranges WHERE vm_id = ? AND name = ?")
-                    .bind(&key.vm_id)
-                    .bind(&key.name)
-                    .execute(&mut *conn)
-                    .await?;
-                insert_ranges(conn, key, ranges).await?;
+                replace_ranges(conn, key, ranges).await?;
             }
             WriteOp::DeleteRegion(key) => {
                 sqlx::query("DELETE FROM regions WHERE vm_id = ? AND name = ?")
@@ -642,26 +638,71 @@ async fn apply_ops(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<u
     Ok(seqs)
 }
 
+/// Ranges written per INSERT statement: 9 parameters each, well under SQLite's 32,766.
+const RANGES_PER_INSERT: usize = 256;
+
 async fn insert_ranges(
     conn: &mut SqliteConnection,
     key: &RegionKey,
     ranges: &RangeMap,
 ) -> Result<(), StoreError> {
-    for r in ranges.ranges() {
-        sqlx::query(
-            "INSERT INTO ranges (vm_id, name, offset_bytes, length_bytes, mode, nodes, static_nodes, relative_nodes, placed) VALUES (?,?,?,?,?,?,?,?,?)",
-        )
-        .bind(&key.vm_id)
-        .bind(&key.name)
-        .bind(r.offset as i64)
-        .bind(r.length as i64)
-        .bind(r.policy.mode.as_str())
-        .bind(r.policy.nodes.to_string())
-        .bind(r.policy.static_nodes as i64)
-        .bind(r.policy.relative_nodes as i64)
-        .bind(r.placed as i64)
-        .execute(&mut *conn)
-        .await?;
+    write_ranges(conn, key, ranges, false).await
+}
+
+/// Replaces a region's stored ranges: the delete and the first rows go as one query.
+async fn replace_ranges(
+    conn: &mut SqliteConnection,
+    key: &RegionKey,
+    ranges: &RangeMap,
+) -> Result<(), StoreError> {
+    write_ranges(conn, key, ranges, true).await
+}
+
+/// Inserts a region's ranges with multi-row INSERTs (one round trip to the SQLite thread per
+/// [`RANGES_PER_INSERT`] ranges), first deleting its old ones when `replace`.
+async fn write_ranges(
+    conn: &mut SqliteConnection,
+    key: &RegionKey,
+    ranges: &RangeMap,
+    replace: bool,
+) -> Result<(), StoreError> {
+    const INSERT: &str = "INSERT INTO ranges (vm_id, name, offset_bytes, length_bytes, mode, nodes, static_nodes, relative_nodes, placed) VALUES ";
+    const ROW: &str = "(?,?,?,?,?,?,?,?,?)";
+    let all = ranges.ranges();
+    let mut delete_first = replace;
+    for (i, batch) in all.chunks(RANGES_PER_INSERT).enumerate() {
+        let mut sql = String::new();
+        if delete_first && i == 0 {
+            sql.push_str("DELETE FROM ranges WHERE vm_id = ? AND name = ?; ");
+        }
+        sql.push_str(INSERT);
+        sql.push_str(&vec![ROW; batch.len()].join(","));
+        let mut q = sqlx::query(&sql);
+        if delete_first && i == 0 {
+            q = q.bind(&key.vm_id).bind(&key.name);
+            delete_first = false;
+        }
+        for r in batch {
+            q = q
+                .bind(&key.vm_id)
+                .bind(&key.name)
+                .bind(r.offset as i64)
+                .bind(r.length as i64)
+                .bind(r.policy.mode.as_str())
+                .bind(r.policy.nodes.to_string())
+                .bind(r.policy.static_nodes as i64)
+                .bind(r.policy.relative_nodes as i64)
+                .bind(r.placed as i64);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    if delete_first {
+        // No ranges at all (a RangeMap always tiles its region, so this is defensive).
+        sqlx::query("DELETE FROM ranges WHERE vm_id = ? AND name = ?")
+            .bind(&key.vm_id)
+            .bind(&key.name)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

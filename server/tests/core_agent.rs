@@ -934,3 +934,51 @@ async fn drift_through_another_mapping_is_repaired() {
     assert!(kinds.contains(&pb::EventKind::DriftFound), "{kinds:?}");
     assert!(kinds.contains(&pb::EventKind::Reapplied), "{kinds:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_retries_of_one_set_policy_apply_it_once() {
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    c.create_region("vm", "r", 8 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
+    // The same request id sent 16 times at once: one call commits, the others find its request
+    // record (under the region lock, or when theirs conflicts at commit) and return its answer.
+    // Once without and once with an expected generation, which the first call moves on.
+    for (round, expected) in [(0u64, 0u64), (1, 2)] {
+        let set = pb::SetPolicyRequest {
+            vm_id: "vm".into(),
+            name: "r".into(),
+            policy: Some(policy(M::Bind, &[0])),
+            request_id: format!("dup-{round}"),
+            expected_generation: expected,
+            ..Default::default()
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let mut c = c.clone();
+            let set = set.clone();
+            tasks.push(tokio::spawn(async move {
+                c.set_policy_with(set)
+                    .await
+                    .map(|r| r.region.unwrap().generation)
+            }));
+        }
+        for t in tasks {
+            let generation = t
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(
+                generation,
+                round + 2,
+                "round {round}: every answer is the first"
+            );
+        }
+        assert_eq!(
+            c.get_region("vm", "r").await.unwrap().generation,
+            round + 2,
+            "round {round}: applied once"
+        );
+    }
+}

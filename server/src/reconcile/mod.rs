@@ -868,15 +868,17 @@ impl Agent {
         self.check_policy(&policy)?;
         let slot = self.slot(key)?;
         let mut live = slot.write().await;
-        if let Some(i) = &idem {
-            // Checked again under the region lock: a concurrent retry may have just committed.
-            if self.store.request(&i.request_id).await?.is_some() {
-                return Err(AgentError::DuplicateRequest(i.request_id.clone()));
-            }
-        }
+        // A concurrent call with the same request id is caught when its request record conflicts
+        // at commit (below), so the common path reads nothing here.
         let page = live.intent.page_size(self.page);
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
         if expected_generation != 0 && expected_generation != live.intent.generation {
+            // A concurrent retry that committed first moved the generation on: its answer applies.
+            if let Some(i) = &idem
+                && self.store.request(&i.request_id).await?.is_some()
+            {
+                return Err(AgentError::DuplicateRequest(i.request_id.clone()));
+            }
             return Err(AgentError::GenerationConflict {
                 key: key.clone(),
                 expected: expected_generation,
@@ -929,7 +931,16 @@ impl Agent {
             ),
             actor,
         );
-        self.commit(ops, vec![ev]).await?;
+        match self.commit(ops, vec![ev]).await {
+            // Only the request record can conflict here (ranges are replaced, not added to): a
+            // concurrent call with this id committed first, and nothing of this one was written.
+            Err(AgentError::Store(StoreError::Conflict)) if idem.is_some() => {
+                return Err(AgentError::DuplicateRequest(
+                    idem.map(|i| i.request_id.clone()).unwrap_or_default(),
+                ));
+            }
+            r => r?,
+        }
         live.intent = next;
         let (moved, failed) =
             tokio::task::block_in_place(|| self.apply_range(&mut live, offset, length, migrate));
