@@ -321,6 +321,26 @@ async fn stored_holder(state: &Path, vm: &str, name: &str) -> (i64, i64, i64, i6
     )
 }
 
+/// The stored `placed` flag of each of a region's ranges, in offset order.
+async fn stored_placed(state: &Path, vm: &str, name: &str) -> Vec<bool> {
+    use sqlx::{ConnectOptions, Row};
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(state.join("memplace.db"))
+        .read_only(true)
+        .connect()
+        .await
+        .expect("opening memplace.db read-only");
+    sqlx::query("SELECT placed FROM ranges WHERE vm_id = ? AND name = ? ORDER BY offset_bytes")
+        .bind(vm)
+        .bind(name)
+        .fetch_all(&mut conn)
+        .await
+        .expect("the region's ranges")
+        .iter()
+        .map(|r| r.try_get::<i64, _>("placed").expect("placed") != 0)
+        .collect()
+}
+
 /// Stored events after `after`, oldest first, checked to be strictly increasing.
 async fn events_after(c: &mut Client, after: u64) -> Vec<pb::WatchEventsResponse> {
     let mut s = c
@@ -1238,4 +1258,57 @@ async fn a_region_never_handed_off_comes_back_empty_with_its_intent() {
     let (pid, _, _, ino) = stored_holder(&agent.state_dir(), "vm11", "ram").await;
     assert_eq!(pid, -1, "no holder recorded");
     assert_ne!(ino, old_ino, "the new file's identity is recorded");
+}
+
+/// A populated guest_memfd never handed off comes back empty: its ranges are pending again, in
+/// memory and on disk (so a later restart that takes the file back from a holder does not call
+/// them placed). A memfd's ranges, never placed by populate, are not rewritten.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_guest_memfd_is_pending_again_on_disk() {
+    let mut agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let bind0 = || {
+        vec![pb::RangePolicy {
+            offset: 0,
+            length: 0,
+            policy: Some(policy(pb::PolicyMode::Bind, &[0])),
+        }]
+    };
+    c.create_region("vm12", "gmem", 8 * MIB, pb::Backend::GuestMemfd, bind0())
+        .await
+        .unwrap();
+    c.create_region("vm12", "ram", 8 * MIB, pb::Backend::Memfd, bind0())
+        .await
+        .unwrap();
+    populate(&mut c, "vm12", "gmem").await;
+    populate(&mut c, "vm12", "ram").await;
+    assert_eq!(
+        stored_placed(&agent.state_dir(), "vm12", "gmem").await,
+        [true]
+    );
+    assert_eq!(
+        stored_placed(&agent.state_dir(), "vm12", "ram").await,
+        [false]
+    );
+    agent.restart();
+    let mut c = agent.client().await;
+    let r = c.get_region("vm12", "gmem").await.unwrap();
+    assert!(
+        r.ranges
+            .iter()
+            .all(|x| x.state() == pb::RangeState::Pending),
+        "{r:?}"
+    );
+    assert_eq!(
+        stored_placed(&agent.state_dir(), "vm12", "gmem").await,
+        [false]
+    );
+    assert_eq!(
+        stored_placed(&agent.state_dir(), "vm12", "ram").await,
+        [false]
+    );
+    assert_bound(
+        &c.get_region("vm12", "ram").await.unwrap(),
+        "recreated memfd",
+    );
 }

@@ -119,6 +119,9 @@ impl Agent {
             }
             None => {
                 // Never handed off: nothing but the agent held it, so no guest data existed.
+                // Its ranges are stored again only if some were placed (task-policy populate):
+                // a new empty file has none placed.
+                let was_placed = intent.ranges.ranges().iter().any(|r| r.placed);
                 let fresh: Vec<_> = intent
                     .ranges
                     .ranges()
@@ -139,11 +142,13 @@ impl Agent {
                             holder: None,
                             file_id: intent.file_id,
                         });
-                        ops.push(WriteOp::SaveRanges {
-                            key: key.clone(),
-                            generation: intent.generation,
-                            ranges: intent.ranges.clone(),
-                        });
+                        if was_placed {
+                            ops.push(WriteOp::SaveRanges {
+                                key: key.clone(),
+                                generation: intent.generation,
+                                ranges: intent.ranges.clone(),
+                            });
+                        }
                         events.push(self.event(
                             EventKind::Reapplied,
                             Some(&key),
