@@ -67,6 +67,9 @@ pub fn main() -> ExitCode {
     init_logging(&cfg);
     // Before the runtime starts any thread: capabilities are per thread and inherited.
     drop_capabilities(&cfg);
+    // Also before any thread: each thread (blocking ones come and go) would otherwise get its own
+    // malloc arena, and what recovery frees would stay in them (BENCHMARKS.md, P6).
+    crate::kernel::limit_malloc_arenas(2);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

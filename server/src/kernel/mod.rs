@@ -85,3 +85,28 @@ pub fn owned(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
     // nothing else owns.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }
+
+/// Caps glibc's malloc at `arenas` arenas. By default glibc gives each thread that allocates
+/// under contention an arena of its own (up to 8 per CPU), and memory freed into one stays
+/// there: every tokio blocking thread would keep its own heap. Call it before starting threads.
+/// A no-op where the C library is not glibc.
+pub fn limit_malloc_arenas(arenas: i32) {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tunable of the allocator; it takes plain integers and has no
+    // memory-safety preconditions. Its failure (0) leaves the default, which is still correct.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = arenas;
+}
+
+/// Returns free heap memory to the kernel (glibc's `malloc_trim(0)`), for use after a burst of
+/// transient allocations such as recovery. A no-op where the C library is not glibc.
+pub fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases memory the allocator holds free; no live allocation moves.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -47,7 +47,10 @@ impl Agent {
                 .expect("region map lock")
                 .insert(live.intent.key.clone(), Arc::new(RwLock::new(live)));
         }
-        self.commit(ops, events).await
+        self.commit(ops, events).await?;
+        // The stored rows and the recovery's ops are gone now; give their heap back.
+        kernel::release_free_heap();
+        Ok(())
     }
 
     fn recover_one(
