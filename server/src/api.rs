@@ -695,7 +695,7 @@ impl NodeAgentService for NodeAgent {
         tracing::info!(vm_id = %r.vm_id, caller = %who, "Reconcile");
         let start = std::time::Instant::now();
         let rep = self.agent.reconcile(vm, &who).await.map_err(status_of)?;
-        crate::metrics::observe_reconcile(&self.agent, start.elapsed()).await;
+        crate::metrics::observe_reconcile(start.elapsed());
         Ok(Response::new(pb::ReconcileResponse {
             ranges_checked: rep.checked,
             ranges_reapplied: rep.reapplied,

@@ -204,7 +204,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                     Ok(r) => tracing::debug!(?r, "periodic reconcile"),
                     Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
                 }
-                crate::metrics::observe_reconcile(&agent, start.elapsed()).await;
+                crate::metrics::observe_reconcile(start.elapsed());
             }
         });
     }

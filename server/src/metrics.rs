@@ -301,10 +301,11 @@ fn sync_counters(agent: &crate::reconcile::Agent) {
         .inc_by(r.saturating_sub(SEEN_REAPPLIED.swap(r, Relaxed)));
 }
 
-/// Records a reconcile pass, periodic or requested.
-pub async fn observe_reconcile(agent: &crate::reconcile::Agent, took: std::time::Duration) {
+/// Records a reconcile pass, periodic or requested. The region gauges and drift counters are
+/// refreshed when scraped (copying every region's intent after each pass cost as much as the
+/// pass itself).
+pub fn observe_reconcile(took: std::time::Duration) {
     metrics().reconcile_seconds.observe(took.as_secs_f64());
-    refresh_regions(agent).await;
 }
 
 /// The `method` label of a request path: the known gRPC methods by name (`service/Method`), and
