@@ -258,37 +258,27 @@ impl Store {
             .await?)
     }
 
-    /// Every region with its ranges.
+    /// Every region with its ranges. Each region's ranges come aggregated into one JSON column:
+    /// a row per range (16,000 for 1,000 regions) made loading most of a restart's time, as each
+    /// row is a message from sqlx's SQLite thread.
     pub async fn load_regions(&self) -> Result<Vec<RegionIntent>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM regions ORDER BY vm_id, name")
-            .fetch_all(&self.readers)
-            .await?;
-        let range_rows = sqlx::query("SELECT * FROM ranges ORDER BY vm_id, name, offset_bytes")
-            .fetch_all(&self.readers)
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut ranges = range_rows.into_iter().peekable();
-        for row in rows {
-            let key = RegionKey {
-                vm_id: row.try_get("vm_id")?,
-                name: row.try_get("name")?,
-            };
-            let mut rs = Vec::new();
-            while let Some(r) = ranges.peek() {
-                let rk: (String, String) = (r.try_get("vm_id")?, r.try_get("name")?);
-                if (rk.0.as_str(), rk.1.as_str()) < (key.vm_id.as_str(), key.name.as_str()) {
-                    ranges.next();
-                    continue;
-                }
-                if rk.0 != key.vm_id || rk.1 != key.name {
-                    break;
-                }
-                let r = ranges.next().expect("peeked");
-                rs.push(range_from_row(&r)?);
-            }
-            out.push(region_from_row(&row, key, rs)?);
-        }
-        Ok(out)
+        let rows = sqlx::query(
+            "SELECT r.*, (SELECT json_group_array(json_array(g.offset_bytes, g.length_bytes, g.mode, g.nodes, g.static_nodes, g.relative_nodes, g.placed)) FROM ranges g WHERE g.vm_id = r.vm_id AND g.name = r.name) AS ranges_json FROM regions r ORDER BY r.vm_id, r.name",
+        )
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let key = RegionKey {
+                    vm_id: row.try_get("vm_id")?,
+                    name: row.try_get("name")?,
+                };
+                let json: String = row.try_get("ranges_json")?;
+                let ranges = ranges_from_json(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("region {key}: ranges: {e}")))?;
+                region_from_row(row, key, ranges)
+            })
+            .collect()
     }
 
     /// The idempotency record of `request_id`.
@@ -416,22 +406,34 @@ fn region_from_row(
     })
 }
 
-fn range_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RangeIntent, StoreError> {
-    let mode: String = r.try_get("mode")?;
-    let nodes: String = r.try_get("nodes")?;
-    Ok(RangeIntent {
-        offset: r.try_get::<i64, _>("offset_bytes")? as u64,
-        length: r.try_get::<i64, _>("length_bytes")? as u64,
-        policy: Policy {
-            mode: PolicyMode::parse(&mode)
-                .ok_or_else(|| StoreError::Corrupt(format!("policy mode {mode:?}")))?,
-            nodes: NodeSet::parse_list(&nodes)
-                .map_err(|_| StoreError::Corrupt(format!("node list {nodes:?}")))?,
-            static_nodes: r.try_get::<i64, _>("static_nodes")? != 0,
-            relative_nodes: r.try_get::<i64, _>("relative_nodes")? != 0,
-        },
-        placed: r.try_get::<i64, _>("placed")? != 0,
-    })
+/// A stored range as `load_regions` aggregates it: offset, length, mode, nodes, static_nodes,
+/// relative_nodes, placed.
+type RangeColumns = (i64, i64, String, String, i64, i64, i64);
+
+/// A region's ranges from their JSON aggregate, in offset order.
+fn ranges_from_json(json: &str) -> Result<Vec<RangeIntent>, String> {
+    let rows: Vec<RangeColumns> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let mut ranges = rows
+        .into_iter()
+        .map(
+            |(offset, length, mode, nodes, static_nodes, relative_nodes, placed)| {
+                Ok(RangeIntent {
+                    offset: offset as u64,
+                    length: length as u64,
+                    policy: Policy {
+                        mode: PolicyMode::parse(&mode).ok_or(format!("policy mode {mode:?}"))?,
+                        nodes: NodeSet::parse_list(&nodes)
+                            .map_err(|_| format!("node list {nodes:?}"))?,
+                        static_nodes: static_nodes != 0,
+                        relative_nodes: relative_nodes != 0,
+                    },
+                    placed: placed != 0,
+                })
+            },
+        )
+        .collect::<Result<Vec<_>, String>>()?;
+    ranges.sort_by_key(|r| r.offset);
+    Ok(ranges)
 }
 
 async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
@@ -520,7 +522,9 @@ fn clone_err(e: &StoreError) -> StoreError {
 
 async fn apply_ops(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<u64>, StoreError> {
     let mut seqs = Vec::new();
-    for op in ops {
+    let mut rest = ops;
+    while let Some((op, tail)) = rest.split_first() {
+        rest = tail;
         match op {
             WriteOp::InsertRegion(r) => {
                 sqlx::query(
@@ -619,22 +623,53 @@ async fn apply_ops(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<u
                     .execute(&mut *conn)
                     .await?;
             }
-            WriteOp::AppendEvent(e) => {
-                let seq: i64 = sqlx::query_scalar(
-                    "INSERT INTO events (time_unix_ms, kind, vm_id, name, message, actor) VALUES (?,?,?,?,?,?) RETURNING sequence",
-                )
-                .bind(e.time_unix_ms)
-                .bind(e.kind as i32 as i64)
-                .bind(&e.vm_id)
-                .bind(&e.name)
-                .bind(&e.message)
-                .bind(&e.actor)
-                .fetch_one(&mut *conn)
-                .await?;
-                seqs.push(seq as u64);
+            WriteOp::AppendEvent(first) => {
+                // A run of events (recovery appends thousands) goes as one multi-row INSERT.
+                let mut run = vec![first];
+                while run.len() < EVENTS_PER_INSERT
+                    && let Some((WriteOp::AppendEvent(e), tail)) = rest.split_first()
+                {
+                    run.push(e);
+                    rest = tail;
+                }
+                seqs.extend(append_events(conn, &run).await?);
             }
         }
     }
+    Ok(seqs)
+}
+
+/// Events written per INSERT statement: 6 parameters each.
+const EVENTS_PER_INSERT: usize = 256;
+
+/// Appends events with one INSERT and returns their sequence numbers in the order given.
+async fn append_events(
+    conn: &mut SqliteConnection,
+    events: &[&Event],
+) -> Result<Vec<u64>, StoreError> {
+    let mut sql = String::from(
+        "INSERT INTO events (time_unix_ms, kind, vm_id, name, message, actor) VALUES ",
+    );
+    sql.push_str(&vec!["(?,?,?,?,?,?)"; events.len()].join(","));
+    sql.push_str(" RETURNING sequence");
+    let mut q = sqlx::query_scalar::<_, i64>(&sql);
+    for e in events {
+        q = q
+            .bind(e.time_unix_ms)
+            .bind(e.kind as i32 as i64)
+            .bind(&e.vm_id)
+            .bind(&e.name)
+            .bind(&e.message)
+            .bind(&e.actor);
+    }
+    // RETURNING gives rows in no set order, but sequences are assigned in VALUES order.
+    let mut seqs: Vec<u64> = q
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|s| s as u64)
+        .collect();
+    seqs.sort_unstable();
     Ok(seqs)
 }
 
@@ -721,4 +756,57 @@ pub fn unix_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_come_back_from_their_json_aggregate_in_offset_order() {
+        let json = r#"[[8192,4096,"bind","0-2,5",1,0,1],[0,8192,"weighted-interleave","1",0,1,0]]"#;
+        let r = ranges_from_json(json).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].offset, r[0].length), (0, 8192));
+        assert_eq!(r[0].policy.mode, PolicyMode::WeightedInterleave);
+        assert!(r[0].policy.relative_nodes && !r[0].placed);
+        assert_eq!(r[1].policy.nodes, NodeSet::parse_list("0-2,5").unwrap());
+        assert!(r[1].policy.static_nodes && r[1].placed);
+        assert!(ranges_from_json(r#"[[0,4096,"sideways","0",0,0,0]]"#).is_err());
+        assert!(ranges_from_json("[]").unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn events_appended_in_one_job_get_increasing_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let event = |i: usize| Event {
+            sequence: 0,
+            time_unix_ms: i as i64,
+            kind: EventKind::Reapplied,
+            vm_id: format!("vm{i}"),
+            name: "r".into(),
+            message: format!("event {i}"),
+            actor: "test".into(),
+        };
+        // More than one INSERT's worth.
+        let n = EVENTS_PER_INSERT + 10;
+        let seqs = store
+            .write((0..n).map(|i| WriteOp::AppendEvent(event(i))).collect())
+            .await
+            .unwrap();
+        assert_eq!(seqs.len(), n);
+        assert!(seqs.windows(2).all(|w| w[0] + 1 == w[1]), "{seqs:?}");
+        let stored = store.events_after(0, None, n as i64).await.unwrap();
+        assert_eq!(stored.len(), n);
+        for (i, (e, seq)) in stored.iter().zip(&seqs).enumerate() {
+            assert_eq!(
+                e.sequence, *seq,
+                "the i-th event appended has the i-th sequence"
+            );
+            assert_eq!(e.message, format!("event {i}"));
+        }
+    }
 }
