@@ -100,6 +100,8 @@ impl OpenFiles {
 pub struct HolderFds {
     /// pid -> inode -> fd numbers.
     by_pid: HashMap<i32, HashMap<u64, Vec<i32>>>,
+    /// (pid, start time) -> a pidfd for that process, opened once (`None`: it is gone).
+    pidfds: HashMap<(i32, u64), Option<OwnedFd>>,
 }
 
 impl HolderFds {
@@ -114,8 +116,37 @@ impl HolderFds {
             t
         });
         let candidates = table.get(&file_id.1).map_or(&[][..], Vec::as_slice);
-        take_file_among(pid, start, file_id, candidates).or_else(|_| take_file(pid, start, file_id))
+        let pidfd = self
+            .pidfds
+            .entry((pid, start))
+            .or_insert_with(|| verified_pidfd(pid, start));
+        if let Some(pidfd) = pidfd
+            && let Some(fd) = candidates
+                .iter()
+                .find_map(|&n| getfd_of_file(pidfd, n, file_id))
+        {
+            return Ok(fd);
+        }
+        take_file(pid, start, file_id)
     }
+}
+
+/// A pidfd for `pid` if it still is the process that started at `start`. The start time is
+/// checked again after opening, so the pidfd refers to that process; it stays valid for that
+/// process only, whatever later reuses the pid.
+fn verified_pidfd(pid: i32, start: u64) -> Option<OwnedFd> {
+    if start_time(pid) != Some(start) {
+        return None;
+    }
+    let pidfd = open(pid).ok()?;
+    (start_time(pid) == Some(start)).then_some(pidfd)
+}
+
+/// A copy of fd `n` of the process behind `pidfd` if it is the file `file_id`.
+fn getfd_of_file(pidfd: &OwnedFd, n: i32, file_id: (u64, u64)) -> Option<OwnedFd> {
+    let fd = getfd(pidfd, n).ok()?;
+    let st = nix::sys::stat::fstat(&fd).ok()?;
+    ((st.st_dev, st.st_ino) == file_id).then_some(fd)
 }
 
 /// A pidfd for `pid`.
