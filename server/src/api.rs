@@ -319,6 +319,17 @@ pub fn event_to_pb(e: &Event) -> pb::WatchEventsResponse {
     }
 }
 
+/// Runs a mutation on its own task, so a client that cancels (or a request deadline that fires)
+/// cannot stop it between its durable commit and the kernel change that follows: once started,
+/// a mutation finishes, whether or not anyone waits for the answer.
+async fn run_to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Status::internal(format!("mutation task failed: {e}")))
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// How often Populate reports progress.
@@ -398,35 +409,31 @@ impl NodeAgentService for NodeAgent {
             policies.push((p.offset, p.length, policy_from_pb(p.policy.as_ref())?));
         }
         let token = self.agent.vm_token(&r.vm_id);
-        let encode = |v: &RegionView| {
-            pb::CreateRegionResponse {
-                region: Some(region_to_pb(v)),
-                handoff_token: token.clone(),
-            }
-            .encode_to_vec()
-        };
+        let stored_token = token.clone();
         let idem = (!r.request_id.is_empty()).then(|| Idempotency {
             request_id: r.request_id.clone(),
             method: "CreateRegion",
             fingerprint: print.clone(),
-            encode: &encode,
+            encode: Box::new(move |v: &RegionView| {
+                pb::CreateRegionResponse {
+                    region: Some(region_to_pb(v)),
+                    handoff_token: stored_token.clone(),
+                }
+                .encode_to_vec()
+            }),
         });
         let k = key(&r.vm_id, &r.name);
         tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, size = r.size_bytes, "CreateRegion");
-        let result = self
-            .agent
-            .create_region(
-                CreateRequest {
-                    key: k,
-                    size_bytes: r.size_bytes,
-                    backend,
-                    hugepage_size_bytes: r.hugepage_size_bytes,
-                    policies,
-                },
-                &who,
-                idem,
-            )
-            .await;
+        let agent = self.agent.clone();
+        let create = CreateRequest {
+            key: k,
+            size_bytes: r.size_bytes,
+            backend,
+            hugepage_size_bytes: r.hugepage_size_bytes,
+            policies,
+        };
+        let result =
+            run_to_completion(async move { agent.create_region(create, &who, idem).await }).await?;
         match result {
             Ok(view) => Ok(Response::new(pb::CreateRegionResponse {
                 region: Some(region_to_pb(&view)),
@@ -487,24 +494,21 @@ impl NodeAgentService for NodeAgent {
         if let Some(first) = replay(&self.agent, &r.request_id, "DeleteRegion", &print).await? {
             return Ok(Response::new(first));
         }
-        let encode = |v: &RegionView| {
-            pb::DeleteRegionResponse {
-                region: Some(region_to_pb(v)),
-            }
-            .encode_to_vec()
-        };
         let idem = (!r.request_id.is_empty()).then(|| Idempotency {
             request_id: r.request_id.clone(),
             method: "DeleteRegion",
             fingerprint: print.clone(),
-            encode: &encode,
+            encode: Box::new(|v: &RegionView| {
+                pb::DeleteRegionResponse {
+                    region: Some(region_to_pb(v)),
+                }
+                .encode_to_vec()
+            }),
         });
         tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, "DeleteRegion");
-        match self
-            .agent
-            .delete_region(&key(&r.vm_id, &r.name), &who, idem)
-            .await
-        {
+        let agent = self.agent.clone();
+        let k = key(&r.vm_id, &r.name);
+        match run_to_completion(async move { agent.delete_region(&k, &who, idem).await }).await? {
             Ok(v) => Ok(Response::new(pb::DeleteRegionResponse {
                 region: Some(region_to_pb(&v)),
             })),
@@ -536,34 +540,34 @@ impl NodeAgentService for NodeAgent {
             return Ok(Response::new(first));
         }
         let policy = policy_from_pb(r.policy.as_ref())?;
-        let encode = |v: &RegionView| {
-            pb::SetPolicyResponse {
-                region: Some(region_to_pb(v)),
-                pages_migrated: 0,
-                pages_migrate_failed: 0,
-            }
-            .encode_to_vec()
-        };
         let idem = (!r.request_id.is_empty()).then(|| Idempotency {
             request_id: r.request_id.clone(),
             method: "SetPolicy",
             fingerprint: print.clone(),
-            encode: &encode,
+            encode: Box::new(|v: &RegionView| {
+                pb::SetPolicyResponse {
+                    region: Some(region_to_pb(v)),
+                    pages_migrated: 0,
+                    pages_migrate_failed: 0,
+                }
+                .encode_to_vec()
+            }),
         });
         tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, %policy, offset = r.offset, length = r.length, migrate = r.migrate, "SetPolicy");
-        let result = self
-            .agent
-            .set_policy(
-                &key(&r.vm_id, &r.name),
-                r.offset,
-                r.length,
-                policy,
-                r.migrate,
-                r.expected_generation,
-                &who,
-                idem,
-            )
-            .await;
+        let agent = self.agent.clone();
+        let (k, offset, length, migrate, expected) = (
+            key(&r.vm_id, &r.name),
+            r.offset,
+            r.length,
+            r.migrate,
+            r.expected_generation,
+        );
+        let result = run_to_completion(async move {
+            agent
+                .set_policy(&k, offset, length, policy, migrate, expected, &who, idem)
+                .await
+        })
+        .await?;
         match result {
             Ok(o) => Ok(Response::new(pb::SetPolicyResponse {
                 region: Some(region_to_pb(&o.region)),

@@ -982,3 +982,51 @@ async fn concurrent_retries_of_one_set_policy_apply_it_once() {
         );
     }
 }
+
+/// Clients that give up at once (a deadline shorter than the call) never leave a committed
+/// intent unapplied: each SetPolicy either did not happen or is in the kernel too.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_set_policy_is_all_or_nothing() {
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    c.create_region("vm", "r", 64 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .unwrap();
+    let mut abandoned = 0;
+    for i in 0..100u64 {
+        let mode = if i % 2 == 0 { M::Bind } else { M::Interleave };
+        let mut req = tonic::Request::new(pb::SetPolicyRequest {
+            vm_id: "vm".into(),
+            name: "r".into(),
+            offset: (i % 16) * 4 * MIB,
+            length: 4 * MIB,
+            policy: Some(policy(mode, &[0])),
+            request_id: format!("abandon-{i}"),
+            ..Default::default()
+        });
+        req.set_timeout(std::time::Duration::from_micros(50 + i * 20));
+        if c.raw().set_policy(req).await.is_err() {
+            abandoned += 1;
+        }
+    }
+    // A last call waits its turn behind any abandoned mutation still running (the region lock is
+    // fair), then every range is compared with the kernel.
+    let r = c
+        .set_policy("vm", "r", 0, 4 * MIB, policy(M::Bind, &[0]), false)
+        .await
+        .unwrap()
+        .region
+        .unwrap();
+    for x in &r.ranges {
+        assert_eq!(
+            x.observed, x.intended,
+            "range {x:?} of generation {}",
+            r.generation
+        );
+        assert_eq!(x.state(), pb::RangeState::Applied);
+    }
+    println!(
+        "{abandoned} of 100 calls were abandoned by their client; generation {}",
+        r.generation
+    );
+}

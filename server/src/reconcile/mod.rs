@@ -160,9 +160,12 @@ pub struct RegionView {
     pub page_size: u64,
 }
 
+/// Encodes the first answer to a request from the committed region.
+pub type EncodeAnswer = Box<dyn Fn(&RegionView) -> Vec<u8> + Send + Sync>;
+
 /// An idempotency record to commit with a mutation: the request id, a digest of the request, and
 /// the encoded first answer.
-pub struct Idempotency<'a> {
+pub struct Idempotency {
     /// The id.
     pub request_id: String,
     /// The method.
@@ -170,7 +173,7 @@ pub struct Idempotency<'a> {
     /// Digest of the request.
     pub fingerprint: Vec<u8>,
     /// Encodes the answer from the committed intent (and token, for creates).
-    pub encode: &'a (dyn Fn(&RegionView) -> Vec<u8> + Sync),
+    pub encode: EncodeAnswer,
 }
 
 /// The outcome of SetPolicy.
@@ -565,7 +568,7 @@ impl Agent {
         &self,
         req: CreateRequest,
         actor: &str,
-        idem: Option<Idempotency<'_>>,
+        idem: Option<Idempotency>,
     ) -> Result<RegionView, AgentError> {
         validate_name("vm_id", &req.key.vm_id)?;
         validate_name("name", &req.key.name)?;
@@ -815,7 +818,7 @@ impl Agent {
         &self,
         key: &RegionKey,
         actor: &str,
-        idem: Option<Idempotency<'_>>,
+        idem: Option<Idempotency>,
     ) -> Result<RegionView, AgentError> {
         validate_name("vm_id", &key.vm_id)?;
         validate_name("name", &key.name)?;
@@ -861,7 +864,7 @@ impl Agent {
         migrate: bool,
         expected_generation: u64,
         actor: &str,
-        idem: Option<Idempotency<'_>>,
+        idem: Option<Idempotency>,
     ) -> Result<SetPolicyOutcome, AgentError> {
         validate_name("vm_id", &key.vm_id)?;
         validate_name("name", &key.name)?;
@@ -1305,7 +1308,7 @@ impl Agent {
     }
 }
 
-fn save_request(i: &Idempotency<'_>, view: &RegionView) -> WriteOp {
+fn save_request(i: &Idempotency, view: &RegionView) -> WriteOp {
     WriteOp::SaveRequest {
         request_id: i.request_id.clone(),
         method: i.method,
