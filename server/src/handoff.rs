@@ -142,6 +142,23 @@ fn error(code: pb::HandoffCode, message: String) -> pb::HandoffResponse {
     }
 }
 
+/// Checks a request's vm_id and that its token is that VM's (in constant time).
+fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Box<pb::HandoffResponse>> {
+    if let Err(e) = crate::domain::validate_name("vm_id", vm_id) {
+        return Err(Box::new(error(
+            pb::HandoffCode::InvalidArgument,
+            e.to_string(),
+        )));
+    }
+    if !agent.check_token(vm_id, token) {
+        return Err(Box::new(error(
+            pb::HandoffCode::PermissionDenied,
+            format!("wrong handoff token for VM {vm_id}"),
+        )));
+    }
+    Ok(())
+}
+
 fn code_of(e: &AgentError) -> pb::HandoffCode {
     match e {
         AgentError::Invalid(_) | AgentError::InvalidArgument(_) => pb::HandoffCode::InvalidArgument,
@@ -214,22 +231,14 @@ fn handle(
             if let Err(r) = expect_fds(0, "acquire") {
                 return (*r, vec![]);
             }
-            if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id)
-                .and_then(|_| crate::domain::validate_name("name", &a.name))
-            {
+            if let Err(e) = crate::domain::validate_name("name", &a.name) {
                 return (
                     error(pb::HandoffCode::InvalidArgument, e.to_string()),
                     vec![],
                 );
             }
-            if !agent.check_token(&a.vm_id, &a.token) {
-                return (
-                    error(
-                        pb::HandoffCode::PermissionDenied,
-                        format!("wrong handoff token for VM {}", a.vm_id),
-                    ),
-                    vec![],
-                );
+            if let Err(r) = admit(agent, &a.vm_id, &a.token) {
+                return (*r, vec![]);
             }
             let key = RegionKey {
                 vm_id: a.vm_id,
@@ -267,20 +276,8 @@ fn handle(
             if let Err(r) = expect_fds(1, "adopt") {
                 return (*r, vec![]);
             }
-            if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id) {
-                return (
-                    error(pb::HandoffCode::InvalidArgument, e.to_string()),
-                    vec![],
-                );
-            }
-            if !agent.check_token(&a.vm_id, &a.token) {
-                return (
-                    error(
-                        pb::HandoffCode::PermissionDenied,
-                        format!("wrong handoff token for VM {}", a.vm_id),
-                    ),
-                    vec![],
-                );
+            if let Err(r) = admit(agent, &a.vm_id, &a.token) {
+                return (*r, vec![]);
             }
             let backend = match crate::api::backend_from_pb(a.backend) {
                 Ok(b) => b,
@@ -335,20 +332,8 @@ fn handle(
             if let Err(r) = expect_fds(1, "attach_vm") {
                 return (*r, vec![]);
             }
-            if let Err(e) = crate::domain::validate_name("vm_id", &a.vm_id) {
-                return (
-                    error(pb::HandoffCode::InvalidArgument, e.to_string()),
-                    vec![],
-                );
-            }
-            if !agent.check_token(&a.vm_id, &a.token) {
-                return (
-                    error(
-                        pb::HandoffCode::PermissionDenied,
-                        format!("wrong handoff token for VM {}", a.vm_id),
-                    ),
-                    vec![],
-                );
+            if let Err(r) = admit(agent, &a.vm_id, &a.token) {
+                return (*r, vec![]);
             }
             let Some(fd) = fds.pop() else {
                 return (
