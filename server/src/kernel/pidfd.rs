@@ -1,5 +1,6 @@
-//! Taking an fd back from another process after an agent restart: find it by (st_dev, st_ino) in
-//! /proc/PID/fd, check the process is still the one recorded, then pidfd_getfd.
+//! Taking an fd back from another process after an agent restart: find candidates by inode in
+//! /proc/PID/fdinfo, check the process is still the one recorded, pidfd_getfd, and confirm the
+//! copy is the file by (st_dev, st_ino).
 
 use super::check;
 use nix::errno::Errno;
@@ -82,13 +83,8 @@ impl OpenFiles {
     pub fn take(&self, file_id: (u64, u64)) -> Option<(i32, u64, OwnedFd)> {
         self.by_ino.get(&file_id.1)?.iter().find_map(|&(pid, n)| {
             let start = start_time(pid)?;
-            let pidfd = open(pid).ok()?;
-            if start_time(pid) != Some(start) {
-                return None;
-            }
-            let fd = getfd(&pidfd, n).ok()?;
-            let st = nix::sys::stat::fstat(&fd).ok()?;
-            ((st.st_dev, st.st_ino) == file_id).then_some((pid, start, fd))
+            let pidfd = verified_pidfd(pid, start)?;
+            getfd_of_file(&pidfd, n, file_id).map(|fd| (pid, start, fd))
         })
     }
 }
@@ -187,15 +183,10 @@ fn take_file_among(
     if start_time(pid) != Some(start) {
         return Err(Errno::ESRCH);
     }
-    for &n in candidates {
-        if let Ok(fd) = getfd(&pidfd, n) {
-            let st = nix::sys::stat::fstat(&fd)?;
-            if (st.st_dev, st.st_ino) == file_id {
-                return Ok(fd);
-            }
-        }
-    }
-    Err(Errno::ENOENT)
+    candidates
+        .iter()
+        .find_map(|&n| getfd_of_file(&pidfd, n, file_id))
+        .ok_or(Errno::ENOENT)
 }
 
 /// Whether this process has CAP_SYS_PTRACE in its effective set (needed for pidfd_getfd on
