@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 use std::io::Write;
 use std::process::ExitCode;
 
+mod exec;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "memplacectl",
@@ -104,6 +106,14 @@ enum Command {
     },
     /// Stand-in VMM: acquire a region's fd, map it, optionally touch it, wait for a signal.
     Hold(HoldArgs),
+    /// Start a VMM on a VM's regions: acquire them, put their fds into the arguments
+    /// ({fd:NAME}, {path:NAME}) and exec PROGRAM in this process, which the agent then knows as
+    /// the regions' holder.
+    #[command(
+        after_help = exec::AFTER_HELP,
+        override_usage = "memplacectl exec [OPTIONS] VM_ID [--region NAME]... -- PROGRAM [ARGS]..."
+    )]
+    Exec(exec::ExecArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -462,6 +472,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     let out = cli.output;
     match &cli.command {
         Command::Hold(h) => return hold(h),
+        Command::Exec(e) => exec::run(&cli, e).await,
         Command::Health => {
             let c = connect(&cli).await?;
             let mut h = tonic_health_client(c.channel());
@@ -899,7 +910,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
-        Command::Hold(_) | Command::Health => unreachable!("handled above"),
+        Command::Hold(_) | Command::Health | Command::Exec(_) => unreachable!("handled above"),
     }
     Ok(())
 }
