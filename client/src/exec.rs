@@ -240,9 +240,7 @@ fn handoff_path(cli: &Cli, args: &ExecArgs) -> PathBuf {
 /// Runs `exec`: on success this process becomes PROGRAM and never returns. On failure it prints
 /// the reason and exits with its code, having executed nothing.
 pub async fn run(cli: &Cli, args: &ExecArgs) -> ! {
-    let f = match prepare_and_exec(cli, args).await {
-        Err(f) => f,
-    };
+    let Err(f) = prepare_and_exec(cli, args).await;
     eprintln!("memplacectl exec: {}", f.message);
     std::process::exit(i32::from(f.code));
 }
@@ -377,18 +375,13 @@ async fn prepare_and_exec(cli: &Cli, args: &ExecArgs) -> Result<std::convert::In
     // 4. Arguments, then exec. The fds in `held` stay open in PROGRAM.
     let argv: Vec<OsString> = parsed.iter().map(|p| render(p, &fds)).collect();
     resolve_program(&argv[0])?;
-    let err = std::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .exec();
+    let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
     let code = match err.kind() {
         std::io::ErrorKind::NotFound => code::NOT_FOUND,
         _ => code::NOT_EXECUTABLE,
     };
     drop(held);
-    Err(fail(
-        code,
-        format!("executing {:?}: {err}", argv[0]),
-    ))
+    Err(fail(code, format!("executing {:?}: {err}", argv[0])))
 }
 
 #[cfg(test)]
@@ -416,7 +409,10 @@ mod tests {
         let json = r#"{"qom-type":"memory-backend-ram","id":"m0"}"#;
         assert_eq!(parse(json).unwrap(), vec![Piece::Text(json.into())]);
         assert_eq!(parse("").unwrap(), vec![Piece::Text(vec![])]);
-        assert_eq!(parse("{X:y} {:z}").unwrap(), vec![Piece::Text(b"{X:y} {:z}".to_vec())]);
+        assert_eq!(
+            parse("{X:y} {:z}").unwrap(),
+            vec![Piece::Text(b"{X:y} {:z}".to_vec())]
+        );
     }
 
     #[test]

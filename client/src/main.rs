@@ -29,7 +29,8 @@ mod exec;
     after_help = "Exit codes: 0 success; 1 local error (bad input, cannot connect, handoff refused); \
 2 bad usage; 10 + the gRPC code when the agent refuses, with its message on stderr \
 (13 INVALID_ARGUMENT, 15 NOT_FOUND, 16 ALREADY_EXISTS, 17 PERMISSION_DENIED, \
-18 RESOURCE_EXHAUSTED, 19 FAILED_PRECONDITION, 20 ABORTED, 24 UNAVAILABLE)."
+18 RESOURCE_EXHAUSTED, 19 FAILED_PRECONDITION, 20 ABORTED, 24 UNAVAILABLE). `exec` has codes of \
+its own before PROGRAM runs: see `memplacectl exec --help`."
 )]
 struct Cli {
     /// Agent Unix socket.

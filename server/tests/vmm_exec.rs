@@ -150,11 +150,7 @@ impl Lines {
     fn take(&mut self, line: String) {
         let failed = line.contains("RAMCHECK FAIL");
         self.seen.push(line);
-        assert!(
-            !failed,
-            "the guest's RAM check failed:\n{}",
-            self.tail()
-        );
+        assert!(!failed, "the guest's RAM check failed:\n{}", self.tail());
     }
 
     /// Reads every line already available.
@@ -192,7 +188,11 @@ impl Lines {
 
     /// The number of the newest `RAMCHECK OK n` line seen.
     fn last_ok(&self) -> u64 {
-        self.seen.iter().rev().find_map(|l| ok_number(l)).unwrap_or(0)
+        self.seen
+            .iter()
+            .rev()
+            .find_map(|l| ok_number(l))
+            .unwrap_or(0)
     }
 }
 
@@ -304,7 +304,13 @@ async fn events_after(c: &mut Client, after: u64) -> Vec<pb::WatchEventsResponse
 }
 
 /// The region is ACTIVE, held by QEMU, and the agent has the very file QEMU maps.
-async fn assert_held_by_qemu(c: &mut Client, agent: &AgentProc, qemu: i32, qemu_fd: i32, when: &str) {
+async fn assert_held_by_qemu(
+    c: &mut Client,
+    agent: &AgentProc,
+    qemu: i32,
+    qemu_fd: i32,
+    when: &str,
+) {
     let r = c.get_region("vm1", "ram0").await.expect("GetRegion");
     assert_eq!(r.status(), pb::RegionStatus::Active, "{when}: {r:?}");
     assert_eq!(r.holder_pid, qemu, "{when}: the holder must be QEMU: {r:?}");
@@ -321,7 +327,10 @@ async fn assert_held_by_qemu(c: &mut Client, agent: &AgentProc, qemu: i32, qemu_
 /// running, so its page count can only grow in between).
 async fn assert_placement_counts_the_guest(c: &mut Client, qemu: i32, when: &str) -> u64 {
     let before = qemu_mapped_pages(qemu);
-    let p = c.placement("vm1", "ram0", 0, 0).await.expect("GetPlacement");
+    let p = c
+        .placement("vm1", "ram0", 0, 0)
+        .await
+        .expect("GetPlacement");
     let after = qemu_mapped_pages(qemu);
     let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
     assert!(
@@ -396,7 +405,11 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
 
     // QEMU is the process memplacectl exec'd into: the holder the agent recorded at the acquire.
     let mut c = agent.client().await;
-    let qemu = c.get_region("vm1", "ram0").await.expect("GetRegion").holder_pid;
+    let qemu = c
+        .get_region("vm1", "ram0")
+        .await
+        .expect("GetRegion")
+        .holder_pid;
     assert!(qemu > 0, "no holder recorded");
     reaper.qemu = Some(qemu);
     let exe = std::fs::read_link(format!("/proc/{qemu}/exe")).expect("QEMU's exe");
@@ -405,10 +418,14 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
         "the holder pid {qemu} runs {}, not QEMU",
         exe.display()
     );
-    assert_eq!(
-        parent_of(qemu),
-        reaper.shell.id() as i32,
-        "QEMU must be the shell's own child, the process memplacectl was"
+    // memplacectl ran as the shell's child (or, when bash execs a script's last command, as the
+    // shell's process itself) and exec'd QEMU without a fork in between.
+    let shell = reaper.shell.id() as i32;
+    assert!(
+        qemu == shell || parent_of(qemu) == shell,
+        "QEMU (pid {qemu}, parent {}) must be the process memplacectl was, the shell's ({shell}) \
+         child or the shell itself",
+        parent_of(qemu)
     );
     let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline");
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
@@ -425,7 +442,9 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
         link.display()
     );
 
-    serial.wait("the guest's RAMCHECK WROTE line", |l| l.contains("RAMCHECK WROTE "));
+    serial.wait("the guest's RAMCHECK WROTE line", |l| {
+        l.contains("RAMCHECK WROTE ")
+    });
     serial.wait("a first RAMCHECK OK line", |l| ok_number(l).is_some());
 
     // The guest's RAM is the region's file: the marker the guest wrote is in it.
@@ -445,7 +464,10 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
         }
         carry.drain(..carry.len().saturating_sub(marker.len()));
     }
-    assert!(found, "the guest's marker {marker} is not in the region's file");
+    assert!(
+        found,
+        "the guest's marker {marker} is not in the region's file"
+    );
 
     assert_held_by_qemu(&mut c, &agent, qemu, qemu_fd, "before any restart").await;
     assert_placement_counts_the_guest(&mut c, qemu, "before any restart").await;
@@ -484,11 +506,17 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
         let l = serial.wait(&format!("RAMCHECK OK {} after {when}", last + 2), |l| {
             ok_number(l).is_some_and(|n| n >= last + 2)
         });
-        println!("{when}: QEMU pid {qemu} holds the region again, {pages} pages placed, guest: {l}");
+        println!(
+            "{when}: QEMU pid {qemu} holds the region again, {pages} pages placed, guest: {l}"
+        );
     }
     assert!(alive(qemu), "QEMU must still run");
-    let oks = serial.seen.iter().filter(|l| ok_number(l).is_some()).count();
-    assert!(oks >= 1 + 2 * RESTARTS, "{oks} OK lines");
+    let oks = serial
+        .seen
+        .iter()
+        .filter(|l| ok_number(l).is_some())
+        .count();
+    assert!(oks > 2 * RESTARTS, "{oks} OK lines");
     drop(reaper);
 }
 
@@ -500,7 +528,10 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
 /// memplacectl's.
 fn inherited_fds() -> BTreeSet<i32> {
     let mut out = BTreeSet::new();
-    for e in std::fs::read_dir("/proc/self/fdinfo").expect("fdinfo").flatten() {
+    for e in std::fs::read_dir("/proc/self/fdinfo")
+        .expect("fdinfo")
+        .flatten()
+    {
         let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
@@ -570,7 +601,11 @@ fn exec_report(agent: &AgentProc, exec_args: &[&str], args: &[&str]) -> (u32, Re
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),
     );
-    assert!(o.status.success(), "{}\nstdout: {out}\nstderr: {err}", o.status);
+    assert!(
+        o.status.success(),
+        "{}\nstdout: {out}\nstderr: {err}",
+        o.status
+    );
     (pid, report_of(&out))
 }
 
@@ -592,7 +627,12 @@ async fn exec_puts_the_region_fds_into_the_arguments_and_becomes_the_holder() {
     let (pid, r) = exec_report(
         &agent,
         &["vmx"],
-        &["{fd:ram0}", "{path:ram1}", "x{fd:ram1}y", r#"{"qom-type":"x"}"#],
+        &[
+            "{fd:ram0}",
+            "{path:ram1}",
+            "x{fd:ram1}y",
+            r#"{"qom-type":"x"}"#,
+        ],
     );
     assert_eq!(r.pid, pid, "PROGRAM must run in memplacectl's own process");
     let fd_of = |name: &str| -> i32 {
@@ -603,7 +643,12 @@ async fn exec_puts_the_region_fds_into_the_arguments_and_becomes_the_holder() {
             .filter(|(_, t)| t.contains(&want))
             .map(|(n, _)| *n)
             .collect();
-        assert_eq!(fds.len(), 1, "one fd of {name} expected in PROGRAM: {:?}", r.fds);
+        assert_eq!(
+            fds.len(),
+            1,
+            "one fd of {name} expected in PROGRAM: {:?}",
+            r.fds
+        );
         fds[0]
     };
     let (f0, f1) = (fd_of("ram0"), fd_of("ram1"));
@@ -633,7 +678,11 @@ async fn exec_puts_the_region_fds_into_the_arguments_and_becomes_the_holder() {
     // --region ram0: only ram0 is acquired; ram1 keeps its holder.
     let (pid2, r) = exec_report(&agent, &["vmx", "--region", "ram0"], &["{path:ram0}"]);
     assert_eq!(r.pid, pid2);
-    let ram0: Vec<_> = r.fds.iter().filter(|(_, t)| t.contains("vmx/ram0 ")).collect();
+    let ram0: Vec<_> = r
+        .fds
+        .iter()
+        .filter(|(_, t)| t.contains("vmx/ram0 "))
+        .collect();
     assert_eq!(ram0.len(), 1, "{:?}", r.fds);
     assert_eq!(r.args, [format!("/proc/self/fd/{}", ram0[0].0)]);
     assert!(
@@ -641,8 +690,14 @@ async fn exec_puts_the_region_fds_into_the_arguments_and_becomes_the_holder() {
         "ram1 was not asked for: {:?}",
         r.fds
     );
-    assert_eq!(c.get_region("vmx", "ram0").await.unwrap().holder_pid, pid2 as i32);
-    assert_eq!(c.get_region("vmx", "ram1").await.unwrap().holder_pid, pid as i32);
+    assert_eq!(
+        c.get_region("vmx", "ram0").await.unwrap().holder_pid,
+        pid2 as i32
+    );
+    assert_eq!(
+        c.get_region("vmx", "ram1").await.unwrap().holder_pid,
+        pid as i32
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -661,6 +716,10 @@ fn touching(marker: &Path, extra: &[&str]) -> Vec<String> {
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
+
+/// What a bad exec is, the arguments before `--`, PROGRAM and its arguments, the exit code and a
+/// piece of the message.
+type BadCase<'a> = (&'a str, Vec<&'a str>, Vec<String>, i32, &'a str);
 
 fn exec_run(agent: &AgentProc, before: &[&str], program: &[String]) -> Run {
     Run::of(
@@ -716,7 +775,7 @@ async fn exec_refuses_bad_input_and_runs_nothing() {
     }
 
     let missing = "/nonexistent/memplace-test-program".to_string();
-    let cases: Vec<(&str, Vec<&str>, Vec<String>, i32, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "unknown placeholder",
             vec!["vmc"],
@@ -790,7 +849,11 @@ async fn exec_refuses_bad_input_and_runs_nothing() {
             r.err
         );
         assert!(!marker.exists(), "{what}: PROGRAM ran");
-        assert_eq!(holders(&mut c, "vmc").await, unheld, "{what}: a holder was recorded");
+        assert_eq!(
+            holders(&mut c, "vmc").await,
+            unheld,
+            "{what}: a holder was recorded"
+        );
     }
 
     // A LOST region: held, then the holder dies while the agent is down.
