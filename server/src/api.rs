@@ -826,8 +826,25 @@ impl EventWatch {
                     return Err(WatchEnd::Failed);
                 }
             };
-            if page.is_empty() {
+            let Some(first) = page.first() else {
                 return Ok(());
+            };
+            // Sequences are contiguous (AUTOINCREMENT, rolled back with a failed commit), so a
+            // first event past `cursor + 1` means the log dropped events this stream still owed:
+            // it keeps only the newest EVENT_LOG_LIMIT. Say so, rather than skip them silently.
+            // A stream that starts at 0 asked for "whatever the log holds", so nothing is owed.
+            if self.cursor > 0 && first.sequence > self.cursor + 1 {
+                let st = Status::out_of_range(format!(
+                    "events {}..{} were dropped from the log before this stream read them (the log \
+                     keeps the newest {}); list the current state, then watch again from sequence \
+                     {} or 0",
+                    self.cursor + 1,
+                    first.sequence - 1,
+                    crate::store::EVENT_LOG_LIMIT,
+                    first.sequence - 1
+                ));
+                let _ = self.tx.send(Err(st)).await;
+                return Err(WatchEnd::Failed);
             }
             for e in &page {
                 self.send(e).await?;

@@ -638,3 +638,51 @@ async fn watch_events_reports_a_log_it_cannot_read() {
         Ok(m) => panic!("the follower skipped an event it could not read, and got {m:?}"),
     }
 }
+
+/// A stream that resumes behind the log's oldest event (the log keeps only the newest 10,000)
+/// ends with OUT_OF_RANGE naming the missing sequences, instead of skipping them silently. The
+/// pruning is done behind the agent's back, as the agent's own pruning deletes the oldest rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_events_resumed_behind_the_log_is_out_of_range() {
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    for i in 0..3 {
+        c.create_region("vm", &format!("r{i}"), 4 * MIB, pb::Backend::Memfd, vec![])
+            .await
+            .unwrap();
+    }
+    let log = event_log(&mut c, "").await;
+    assert!(log.len() >= 3, "{log:?}");
+    let pruned_to = log[1].sequence;
+    let o = Command::new("sqlite3")
+        .args(["-cmd", ".timeout 10000"])
+        .arg(agent.state_dir().join("memplace.db"))
+        .arg(format!("DELETE FROM events WHERE sequence <= {pruned_to}"))
+        .output()
+        .expect("the sqlite3 CLI (apt-get install sqlite3)");
+    assert!(o.status.success(), "{o:?}");
+    let watch = |after: u64| pb::WatchEventsRequest {
+        vm_id: String::new(),
+        after_sequence: after,
+        no_follow: true,
+    };
+    // Owed events are gone: an error, before any event.
+    let mut s = c.watch_events(watch(log[0].sequence)).await.unwrap();
+    match s.message().await {
+        Err(st) => {
+            assert_eq!(st.code(), tonic::Code::OutOfRange, "{st}");
+            assert!(
+                st.message()
+                    .contains(&format!("events {}..{pruned_to}", log[0].sequence + 1)),
+                "{st}"
+            );
+        }
+        Ok(m) => panic!("a stream owed pruned events got {m:?}"),
+    }
+    // Resuming at the edge, or from 0, gets what the log holds, from its oldest event.
+    for after in [pruned_to, 0] {
+        let mut s = c.watch_events(watch(after)).await.unwrap();
+        let first = s.message().await.unwrap().expect("an event");
+        assert_eq!(first.sequence, pruned_to + 1, "after {after}");
+    }
+}
