@@ -65,6 +65,11 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
+    // Test builds only (feature `failpoints`): the crash test's kill points.
+    if let Err(e) = crate::failpoint::arm() {
+        eprintln!("memplaced: {e}");
+        return ExitCode::from(2);
+    }
     // Before the runtime starts any thread: capabilities are per thread and inherited.
     drop_capabilities(&cfg);
     // Also before any thread: each thread (blocking ones come and go) would otherwise get its own

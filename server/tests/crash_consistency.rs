@@ -1,16 +1,33 @@
 //! SIGKILL under load, 50 times. 32 clients create, re-police and delete their own regions
-//! concurrently while the agent is killed at a random moment. After each restart:
-//! - every acknowledged mutation is there: retried with its request_id it returns the same answer;
-//! - the one request each client had in flight is wholly present or wholly absent: the region's
-//!   rows and the stored answer agree, and the retry either replays or does it now;
-//! - each region's intent is exactly what the acknowledged requests made it;
-//! - after Reconcile the kernel's observed policy of every range equals the stored intent;
-//! - the agent holds no more fds than its regions need.
+//! concurrently while the agent dies: at a random moment (SIGKILL), or at a kill point compiled
+//! into the test build (feature `failpoints`, `memplace_server::failpoint`): right after the
+//! SQLite commit and before the kernel change, or after the kernel change and before the reply,
+//! of CreateRegion, SetPolicy and DeleteRegion. Each kill point must end the agent with its own
+//! exit status, and each is hit several times.
+//!
+//! After each restart, before anything is retried or reconciled:
+//! - the database (read by the sqlite3 CLI) holds the request record of every acknowledged
+//!   mutation, with the answer the client got;
+//! - the one request each client had in flight is wholly present (its record, and rows equal to
+//!   its stored answer) or wholly absent (no record, rows as the acknowledged requests left them);
+//!   a round killed at a kill point finds the killed request present;
+//! - no request record exists that no client sent;
+//! - each region's rows, and what GetRegion/ListRegions answer, are exactly what the client's
+//!   acknowledged (and committed in-flight) requests made them;
+//! - the kernel's observed policy of every range equals the stored intent (no Reconcile first).
+//!
+//! Only then: the in-flight request is retried (a committed one answers as stored), every
+//! acknowledged one is retried with its request_id and answers the same; after Reconcile the
+//! kernel still matches, and the agent holds no more fds than its regions need.
+
+// Without the `failpoints` feature only a failing stub of the test is built.
+#![cfg_attr(not(feature = "failpoints"), allow(dead_code, unused_imports))]
 
 mod common;
 
 use common::{AgentProc, MIB};
 use memplace_client::{Client, pb};
+use prost::Message;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -54,6 +71,21 @@ impl Op {
             Op::Create(r) => &r.name,
             Op::Set(r) => &r.name,
             Op::Delete(r) => &r.name,
+        }
+    }
+    fn request_id(&self) -> &str {
+        match self {
+            Op::Create(r) => &r.request_id,
+            Op::Set(r) => &r.request_id,
+            Op::Delete(r) => &r.request_id,
+        }
+    }
+    /// The method name the agent stores with the request record.
+    fn method(&self) -> &'static str {
+        match self {
+            Op::Create(_) => "CreateRegion",
+            Op::Set(_) => "SetPolicy",
+            Op::Delete(_) => "DeleteRegion",
         }
     }
 }
@@ -201,6 +233,142 @@ async fn load(t: usize, round: usize, socket: std::path::PathBuf, mut log: Clien
     log
 }
 
+/// How a round's agent dies.
+#[derive(Clone, Copy, Debug)]
+enum Death {
+    /// SIGKILL from the test after a random sleep.
+    Sigkill,
+    /// The agent ends itself at this kill point, after letting this many passes through.
+    KillPoint(&'static str, u64),
+}
+
+/// Runs `sqlite3 -readonly -json` on the agent's database: one JSON object per row.
+fn sql(agent: &AgentProc, query: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let o = std::process::Command::new("sqlite3")
+        .arg("-readonly")
+        .arg("-json")
+        .arg(agent.state_dir().join("memplace.db"))
+        .arg(query)
+        .output()
+        .expect("running the sqlite3 CLI (apt-get install sqlite3; .ci/test installs it)");
+    assert!(o.status.success(), "sqlite3 {query:?}: {o:?}");
+    let out = String::from_utf8(o.stdout).expect("sqlite3 output is UTF-8");
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str::<Vec<serde_json::Map<String, serde_json::Value>>>(&out)
+        .unwrap_or_else(|e| panic!("sqlite3 {query:?} printed {out:?}: {e}"))
+}
+
+fn text(row: &serde_json::Map<String, serde_json::Value>, col: &str) -> String {
+    row[col]
+        .as_str()
+        .unwrap_or_else(|| panic!("column {col} of {row:?} is not text"))
+        .to_string()
+}
+
+fn int(row: &serde_json::Map<String, serde_json::Value>, col: &str) -> u64 {
+    row[col]
+        .as_u64()
+        .unwrap_or_else(|| panic!("column {col} of {row:?} is not a non-negative integer"))
+}
+
+/// A policy as the database spells it (mode name, numactl node list), in API form.
+fn policy_from_db(row: &serde_json::Map<String, serde_json::Value>) -> pb::Policy {
+    use pb::PolicyMode as M;
+    let mode = match text(row, "mode").as_str() {
+        "default" => M::Default,
+        "bind" => M::Bind,
+        "preferred" => M::Preferred,
+        "interleave" => M::Interleave,
+        "preferred-many" => M::PreferredMany,
+        "weighted-interleave" => M::WeightedInterleave,
+        "local" => M::Local,
+        other => panic!("unknown stored policy mode {other:?} in {row:?}"),
+    };
+    let mut nodes = Vec::new();
+    for part in text(row, "nodes").split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u32, u32) = (a.parse().unwrap(), b.parse().unwrap());
+        nodes.extend(a..=b);
+    }
+    pb::Policy {
+        mode: mode as i32,
+        nodes,
+        static_nodes: int(row, "static_nodes") != 0,
+        relative_nodes: int(row, "relative_nodes") != 0,
+    }
+}
+
+/// Every region's shape as the database holds it, by (vm_id, name). Every region must be active.
+fn db_regions(agent: &AgentProc) -> HashMap<(String, String), Shape> {
+    let mut out = HashMap::new();
+    for row in sql(
+        agent,
+        "SELECT vm_id, name, uid, generation, status FROM regions",
+    ) {
+        assert_eq!(text(&row, "status"), "active", "stored region {row:?}");
+        out.insert(
+            (text(&row, "vm_id"), text(&row, "name")),
+            Shape {
+                uid: text(&row, "uid"),
+                generation: int(&row, "generation"),
+                ranges: Vec::new(),
+            },
+        );
+    }
+    for row in sql(
+        agent,
+        "SELECT vm_id, name, offset_bytes, length_bytes, mode, nodes, static_nodes, \
+         relative_nodes FROM ranges ORDER BY vm_id, name, offset_bytes",
+    ) {
+        let key = (text(&row, "vm_id"), text(&row, "name"));
+        let region = out
+            .get_mut(&key)
+            .unwrap_or_else(|| panic!("stored range without its region: {row:?}"));
+        region.ranges.push((
+            int(&row, "offset_bytes"),
+            int(&row, "length_bytes"),
+            Some(policy_from_db(&row)),
+        ));
+    }
+    out
+}
+
+/// The stored request records of one round, by request_id: the method and the stored answer.
+fn db_requests(agent: &AgentProc, round: usize) -> HashMap<String, (String, Answer)> {
+    let mut out = HashMap::new();
+    for row in sql(
+        agent,
+        &format!(
+            "SELECT request_id, method, hex(response) AS response FROM requests \
+             WHERE request_id LIKE 't%-r{round}-s%'"
+        ),
+    ) {
+        let hex = text(&row, "response");
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let method = text(&row, "method");
+        let region = match method.as_str() {
+            "CreateRegion" => pb::CreateRegionResponse::decode(bytes.as_slice()).map(|r| r.region),
+            "SetPolicy" => pb::SetPolicyResponse::decode(bytes.as_slice()).map(|r| r.region),
+            "DeleteRegion" => pb::DeleteRegionResponse::decode(bytes.as_slice()).map(|r| r.region),
+            other => panic!("request record of unknown method {other:?}: {row:?}"),
+        }
+        .unwrap_or_else(|e| panic!("stored answer of {row:?} does not decode: {e}"))
+        .unwrap_or_else(|| panic!("stored answer of {row:?} has no region"));
+        let answer = if method == "DeleteRegion" {
+            Answer::Deleted(region.uid)
+        } else {
+            Answer::Region(shape(&region))
+        };
+        out.insert(text(&row, "request_id"), (method, answer));
+    }
+    out
+}
+
 /// The agent's open fds by kind: memfd files, the state database files, and everything else
 /// (sockets, epoll, eventfd, pipes).
 fn fds(pid: u32) -> (usize, usize, Vec<String>) {
@@ -222,80 +390,246 @@ fn fds(pid: u32) -> (usize, usize, Vec<String>) {
     (memfds, db, other)
 }
 
+#[cfg(not(feature = "failpoints"))]
+#[test]
+fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_nothing() {
+    panic!(
+        "this test needs the agent's kill points: run it with `--features memplace-server/failpoints` \
+         (as .ci/test does), e.g. cargo test -p memplace-server --features failpoints --test crash_consistency"
+    );
+}
+
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_nothing() {
+    use memplace_server::failpoint;
     let mut agent = AgentProc::start();
     let mut logs: Vec<ClientLog> = (0..CLIENTS).map(|_| ClientLog::default()).collect();
     let mut rng = rand::rng();
-    let (mut acked_checked, mut in_flight_present, mut in_flight_absent) = (0, 0, 0);
+    // Checked before any retry: acknowledged mutations found in the database with their answer,
+    // in-flight ones found committed or absent, regions compared with the database and the RPCs.
+    let (mut acked_durable, mut in_flight_present, mut in_flight_absent) = (0, 0, 0);
+    let (mut regions_durable, mut ranges_no_reconcile) = (0, 0);
+    // After the retries.
+    let mut acked_retried = 0;
     let (mut ranges_checked, mut regions_checked) = (0, 0);
     let mut fd_overhead: Option<usize> = None;
     let mut fds_checked = 0;
+    let mut points_hit: HashMap<&'static str, usize> = HashMap::new();
+    let mut sigkills = 0;
+    let mut point_rounds = 0;
     for round in 0..ROUNDS {
-        // Load, then SIGKILL at a random moment.
+        // Three rounds in four die at a kill point (each point in turn), the fourth by SIGKILL.
+        let death = if round % 4 == 3 {
+            Death::Sigkill
+        } else {
+            let point = failpoint::POINTS[point_rounds % failpoint::POINTS.len()];
+            point_rounds += 1;
+            Death::KillPoint(point, rng.random_range(0..30))
+        };
+        if let Death::KillPoint(point, skip) = death {
+            // The agent that served the last checks is unarmed: its retries must not die.
+            agent.kill();
+            agent.spawn_with_env(&[("MEMPLACE_FAILPOINT", &format!("{point}:{skip}"))]);
+        }
         let tasks: Vec<_> = logs
             .drain(..)
             .enumerate()
             .map(|(t, log)| tokio::spawn(load(t, round, agent.socket(), log)))
             .collect();
-        tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
-        agent.kill();
-        for task in tasks {
-            logs.push(task.await.expect("client task"));
+        match death {
+            Death::Sigkill => {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
+                agent.kill();
+                sigkills += 1;
+                for task in tasks {
+                    logs.push(task.await.expect("client task"));
+                }
+            }
+            Death::KillPoint(point, skip) => {
+                for task in tasks {
+                    logs.push(task.await.expect("client task"));
+                }
+                // Every client has stopped: each saw the agent die, or ran all its steps.
+                assert!(
+                    logs.iter().any(|l| l.in_flight.is_some()),
+                    "round {round}: kill point {point} (after {skip} passes) was never hit: \
+                     every client ran all its steps"
+                );
+                let status = agent.wait_exit(Duration::from_secs(60)).unwrap_or_else(|| {
+                    panic!("round {round}: clients saw the agent fail, but it still runs (kill point {point})")
+                });
+                assert_eq!(
+                    status.code(),
+                    failpoint::exit_status(point),
+                    "round {round}: the agent did not end at kill point {point}: {status}"
+                );
+                *points_hit.entry(point).or_default() += 1;
+            }
         }
         agent.spawn();
         let mut c = agent.client().await;
         c.retries = 0;
 
-        for (t, log) in logs.iter_mut().enumerate() {
-            // The request in flight: wholly there (its rows and its stored answer agree) or
-            // wholly absent (the region is as the acknowledged requests left it).
-            if let Some(op) = log.in_flight.take() {
-                let before = log.model.get(op.name()).cloned();
-                let now = c
-                    .get_region(&vm(t), op.name())
-                    .await
-                    .ok()
-                    .map(|r| shape(&r));
-                let retried = send(&mut c, &op)
-                    .await
-                    .unwrap_or_else(|e| panic!("client {t}: retrying {op:?}: {e:?}"));
-                if now == before {
-                    in_flight_absent += 1;
-                } else {
-                    match (&retried, &now) {
-                        (Answer::Region(s), Some(n)) => assert_eq!(
-                            s, n,
-                            "client {t}: {op:?} is half-written: stored answer and rows differ"
-                        ),
-                        (Answer::Deleted(_), None) => {}
-                        _ => panic!("client {t}: {op:?} left {now:?}, retry answered {retried:?}"),
-                    }
-                    in_flight_present += 1;
-                }
-                apply(&mut log.model, &op, &retried);
-                log.acked.push((op, retried));
-            }
-            // Every acknowledged mutation answers the same when retried.
+        // 1. Before any retry or reconcile: the database against each client's model.
+        let stored = db_regions(&agent);
+        let requests = db_requests(&agent, round);
+        let mut sent = std::collections::HashSet::new();
+        let mut killed_request_found = false;
+        let mut committed: Vec<Option<Answer>> = Vec::with_capacity(CLIENTS);
+        let mut rows_seen = 0;
+        for (t, log) in logs.iter().enumerate() {
             for (op, answer) in &log.acked {
-                let again = send(&mut c, op)
-                    .await
-                    .unwrap_or_else(|e| panic!("client {t}: retrying acked {op:?}: {e:?}"));
-                assert_eq!(&again, answer, "client {t}: {op:?} answered differently");
-                acked_checked += 1;
+                let (method, first) = requests.get(op.request_id()).unwrap_or_else(|| {
+                    panic!("client {t}: acknowledged {op:?} has no request record: the acknowledgement was lost")
+                });
+                assert_eq!(method, op.method(), "client {t}: {op:?}");
+                assert_eq!(
+                    first, answer,
+                    "client {t}: {op:?}: the stored answer differs from the acknowledged one"
+                );
+                sent.insert(op.request_id().to_string());
+                acked_durable += 1;
             }
-            // The regions are exactly what the acknowledged requests made them.
-            let stored: HashMap<String, Shape> = c
+            // The request in flight: its record and its rows (checked below) together, or
+            // neither.
+            let mut expected = log.model.clone();
+            let found = log.in_flight.as_ref().and_then(|op| {
+                sent.insert(op.request_id().to_string());
+                requests.get(op.request_id()).map(|(method, first)| {
+                    assert_eq!(method, op.method(), "client {t}: {op:?}");
+                    (op, first.clone())
+                })
+            });
+            if let Some((op, first)) = &found {
+                let before = log.model.get(op.name());
+                match (op, first, before) {
+                    (Op::Create(_), Answer::Region(s), None) => assert_eq!(s.generation, 1),
+                    (Op::Set(_), Answer::Region(s), Some(b)) => assert!(
+                        s.uid == b.uid && s.generation == b.generation + 1,
+                        "client {t}: {op:?} stored {s:?} over {b:?}"
+                    ),
+                    (Op::Delete(_), Answer::Deleted(uid), Some(b)) => assert_eq!(uid, &b.uid),
+                    _ => panic!("client {t}: {op:?} stored {first:?} over {before:?}"),
+                }
+                apply(&mut expected, op, first);
+                in_flight_present += 1;
+                if let Death::KillPoint(point, _) = death
+                    && point.starts_with(op.method())
+                {
+                    killed_request_found = true;
+                }
+            } else if log.in_flight.is_some() {
+                in_flight_absent += 1;
+            }
+            committed.push(found.map(|(_, a)| a));
+            let rows: HashMap<String, Shape> = stored
+                .iter()
+                .filter(|((vm_id, _), _)| *vm_id == vm(t))
+                .map(|((_, name), s)| (name.clone(), s.clone()))
+                .collect();
+            assert_eq!(
+                rows, expected,
+                "client {t} after round {round}: the database differs from what the client's \
+                 acknowledged (and committed in-flight) requests made"
+            );
+            regions_durable += rows.len();
+            rows_seen += rows.len();
+            // The read-only RPCs answer the same.
+            let listed: HashMap<String, Shape> = c
                 .list_regions(&vm(t))
                 .await
                 .unwrap()
                 .iter()
                 .map(|r| (r.name.clone(), shape(r)))
                 .collect();
-            assert_eq!(stored, log.model, "client {t} after round {round}");
+            assert_eq!(
+                listed, expected,
+                "client {t} after round {round}: ListRegions"
+            );
+            for (name, s) in &expected {
+                let got = c.get_region(&vm(t), name).await.unwrap();
+                assert_eq!(
+                    &shape(&got),
+                    s,
+                    "client {t} after round {round}: GetRegion {name}"
+                );
+            }
+        }
+        let unsent: Vec<_> = requests.keys().filter(|id| !sent.contains(*id)).collect();
+        assert!(
+            unsent.is_empty(),
+            "round {round}: request records no client sent: {unsent:?}"
+        );
+        if let Death::KillPoint(point, _) = death {
+            assert!(
+                killed_request_found,
+                "round {round}: the agent ended at {point}, after its commit, but no in-flight \
+                 request of that method is in the database"
+            );
+        }
+        assert_eq!(
+            stored.len(),
+            rows_seen,
+            "round {round}: the database holds regions of no client: {stored:?}"
+        );
+
+        // 2. The kernel, still before any retry or reconcile: recovery bound every range.
+        let regions = c.list_regions("").await.unwrap();
+        assert_eq!(
+            regions.len(),
+            stored.len(),
+            "round {round}: regions listed vs stored"
+        );
+        for r in &regions {
+            for x in &r.ranges {
+                assert_eq!(
+                    x.observed, x.intended,
+                    "round {round}: {}/{} range {}+{}: after restart, before any retry or \
+                     reconcile, the kernel differs from intent",
+                    r.vm_id, r.name, x.offset, x.length
+                );
+                ranges_no_reconcile += 1;
+            }
         }
 
-        // The kernel agrees with the database after a reconcile.
+        // 3. Retries: the in-flight request answers as stored (or is done now), and every
+        // acknowledged one answers the same.
+        for ((t, log), first) in logs.iter_mut().enumerate().zip(committed) {
+            if let Some(op) = log.in_flight.take() {
+                let retried = send(&mut c, &op)
+                    .await
+                    .unwrap_or_else(|e| panic!("client {t}: retrying {op:?}: {e:?}"));
+                if let Some(first) = first {
+                    assert_eq!(
+                        retried, first,
+                        "client {t}: committed in-flight {op:?} answered differently on retry"
+                    );
+                }
+                apply(&mut log.model, &op, &retried);
+                log.acked.push((op, retried));
+            }
+            for (op, answer) in &log.acked {
+                let again = send(&mut c, op)
+                    .await
+                    .unwrap_or_else(|e| panic!("client {t}: retrying acked {op:?}: {e:?}"));
+                assert_eq!(&again, answer, "client {t}: {op:?} answered differently");
+                acked_retried += 1;
+            }
+            let listed: HashMap<String, Shape> = c
+                .list_regions(&vm(t))
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.name.clone(), shape(r)))
+                .collect();
+            assert_eq!(
+                listed, log.model,
+                "client {t} after round {round} and retries"
+            );
+        }
+
+        // 4. The kernel agrees with the database after a reconcile.
         c.reconcile("").await.unwrap();
         let regions = c.list_regions("").await.unwrap();
         for r in &regions {
@@ -337,12 +671,34 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
         }
         fds_checked += 1;
     }
+    let hits: usize = points_hit.values().sum();
+    let mut per_point: Vec<_> = points_hit
+        .iter()
+        .map(|(p, n)| format!("{p} x{n}"))
+        .collect();
+    per_point.sort();
     println!(
-        "{ROUNDS} SIGKILL rounds with {CLIENTS} clients: {acked_checked} acknowledged mutations \
-         retried, {in_flight_present} in-flight found whole, {in_flight_absent} found absent, \
-         {regions_checked} regions and {ranges_checked} ranges matched the kernel, fds checked \
+        "{ROUNDS} rounds with {CLIENTS} clients: {sigkills} random SIGKILLs and {hits} kill points \
+         hit ({}).\nBefore any retry: {acked_durable} acknowledged mutations checked in the \
+         database, {in_flight_present} in-flight found committed and {in_flight_absent} absent, \
+         {regions_durable} regions matched the database, ListRegions and GetRegion, \
+         {ranges_no_reconcile} ranges matched the kernel without a reconcile.\nAfter: \
+         {acked_retried} acknowledged mutations retried with the same answer, {regions_checked} \
+         regions and {ranges_checked} ranges matched the kernel after Reconcile, fds checked \
          {fds_checked} times (other fds {})",
+        per_point.join(", "),
         fd_overhead.unwrap_or(0)
     );
-    assert!(acked_checked > 0 && regions_checked > 0);
+    assert_eq!(
+        hits, point_rounds,
+        "every kill-point round ended at its kill point"
+    );
+    for point in failpoint::POINTS {
+        assert!(
+            points_hit.get(point).copied().unwrap_or(0) >= 2,
+            "kill point {point} was hit fewer than twice: {points_hit:?}"
+        );
+    }
+    assert!(acked_durable > 0 && in_flight_present > 0 && regions_durable > 0);
+    assert!(ranges_no_reconcile > 0 && regions_checked > 0);
 }

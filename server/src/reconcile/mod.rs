@@ -658,6 +658,7 @@ impl Agent {
             AgentError::Store(StoreError::Conflict) => AgentError::AlreadyExists(req.key.clone()),
             e => e,
         })?;
+        crate::failpoint::hit("CreateRegion.after-commit");
         let applied = tokio::task::block_in_place(|| self.apply_all(&mut live));
         let view = self.view(&live);
         self.regions
@@ -837,6 +838,7 @@ impl Agent {
             actor,
         );
         self.commit(ops, vec![ev]).await?;
+        crate::failpoint::hit("DeleteRegion.after-commit");
         self.regions.lock().expect("region map lock").remove(key);
         // Close the fd and mapping now: a held guest_memfd keeps its whole KVM VM alive.
         live.file = None;
@@ -944,6 +946,7 @@ impl Agent {
             }
             r => r?,
         }
+        crate::failpoint::hit("SetPolicy.after-commit");
         live.intent = next;
         let (moved, failed) =
             tokio::task::block_in_place(|| self.apply_range(&mut live, offset, length, migrate));
