@@ -435,7 +435,7 @@ impl NodeAgentService for NodeAgent {
         let result =
             run_to_completion(async move { agent.create_region(create, &who, idem).await }).await?;
         if result.is_ok() {
-            crate::failpoint::hit("CreateRegion.before-reply");
+            crate::failpoint::hit("CreateRegion.before-reply", &r.request_id);
         }
         match result {
             Ok(view) => Ok(Response::new(pb::CreateRegionResponse {
@@ -514,7 +514,7 @@ impl NodeAgentService for NodeAgent {
         let result =
             run_to_completion(async move { agent.delete_region(&k, &who, idem).await }).await?;
         if result.is_ok() {
-            crate::failpoint::hit("DeleteRegion.before-reply");
+            crate::failpoint::hit("DeleteRegion.before-reply", &r.request_id);
         }
         match result {
             Ok(v) => Ok(Response::new(pb::DeleteRegionResponse {
@@ -577,7 +577,7 @@ impl NodeAgentService for NodeAgent {
         })
         .await?;
         if result.is_ok() {
-            crate::failpoint::hit("SetPolicy.before-reply");
+            crate::failpoint::hit("SetPolicy.before-reply", &r.request_id);
         }
         match result {
             Ok(o) => Ok(Response::new(pb::SetPolicyResponse {

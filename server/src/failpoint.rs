@@ -6,9 +6,10 @@
 //! it). In any other build [`hit`] is empty and nothing reads the environment.
 //!
 //! With the feature, `MEMPLACE_FAILPOINT=NAME:N` makes the (N+1)-th pass through the kill point
-//! `NAME` (and any later one) log a line and end the process at once with exit status
-//! [`exit_status`]`(NAME)`, so a test can tell that this kill point, and no other death, ended
-//! the agent. Without the variable every kill point is passed through.
+//! `NAME` (and any later one) log a line naming the request and end the process at once with
+//! exit status [`exit_status`]`(NAME)`, so a test can tell that this kill point, and no other
+//! death, ended the agent, and which request it was in. Without the variable every kill point is
+//! passed through.
 
 /// Every kill point, in the order that gives each its exit status.
 pub const POINTS: &[&str] = &[
@@ -35,10 +36,11 @@ pub fn arm() -> Result<(), String> {
     Ok(())
 }
 
-/// Passes through kill point `name`. Only a `failpoints` build can end the process here.
+/// Passes through kill point `name` in the mutation with `request_id`. Only a `failpoints` build
+/// can end the process here.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
-pub fn hit(_name: &'static str) {}
+pub fn hit(_name: &'static str, _request_id: &str) {}
 
 /// The armed kill point, the number of passes to let through, and the passes so far.
 #[cfg(feature = "failpoints")]
@@ -73,10 +75,10 @@ pub fn arm() -> Result<(), String> {
     Ok(())
 }
 
-/// Passes through kill point `name`; ends the process if `MEMPLACE_FAILPOINT` armed it and its
-/// passes are used up.
+/// Passes through kill point `name` in the mutation with `request_id`; ends the process if
+/// `MEMPLACE_FAILPOINT` armed it and its passes are used up, after logging the request id.
 #[cfg(feature = "failpoints")]
-pub fn hit(name: &'static str) {
+pub fn hit(name: &'static str, request_id: &str) {
     use std::sync::atomic::Ordering;
     let Some(Some((point, skip, passes))) = ARMED.get() else {
         return;
@@ -85,6 +87,8 @@ pub fn hit(name: &'static str) {
         return;
     }
     let status = exit_status(name).unwrap_or(1);
-    eprintln!("memplaced: kill point {name} hit: exiting with status {status}");
+    eprintln!(
+        "memplaced: kill point {name} hit by request {request_id:?}: exiting with status {status}"
+    );
     std::process::exit(status);
 }

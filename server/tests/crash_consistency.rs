@@ -418,6 +418,7 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
     let mut points_hit: HashMap<&'static str, usize> = HashMap::new();
     let mut sigkills = 0;
     let mut point_rounds = 0;
+    let mut killed_committed = 0;
     for round in 0..ROUNDS {
         // Three rounds in four die at a kill point (each point in turn), the fourth by SIGKILL.
         let death = if round % 4 == 3 {
@@ -427,6 +428,8 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
             point_rounds += 1;
             Death::KillPoint(point, rng.random_range(0..30))
         };
+        // Where this round's agent log starts, to find the kill point's line.
+        let log_start = std::fs::metadata(agent.log()).map_or(0, |m| m.len()) as usize;
         if let Death::KillPoint(point, skip) = death {
             // The agent that served the last checks is unarmed: its retries must not die.
             agent.kill();
@@ -467,6 +470,24 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
                 *points_hit.entry(point).or_default() += 1;
             }
         }
+        // The requests the kill point ended the agent in, as it logged them.
+        let killed_in: Vec<String> = match death {
+            Death::Sigkill => Vec::new(),
+            Death::KillPoint(point, _) => {
+                let log = std::fs::read(agent.log()).expect("agent log");
+                let marker = format!("kill point {point} hit by request \"");
+                let ids: Vec<String> = String::from_utf8_lossy(&log[log_start.min(log.len())..])
+                    .lines()
+                    .filter_map(|l| l.split_once(&marker))
+                    .map(|(_, rest)| rest.split('"').next().unwrap_or_default().to_string())
+                    .collect();
+                assert!(
+                    !ids.is_empty(),
+                    "round {round}: the agent exited with the status of {point} but did not log it"
+                );
+                ids
+            }
+        };
         agent.spawn();
         let mut c = agent.client().await;
         c.retries = 0;
@@ -475,7 +496,7 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
         let stored = db_regions(&agent);
         let requests = db_requests(&agent, round);
         let mut sent = std::collections::HashSet::new();
-        let mut killed_request_found = false;
+        let mut killed_found = 0;
         let mut committed: Vec<Option<Answer>> = Vec::with_capacity(CLIENTS);
         let mut rows_seen = 0;
         for (t, log) in logs.iter().enumerate() {
@@ -514,10 +535,8 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
                 }
                 apply(&mut expected, op, first);
                 in_flight_present += 1;
-                if let Death::KillPoint(point, _) = death
-                    && point.starts_with(op.method())
-                {
-                    killed_request_found = true;
+                if killed_in.iter().any(|id| id == op.request_id()) {
+                    killed_found += 1;
                 }
             } else if log.in_flight.is_some() {
                 in_flight_absent += 1;
@@ -561,12 +580,23 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
             unsent.is_empty(),
             "round {round}: request records no client sent: {unsent:?}"
         );
+        // The request a kill point (after the commit) ended the agent in was in flight, with
+        // that kill point's method, and it is in the database.
+        killed_committed += killed_found;
         if let Death::KillPoint(point, _) = death {
-            assert!(
-                killed_request_found,
-                "round {round}: the agent ended at {point}, after its commit, but no in-flight \
-                 request of that method is in the database"
+            assert_eq!(
+                killed_found,
+                killed_in.len(),
+                "round {round}: the agent ended at {point}, after the commit of request(s) \
+                 {killed_in:?}, but not all of them are in flight and in the database"
             );
+            for id in &killed_in {
+                let (method, _) = &requests[id];
+                assert!(
+                    point.starts_with(&format!("{method}.")),
+                    "round {round}: kill point {point} hit in a {method} request {id}"
+                );
+            }
         }
         assert_eq!(
             stored.len(),
@@ -679,7 +709,8 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
     per_point.sort();
     println!(
         "{ROUNDS} rounds with {CLIENTS} clients: {sigkills} random SIGKILLs and {hits} kill points \
-         hit ({}).\nBefore any retry: {acked_durable} acknowledged mutations checked in the \
+         hit ({}), the request each \
+         was in found committed {killed_committed} times.\nBefore any retry: {acked_durable} acknowledged mutations checked in the \
          database, {in_flight_present} in-flight found committed and {in_flight_absent} absent, \
          {regions_durable} regions matched the database, ListRegions and GetRegion, \
          {ranges_no_reconcile} ranges matched the kernel without a reconcile.\nAfter: \
