@@ -26,10 +26,13 @@
 mod common;
 
 use common::{AgentProc, MIB};
+use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
+use memplace_server::kernel::Mapping;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 const CLIENTS: usize = 32;
@@ -37,6 +40,9 @@ const ROUNDS: usize = 50;
 const REGION: u64 = 4 * MIB;
 const PAGES: u64 = REGION / 4096;
 const NAMES: [&str; 2] = ["r0", "r1"];
+/// Clients whose regions this test process holds, so their memory and the kernel's policy on it
+/// outlive the agent (the others' files are recreated by each restart).
+const HOLDING: usize = 16;
 
 /// What a region must look like: its generation and intended ranges.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,6 +134,9 @@ struct ClientLog {
     model: HashMap<String, Shape>,
     acked: Vec<(Op, Answer)>,
     in_flight: Option<Op>,
+    /// For the first HOLDING clients: the file of each region, acquired through the handoff
+    /// socket (by name: the region's uid and the fd), as a VMM holds it.
+    held: HashMap<String, (String, OwnedFd)>,
 }
 
 fn vm(t: usize) -> String {
@@ -300,14 +309,22 @@ fn policy_from_db(row: &serde_json::Map<String, serde_json::Value>) -> pb::Polic
     }
 }
 
-/// Every region's shape as the database holds it, by (vm_id, name). Every region must be active.
-fn db_regions(agent: &AgentProc) -> HashMap<(String, String), Shape> {
+type Key = (String, String);
+
+/// Every region's shape as the database holds it, by (vm_id, name), and its recorded holder pid.
+/// Every region must be active.
+fn db_regions(agent: &AgentProc) -> (HashMap<Key, Shape>, HashMap<Key, Option<u64>>) {
     let mut out = HashMap::new();
+    let mut holders = HashMap::new();
     for row in sql(
         agent,
-        "SELECT vm_id, name, uid, generation, status FROM regions",
+        "SELECT vm_id, name, uid, generation, status, holder_pid FROM regions",
     ) {
         assert_eq!(text(&row, "status"), "active", "stored region {row:?}");
+        holders.insert(
+            (text(&row, "vm_id"), text(&row, "name")),
+            row["holder_pid"].as_u64(),
+        );
         out.insert(
             (text(&row, "vm_id"), text(&row, "name")),
             Shape {
@@ -332,7 +349,7 @@ fn db_regions(agent: &AgentProc) -> HashMap<(String, String), Shape> {
             Some(policy_from_db(&row)),
         ));
     }
-    out
+    (out, holders)
 }
 
 /// The stored request records of one round, by request_id: the method and the stored answer.
@@ -419,6 +436,7 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
     let mut sigkills = 0;
     let mut point_rounds = 0;
     let mut killed_committed = 0;
+    let (mut acquired, mut held_ranges) = (0, 0);
     for round in 0..ROUNDS {
         // Three rounds in four die at a kill point (each point in turn), the fourth by SIGKILL.
         let death = if round % 4 == 3 {
@@ -491,9 +509,10 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
         agent.spawn();
         let mut c = agent.client().await;
         c.retries = 0;
+        let handoff = Handoff::connect(agent.handoff_socket()).expect("handoff socket");
 
         // 1. Before any retry or reconcile: the database against each client's model.
-        let stored = db_regions(&agent);
+        let (stored, holders) = db_regions(&agent);
         let requests = db_requests(&agent, round);
         let mut sent = std::collections::HashSet::new();
         let mut killed_found = 0;
@@ -623,6 +642,41 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
             }
         }
 
+        // The held files, read through a new mapping in this process: the memory outlived the
+        // agent, and recovery bound each range of it as the database says (no reconcile first).
+        for (t, log) in logs.iter_mut().take(HOLDING).enumerate() {
+            // A region deleted (or deleted and made again) is no longer held.
+            log.held.retain(|name, (uid, _)| {
+                stored
+                    .get(&(vm(t), name.clone()))
+                    .is_some_and(|s| s.uid == *uid)
+            });
+            for (name, (_, fd)) in &log.held {
+                let key = (vm(t), name.clone());
+                assert_eq!(
+                    holders[&key],
+                    Some(u64::from(std::process::id())),
+                    "round {round}: {key:?} is held by this test, the database says otherwise"
+                );
+                let m = Mapping::new(fd.as_fd(), REGION).expect("mapping a held file");
+                for (offset, length, intended) in &stored[&key].ranges {
+                    let intended = memplace_server::api::policy_from_pb(intended.as_ref())
+                        .expect("stored policy");
+                    for at in [*offset, offset + length / 2, offset + length - 4096] {
+                        let at = at / 4096 * 4096;
+                        assert_eq!(
+                            m.policy_at(at).expect("get_mempolicy on a held file"),
+                            Some(intended),
+                            "round {round}: held {key:?} at {at:#x} (range {offset}+{length}): \
+                             after restart, before any retry or reconcile, the kernel differs \
+                             from intent"
+                        );
+                    }
+                    held_ranges += 1;
+                }
+            }
+        }
+
         // 3. Retries: the in-flight request answers as stored (or is done now), and every
         // acknowledged one answers the same.
         for ((t, log), first) in logs.iter_mut().enumerate().zip(committed) {
@@ -657,6 +711,29 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
                 listed, log.model,
                 "client {t} after round {round} and retries"
             );
+            // Hold every region of the holding clients, as a VMM would, before the next load.
+            if t < HOLDING {
+                log.held
+                    .retain(|name, (uid, _)| log.model.get(name).is_some_and(|s| s.uid == *uid));
+                for (name, s) in &log.model {
+                    if log.held.contains_key(name) {
+                        continue;
+                    }
+                    let token = c
+                        .raw()
+                        .issue_handoff_token(pb::IssueHandoffTokenRequest { vm_id: vm(t) })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .handoff_token;
+                    let got = handoff
+                        .acquire(&vm(t), name, &token)
+                        .unwrap_or_else(|e| panic!("client {t}: acquiring {name}: {e}"));
+                    assert_eq!(got.region.uid, s.uid, "client {t}: acquired {name}");
+                    log.held.insert(name.clone(), (s.uid.clone(), got.fd));
+                    acquired += 1;
+                }
+            }
         }
 
         // 4. The kernel agrees with the database after a reconcile.
@@ -678,6 +755,7 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
         // journal), and no more sockets/pipes/anon inodes than the first round had once the
         // clients are gone.
         drop(c);
+        drop(handoff);
         let pid = agent.pid();
         let mut seen = fds(pid);
         for _ in 0..100 {
@@ -708,15 +786,17 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
         .collect();
     per_point.sort();
     println!(
-        "{ROUNDS} rounds with {CLIENTS} clients: {sigkills} random SIGKILLs and {hits} kill points \
-         hit ({}), the request each \
-         was in found committed {killed_committed} times.\nBefore any retry: {acked_durable} acknowledged mutations checked in the \
-         database, {in_flight_present} in-flight found committed and {in_flight_absent} absent, \
+        "{ROUNDS} rounds with {CLIENTS} clients: {sigkills} random SIGKILLs and {hits} kill \
+         points hit ({}); the request each killed was found in flight and committed \
+         {killed_committed} times.\n\
+         Before any retry: {acked_durable} acknowledged mutations checked in the database, \
+         {in_flight_present} in-flight found committed and {in_flight_absent} absent, \
          {regions_durable} regions matched the database, ListRegions and GetRegion, \
-         {ranges_no_reconcile} ranges matched the kernel without a reconcile.\nAfter: \
-         {acked_retried} acknowledged mutations retried with the same answer, {regions_checked} \
-         regions and {ranges_checked} ranges matched the kernel after Reconcile, fds checked \
-         {fds_checked} times (other fds {})",
+         {ranges_no_reconcile} ranges matched the kernel without a reconcile (GetRegion), \
+         {held_ranges} ranges of files held by this test read back through its own mapping.\n\
+         After: {acked_retried} acknowledged mutations retried with the same answer, \
+         {regions_checked} regions and {ranges_checked} ranges matched the kernel after \
+         Reconcile, {acquired} acquires, fds checked {fds_checked} times (other fds {})",
         per_point.join(", "),
         fd_overhead.unwrap_or(0)
     );
@@ -731,5 +811,5 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
         );
     }
     assert!(acked_durable > 0 && in_flight_present > 0 && regions_durable > 0);
-    assert!(ranges_no_reconcile > 0 && regions_checked > 0);
+    assert!(ranges_no_reconcile > 0 && held_ranges > 0 && regions_checked > 0);
 }
