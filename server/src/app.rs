@@ -56,6 +56,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Test builds only (feature `failpoints`): the crash test's kill points (checked by
+    // --check-config too).
+    if let Err(e) = crate::failpoint::arm() {
+        eprintln!("memplaced: {e}");
+        return ExitCode::from(2);
+    }
     if flags.print_config {
         print!("{}", cfg.to_toml());
         return ExitCode::SUCCESS;
@@ -65,11 +71,6 @@ pub fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
-    // Test builds only (feature `failpoints`): the crash test's kill points.
-    if let Err(e) = crate::failpoint::arm() {
-        eprintln!("memplaced: {e}");
-        return ExitCode::from(2);
-    }
     // Before the runtime starts any thread: capabilities are per thread and inherited.
     drop_capabilities(&cfg);
     // Also before any thread: each thread (blocking ones come and go) would otherwise get its own

@@ -813,3 +813,28 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
     assert!(acked_durable > 0 && in_flight_present > 0 && regions_durable > 0);
     assert!(ranges_no_reconcile > 0 && held_ranges > 0 && regions_checked > 0);
 }
+
+/// A kill point that cannot fire (unknown name, bad count) stops the agent at start with a
+/// message (`--check-config` checks it too), so the crash test cannot arm one by mistake.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_malformed_kill_point_stops_the_agent_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for (spec, says) in [
+        ("SetPolicy.after-comit:3", "no kill point"),
+        ("SetPolicy.after-commit:x", "is not a count"),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_memplaced"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--runtime-dir")
+            .arg(dir.path().join("run"))
+            .args(["--metrics-addr", "off", "--check-config"])
+            .env("MEMPLACE_FAILPOINT", spec)
+            .output()
+            .expect("running memplaced");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{spec}: {o:?}");
+        assert!(err.contains(says), "{spec}: {err}");
+    }
+}
