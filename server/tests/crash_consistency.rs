@@ -14,7 +14,10 @@
 //! - no request record exists that no client sent;
 //! - each region's rows, and what GetRegion/ListRegions answer, are exactly what the client's
 //!   acknowledged (and committed in-flight) requests made them;
-//! - the kernel's observed policy of every range equals the stored intent (no Reconcile first).
+//! - the kernel's observed policy of every range equals the stored intent (no Reconcile first):
+//!   as GetRegion reports it, and for the regions of the first HOLDING clients, whose files this
+//!   test holds (acquired through the handoff socket, as a VMM would) so that their memory and
+//!   its policy outlive the agent, as read through the test's own new mapping of the file.
 //!
 //! Only then: the in-flight request is retried (a committed one answers as stored), every
 //! acknowledged one is retried with its request_id and answers the same; after Reconcile the
