@@ -434,6 +434,9 @@ impl NodeAgentService for NodeAgent {
         };
         let result =
             run_to_completion(async move { agent.create_region(create, &who, idem).await }).await?;
+        if result.is_ok() {
+            crate::failpoint::hit("CreateRegion.before-reply", &r.request_id);
+        }
         match result {
             Ok(view) => Ok(Response::new(pb::CreateRegionResponse {
                 region: Some(region_to_pb(&view)),
@@ -508,7 +511,12 @@ impl NodeAgentService for NodeAgent {
         tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, "DeleteRegion");
         let agent = self.agent.clone();
         let k = key(&r.vm_id, &r.name);
-        match run_to_completion(async move { agent.delete_region(&k, &who, idem).await }).await? {
+        let result =
+            run_to_completion(async move { agent.delete_region(&k, &who, idem).await }).await?;
+        if result.is_ok() {
+            crate::failpoint::hit("DeleteRegion.before-reply", &r.request_id);
+        }
+        match result {
             Ok(v) => Ok(Response::new(pb::DeleteRegionResponse {
                 region: Some(region_to_pb(&v)),
             })),
@@ -568,6 +576,9 @@ impl NodeAgentService for NodeAgent {
                 .await
         })
         .await?;
+        if result.is_ok() {
+            crate::failpoint::hit("SetPolicy.before-reply", &r.request_id);
+        }
         match result {
             Ok(o) => Ok(Response::new(pb::SetPolicyResponse {
                 region: Some(region_to_pb(&o.region)),
