@@ -63,9 +63,9 @@ fn new_kernel_with_two_nodes_and_kvm() {
 }
 
 /// A deliberate wrong placement makes the suite fail: with `memplace.selftest=wrong-node` the
-/// scenario expects node 0 where BIND puts the pages on the last node, and both the agent's
-/// placement check and the holder's numa_maps check must report FAIL (and nothing else), while
-/// the steps before them ([`SELFTEST_CHECKS`]) pass.
+/// scenario expects node 0 (and the kernel policy `bind:0`) where BIND puts the pages on the last
+/// node, and the agent's placement check, the holder's numa_maps check and the kernel-policy check
+/// must report FAIL (and nothing else), while the steps before them ([`SELFTEST_CHECKS`]) pass.
 #[test]
 fn deliberate_wrong_placement_fails() {
     let guest = Guest {
@@ -88,8 +88,15 @@ fn deliberate_wrong_placement_fails() {
         tail(&run.text, LOG_TAIL_LINES)
     );
     assert!(
-        run.report.failed.iter().all(|f| f.contains("holds")),
-        "the failures must name the node counts: {:?}",
+        run.report
+            .failed
+            .iter()
+            .all(|f| if failure_name(f).ends_with("-kernel-policy") {
+                f.contains("want 'bind:0'")
+            } else {
+                f.contains("holds")
+            }),
+        "the failures must name the node counts, or the policy wanted: {:?}",
         run.report.failed
     );
 }
@@ -103,7 +110,11 @@ const SELFTEST_CHECKS: &[&str] = &[
     "bind-one-node-hold",
 ];
 /// The checks that the self-test guest must fail, and no others.
-const SELFTEST_FAILURES: &[&str] = &["bind-one-node-agent", "bind-one-node-numa-maps"];
+const SELFTEST_FAILURES: &[&str] = &[
+    "bind-one-node-agent",
+    "bind-one-node-numa-maps",
+    "bind-one-node-kernel-policy",
+];
 
 /// What decides which checks a guest runs.
 #[derive(Clone, Copy, Debug)]

@@ -100,8 +100,9 @@ agent_start() {
     echo "memplaced ($AGENT_TAG) serving as pid $AGENT_PID, $(grep Cpus_allowed_list /proc/"$AGENT_PID"/status)"
 }
 
-# agent_stop: waits for the deletes, then SIGTERM and wait. Reports `FAIL agent-stop-TAG` when a
-# delete failed or the agent was already gone (it died during the checks). Returns non-zero then.
+# agent_stop: waits for the deletes, then SIGTERM and wait. Reports `FAIL region-delete` when a
+# delete failed, and `FAIL agent-stop-TAG` when the agent was already gone (it died during the
+# checks). Returns non-zero then.
 agent_stop() {
     local ok=0
     deletes_wait >"$WORK/deletes.out" || { fail region-delete "$(tail -n 1 "$WORK/deletes.out")"; ok=1; }

@@ -130,7 +130,8 @@ TOL_INTERLEAVE=$((PAGES / 100)) # interleave by file offset is exact; 1% is the 
 CGROOT=/sys/fs/cgroup
 WEIGHTS=/sys/kernel/mm/mempolicy/weighted_interleave
 # MEMPLACE_SELFTEST=wrong-node (kernel argument memplace.selftest=wrong-node): expect node 0 where
-# BIND puts the pages on the last node, so both placement checks of bind-one-node must FAIL.
+# BIND puts the pages on the last node, so both placement checks of bind-one-node must FAIL, and
+# the kernel policy bind:0 where it is bind:LAST, so its kernel-policy check must FAIL too.
 SELFTEST=${MEMPLACE_SELFTEST:-}
 
 # The agents of the scenario run on node 0's CPU (the confined agent excepted), and Populate
@@ -189,8 +190,8 @@ set_weights() {
 
 every_mode() {
     if [ "$SELFTEST" = wrong-node ]; then
-        note "self-test: bind-one-node expects node 0, where the pages must not be"
-        mode_case bind-one-node "0:$PAGES" 0 - "bind:$LAST"
+        note "self-test: bind-one-node expects node 0 and policy bind:0, which the pages must not have"
+        mode_case bind-one-node "0:$PAGES" 0 bind:0 "bind:$LAST"
         return
     fi
     mode_case bind-one-node "$LAST:$PAGES" 0 - "bind:$LAST"
