@@ -79,7 +79,7 @@ fn deliberate_wrong_placement_fails() {
     let problems = judge(&run.report, &expected_pass, SELFTEST_FAILURES);
     assert!(
         problems.is_empty(),
-        "{}: wanted exactly the two deliberate failures:\n  {}\nfailed {:?}; passed {:?}\nlast lines of {}:\n{}",
+        "{}: wanted exactly the deliberate failures:\n  {}\nfailed {:?}; passed {:?}\nlast lines of {}:\n{}",
         run.what,
         problems.join("\n  "),
         run.report.failed,
@@ -458,7 +458,7 @@ fn judge(report: &SerialReport, pass: &[String], fail: &[&str]) -> Vec<String> {
     for name in &report.passed {
         if !pass.contains(name) {
             problems.push(format!(
-                "undeclared check {name} passed: declare it in SCENARIO_CHECKS (numa_guest.rs)"
+                "undeclared check {name} passed: declare it in the expected list (SCENARIO_CHECKS in numa_guest.rs)"
             ));
         }
     }
