@@ -11,6 +11,10 @@
 //! agent and from a holder's numa_maps. `deliberate_wrong_placement_fails` proves those checks fail
 //! when the expected node is wrong.
 //!
+//! Every check a guest must pass is declared in [`SCENARIO_CHECKS`] (and [`SELFTEST_CHECKS`]):
+//! a declared check that does not report PASS fails the guest, so a section of the scenario that
+//! stops early or never runs cannot go unnoticed, and so does a PASS that is not declared.
+//!
 //! These tests fail, never skip, when QEMU, the kernels or the binaries cannot be had.
 //! `tests/numa/README.md` says how to run them and which environment variables they read.
 
@@ -59,8 +63,9 @@ fn new_kernel_with_two_nodes_and_kvm() {
 }
 
 /// A deliberate wrong placement makes the suite fail: with `memplace.selftest=wrong-node` the
-/// scenario expects node 0 where BIND puts the pages on the last node, and both the agent's
-/// placement check and the holder's numa_maps check must report FAIL (and nothing else).
+/// scenario expects node 0 (and the kernel policy `bind:0`) where BIND puts the pages on the last
+/// node, and the agent's placement check, the holder's numa_maps check and the kernel-policy check
+/// must report FAIL (and nothing else), while the steps before them ([`SELFTEST_CHECKS`]) pass.
 #[test]
 fn deliberate_wrong_placement_fails() {
     let guest = Guest {
@@ -70,26 +75,414 @@ fn deliberate_wrong_placement_fails() {
         kvm: false,
     };
     let run = boot_guest(&guest, "memplace.selftest=wrong-node");
-    let failed: Vec<&str> = run
-        .report
-        .failed
-        .iter()
-        .map(|f| f.split_whitespace().next().unwrap_or_default())
-        .collect();
+    let expected_pass: Vec<String> = SELFTEST_CHECKS.iter().map(|&c| c.to_owned()).collect();
+    let problems = judge(&run.report, &expected_pass, SELFTEST_FAILURES);
     assert!(
-        run.report.done && failed == ["bind-one-node-agent", "bind-one-node-numa-maps"],
-        "{}: wanted exactly the two deliberate failures, got {:?}; passed {:?}\nlast lines of {}:\n{}",
+        problems.is_empty(),
+        "{}: wanted exactly the deliberate failures:\n  {}\nfailed {:?}; passed {:?}\nlast lines of {}:\n{}",
         run.what,
+        problems.join("\n  "),
         run.report.failed,
         run.report.passed,
         run.log.display(),
         tail(&run.text, LOG_TAIL_LINES)
     );
     assert!(
-        run.report.failed.iter().all(|f| f.contains("holds")),
-        "the failures must name the node counts: {:?}",
+        run.report
+            .failed
+            .iter()
+            .all(|f| if failure_name(f).ends_with("-kernel-policy") {
+                f.contains("want 'bind:0'")
+            } else {
+                f.contains("holds")
+            }),
+        "the failures must name the node counts, or the policy wanted: {:?}",
         run.report.failed
     );
+}
+
+/// The checks that the self-test guest must pass: everything before the deliberate failures.
+const SELFTEST_CHECKS: &[&str] = &[
+    "agent-start",
+    "agent-on-node0",
+    "bind-one-node-create",
+    "bind-one-node-populate",
+    "bind-one-node-hold",
+];
+/// The checks that the self-test guest must fail, and no others.
+const SELFTEST_FAILURES: &[&str] = &[
+    "bind-one-node-agent",
+    "bind-one-node-numa-maps",
+    "bind-one-node-kernel-policy",
+];
+
+/// What decides which checks a guest runs.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    nodes: u32,
+    kvm: bool,
+}
+
+/// One group of checks that `init.sh` or `scenario.sh` reports as PASS, and the guests that run it.
+/// Each group is headed by a comment naming the scenario section that prints it.
+struct CheckGroup {
+    /// Whether a guest runs the group.
+    runs_on: fn(Setup) -> bool,
+    /// Check names. `{n}` makes one name per node (0 to nodes - 1); `{last}` is the last node.
+    names: &'static [&'static str],
+}
+
+fn every_guest(_: Setup) -> bool {
+    true
+}
+fn with_kvm(setup: Setup) -> bool {
+    setup.kvm
+}
+fn without_kvm(setup: Setup) -> bool {
+    !setup.kvm
+}
+/// BIND and PREFERRED_MANY over a pair of nodes tell the policy from local allocation only when
+/// the pair leaves a node out (node 0, where the agent runs); on 2 nodes only the kernel's policy
+/// is checked (scenario.sh, `PAIR_WANT`).
+fn pair_leaves_a_node_out(setup: Setup) -> bool {
+    setup.nodes > 2
+}
+fn four_nodes_or_more(setup: Setup) -> bool {
+    setup.nodes >= 4
+}
+
+/// Every check a full scenario must pass, in the order the guest prints them. This is the one
+/// place that declares them: the harness fails a guest on a declared check that did not pass
+/// (a section that ended early or never ran) and on a passing check not declared here. A new
+/// section of `scenario.sh` adds a group here, with the guests that run it.
+const SCENARIO_CHECKS: &[CheckGroup] = &[
+    // init: KVM modules
+    CheckGroup {
+        runs_on: with_kvm,
+        names: &["insmod-irqbypass", "insmod-kvm", "insmod-kvm_amd"],
+    },
+    // sanity
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "node-count",
+            "nodes-populated",
+            "numastat-columns",
+            "cgroup2-mounted",
+            "shmem-bind-node{n}",
+            "shmem-interleave-all",
+            "anon-bind-node{last}",
+        ],
+    },
+    // sanity: KVM
+    CheckGroup {
+        runs_on: with_kvm,
+        names: &["kvm-device", "kvm-amd-loaded"],
+    },
+    // sanity
+    CheckGroup {
+        runs_on: every_guest,
+        names: &["memplaced-runs", "memplacectl-runs"],
+    },
+    // agent
+    CheckGroup {
+        runs_on: every_guest,
+        names: &["agent-start", "agent-on-node0"],
+    },
+    // modes
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "bind-one-node-create",
+            "bind-one-node-populate",
+            "bind-one-node-agent",
+            "bind-one-node-hold",
+            "bind-one-node-numa-maps",
+            "bind-two-nodes-create",
+            "bind-two-nodes-populate",
+            "bind-two-nodes-hold",
+            "bind-two-nodes-kernel-policy",
+            "preferred-create",
+            "preferred-policy",
+            "preferred-populate",
+            "preferred-agent",
+            "preferred-hold",
+            "preferred-numa-maps",
+            "preferred-many-create",
+            "preferred-many-populate",
+            "preferred-many-hold",
+            "preferred-many-kernel-policy",
+            "interleave-2-create",
+            "interleave-2-populate",
+            "interleave-2-agent",
+            "interleave-2-hold",
+            "interleave-2-numa-maps",
+            "weighted-interleave-weights",
+            "weighted-interleave-create",
+            "weighted-interleave-policy",
+            "weighted-interleave-populate",
+            "weighted-interleave-agent",
+            "weighted-interleave-hold",
+            "weighted-interleave-numa-maps",
+        ],
+    },
+    // modes: placement on a pair that leaves node 0 out
+    CheckGroup {
+        runs_on: pair_leaves_a_node_out,
+        names: &[
+            "bind-two-nodes-agent",
+            "bind-two-nodes-numa-maps",
+            "preferred-many-agent",
+            "preferred-many-numa-maps",
+        ],
+    },
+    // modes: interleave over 4 nodes
+    CheckGroup {
+        runs_on: four_nodes_or_more,
+        names: &[
+            "interleave-4-create",
+            "interleave-4-populate",
+            "interleave-4-agent",
+            "interleave-4-hold",
+            "interleave-4-numa-maps",
+        ],
+    },
+    // per-range
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "per-range-vm-ranges-create",
+            "per-range-vm-ranges-policy-a",
+            "per-range-vm-ranges-policy-b",
+            "per-range-vm-ranges-populate-a",
+            "per-range-vm-ranges-populate-b",
+            "per-range-vm-ranges-populate-c",
+            "per-range-vm-ranges-agent",
+            "per-range-vm-ranges-agent-a",
+            "per-range-vm-ranges-agent-b",
+            "per-range-vm-ranges-agent-c",
+            "per-range-vm-ranges-hold-8M",
+            "per-range-vm-ranges-numa-maps-a",
+            "per-range-vm-ranges-hold-all",
+            "per-range-vm-ranges-numa-maps-all",
+        ],
+    },
+    // migrate
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "migrate-create",
+            "migrate-populate",
+            "migrate-hold",
+            "migrate-before-numa-maps",
+            "migrate-set-policy",
+            "migrate-reported",
+            "migrate-after-agent",
+            "migrate-after-numa-maps",
+        ],
+    },
+    // capacity
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "capacity-create",
+            "capacity-refused",
+            "capacity-nothing-allocated",
+        ],
+    },
+    // cgroup
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "cgroup-setup",
+            "cgroup-create",
+            "cgroup-populate",
+            "cgroup-charged",
+            "cgroup-placement",
+        ],
+    },
+    // guest-memfd
+    CheckGroup {
+        runs_on: without_kvm,
+        names: &["gmem-unsupported"],
+    },
+    // restart: before
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "restart-create",
+            "restart-populate-half",
+            "restart-hold",
+            "restart-before-numa-maps",
+        ],
+    },
+    // restart: guest_memfd before
+    CheckGroup {
+        runs_on: with_kvm,
+        names: &[
+            "gmem-create",
+            "gmem-shared-policy",
+            "gmem-policy",
+            "gmem-populate",
+            "gmem-populate-agent",
+            "gmem-hold",
+            "gmem-holder-faults-numa-maps",
+            "gmem-holder-faults-agent",
+        ],
+    },
+    // restart: after
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "restart-sigkill",
+            "restart-agent-back",
+            "restart-agent-on-node0",
+            "restart-intent-intact",
+            "restart-pages-intact",
+            "restart-hold-more",
+            "restart-new-pages-numa-maps",
+            "restart-new-pages-agent",
+        ],
+    },
+    // restart: guest_memfd after
+    CheckGroup {
+        runs_on: with_kvm,
+        names: &[
+            "gmem-intent-intact",
+            "gmem-hold-after-restart",
+            "gmem-populate-after-restart",
+            "gmem-after-restart-agent",
+            "gmem-hold-all-after-restart",
+            "gmem-after-restart-numa-maps",
+        ],
+    },
+    // confined-agent
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "cpuset-setup",
+            "agent-confined-start",
+            "agent-confined-cpuset",
+            "local-create",
+            "local-populate",
+            "local-agent",
+            "local-hold",
+            "local-numa-maps",
+            "local-kernel-policy",
+            "default-create",
+            "default-populate",
+            "default-agent",
+            "default-hold",
+            "default-numa-maps",
+            "default-kernel-policy",
+            "relative-create",
+            "relative-policy",
+            "relative-populate",
+            "relative-agent",
+            "relative-hold",
+            "relative-numa-maps",
+            "relative-kernel-policy",
+            "relative-reported",
+            "bind-outside-cpuset-refused",
+            "static-create",
+            "static-policy",
+            "static-populate",
+            "static-agent",
+            "static-hold",
+            "static-numa-maps",
+            "static-kernel-policy",
+            "static-reported",
+        ],
+    },
+    // task-policy-agent
+    CheckGroup {
+        runs_on: every_guest,
+        names: &[
+            "agent-task-policy-start",
+            "agent-task-policy-on-node0",
+            "task-policy-create",
+            "task-policy-strategy",
+            "task-policy-populate",
+            "task-policy-bind-agent",
+            "task-policy-hold",
+            "task-policy-bind-numa-maps",
+            "per-range-vm-task-create",
+            "per-range-vm-task-policy-a",
+            "per-range-vm-task-policy-b",
+            "per-range-vm-task-populate-a",
+            "per-range-vm-task-populate-b",
+            "per-range-vm-task-populate-c",
+            "per-range-vm-task-agent",
+            "per-range-vm-task-agent-a",
+            "per-range-vm-task-agent-b",
+            "per-range-vm-task-agent-c",
+            "per-range-vm-task-hold-8M",
+            "per-range-vm-task-numa-maps-a",
+            "per-range-vm-task-hold-all",
+            "per-range-vm-task-numa-maps-all",
+        ],
+    },
+];
+
+/// The names a full scenario on `setup` must report as PASS ([`SCENARIO_CHECKS`] expanded).
+fn expected_checks(setup: Setup) -> Vec<String> {
+    let last = setup.nodes.saturating_sub(1).to_string();
+    let mut names = Vec::new();
+    for group in SCENARIO_CHECKS.iter().filter(|g| (g.runs_on)(setup)) {
+        for name in group.names {
+            if name.contains("{n}") {
+                names.extend((0..setup.nodes).map(|n| name.replace("{n}", &n.to_string())));
+            } else {
+                names.push(name.replace("{last}", &last));
+            }
+        }
+    }
+    names
+}
+
+/// Compares what a guest printed with what it must print: every name of `pass` passed exactly
+/// once, nothing else passed, exactly the names of `fail` failed, and the scenario finished.
+/// Returns one line per problem (none: the guest passed).
+fn judge(report: &SerialReport, pass: &[String], fail: &[&str]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for name in pass {
+        match report.passed.iter().filter(|p| *p == name).count() {
+            1 => {}
+            0 if report.failed.iter().any(|f| failure_name(f) == name) => {}
+            0 => problems.push(format!(
+                "missing check {name}: it never reported (its section ended early or did not run)"
+            )),
+            n => problems.push(format!("check {name} passed {n} times")),
+        }
+    }
+    for name in &report.passed {
+        if !pass.contains(name) {
+            problems.push(format!(
+                "undeclared check {name} passed: declare it in the expected list (SCENARIO_CHECKS in numa_guest.rs)"
+            ));
+        }
+    }
+    for failure in &report.failed {
+        if !fail.contains(&failure_name(failure)) {
+            problems.push(format!("FAIL {failure}"));
+        }
+    }
+    for name in fail {
+        if !report.failed.iter().any(|f| failure_name(f) == *name) {
+            problems.push(format!(
+                "check {name} should have failed, but did not report FAIL"
+            ));
+        }
+    }
+    if !report.done {
+        problems.push("no MEMPLACE-DONE line: the guest did not finish the scenario".to_owned());
+    }
+    problems
+}
+
+/// The check name of a FAIL line's text ("NAME DETAIL...").
+fn failure_name(failure: &str) -> &str {
+    failure.split_whitespace().next().unwrap_or_default()
 }
 
 enum KernelKind {
@@ -126,6 +519,7 @@ struct SerialReport {
 /// What one boot produced.
 struct GuestRun {
     what: String,
+    setup: Setup,
     elapsed: std::time::Duration,
     status: std::process::ExitStatus,
     report: SerialReport,
@@ -141,18 +535,7 @@ fn run_guest(guest: &Guest) {
         Some(124) => problems.push("QEMU was killed at the timeout".to_owned()),
         _ => problems.push(format!("boot-guest.sh failed: {}", run.status)),
     }
-    problems.extend(
-        run.report
-            .failed
-            .iter()
-            .map(|failure| format!("FAIL {failure}")),
-    );
-    if !run.report.done {
-        problems.push("no MEMPLACE-DONE line: the guest did not finish the scenario".to_owned());
-    }
-    if run.report.passed.is_empty() {
-        problems.push("no check passed".to_owned());
-    }
+    problems.extend(judge(&run.report, &expected_checks(run.setup), &[]));
     if !problems.is_empty() {
         panic!(
             "{} failed after {:.1} s:\n  {}\nlast lines of {}:\n{}",
@@ -239,6 +622,10 @@ fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
             "guest {} (kernel {version}, {nodes} nodes of {node_mb} MiB)",
             guest.name
         ),
+        setup: Setup {
+            nodes,
+            kvm: guest.kvm,
+        },
         elapsed,
         status,
         report: parse_serial_log(&text),
@@ -373,4 +760,164 @@ fn serial_log_parsing_notices_a_missing_done() {
     let report = parse_serial_log("MEMPLACE-CHECK PASS node-count\nKernel panic - not syncing\n");
     assert!(!report.done);
     assert!(report.failed.is_empty());
+}
+
+/// What `numa/helpers-selftest.sh` must report: every helper passes on a right answer...
+const HELPER_SELFTEST_PASS: &[&str] = &[
+    "populate-ok",
+    "set-policy-ok",
+    "region-create-ok",
+    "expect-region-ok",
+    "expect-placement-ok",
+    "expect-exit-ok",
+    "deletes-wait-ok",
+    "agent-pin-ok",
+    "agent-on-node0-ok",
+];
+/// ...and fails when memplacectl fails or its answer is wrong.
+const HELPER_SELFTEST_FAIL: &[&str] = &[
+    "populate-fails",
+    "set-policy-fails",
+    "set-policy-without-ranges-fails",
+    "region-create-fails",
+    "region-create-without-token-fails",
+    "expect-region-fails",
+    "expect-region-wrong-value-fails",
+    "expect-placement-wrong-node-fails",
+    "expect-placement-fails",
+    "expect-placement-unknown-fails",
+    "expect-exit-fails",
+    "check-set-e-fails",
+    "step-pipefail-fails",
+    "deletes-wait-fails",
+    "agent-on-node1-fails",
+    "holder-gone",
+    "agent-stop-gone-fails",
+];
+
+/// The guest helpers, on the host under the same busybox sh as in the guests, with a stand-in
+/// memplacectl: a step whose memplacectl call fails reports FAIL (populate and set_policy once
+/// reported PASS whatever happened), and so does every check given a wrong answer.
+#[test]
+fn guest_helpers_fail_when_memplacectl_fails() {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox is missing: install busybox-static (fetch-kernels.sh does, as root)"
+    );
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("numa-helpers-selftest");
+    let _ = std::fs::remove_dir_all(&dir);
+    // Node 0 stands for the first CPU this test may run on, node 1 for a CPU it is not on.
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let allowed = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc/self/status")
+        .trim();
+    let first_cpu: String = allowed.chars().take_while(char::is_ascii_digit).collect();
+    for (node, cpus) in [("node0", first_cpu.as_str()), ("node1", "4095")] {
+        std::fs::create_dir_all(dir.join("sys").join(node)).expect("create the stand-in sysfs");
+        std::fs::write(
+            dir.join("sys").join(node).join("cpulist"),
+            format!("{cpus}\n"),
+        )
+        .expect("write a stand-in cpulist");
+    }
+    let output = Command::new(busybox)
+        .arg("sh")
+        .arg(Path::new(NUMA_DIR).join("helpers-selftest.sh"))
+        .env("MEMPLACE_WORK", dir.join("work"))
+        .env("MEMPLACE_NODE_SYS", dir.join("sys"))
+        .output()
+        .expect("run helpers-selftest.sh");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let report = parse_serial_log(&text);
+    let pass: Vec<String> = HELPER_SELFTEST_PASS.iter().map(|&c| c.to_owned()).collect();
+    let problems = judge(&report, &pass, HELPER_SELFTEST_FAIL);
+    assert!(
+        output.status.success() && problems.is_empty(),
+        "helpers-selftest.sh ({}):\n  {}\nstdout:\n{text}\nstderr:\n{}",
+        output.status,
+        problems.join("\n  "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn report_of(passed: &[&str], failed: &[&str], done: bool) -> SerialReport {
+    SerialReport {
+        passed: passed.iter().map(|&p| p.to_owned()).collect(),
+        failed: failed
+            .iter()
+            .map(|&f| format!("{f} exit 1: detail"))
+            .collect(),
+        done,
+    }
+}
+
+#[test]
+fn judging_wants_every_declared_check_once_and_nothing_else() {
+    let pass = vec!["a".to_owned(), "b".to_owned()];
+    assert!(judge(&report_of(&["a", "b"], &[], true), &pass, &[]).is_empty());
+    // A section that ended early: b never reported.
+    let missing = judge(&report_of(&["a"], &[], true), &pass, &[]);
+    assert!(
+        missing.len() == 1 && missing[0].starts_with("missing check b"),
+        "{missing:?}"
+    );
+    // A check nobody declared, a check that ran twice, a failure, no MEMPLACE-DONE.
+    assert_eq!(
+        judge(&report_of(&["a", "b", "c"], &[], true), &pass, &[]).len(),
+        1
+    );
+    assert_eq!(
+        judge(&report_of(&["a", "b", "b"], &[], true), &pass, &[]).len(),
+        1
+    );
+    let failed = judge(&report_of(&["a"], &["b"], true), &pass, &[]);
+    assert!(
+        failed.len() == 1 && failed[0].starts_with("FAIL b"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        judge(&report_of(&["a", "b"], &[], false), &pass, &[]).len(),
+        1
+    );
+    // Expected failures: exactly those.
+    assert!(judge(&report_of(&["a", "b"], &["x"], true), &pass, &["x"]).is_empty());
+    assert_eq!(
+        judge(&report_of(&["a", "b"], &[], true), &pass, &["x"]).len(),
+        1
+    );
+}
+
+#[test]
+fn expected_checks_follow_the_guest() {
+    let two = expected_checks(Setup {
+        nodes: 2,
+        kvm: false,
+    });
+    let four = expected_checks(Setup {
+        nodes: 4,
+        kvm: false,
+    });
+    let kvm = expected_checks(Setup {
+        nodes: 2,
+        kvm: true,
+    });
+    for list in [&two, &four, &kvm] {
+        let mut sorted = list.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), list.len(), "a check is declared twice");
+        assert!(list.iter().all(|name| !name.contains('{')));
+    }
+    let has = |list: &[String], name: &str| list.iter().any(|n| n == name);
+    // On 2 nodes the pair is every node: only the kernel's policy is checked.
+    assert!(has(&two, "bind-two-nodes-kernel-policy") && !has(&two, "bind-two-nodes-agent"));
+    assert!(has(&four, "bind-two-nodes-agent") && has(&four, "preferred-many-numa-maps"));
+    assert!(has(&four, "interleave-4-numa-maps") && !has(&two, "interleave-4-numa-maps"));
+    assert!(has(&four, "shmem-bind-node3") && has(&four, "anon-bind-node3"));
+    assert!(has(&two, "anon-bind-node1") && !has(&two, "shmem-bind-node2"));
+    assert!(has(&kvm, "gmem-after-restart-numa-maps") && has(&kvm, "insmod-kvm_amd"));
+    assert!(!has(&kvm, "gmem-unsupported") && has(&two, "gmem-unsupported"));
 }

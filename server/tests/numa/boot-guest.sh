@@ -6,14 +6,14 @@
 #                      --kernel VMLINUZ --initrd INITRAMFS --log FILE
 #   --kvm  emulate AMD-V (-cpu max) so the guest can run KVM, and tell the scenario (memplace.kvm=1)
 # Defaults come from MEMPLACE_NUMA_NODES (2), MEMPLACE_NUMA_NODE_MB (512) and
-# MEMPLACE_GUEST_TIMEOUT_SECS (480).
+# MEMPLACE_GUEST_TIMEOUT_SECS (900).
 #
 # Exit status: QEMU's (0 after the guest powers off), or 124 when the timeout killed it.
 set -euo pipefail
 
 NODES=${MEMPLACE_NUMA_NODES:-2}
 NODE_MB=${MEMPLACE_NUMA_NODE_MB:-512}
-TIMEOUT=${MEMPLACE_GUEST_TIMEOUT_SECS:-480}
+TIMEOUT=${MEMPLACE_GUEST_TIMEOUT_SECS:-900}
 KVM=0
 KERNEL="" INITRD="" LOG="" APPEND=""
 

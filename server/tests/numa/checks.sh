@@ -3,15 +3,22 @@
 # Every result is one serial console line that the host-side test reads:
 #   MEMPLACE-CHECK PASS <name>
 #   MEMPLACE-CHECK FAIL <name> <detail>
-# Names must not contain spaces.
+# Names must not contain spaces. Every name that a guest prints as PASS is declared in the harness
+# (`expected_checks` in server/tests/numa_guest.rs): a declared check that does not pass fails the
+# guest, and so does a PASS that is not declared. `fail` alone (no PASS) needs no declaration.
+#
+# Exit statuses are real throughout: pipelines report their first failing command (pipefail), an
+# unset variable is an error, and a COMMAND run by `check` runs under `set -e` as well.
+set -uo pipefail
 
-# check NAME COMMAND [ARG]...: runs COMMAND (a program or a shell function) and reports it. On
+# check NAME COMMAND [ARG]...: runs COMMAND (a program or a shell function) in a subshell under
+# `set -e`, so any command of a function that fails unguarded fails the check, and reports it. On
 # failure its output is shown indented, and its last line becomes the detail. Returns its status.
 check() {
     _check_name=$1
     shift
-    _check_out=$("$@" 2>&1)
-    _check_status=$?
+    _check_status=0
+    _check_out=$(set -e; "$@" 2>&1) || _check_status=$?
     if [ "$_check_status" -eq 0 ]; then
         echo "MEMPLACE-CHECK PASS $_check_name"
     else
@@ -23,12 +30,14 @@ check() {
 }
 
 # step NAME COMMAND [ARG]...: like check, but COMMAND runs in this shell, so the variables it sets
-# (AGENT_PID, HOLDER_PID) stay set. Its output goes to the log only on failure.
+# (AGENT_PID, HOLDER_PID) stay set. That shell cannot run under `set -e` (a failed check must not
+# end the scenario), so a step's function must return a real status itself: `|| return 1` after
+# every command that matters. Its output goes to the log only on failure.
 step() {
     _step_name=$1
     shift
-    "$@" >/tmp/memplace-step.out 2>&1
-    _step_status=$?
+    _step_status=0
+    "$@" >/tmp/memplace-step.out 2>&1 || _step_status=$?
     if [ "$_step_status" -eq 0 ]; then
         echo "MEMPLACE-CHECK PASS $_step_name"
     else

@@ -9,9 +9,13 @@
 #
 # Report each result with `check NAME COMMAND...` (or pass/fail) from checks.sh; the host-side test
 # fails on any FAIL line, and /init reports a FAIL when this script exits non-zero (it aborted).
+# Every name printed as PASS must be declared in `expected_checks` of server/tests/numa_guest.rs,
+# for the guests that run it: a declared check that does not pass fails the guest (so a section
+# that stops early cannot go unnoticed), and so does a PASS that is not declared.
 # Write scratch files to /dev/shm or /tmp (both tmpfs).
 
 . /lib/memplace-test/checks.sh
+set -uo pipefail
 
 NODES=${MEMPLACE_NODES:?memplace.nodes missing from the kernel command line}
 NODE_MB=${MEMPLACE_NODE_MB:-0}
@@ -43,8 +47,9 @@ expect_nodes_populated() {
 }
 
 expect_numastat_columns() {
-    columns=$(numastat -m | awk '/^ *Node 0/ { print gsub(/Node/, "") }')
-    numastat -m | head -n 8
+    numastat -m >/tmp/numastat.out
+    columns=$(awk '/^ *Node 0/ { print gsub(/Node/, "") }' /tmp/numastat.out)
+    head -n 8 /tmp/numastat.out
     echo "numastat -m shows $columns node columns, wanted $NODES"
     [ "$columns" -eq "$NODES" ]
 }
@@ -79,7 +84,7 @@ shmem_lands() {
 # numa_maps shows the bind policy. File-backed mappings are left out: their page cache came first.
 anon_lands() {
     numactl --membind="$1" cat /proc/self/numa_maps >/tmp/numa_maps
-    grep anon= /tmp/numa_maps
+    grep anon= /tmp/numa_maps || true
     awk -v node="$1" '
         / anon=/ && !/ file=/ {
             anon++
@@ -125,19 +130,33 @@ TOL_INTERLEAVE=$((PAGES / 100)) # interleave by file offset is exact; 1% is the 
 CGROOT=/sys/fs/cgroup
 WEIGHTS=/sys/kernel/mm/mempolicy/weighted_interleave
 # MEMPLACE_SELFTEST=wrong-node (kernel argument memplace.selftest=wrong-node): expect node 0 where
-# BIND puts the pages on the last node, so both placement checks of bind-one-node must FAIL.
+# BIND puts the pages on the last node, so both placement checks of bind-one-node must FAIL, and
+# the kernel policy bind:0 where it is bind:LAST, so its kernel-policy check must FAIL too.
 SELFTEST=${MEMPLACE_SELFTEST:-}
 
-# Two nodes for BIND and PREFERRED_MANY: on 4 nodes 1 and the last, leaving node 0 (where an
-# unpinned agent may well run) out; on 2 nodes there are no others.
-if [ "$NODES" -gt 2 ]; then PAIR="1,$LAST" PAIR_GROUP="1+$LAST"; else PAIR="0,1" PAIR_GROUP="0+1"; fi
+# The agents of the scenario run on node 0's CPU (the confined agent excepted), and Populate
+# allocates in the agent's threads: so a policy on other nodes is never mistaken for local
+# allocation, and where a range must land on node 0, its populate runs with the agent moved to the
+# last node (populate_on).
+#
+# Two nodes for BIND and PREFERRED_MANY: on 4 nodes 1 and the last, leaving node 0 (the agent's)
+# out, so both pages on the pair and the kernel's policy are checked. On 2 nodes the pair is every
+# node, where no placement can tell the policy from local allocation: only the kernel's policy,
+# read from a holder's numa_maps, is checked there.
+if [ "$NODES" -gt 2 ]; then
+    PAIR="1,$LAST" PAIR_SHOWN="1,$LAST" PAIR_WANT="1+$LAST:$PAGES"
+else
+    PAIR="0,1" PAIR_SHOWN="0-1" PAIR_WANT=-
+fi
 
-# mode_case NAME EXPECTED TOLERANCE POLICY [POLICY-SET-ARGS...]: a memfd region is created with
-# POLICY (MODE[:NODES]), or, with POLICY "-", gets its policy from `policy set ARGS`; the agent
-# populates it, and GetPlacement and a holder's numa_maps must both show EXPECTED.
+# mode_case NAME EXPECTED TOLERANCE KERNEL-POLICY POLICY [POLICY-SET-ARGS...]: a memfd region is
+# created with POLICY (MODE[:NODES]), or, with POLICY "-", gets its policy from `policy set ARGS`;
+# the agent populates it, and GetPlacement and a holder's numa_maps must both show EXPECTED (not
+# compared when EXPECTED is "-"). Unless KERNEL-POLICY is "-", the holder's numa_maps must show
+# that policy (expect_holder_policy): the check for policies that place like local allocation.
 mode_case() {
-    local name=$1 want=$2 tol=$3 policy=$4
-    shift 4
+    local name=$1 want=$2 tol=$3 kpolicy=$4 policy=$5
+    shift 5
     if [ "$policy" = - ]; then
         step "$name-create" region_create vm-modes "$name" ${MB}M || return 1
         step "$name-policy" set_policy vm-modes "$name" "$@" || {
@@ -148,9 +167,12 @@ mode_case() {
         step "$name-create" region_create vm-modes "$name" ${MB}M --policy "$policy" || return 1
     fi
     if step "$name-populate" populate vm-modes "$name"; then
-        check "$name-agent" expect_placement vm-modes "$name" "$want" "$tol"
+        [ "$want" = - ] || check "$name-agent" expect_placement vm-modes "$name" "$want" "$tol"
         if step "$name-hold" holder_start vm-modes "$name" ${MB}M; then
-            check "$name-numa-maps" expect_holder "$HOLDER_PID" $((MB << 20)) "$want" "$tol"
+            [ "$want" = - ] ||
+                check "$name-numa-maps" expect_holder "$HOLDER_PID" $((MB << 20)) "$want" "$tol"
+            [ "$kpolicy" = - ] ||
+                check "$name-kernel-policy" expect_holder_policy "$HOLDER_PID" $((MB << 20)) "$kpolicy"
             holder_stop "$HOLDER_PID"
         fi
     fi
@@ -168,34 +190,38 @@ set_weights() {
 
 every_mode() {
     if [ "$SELFTEST" = wrong-node ]; then
-        note "self-test: bind-one-node expects node 0, where the pages must not be"
-        mode_case bind-one-node "0:$PAGES" 0 "bind:$LAST"
+        note "self-test: bind-one-node expects node 0 and policy bind:0, which the pages must not have"
+        mode_case bind-one-node "0:$PAGES" 0 bind:0 "bind:$LAST"
         return
     fi
-    mode_case bind-one-node "$LAST:$PAGES" 0 "bind:$LAST"
-    mode_case bind-two-nodes "$PAIR_GROUP:$PAGES" 0 "bind:$PAIR"
-    mode_case preferred "$LAST:$PAGES" 0 - --mode preferred --nodes "$LAST"
-    mode_case preferred-many "$PAIR_GROUP:$PAGES" 0 "preferred-many:$PAIR"
-    mode_case interleave-2 "0:$HALF $LAST:$HALF" "$TOL_INTERLEAVE" "interleave:0,$LAST"
+    mode_case bind-one-node "$LAST:$PAGES" 0 - "bind:$LAST"
+    mode_case bind-two-nodes "$PAIR_WANT" 0 "bind:$PAIR_SHOWN" "bind:$PAIR"
+    mode_case preferred "$LAST:$PAGES" 0 - - --mode preferred --nodes "$LAST"
+    mode_case preferred-many "$PAIR_WANT" 0 "prefer (many):$PAIR_SHOWN" "preferred-many:$PAIR"
+    mode_case interleave-2 "0:$HALF $LAST:$HALF" "$TOL_INTERLEAVE" - "interleave:0,$LAST"
     if [ "$NODES" -ge 4 ]; then
         q=$((PAGES / 4))
-        mode_case interleave-4 "0:$q 1:$q 2:$q 3:$q" "$TOL_INTERLEAVE" interleave:0-3
+        mode_case interleave-4 "0:$q 1:$q 2:$q 3:$q" "$TOL_INTERLEAVE" - interleave:0-3
     fi
     if step weighted-interleave-weights set_weights; then
         mode_case weighted-interleave "0:$((PAGES * 3 / 4)) $LAST:$((PAGES / 4))" "$TOL_INTERLEAVE" \
-            - --mode weighted-interleave --nodes "0,$LAST"
+            - - --mode weighted-interleave --nodes "0,$LAST"
     fi
 }
 
 # per_range_case VM: one region, three ranges on different nodes: [0,8M) BIND 0, [8M,16M) BIND
-# last, [16M,32M) INTERLEAVE over all nodes. Each range's placement is checked, then a holder that
-# touches only the first 8 MiB and one that touches everything.
+# last, [16M,32M) INTERLEAVE over all nodes. Each range is populated on its own, with the agent on
+# a node its policy leaves out (the last node for range a, node 0 for range b). Each range's
+# placement is checked, then a holder that touches only the first 8 MiB and one that touches
+# everything.
 per_range_case() {
     local vm=$1 q=$((PAGES / 4)) share=$((HALF / NODES)) all="" totals n
     step "per-range-$vm-create" region_create "$vm" ranges ${MB}M --policy "interleave:0-$LAST" || return 1
     if step "per-range-$vm-policy-a" set_policy "$vm" ranges --length 8M --mode bind --nodes 0 &&
         step "per-range-$vm-policy-b" set_policy "$vm" ranges --offset 8M --length 8M --mode bind --nodes "$LAST" &&
-        step "per-range-$vm-populate" populate "$vm" ranges; then
+        step "per-range-$vm-populate-a" populate_on "$LAST" "$vm" ranges --length 8M &&
+        step "per-range-$vm-populate-b" populate_on 0 "$vm" ranges --offset 8M --length 8M &&
+        step "per-range-$vm-populate-c" populate "$vm" ranges --offset 16M; then
         for n in $(seq 0 "$LAST"); do all="$all $n:$share"; done
         totals="0:$((q + share)) $LAST:$((q + share))"
         for n in $(seq 1 $((LAST - 1))); do totals="$totals $n:$share"; done
@@ -216,10 +242,11 @@ per_range_case() {
 }
 
 # A populated range moves from node 0 to the last node with `policy set --migrate`; the holder
-# keeps it mapped throughout and sees every page on the last node afterwards.
+# keeps it mapped throughout and sees every page on the last node afterwards. The agent populates
+# from the last node, so the pages on node 0 before the move are the policy's doing.
 migrate_case() {
     step migrate-create region_create vm-migrate r ${MB}M --policy bind:0 || return 1
-    if step migrate-populate populate vm-migrate r &&
+    if step migrate-populate populate_on "$LAST" vm-migrate r &&
         step migrate-hold holder_start vm-migrate r ${MB}M; then
         check migrate-before-numa-maps expect_holder "$HOLDER_PID" $((MB << 20)) "0:$PAGES" 0
         step migrate-set-policy set_policy vm-migrate r --mode bind --nodes "$LAST" --migrate &&
@@ -257,7 +284,8 @@ restart_case() {
         gmem_before_restart && gmem_holder=$HOLDER_PID
     fi
     step restart-sigkill agent_kill
-    step restart-agent-back agent_start main || return 1
+    step restart-agent-back agent_start main on_node 0 || return 1
+    check restart-agent-on-node0 expect_agent_on 0
     if [ -n "$memfd_holder" ]; then
         check restart-intent-intact expect_region vm-restart r status=active "generation=$gen" \
             strategy=shared-policy ranges.0.state=applied ranges.0.observed.mode=bind \
@@ -292,7 +320,7 @@ capacity_case() {
 }
 
 expect_nothing_allocated() {
-    memplacectl -o json placement "$1" "$2" | json_flat >"$WORK/placement.flat" || return 1
+    ctl_json placement placement "$1" "$2" || return 1
     absent=$(flat_get "$WORK/placement.flat" pages_not_present)
     echo "pages not present: $absent of $3"
     [ "$absent" = "$3" ]
@@ -330,6 +358,7 @@ gmem_before_restart() {
     step gmem-hold holder_start vm-gmem g ${MB}M numactl --cpunodebind=0 || return 1
     check gmem-holder-faults-numa-maps expect_holder "$HOLDER_PID" $((GMEM_MB << 20)) "$LAST:$PAGES" 0
     check gmem-holder-faults-agent expect_placement vm-gmem g "$LAST:$PAGES" 0 --length ${MB}M
+    return 0
 }
 
 # After the SIGKILL and restart, with the first holder keeping the fd: the policy is intact, a new
@@ -352,8 +381,9 @@ gmem_after_restart() {
 
 # Without KVM (the 6.12 guests) a guest_memfd region is refused with FAILED_PRECONDITION (19).
 guest_memfd_unsupported() {
-    memplacectl region create vm-gmem g --size ${MB}M --backend guest-memfd >"$WORK/gmem.out" 2>&1
-    status=$?
+    status=0
+    memplacectl region create vm-gmem g --size ${MB}M --backend guest-memfd >"$WORK/gmem.out" 2>&1 ||
+        status=$?
     cat "$WORK/gmem.out"
     echo "exit $status, want 19 and a message naming KVM"
     [ "$status" -eq 19 ] && grep -q KVM "$WORK/gmem.out"
@@ -365,9 +395,10 @@ guest_memfd_unsupported() {
 # the last node. RELATIVE: the kernel folds relative node ids onto the allowed set, so relative
 # {1} is the second allowed node (node 2 of {1,2,3}), or node 1 when only {1} is allowed
 # (1 mod 1 = 0), and the kernel reports the relative mask as given. Plain BIND {0} is refused
-# there (INVALID_ARGUMENT, exit 13). STATIC {last} places on the last node and the kernel reports
-# the static flag back; the rebinding that STATIC changes happens only when the cpuset changes
-# later, which is not shown.
+# there (INVALID_ARGUMENT, exit 13). STATIC {1} places on node 1 and the kernel reports the static
+# flag back; the rebinding that STATIC changes happens only when the cpuset changes later, which is
+# not shown. On 2 nodes every allowed page is on node 1, the agent's own node, so each case also
+# checks the policy the kernel shows in a holder's numa_maps.
 confined_agent_checks() {
     local cg=$CGROOT/memplace-agent relative_node=$((1 + 1 % LAST))
     step cpuset-setup sh -c "echo +cpuset >$CGROOT/cgroup.subtree_control && mkdir -p $cg &&
@@ -376,15 +407,16 @@ confined_agent_checks() {
     step agent-confined-start agent_start confined sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg" ||
         return 1
     check agent-confined-cpuset expect_confined "$AGENT_PID"
-    mode_case local "$LAST:$PAGES" 0 local
-    mode_case default "$LAST:$PAGES" 0 default
-    mode_case relative "$relative_node:$PAGES" 0 - --mode bind --nodes 1 --relative
+    mode_case local "$LAST:$PAGES" 0 local local
+    mode_case default "$LAST:$PAGES" 0 default default
+    mode_case relative "$relative_node:$PAGES" 0 "bind=relative:$relative_node" \
+        - --mode bind --nodes 1 --relative
     check relative-reported expect_flat "$WORK/policy.flat" ranges.0.state=applied \
         ranges.0.observed.relative_nodes=true ranges.0.observed.nodes.0=1
     check bind-outside-cpuset-refused expect_exit 13 set_policy_fresh vm-cpuset outside --mode bind --nodes 0
-    mode_case static "$LAST:$PAGES" 0 - --mode bind --nodes "$LAST" --static
+    mode_case static "1:$PAGES" 0 "bind=static:1" - --mode bind --nodes 1 --static
     check static-reported expect_flat "$WORK/policy.flat" ranges.0.state=applied \
-        ranges.0.observed.static_nodes=true "ranges.0.observed.nodes.0=$LAST"
+        ranges.0.observed.static_nodes=true ranges.0.observed.nodes.0=1
     agent_stop
 }
 
@@ -398,24 +430,28 @@ set_policy_fresh() {
     local vm=$1 name=$2 status
     shift 2
     region_create "$vm" "$name" ${MB}M >/dev/null || return 99
-    memplacectl policy set "$vm" "$name" "$@"
-    status=$?
-    region_delete "$vm" "$name"
+    status=0
+    memplacectl policy set "$vm" "$name" "$@" || status=$?
+    memplacectl region delete "$vm" "$name" || return 98
     return $status
 }
 
 # The task-policy strategy (the one guest_memfd uses without a shared policy) forced on memfd:
 # the agent's workers allocate under a thread policy per range.
 task_policy_agent_checks() {
-    step agent-task-policy-start agent_start task-policy env MEMPLACE_FORCE_STRATEGY=task-policy || return 1
-    step task-policy-create region_create vm-task r ${MB}M --policy "bind:$LAST" &&
+    step agent-task-policy-start agent_start task-policy on_node 0 env MEMPLACE_FORCE_STRATEGY=task-policy ||
+        return 1
+    check agent-task-policy-on-node0 expect_agent_on 0
+    if step task-policy-create region_create vm-task r ${MB}M --policy "bind:$LAST"; then
         check task-policy-strategy expect_region vm-task r strategy=task-policy &&
-        step task-policy-populate populate vm-task r &&
-        check task-policy-bind-agent expect_placement vm-task r "$LAST:$PAGES" 0 &&
-        step task-policy-hold holder_start vm-task r ${MB}M &&
-        check task-policy-bind-numa-maps expect_holder "$HOLDER_PID" $((MB << 20)) "$LAST:$PAGES" 0
-    holder_stop "$HOLDER_PID"
-    region_delete vm-task r
+            step task-policy-populate populate vm-task r &&
+            check task-policy-bind-agent expect_placement vm-task r "$LAST:$PAGES" 0 &&
+            if step task-policy-hold holder_start vm-task r ${MB}M; then
+                check task-policy-bind-numa-maps expect_holder "$HOLDER_PID" $((MB << 20)) "$LAST:$PAGES" 0
+                holder_stop "$HOLDER_PID"
+            fi
+        region_delete vm-task r
+    fi
     per_range_case vm-task
     agent_stop
 }
@@ -428,7 +464,8 @@ section() {
 }
 
 memplace_checks() {
-    section agent step agent-start agent_start main || return 0
+    section agent step agent-start agent_start main on_node 0 || return 0
+    check agent-on-node0 expect_agent_on 0
     section modes every_mode
     [ -n "$SELFTEST" ] && return 0
     section per-range per_range_case vm-ranges
