@@ -146,8 +146,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let mut store = Store::open(&db, Duration::from_secs(5)).await?;
     store.set_commit_observer(crate::metrics::observe_commit);
     let topology = TopologyReader::host();
-    let first_node = topology.read().usable.iter().next().unwrap_or(0);
-    let caps = tokio::task::spawn_blocking(move || kernel::probe::probe(first_node))
+    let usable: Vec<u32> = topology.read().usable.iter().collect();
+    let caps = tokio::task::spawn_blocking(move || kernel::probe::probe(&usable))
         .await
         .map_err(|e| AppError::Serve(e.to_string()))?;
     log_capabilities(&caps);
@@ -373,6 +373,8 @@ fn log_capabilities(c: &kernel::probe::Capabilities) {
         preferred_many = c.preferred_many,
         weighted_interleave = c.weighted_interleave,
         pidfd_getfd = c.pidfd_getfd,
+        guest_memfd_interleave_exact = ?c.guest_memfd_interleave_exact,
+        guest_memfd_interleave = %c.guest_memfd_interleave_note,
         "kernel capabilities probed"
     );
     if !c.kvm_usable {

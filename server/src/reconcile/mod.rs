@@ -185,6 +185,49 @@ pub struct SetPolicyOutcome {
     pub pages_migrated: u64,
     /// Pages that could not move.
     pub pages_migrate_failed: u64,
+    /// The policy was applied but will not place pages as asked (see [`policy_warning`]).
+    pub warnings: Vec<String>,
+}
+
+/// Why a policy applied to a region will not place its pages as asked, if it will not: INTERLEAVE
+/// or WEIGHTED_INTERLEAVE over several nodes on a guest_memfd region placed through the kernel's
+/// shared policy, where the start-up probe did not find interleave on guest_memfd exact (kernels
+/// 6.19 to 7.1 take the interleave index from the inode, not the page offset). The agent applies
+/// the policy anyway (pages still go to the named nodes, only not alternating by offset), and says
+/// so in SetPolicy's answer and in a POLICY_WARNING event.
+pub fn policy_warning(
+    backend: Backend,
+    strategy: Strategy,
+    policy: &Policy,
+    caps: &Capabilities,
+) -> Option<String> {
+    let interleave = matches!(
+        policy.mode,
+        PolicyMode::Interleave | PolicyMode::WeightedInterleave
+    );
+    if backend != Backend::GuestMemfd
+        || strategy != Strategy::SharedPolicy
+        || !interleave
+        || policy.nodes.len() < 2
+        || caps.guest_memfd_interleave_exact == Some(true)
+    {
+        return None;
+    }
+    let why = match caps.guest_memfd_interleave_exact {
+        Some(_) => format!(
+            "is not exact on kernel {}: it takes the interleave index of guest_memfd pages from the inode, \
+             not from the page offset (fixed in 7.2), so the pages will not alternate over nodes {}",
+            caps.kernel_release, policy.nodes
+        ),
+        None => format!(
+            "could not be verified on kernel {} ({}); kernels 6.19 to 7.1 do not alternate the pages by offset",
+            caps.kernel_release, caps.guest_memfd_interleave_note
+        ),
+    };
+    Some(format!(
+        "{} on guest_memfd {why}; the policy was applied as asked",
+        policy.mode.as_str()
+    ))
 }
 
 /// A CreateRegion request in domain terms.
@@ -934,7 +977,20 @@ impl Agent {
             ),
             actor,
         );
-        match self.commit(ops, vec![ev]).await {
+        let warnings: Vec<String> =
+            policy_warning(live.intent.backend, live.intent.strategy, &policy, &self.caps)
+                .into_iter()
+                .collect();
+        let mut events = vec![ev];
+        for w in &warnings {
+            events.push(self.event(
+                EventKind::PolicyWarning,
+                Some(key),
+                format!("[{offset:#x}, {:#x}): {w}", offset + length),
+                actor,
+            ));
+        }
+        match self.commit(ops, events).await {
             // Only the request record can conflict here (ranges are replaced, not added to): a
             // concurrent call with this id committed first, and nothing of this one was written.
             Err(AgentError::Store(StoreError::Conflict)) if idem.is_some() => {
@@ -951,6 +1007,7 @@ impl Agent {
             region: tokio::task::block_in_place(|| self.view(&live)),
             pages_migrated: moved,
             pages_migrate_failed: failed,
+            warnings,
         })
     }
 

@@ -466,6 +466,37 @@ expect_file_pages_growth() {
     [ "$grew" -ge $(($3 - FILE_PAGES_TOL)) ] && [ "$grew" -le $(($3 + FILE_PAGES_TOL)) ]
 }
 
+# Interleave on guest_memfd (KVM guests): the agent's start-up probe (a 16-page guest_memfd
+# interleaved over nodes 0 and 1, faulted, its pages' nodes counted) finds it exact on the new
+# kernel (7.2 takes the interleave index from the page offset; 6.19 to 7.1 did not), so SetPolicy
+# INTERLEAVE on a guest_memfd region gives no warning, and the agent's populate splits the pages
+# evenly between the two nodes.
+gmem_interleave_case() {
+    check gmem-interleave-probe-exact expect_info capabilities.guest_memfd_interleave_exact=true
+    step gmem-interleave-create region_create vm-gmem-il r ${MB}M --backend guest-memfd || return 1
+    if step gmem-interleave-policy set_policy vm-gmem-il r --mode interleave --nodes "0,$LAST"; then
+        check gmem-interleave-no-warning expect_no_warning
+        step gmem-interleave-populate populate vm-gmem-il r &&
+            check gmem-interleave-agent expect_placement vm-gmem-il r "0:$HALF $LAST:$HALF" 0
+    fi
+    region_delete vm-gmem-il r
+}
+
+# expect_info PATH=VALUE...: fields of `memplacectl info` (GetNodeInfo) have these values.
+expect_info() {
+    memplacectl -o json info | json_flat >"$WORK/info.flat" || return 1
+    grep '^capabilities\.guest_memfd_interleave' "$WORK/info.flat"
+    expect_flat "$WORK/info.flat" "$@"
+}
+
+# expect_no_warning: the last set_policy's answer carries no warning.
+expect_no_warning() {
+    if grep '^warnings\.' "$WORK/policy.flat"; then
+        return 1
+    fi
+    echo "no warnings"
+}
+
 # Without KVM (the 6.12 guests) a guest_memfd region is refused with FAILED_PRECONDITION (19).
 guest_memfd_unsupported() {
     memplacectl region create vm-gmem g --size ${MB}M --backend guest-memfd >"$WORK/gmem.out" 2>&1
@@ -553,6 +584,9 @@ memplace_checks() {
     section cgroup cgroup_case
     if [ "${MEMPLACE_KVM:-0}" != 1 ]; then
         section guest-memfd check gmem-unsupported guest_memfd_unsupported
+        check gmem-interleave-probe-unknown expect_info capabilities.guest_memfd_interleave_exact=unknown
+    else
+        section guest-memfd-interleave gmem_interleave_case
     fi
     section restart restart_case
     agent_stop
