@@ -229,9 +229,7 @@ fn run_guest(
             Err(e) => return Err(format!("KVM_RUN: {e}")),
         }
     }
-    let regs = vcpu
-        .get_regs()
-        .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+    let regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
     if regs.rcx != 0 || regs.rdi != gpa + pages * PAGE {
         return Err(format!(
             "the guest halted early: rcx {} rdi {:#x}, want 0 and {:#x}",
@@ -270,13 +268,20 @@ fn parse_args() -> Result<Args, String> {
     let mut positional = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value; {usage}"));
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{a} needs a value; {usage}"))
+        };
         match a.as_str() {
             "--handoff-socket" => socket = Some(value()?),
             "--token" => token = Some(value()?),
             "--size" => size = Some(parse_size(&value()?)?),
             "--pass" => passes.push(parse_size(&value()?)?),
-            "--seed" => seed = value()?.parse().map_err(|_| "--seed: a number".to_string())?,
+            "--seed" => {
+                seed = value()?
+                    .parse()
+                    .map_err(|_| "--seed: a number".to_string())?
+            }
             "-h" | "--help" => return Err(usage.into()),
             s if s.starts_with('-') => return Err(format!("unknown option {s}; {usage}")),
             _ => positional.push(a),
@@ -288,7 +293,9 @@ fn parse_args() -> Result<Args, String> {
         passes.push(size);
     }
     if passes.iter().sum::<u64>() > size {
-        return Err(format!("the passes ({passes:?}) add up to more than --size {size}"));
+        return Err(format!(
+            "the passes ({passes:?}) add up to more than --size {size}"
+        ));
     }
     Ok(Args {
         socket: socket.ok_or(usage)?,

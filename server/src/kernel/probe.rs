@@ -131,7 +131,8 @@ fn guest_memfd_interleave(vm: &GuestMemfdVm, flags: u64, usable: &[u32]) -> (Opt
             ),
         );
     };
-    let not_probed = |what: &str, e: nix::errno::Errno| (None, format!("not probed: {what}: {}", e.desc()));
+    let not_probed =
+        |what: &str, e: nix::errno::Errno| (None, format!("not probed: {what}: {}", e.desc()));
     let page = super::page_size();
     let len = INTERLEAVE_PROBE_PAGES * page;
     let fd = match vm.create_guest_memfd(len, flags) {
@@ -182,7 +183,10 @@ fn guest_memfd_interleave(vm: &GuestMemfdVm, flags: u64, usable: &[u32]) -> (Opt
 /// or out of turn gives false; a page not present or too few pages make the count unusable.
 pub fn interleave_exact(observed: &[i32], nodes: &[u32]) -> Result<bool, String> {
     if nodes.len() < 2 {
-        return Err(format!("interleave over {} node(s) proves nothing", nodes.len()));
+        return Err(format!(
+            "interleave over {} node(s) proves nothing",
+            nodes.len()
+        ));
     }
     if observed.len() < 2 * nodes.len() {
         return Err(format!(
@@ -210,7 +214,10 @@ mod tests {
 
     #[test]
     fn alternation_by_offset_is_exact_from_either_node() {
-        assert_eq!(interleave_exact(&[0, 1, 0, 1, 0, 1, 0, 1], &[0, 1]), Ok(true));
+        assert_eq!(
+            interleave_exact(&[0, 1, 0, 1, 0, 1, 0, 1], &[0, 1]),
+            Ok(true)
+        );
         assert_eq!(interleave_exact(&[1, 0, 1, 0, 1, 0], &[0, 1]), Ok(true));
         assert_eq!(interleave_exact(&[3, 1, 3, 1], &[1, 3]), Ok(true));
         assert_eq!(interleave_exact(&[2, 0, 1, 2, 0, 1], &[0, 1, 2]), Ok(true));
@@ -220,15 +227,24 @@ mod tests {
     fn pages_out_of_turn_are_not_exact() {
         // 6.19 to 7.1: the index comes from the inode, so consecutive pages share a node.
         assert_eq!(interleave_exact(&[1, 1, 1, 1, 1, 1], &[0, 1]), Ok(false));
-        assert_eq!(interleave_exact(&[0, 0, 1, 1, 0, 0, 1, 1], &[0, 1]), Ok(false));
+        assert_eq!(
+            interleave_exact(&[0, 0, 1, 1, 0, 0, 1, 1], &[0, 1]),
+            Ok(false)
+        );
         // Even counts are not enough: the order must follow the offset.
-        assert_eq!(interleave_exact(&[0, 1, 1, 0, 0, 1, 1, 0], &[0, 1]), Ok(false));
+        assert_eq!(
+            interleave_exact(&[0, 1, 1, 0, 0, 1, 1, 0], &[0, 1]),
+            Ok(false)
+        );
         // Reverse order over three nodes.
         assert_eq!(interleave_exact(&[0, 2, 1, 0, 2, 1], &[0, 1, 2]), Ok(false));
         // A page on a node outside the set.
         assert_eq!(interleave_exact(&[0, 1, 2, 1], &[0, 1]), Ok(false));
         // One page out of turn at the end.
-        assert_eq!(interleave_exact(&[0, 1, 0, 1, 0, 1, 0, 0], &[0, 1]), Ok(false));
+        assert_eq!(
+            interleave_exact(&[0, 1, 0, 1, 0, 1, 0, 0], &[0, 1]),
+            Ok(false)
+        );
     }
 
     #[test]

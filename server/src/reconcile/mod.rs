@@ -977,10 +977,14 @@ impl Agent {
             ),
             actor,
         );
-        let warnings: Vec<String> =
-            policy_warning(live.intent.backend, live.intent.strategy, &policy, &self.caps)
-                .into_iter()
-                .collect();
+        let warnings: Vec<String> = policy_warning(
+            live.intent.backend,
+            live.intent.strategy,
+            &policy,
+            &self.caps,
+        )
+        .into_iter()
+        .collect();
         let mut events = vec![ev];
         for w in &warnings {
             events.push(self.event(
@@ -1438,4 +1442,103 @@ fn new_uid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+#[cfg(test)]
+mod policy_warning_tests {
+    use super::{Capabilities, policy_warning};
+    use crate::domain::{Backend, NodeSet, Policy, PolicyMode, Strategy};
+
+    fn caps(exact: Option<bool>) -> Capabilities {
+        Capabilities {
+            kernel_release: "7.0.4-cloud-amd64".into(),
+            guest_memfd_interleave_exact: exact,
+            guest_memfd_interleave_note:
+                "not probed: needs two NUMA nodes the agent may use, has 1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn policy(mode: PolicyMode, nodes: &[u32]) -> Policy {
+        Policy::new(
+            mode,
+            NodeSet::from_ids(nodes.iter().copied()).expect("nodes"),
+        )
+    }
+
+    #[test]
+    fn interleave_on_guest_memfd_warns_where_the_probe_found_it_inexact() {
+        let il = policy(PolicyMode::Interleave, &[0, 1]);
+        let w = policy_warning(
+            Backend::GuestMemfd,
+            Strategy::SharedPolicy,
+            &il,
+            &caps(Some(false)),
+        )
+        .expect("a warning");
+        assert!(
+            w.contains("interleave on guest_memfd is not exact on kernel 7.0.4"),
+            "{w}"
+        );
+        assert!(w.contains("applied as asked"), "{w}");
+        let wil = policy(PolicyMode::WeightedInterleave, &[0, 1]);
+        assert!(
+            policy_warning(
+                Backend::GuestMemfd,
+                Strategy::SharedPolicy,
+                &wil,
+                &caps(Some(false))
+            )
+            .is_some()
+        );
+        // Not known: still warned, with the probe's reason.
+        let w = policy_warning(
+            Backend::GuestMemfd,
+            Strategy::SharedPolicy,
+            &il,
+            &caps(None),
+        )
+        .expect("a warning");
+        assert!(
+            w.contains("could not be verified") && w.contains("needs two NUMA nodes"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn no_warning_where_interleave_is_exact_or_not_at_stake() {
+        let il = policy(PolicyMode::Interleave, &[0, 1]);
+        let inexact = caps(Some(false));
+        // Exact (7.2+).
+        assert_eq!(
+            policy_warning(
+                Backend::GuestMemfd,
+                Strategy::SharedPolicy,
+                &il,
+                &caps(Some(true))
+            ),
+            None
+        );
+        // memfd interleaves by offset; task-policy placement is the agent's own allocation.
+        assert_eq!(
+            policy_warning(Backend::Memfd, Strategy::SharedPolicy, &il, &inexact),
+            None
+        );
+        assert_eq!(
+            policy_warning(Backend::GuestMemfd, Strategy::TaskPolicy, &il, &inexact),
+            None
+        );
+        // Other modes, and interleave over one node.
+        for p in [
+            policy(PolicyMode::Bind, &[0, 1]),
+            policy(PolicyMode::PreferredMany, &[0, 1]),
+            policy(PolicyMode::Interleave, &[1]),
+        ] {
+            assert_eq!(
+                policy_warning(Backend::GuestMemfd, Strategy::SharedPolicy, &p, &inexact),
+                None,
+                "{p}"
+            );
+        }
+    }
 }
