@@ -359,7 +359,7 @@ gmem_after_restart() {
 # the passes the agent is SIGKILLed and restarted: it must hold the VMM's guest_memfd again (same
 # st_dev:st_ino among its fds), with the intent intact, and the second pass lands on the last
 # node too. QEMU 11.1 (Debian sid) cannot back a non-confidential VM's RAM with guest_memfd (see
-# README.md here), hence this VMM.
+# the top-level README's "A VMM on guest_memfd"), hence this minimal VMM.
 VMM_MB=$MB
 vmm_case() {
     local half all before
