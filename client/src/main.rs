@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 use std::io::Write;
 use std::process::ExitCode;
 
+mod exec;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "memplacectl",
@@ -27,7 +29,8 @@ use std::process::ExitCode;
     after_help = "Exit codes: 0 success; 1 local error (bad input, cannot connect, handoff refused); \
 2 bad usage; 10 + the gRPC code when the agent refuses, with its message on stderr \
 (13 INVALID_ARGUMENT, 15 NOT_FOUND, 16 ALREADY_EXISTS, 17 PERMISSION_DENIED, \
-18 RESOURCE_EXHAUSTED, 19 FAILED_PRECONDITION, 20 ABORTED, 24 UNAVAILABLE)."
+18 RESOURCE_EXHAUSTED, 19 FAILED_PRECONDITION, 20 ABORTED, 24 UNAVAILABLE). `exec` has codes of \
+its own before PROGRAM runs: see `memplacectl exec --help`."
 )]
 struct Cli {
     /// Agent Unix socket.
@@ -104,6 +107,14 @@ enum Command {
     },
     /// Stand-in VMM: acquire a region's fd, map it, optionally touch it, wait for a signal.
     Hold(HoldArgs),
+    /// Start a VMM on a VM's regions: acquire them, put their fds into the arguments
+    /// ({fd:NAME}, {path:NAME}) and exec PROGRAM in this process, which the agent then knows as
+    /// the regions' holder.
+    #[command(
+        after_help = exec::AFTER_HELP,
+        override_usage = "memplacectl exec [OPTIONS] VM_ID [--region NAME]... -- PROGRAM [ARGS]..."
+    )]
+    Exec(exec::ExecArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -462,6 +473,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     let out = cli.output;
     match &cli.command {
         Command::Hold(h) => return hold(h),
+        Command::Exec(e) => exec::run(&cli, e).await,
         Command::Health => {
             let c = connect(&cli).await?;
             let mut h = tonic_health_client(c.channel());
@@ -917,7 +929,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
-        Command::Hold(_) | Command::Health => unreachable!("handled above"),
+        Command::Hold(_) | Command::Health | Command::Exec(_) => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -2,8 +2,9 @@
 """Validate memplace's Kubernetes manifests.
 
 For deploy/kubernetes/base and every deploy/kubernetes/overlays/*:
-  1. render the kustomization with kustomize_lite.py, and also with `kustomize build` or
-     `kubectl kustomize` where one is installed, and require the same objects;
+  1. render the kustomization with the real `kustomize build` (Debian's kustomize package, which
+     fetch-kustomize.sh downloads into a cache; MEMPLACE_KUSTOMIZE names another binary). Without
+     kustomize the check cannot run and fails;
   2. validate every rendered object, and every file in deploy/kubernetes/examples, against the
      Kubernetes JSON schemas with kubernetes-validate, strictly (unknown fields are errors), for
      the oldest Kubernetes these manifests support and the newest the package knows;
@@ -17,7 +18,6 @@ Exit status 0 when every check passed, 1 when one failed, 2 when it could not ru
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +28,6 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import kustomize_lite  # noqa: E402
 import memplaced_config  # noqa: E402
 
 try:
@@ -83,52 +82,42 @@ def quantity(q):
 # Rendering
 
 
-def external_renderer():
-    """The installed kustomize command, or None with the reason."""
-    # mutations.py sets this: it checks the checks, not kustomize, and runs them many times.
-    if os.environ.get("MEMPLACE_DEPLOY_NO_EXTERNAL_KUSTOMIZE"):
-        return None, "MEMPLACE_DEPLOY_NO_EXTERNAL_KUSTOMIZE is set"
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"], None
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"], None
-    return None, "neither kustomize nor kubectl is installed"
+def kustomize_binary():
+    """The kustomize binary: $MEMPLACE_KUSTOMIZE, else the one fetch-kustomize.sh fetches from
+    Debian (cached). Raises RuntimeError with the reason when there is none."""
+    given = os.environ.get("MEMPLACE_KUSTOMIZE")
+    if given:
+        if not os.access(given, os.X_OK):
+            raise RuntimeError(f"MEMPLACE_KUSTOMIZE={given} is not an executable")
+        return given
+    fetch = os.path.join(HERE, "fetch-kustomize.sh")
+    proc = subprocess.run(["bash", fetch], capture_output=True, text=True)
+    path = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0 or not os.access(path, os.X_OK):
+        raise RuntimeError(f"{fetch} could not fetch kustomize (exit {proc.returncode}):\n"
+                           f"{proc.stdout}{proc.stderr}")
+    return path
 
 
-def mask_hashes(objects):
-    """Replace generated-name hash suffixes, so renders from different kustomize versions compare."""
-    text = yaml.safe_dump_all(objects, sort_keys=True)
-    text = re.sub(r"(memplaced-config)-[a-z0-9]{10}\b", r"\1-HASH", text)
-    return {kustomize_lite._key(o): o for o in yaml.safe_load_all(text)}
-
-
-def render(directory, rel, checks):
-    try:
-        objects = kustomize_lite.render(directory)
-    except kustomize_lite.RenderError as e:
-        checks.expect(False, f"{rel}: kustomize_lite cannot render it: {e}")
-        return None
-    print(f"rendered {rel} with kustomize_lite: {len(objects)} objects")
-    tool, why_not = external_renderer()
-    if tool is None:
-        print(f"note: {why_not}, so {rel} was rendered only by deploy/tests/kustomize_lite.py")
-        return objects
-    proc = subprocess.run(tool + [directory], capture_output=True, text=True)
+def render(kustomize, directory, rel, checks):
+    """The objects `kustomize build DIRECTORY` renders, or None (a failed check) when it cannot."""
+    proc = subprocess.run([kustomize, "build", directory], capture_output=True, text=True)
     if not checks.expect(proc.returncode == 0,
-                         f"{rel}: `{' '.join(tool)}` failed: {proc.stderr.strip()}"):
-        return objects
-    theirs = [o for o in yaml.safe_load_all(proc.stdout) if o]
-    mine_m, theirs_m = mask_hashes(objects), mask_hashes(theirs)
-    same = mine_m == theirs_m
-    if not same:
-        for key in sorted(set(mine_m) | set(theirs_m), key=str):
-            if mine_m.get(key) != theirs_m.get(key):
-                print(f"  differs: {key}\n    kustomize_lite: {mine_m.get(key)}\n"
-                      f"    {tool[0]}: {theirs_m.get(key)}")
-    checks.expect(same, f"{rel}: kustomize_lite and `{' '.join(tool)}` render different objects")
-    if same:
-        print(f"rendered {rel} with `{' '.join(tool)}` too: the same objects")
+                         f"{rel}: `kustomize build` failed (exit {proc.returncode}): {proc.stderr.strip()}"):
+        return None
+    try:
+        objects = [o for o in yaml.safe_load_all(proc.stdout) if o]
+    except yaml.YAMLError as e:
+        checks.expect(False, f"{rel}: `kustomize build` printed YAML that does not parse: {e}")
+        return None
+    checks.expect(bool(objects), f"{rel}: `kustomize build` rendered no objects")
+    print(f"rendered {rel} with `{kustomize} build`: {len(objects)} objects")
     return objects
+
+
+def load_yaml_stream(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +369,11 @@ def main(argv):
     versions = k8s_versions(checks)
     print(f"kubernetes-validate {kubernetes_validate.__version__}, strict, Kubernetes {', '.join(versions)}")
     version = workspace_version(repo)
+    try:
+        kustomize = kustomize_binary()
+    except RuntimeError as e:
+        print(f"FATAL: no kustomize, so the manifests cannot be rendered: {e}")
+        return 2
 
     targets = [os.path.join(k8s, "base")]
     overlays = os.path.join(k8s, "overlays")
@@ -389,7 +383,7 @@ def main(argv):
     configs = {}
     for target in targets:
         where = os.path.relpath(target, repo)
-        objects = render(target, where, checks)
+        objects = render(kustomize, target, where, checks)
         if objects is None:
             continue
         for obj in objects:
@@ -404,7 +398,7 @@ def main(argv):
             continue
         path = os.path.join(examples, name)
         where = os.path.relpath(path, repo)
-        for obj in kustomize_lite.load_yaml_stream(path):
+        for obj in load_yaml_stream(path):
             validate_schema(obj, where, versions, checks)
             if obj.get("kind") == "Pod":
                 check_vmm_example(obj, where, configs, checks)

@@ -56,6 +56,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Test builds only (feature `failpoints`): the crash test's kill points (checked by
+    // --check-config too).
+    if let Err(e) = crate::failpoint::arm() {
+        eprintln!("memplaced: {e}");
+        return ExitCode::from(2);
+    }
     if flags.print_config {
         print!("{}", cfg.to_toml());
         return ExitCode::SUCCESS;

@@ -3,7 +3,7 @@
 //! Modules, in dependency order: [`domain`] (vocabulary, no I/O), [`kernel`] (every syscall and
 //! all unsafe code), [`topology`] (sysfs), [`store`] (SQLite), [`reconcile`] (the engine),
 //! [`handoff`] (the VMM fd socket), [`api`] (gRPC edge), and [`auth`], [`config`], [`metrics`],
-//! [`app`] (wiring).
+//! [`app`] (wiring). [`failpoint`] holds the crash test's kill points (feature `failpoints`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -13,6 +13,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod failpoint;
 pub mod handoff;
 pub mod kernel;
 pub mod limits;

@@ -592,6 +592,35 @@ impl tonic::codec::Codec for RawCodec {
     }
 }
 
+/// Allocated bytes of the agent's memfd for a region: st_blocks of /proc/PID/fd/N, which for
+/// shmem counts every allocated page.
+fn memfd_allocated_bytes(agent: &AgentProc, vm: &str, name: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let want = format!("/memfd:memplace:{vm}/{name} (deleted)");
+    for entry in std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).expect("the agent's fds") {
+        let path = entry.unwrap().path();
+        if std::fs::read_link(&path).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+            return std::fs::metadata(&path).expect("stat the memfd").blocks() * 512;
+        }
+    }
+    panic!("the agent holds no {want}");
+}
+
+/// Pages of a region the kernel reports allocated (GetPlacement reads the page cache).
+async fn allocated_pages(c: &mut Client, vm: &str, name: &str) -> u64 {
+    let p = c.placement(vm, name, 0, 0).await.expect("GetPlacement");
+    p.nodes.iter().map(|n| n.pages).sum::<u64>() + p.pages_unknown
+}
+
+/// Whether a case may allocate pages if the agent got it wrong: a Populate, typed or raw.
+fn populates(call: &Call) -> bool {
+    match call {
+        Call::Populate(_) => true,
+        Call::Raw(path, _) => path.ends_with("/Populate"),
+        _ => false,
+    }
+}
+
 async fn run(c: &mut Client, call: Call) -> Result<(), tonic::Status> {
     let r = c.raw();
     match call {
@@ -646,14 +675,54 @@ async fn generated_bad_requests_are_refused_and_change_nothing() {
     )
     .await
     .unwrap();
+    // A guest_memfd region too: every Populate case that names "r" is tried on "g" as well.
+    c.create_region("vm", "g", SIZE, pb::Backend::GuestMemfd, vec![])
+        .await
+        .unwrap();
     let regions = c.list_regions("").await.unwrap();
     let db = db_state(&agent);
 
-    let cases = cases();
+    let mut cases = cases();
+    let on_gmem: Vec<Case> = cases
+        .iter()
+        .filter_map(|k| match &k.call {
+            Call::Populate(q) if q.vm_id == "vm" && q.name == "r" => Some(case(
+                format!("{} (guest_memfd)", k.what),
+                k.code,
+                Call::Populate(pb::PopulateRequest {
+                    name: "g".into(),
+                    ..q.clone()
+                }),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert!(!on_gmem.is_empty(), "no Populate case names region r");
+    cases.extend(on_gmem);
     let total = cases.len();
     let mut wrong = Vec::new();
+    let mut populate_cases = 0;
     for (i, case) in cases.into_iter().enumerate() {
-        match run(&mut c, case.call).await {
+        let populate = populates(&case.call);
+        let result = run(&mut c, case.call).await;
+        // A refused Populate allocated nothing: the memfd's own block count (st_blocks) and
+        // what the kernel's page cache holds for both files (GetPlacement).
+        if populate {
+            populate_cases += 1;
+            let memfd_bytes = memfd_allocated_bytes(&agent, "vm", "r");
+            let pages = (
+                allocated_pages(&mut c, "vm", "r").await,
+                allocated_pages(&mut c, "vm", "g").await,
+            );
+            if memfd_bytes != 0 || pages != (0, 0) {
+                wrong.push(format!(
+                    "{}: allocated pages (memfd st_blocks {memfd_bytes} bytes; GetPlacement: \
+                     r {} pages, g {} pages)",
+                    case.what, pages.0, pages.1
+                ));
+            }
+        }
+        match result {
             Ok(()) => wrong.push(format!("{}: accepted", case.what)),
             Err(s) if s.code() != case.code => wrong.push(format!(
                 "{}: {:?} {:?}, want {:?}",
@@ -684,7 +753,11 @@ async fn generated_bad_requests_are_refused_and_change_nothing() {
     );
     assert_eq!(db_state(&agent), db, "the database changed");
     c.node_info().await.unwrap();
-    println!("{total} generated bad gRPC requests refused with the right code");
+    println!(
+        "{total} generated bad gRPC requests refused with the right code; {populate_cases} \
+         Populate among them allocated no page"
+    );
+    assert!(populate_cases >= 40, "only {populate_cases} Populate cases");
     assert!(total >= 200, "only {total} cases");
 }
 

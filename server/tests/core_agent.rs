@@ -992,21 +992,27 @@ async fn abandoned_set_policy_is_all_or_nothing() {
     c.create_region("vm", "r", 64 * MIB, pb::Backend::Memfd, vec![])
         .await
         .unwrap();
-    let mut abandoned = 0;
+    // Ids of the calls whose client gave up (its deadline passed, so the call was cancelled).
+    let mut abandoned = Vec::new();
     for i in 0..100u64 {
         let mode = if i % 2 == 0 { M::Bind } else { M::Interleave };
+        let id = format!("abandon-{i}");
         let mut req = tonic::Request::new(pb::SetPolicyRequest {
             vm_id: "vm".into(),
             name: "r".into(),
             offset: (i % 16) * 4 * MIB,
             length: 4 * MIB,
             policy: Some(policy(mode, &[0])),
-            request_id: format!("abandon-{i}"),
+            request_id: id.clone(),
             ..Default::default()
         });
         req.set_timeout(std::time::Duration::from_micros(50 + i * 20));
-        if c.raw().set_policy(req).await.is_err() {
-            abandoned += 1;
+        match c.raw().set_policy(req).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled) => {
+                abandoned.push(id)
+            }
+            Err(e) => panic!("call {i} failed for another reason than its deadline: {e}"),
         }
     }
     // A last call waits its turn behind any abandoned mutation still running (the region lock is
@@ -1025,8 +1031,40 @@ async fn abandoned_set_policy_is_all_or_nothing() {
         );
         assert_eq!(x.state(), pb::RangeState::Applied);
     }
+    // Which calls committed, from the request records in the database (sqlite3 CLI).
+    let o = std::process::Command::new("sqlite3")
+        .arg("-readonly")
+        .arg(agent.state_dir().join("memplace.db"))
+        .arg("SELECT request_id FROM requests WHERE request_id LIKE 'abandon-%';")
+        .output()
+        .expect("the sqlite3 CLI (apt-get install sqlite3)");
+    assert!(o.status.success(), "{o:?}");
+    let committed: std::collections::HashSet<String> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // Created at generation 1; each committed call and the last one add one.
+    assert_eq!(
+        r.generation,
+        committed.len() as u64 + 2,
+        "the generation counts every committed SetPolicy"
+    );
+    let after_commit = abandoned
+        .iter()
+        .filter(|id| committed.contains(*id))
+        .count();
     println!(
-        "{abandoned} of 100 calls were abandoned by their client; generation {}",
+        "{} of 100 calls were abandoned by their client, {after_commit} of them after the agent \
+         had taken them on (they committed); generation {}",
+        abandoned.len(),
         r.generation
+    );
+    // The scenario needs calls abandoned in flight: some that never committed and some that
+    // committed after their client left. Deadlines from 50 µs to 2 ms give both.
+    assert!(
+        after_commit > 0 && after_commit < abandoned.len(),
+        "no call was abandoned both ways: {} abandoned, {after_commit} of them committed",
+        abandoned.len()
     );
 }

@@ -701,6 +701,10 @@ impl Agent {
             AgentError::Store(StoreError::Conflict) => AgentError::AlreadyExists(req.key.clone()),
             e => e,
         })?;
+        crate::failpoint::hit(
+            "CreateRegion.after-commit",
+            idem.as_ref().map_or("", |i| i.request_id.as_str()),
+        );
         let applied = tokio::task::block_in_place(|| self.apply_all(&mut live));
         let view = self.view(&live);
         self.regions
@@ -880,6 +884,10 @@ impl Agent {
             actor,
         );
         self.commit(ops, vec![ev]).await?;
+        crate::failpoint::hit(
+            "DeleteRegion.after-commit",
+            idem.as_ref().map_or("", |i| i.request_id.as_str()),
+        );
         self.regions.lock().expect("region map lock").remove(key);
         // Close the fd and mapping now: a held guest_memfd keeps its whole KVM VM alive.
         live.file = None;
@@ -1004,6 +1012,10 @@ impl Agent {
             }
             r => r?,
         }
+        crate::failpoint::hit(
+            "SetPolicy.after-commit",
+            idem.as_ref().map_or("", |i| i.request_id.as_str()),
+        );
         live.intent = next;
         let (moved, failed) =
             tokio::task::block_in_place(|| self.apply_range(&mut live, offset, length, migrate));

@@ -47,6 +47,11 @@ impl AgentProc {
 
     /// Starts the binary and waits for its socket to answer.
     pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// Starts the binary with extra environment variables and waits for its socket to answer.
+    pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
         let _ = std::fs::remove_file(self.socket());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -71,6 +76,7 @@ impl AgentProc {
             .args(&defaults)
             .args(&self.extra)
             .env("MEMPLACE_LOG_LEVEL", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -103,6 +109,23 @@ impl AgentProc {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Waits for the agent to end by itself and returns how it ended; None if it is still
+    /// running after `within` (a guard against hanging, not a measurement: it is left running).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
