@@ -482,6 +482,43 @@ gmem_interleave_case() {
     region_delete vm-gmem-il r
 }
 
+# The warning path, on the same kernel: an agent whose probe result is overridden to "not exact"
+# (MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT=false, because no Debian kernel from 6.19 to 7.1 comes with
+# its KVM modules) applies SetPolicy INTERLEAVE on a guest_memfd region, answers with a warning
+# and logs a POLICY_WARNING event; BIND on the same region gets no warning.
+gmem_interleave_warning_case() {
+    step gmem-il-warn-agent agent_start il-warn env MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT=false || return 1
+    check gmem-il-warn-info expect_info capabilities.guest_memfd_interleave_exact=false
+    if step gmem-il-warn-create region_create vm-il-warn r ${MB}M --backend guest-memfd; then
+        if step gmem-il-warn-policy set_policy vm-il-warn r --mode interleave --nodes "0,$LAST"; then
+            check gmem-il-warning expect_flat_match "$WORK/policy.flat" warnings.0 \
+                "^interleave on guest_memfd is not exact on kernel .* the policy was applied as asked\$"
+            check gmem-il-warning-applied expect_region vm-il-warn r ranges.0.state=applied \
+                ranges.0.observed.mode=interleave
+            check gmem-il-warning-event expect_event vm-il-warn policy-warning "interleave on guest_memfd is not exact"
+        fi
+        step gmem-il-warn-bind set_policy vm-il-warn r --mode bind --nodes "$LAST" &&
+            check gmem-il-bind-no-warning expect_no_warning
+        region_delete vm-il-warn r
+    fi
+    agent_stop
+}
+
+# expect_flat_match FILE PATH REGEX: the json_flat field matches REGEX (grep -E).
+expect_flat_match() {
+    local got
+    got=$(flat_get "$1" "$2")
+    echo "$2: '$got', want /$3/"
+    printf '%s\n' "$got" | grep -Eq "$3"
+}
+
+# expect_event VM KIND TEXT: the VM's event log has a KIND event whose message contains TEXT.
+expect_event() {
+    memplacectl events --vm "$1" >"$WORK/events.out" || return 1
+    cat "$WORK/events.out"
+    grep " $2 " "$WORK/events.out" | grep -qF "$3"
+}
+
 # expect_info PATH=VALUE...: fields of `memplacectl info` (GetNodeInfo) have these values.
 expect_info() {
     memplacectl -o json info | json_flat >"$WORK/info.flat" || return 1
@@ -591,6 +628,7 @@ memplace_checks() {
     section restart restart_case
     agent_stop
     if [ "${MEMPLACE_KVM:-0}" = 1 ]; then
+        section guest-memfd-interleave-warning gmem_interleave_warning_case
         section guest-vmm vmm_case
     fi
     section confined-agent confined_agent_checks
