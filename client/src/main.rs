@@ -512,6 +512,11 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     "guest_memfd_shared_policy": caps.guest_memfd_shared_policy, "memfd_shared_policy": caps.memfd_shared_policy,
                     "hugetlb_shared_policy": caps.hugetlb_shared_policy, "preferred_many_supported": caps.preferred_many_supported,
                     "weighted_interleave_supported": caps.weighted_interleave_supported, "pidfd_getfd_supported": caps.pidfd_getfd_supported,
+                    "guest_memfd_interleave_exact": match caps.guest_memfd_interleave_exact {
+                        Some(b) => json!(b),
+                        None => json!("unknown"),
+                    },
+                    "guest_memfd_interleave_note": caps.guest_memfd_interleave_note,
                 },
             });
             print_value(out, &v, || {
@@ -588,6 +593,15 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 println!(
                     "fd recovery (pidfd_getfd)  {}",
                     yn(caps.pidfd_getfd_supported)
+                );
+                println!(
+                    "guest_memfd interleave     {}  ({})",
+                    match caps.guest_memfd_interleave_exact {
+                        Some(true) => "exact",
+                        Some(false) => "NOT exact",
+                        None => "unknown",
+                    },
+                    caps.guest_memfd_interleave_note
                 );
             });
         }
@@ -691,6 +705,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let mut v = region_json(&region);
             v["pages_migrated"] = json!(r.pages_migrated);
             v["pages_migrate_failed"] = json!(r.pages_migrate_failed);
+            v["warnings"] = json!(r.warnings);
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
             print_value(out, &v, || {
                 print_region_table(&region);
                 if migrate {

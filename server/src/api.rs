@@ -380,6 +380,8 @@ impl NodeAgentService for NodeAgent {
                 kvm_error: c.kvm_error.clone(),
                 hugetlb_shared_policy: c.hugetlb_shared_policy,
                 pidfd_getfd_supported: c.pidfd_getfd,
+                guest_memfd_interleave_exact: c.guest_memfd_interleave_exact,
+                guest_memfd_interleave_note: c.guest_memfd_interleave_note.clone(),
             }),
             agent_version: VERSION.to_string(),
             page_size_bytes: self.agent.page_size(),
@@ -548,15 +550,24 @@ impl NodeAgentService for NodeAgent {
             return Ok(Response::new(first));
         }
         let policy = policy_from_pb(r.policy.as_ref())?;
+        let caps = self.agent.capabilities().clone();
         let idem = (!r.request_id.is_empty()).then(|| Idempotency {
             request_id: r.request_id.clone(),
             method: "SetPolicy",
             fingerprint: print.clone(),
-            encode: Box::new(|v: &RegionView| {
+            encode: Box::new(move |v: &RegionView| {
                 pb::SetPolicyResponse {
                     region: Some(region_to_pb(v)),
                     pages_migrated: 0,
                     pages_migrate_failed: 0,
+                    warnings: crate::reconcile::policy_warning(
+                        v.intent.backend,
+                        v.intent.strategy,
+                        &policy,
+                        &caps,
+                    )
+                    .into_iter()
+                    .collect(),
                 }
                 .encode_to_vec()
             }),
@@ -584,6 +595,7 @@ impl NodeAgentService for NodeAgent {
                 region: Some(region_to_pb(&o.region)),
                 pages_migrated: o.pages_migrated,
                 pages_migrate_failed: o.pages_migrate_failed,
+                warnings: o.warnings,
             })),
             Err(AgentError::DuplicateRequest(_)) => {
                 match replay(&self.agent, &r.request_id, "SetPolicy", &print).await? {

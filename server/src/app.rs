@@ -152,10 +152,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let mut store = Store::open(&db, Duration::from_secs(5)).await?;
     store.set_commit_observer(crate::metrics::observe_commit);
     let topology = TopologyReader::host();
-    let first_node = topology.read().usable.iter().next().unwrap_or(0);
-    let caps = tokio::task::spawn_blocking(move || kernel::probe::probe(first_node))
+    let usable: Vec<u32> = topology.read().usable.iter().collect();
+    let mut caps = tokio::task::spawn_blocking(move || kernel::probe::probe(&usable))
         .await
         .map_err(|e| AppError::Serve(e.to_string()))?;
+    // Tests only: the multi-node KVM guest proves SetPolicy's interleave warning on a kernel
+    // whose probe finds interleave exact (no 6.19 to 7.1 Debian kernel with KVM modules exists).
+    if std::env::var("MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT").as_deref() == Ok("false") {
+        tracing::warn!(probed = ?caps.guest_memfd_interleave_exact, "MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT=false overrides the guest_memfd interleave probe");
+        caps.guest_memfd_interleave_exact = Some(false);
+        caps.guest_memfd_interleave_note = format!(
+            "overridden to false by MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT (tests only); the probe found: {}",
+            caps.guest_memfd_interleave_note
+        );
+    }
     log_capabilities(&caps);
     let limits = Limits {
         max_regions: cfg.max_regions,
@@ -379,6 +389,8 @@ fn log_capabilities(c: &kernel::probe::Capabilities) {
         preferred_many = c.preferred_many,
         weighted_interleave = c.weighted_interleave,
         pidfd_getfd = c.pidfd_getfd,
+        guest_memfd_interleave_exact = ?c.guest_memfd_interleave_exact,
+        guest_memfd_interleave = %c.guest_memfd_interleave_note,
         "kernel capabilities probed"
     );
     if !c.kvm_usable {

@@ -758,6 +758,8 @@ pub enum EventKind {
     RegionAdopted = 12,
     /// A VMM attached its VM fd.
     VmAttached = 13,
+    /// A policy was applied that will not place pages as asked.
+    PolicyWarning = 14,
 }
 
 impl EventKind {
@@ -778,6 +780,7 @@ impl EventKind {
             FdRecovered,
             RegionAdopted,
             VmAttached,
+            PolicyWarning,
         ]
         .into_iter()
         .find(|k| *k as i32 == v)

@@ -1312,3 +1312,87 @@ async fn a_recreated_guest_memfd_is_pending_again_on_disk() {
         "recreated memfd",
     );
 }
+
+/// memplace-test-vmm, the minimal VMM the 2-node KVM guest test runs (scenario.sh `vmm_case`),
+/// on this host: it adopts its own guest_memfd; nothing is allocated before its guest runs, not
+/// even after SetPolicy; each SIGUSR1 runs real guest code whose stores allocate every page of
+/// the pass (the VMM reads the pattern back); after a SIGKILL of the agent the new agent holds
+/// the VMM's file again and the second pass runs. The host has one node, so where the pages land
+/// across nodes is the guest test's job; here they must all be present on node 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_vmm_runs_a_guest_on_its_adopted_guest_memfd() {
+    let mut agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let token = c.issue_handoff_token("vm-vmm").await.expect("token");
+    let mut cmd = Command::new(ctl_path().with_file_name("memplace-test-vmm"));
+    cmd.arg("--handoff-socket")
+        .arg(agent.handoff_socket())
+        .args(["--token", &token, "vm-vmm", "ram", "--size", "8M"])
+        .args(["--pass", "4M", "--pass", "4M"]);
+    let mut v = HolderProc::spawn(cmd);
+    let adopted = v.expect_line("vmm: adopted vm-vmm/ram gmem ");
+    let gmem_ino: u64 = adopted
+        .split_whitespace()
+        .nth(4)
+        .and_then(|d| d.split_once(':'))
+        .and_then(|(_, ino)| ino.parse().ok())
+        .unwrap_or_else(|| panic!("no dev:ino in {adopted:?}"));
+    let holds_vmm_file = |pid: u32| fds_of(pid).iter().any(|(_, ino)| *ino == gmem_ino);
+    assert!(holds_vmm_file(agent.pid()), "{:?}", fds_of(agent.pid()));
+    let r = c.get_region("vm-vmm", "ram").await.expect("adopted region");
+    assert_eq!(r.backend(), pb::Backend::GuestMemfd);
+    assert_eq!(r.holder_pid, v.pid());
+    let pages = 8 * MIB / PAGE;
+    let absent = |p: &pb::GetPlacementResponse| p.pages_not_present;
+    assert_eq!(
+        absent(&c.placement("vm-vmm", "ram", 0, 0).await.unwrap()),
+        pages
+    );
+    c.set_policy(
+        "vm-vmm",
+        "ram",
+        0,
+        0,
+        policy(pb::PolicyMode::Bind, &[0]),
+        false,
+    )
+    .await
+    .expect("SetPolicy before the guest runs");
+    assert_eq!(
+        absent(&c.placement("vm-vmm", "ram", 0, 0).await.unwrap()),
+        pages,
+        "SetPolicy allocated pages"
+    );
+
+    signal(v.pid(), "USR1");
+    let said = v.expect_line("vmm: pass 1 ");
+    assert!(said.ends_with("guest halted, pattern ok"), "{said}");
+    let p = c.placement("vm-vmm", "ram", 0, 0).await.unwrap();
+    assert_eq!(
+        (nodes_of(&p), p.pages_not_present),
+        (vec![(0, pages / 2)], pages / 2),
+        "{p:?}"
+    );
+
+    agent.restart();
+    let mut c = agent.client().await;
+    assert!(holds_vmm_file(agent.pid()), "{:?}", fds_of(agent.pid()));
+    let r = c.get_region("vm-vmm", "ram").await.unwrap();
+    assert_eq!(r.status(), pb::RegionStatus::Active, "{r:?}");
+    assert_eq!(r.holder_pid, v.pid());
+    signal(v.pid(), "USR1");
+    let said = v.expect_line("vmm: pass 2 ");
+    assert!(said.ends_with("guest halted, pattern ok"), "{said}");
+    let p = c.placement("vm-vmm", "ram", 0, 0).await.unwrap();
+    assert_eq!(
+        (nodes_of(&p), p.pages_not_present, p.pages_misplaced),
+        (vec![(0, pages)], 0, 0),
+        "{p:?}"
+    );
+    signal(v.pid(), "TERM");
+    assert!(
+        v.child.wait().expect("wait for the VMM").success(),
+        "{:?}",
+        v.seen
+    );
+}

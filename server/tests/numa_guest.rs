@@ -575,7 +575,7 @@ fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
     };
     let nodes = env_number("MEMPLACE_NUMA_NODES").unwrap_or(guest.nodes);
     let node_mb = env_number("MEMPLACE_NUMA_NODE_MB").unwrap_or(DEFAULT_NODE_MB);
-    let (memplaced, memplacectl) = memplace_binaries();
+    let (memplaced, memplacectl, test_vmm) = memplace_binaries();
 
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("numa-guest")
@@ -589,7 +589,9 @@ fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
         .arg("--bin")
         .arg(&memplaced)
         .arg("--bin")
-        .arg(&memplacectl);
+        .arg(&memplacectl)
+        .arg("--bin")
+        .arg(&test_vmm);
     if let Some(modules) = modules {
         build.arg("--modules").arg(modules);
     }
@@ -668,17 +670,23 @@ fn fetch_kernels() -> Result<Kernels, String> {
     })
 }
 
-/// memplaced comes with this crate's tests; memplacectl is another crate's binary, built beside it
-/// when the whole workspace is built.
-fn memplace_binaries() -> (PathBuf, PathBuf) {
+/// memplaced comes with this crate's tests; memplacectl and memplace-test-vmm (the minimal VMM the
+/// KVM guest runs a real guest with) are another crate's binaries, built beside it when the whole
+/// workspace is built.
+fn memplace_binaries() -> (PathBuf, PathBuf, PathBuf) {
     let memplaced = PathBuf::from(env!("CARGO_BIN_EXE_memplaced"));
-    let memplacectl = memplaced.with_file_name("memplacectl");
-    assert!(
-        memplacectl.is_file(),
-        "memplacectl is not built at {}: build the workspace first (cargo build --workspace)",
-        memplacectl.display()
-    );
-    (memplaced, memplacectl)
+    let sibling = |name: &str| {
+        let path = memplaced.with_file_name(name);
+        assert!(
+            path.is_file(),
+            "{name} is not built at {}: build the workspace first (cargo build --workspace)",
+            path.display()
+        );
+        path
+    };
+    let memplacectl = sibling("memplacectl");
+    let test_vmm = sibling("memplace-test-vmm");
+    (memplaced, memplacectl, test_vmm)
 }
 
 fn script(name: &str) -> Command {

@@ -128,6 +128,14 @@ impl GuestMemfdVm {
         Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
+    /// Creates vCPU `id` on this VM, for a VMM (or a test VMM) that runs guest code from the
+    /// memslots it bound with [`GuestMemfdVm::bind_memslot`]. The agent itself never runs vCPUs.
+    pub fn create_vcpu(&self, id: u64) -> Result<kvm_ioctls::VcpuFd, Errno> {
+        self.vm
+            .create_vcpu(id)
+            .map_err(|e| Errno::from_raw(e.errno()))
+    }
+
     /// Binds a memslot backed by `gmem` (private) and `userspace_addr` (shared) on this VM. Used
     /// to prove a guest_memfd belongs to this VM.
     pub fn bind_memslot(

@@ -185,6 +185,49 @@ pub struct SetPolicyOutcome {
     pub pages_migrated: u64,
     /// Pages that could not move.
     pub pages_migrate_failed: u64,
+    /// The policy was applied but will not place pages as asked (see [`policy_warning`]).
+    pub warnings: Vec<String>,
+}
+
+/// Why a policy applied to a region will not place its pages as asked, if it will not: INTERLEAVE
+/// or WEIGHTED_INTERLEAVE over several nodes on a guest_memfd region placed through the kernel's
+/// shared policy, where the start-up probe did not find interleave on guest_memfd exact (kernels
+/// 6.19 to 7.1 take the interleave index from the inode, not the page offset). The agent applies
+/// the policy anyway (pages still go to the named nodes, only not alternating by offset), and says
+/// so in SetPolicy's answer and in a POLICY_WARNING event.
+pub fn policy_warning(
+    backend: Backend,
+    strategy: Strategy,
+    policy: &Policy,
+    caps: &Capabilities,
+) -> Option<String> {
+    let interleave = matches!(
+        policy.mode,
+        PolicyMode::Interleave | PolicyMode::WeightedInterleave
+    );
+    if backend != Backend::GuestMemfd
+        || strategy != Strategy::SharedPolicy
+        || !interleave
+        || policy.nodes.len() < 2
+        || caps.guest_memfd_interleave_exact == Some(true)
+    {
+        return None;
+    }
+    let why = match caps.guest_memfd_interleave_exact {
+        Some(_) => format!(
+            "is not exact on kernel {}: it takes the interleave index of guest_memfd pages from the inode, \
+             not from the page offset (fixed in 7.2), so the pages will not alternate over nodes {}",
+            caps.kernel_release, policy.nodes
+        ),
+        None => format!(
+            "could not be verified on kernel {} ({}); kernels 6.19 to 7.1 do not alternate the pages by offset",
+            caps.kernel_release, caps.guest_memfd_interleave_note
+        ),
+    };
+    Some(format!(
+        "{} on guest_memfd {why}; the policy was applied as asked",
+        policy.mode.as_str()
+    ))
 }
 
 /// A CreateRegion request in domain terms.
@@ -942,7 +985,24 @@ impl Agent {
             ),
             actor,
         );
-        match self.commit(ops, vec![ev]).await {
+        let warnings: Vec<String> = policy_warning(
+            live.intent.backend,
+            live.intent.strategy,
+            &policy,
+            &self.caps,
+        )
+        .into_iter()
+        .collect();
+        let mut events = vec![ev];
+        for w in &warnings {
+            events.push(self.event(
+                EventKind::PolicyWarning,
+                Some(key),
+                format!("[{offset:#x}, {:#x}): {w}", offset + length),
+                actor,
+            ));
+        }
+        match self.commit(ops, events).await {
             // Only the request record can conflict here (ranges are replaced, not added to): a
             // concurrent call with this id committed first, and nothing of this one was written.
             Err(AgentError::Store(StoreError::Conflict)) if idem.is_some() => {
@@ -963,6 +1023,7 @@ impl Agent {
             region: tokio::task::block_in_place(|| self.view(&live)),
             pages_migrated: moved,
             pages_migrate_failed: failed,
+            warnings,
         })
     }
 
@@ -1393,4 +1454,103 @@ fn new_uid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+#[cfg(test)]
+mod policy_warning_tests {
+    use super::{Capabilities, policy_warning};
+    use crate::domain::{Backend, NodeSet, Policy, PolicyMode, Strategy};
+
+    fn caps(exact: Option<bool>) -> Capabilities {
+        Capabilities {
+            kernel_release: "7.0.4-cloud-amd64".into(),
+            guest_memfd_interleave_exact: exact,
+            guest_memfd_interleave_note:
+                "not probed: needs two NUMA nodes the agent may use, has 1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn policy(mode: PolicyMode, nodes: &[u32]) -> Policy {
+        Policy::new(
+            mode,
+            NodeSet::from_ids(nodes.iter().copied()).expect("nodes"),
+        )
+    }
+
+    #[test]
+    fn interleave_on_guest_memfd_warns_where_the_probe_found_it_inexact() {
+        let il = policy(PolicyMode::Interleave, &[0, 1]);
+        let w = policy_warning(
+            Backend::GuestMemfd,
+            Strategy::SharedPolicy,
+            &il,
+            &caps(Some(false)),
+        )
+        .expect("a warning");
+        assert!(
+            w.contains("interleave on guest_memfd is not exact on kernel 7.0.4"),
+            "{w}"
+        );
+        assert!(w.contains("applied as asked"), "{w}");
+        let wil = policy(PolicyMode::WeightedInterleave, &[0, 1]);
+        assert!(
+            policy_warning(
+                Backend::GuestMemfd,
+                Strategy::SharedPolicy,
+                &wil,
+                &caps(Some(false))
+            )
+            .is_some()
+        );
+        // Not known: still warned, with the probe's reason.
+        let w = policy_warning(
+            Backend::GuestMemfd,
+            Strategy::SharedPolicy,
+            &il,
+            &caps(None),
+        )
+        .expect("a warning");
+        assert!(
+            w.contains("could not be verified") && w.contains("needs two NUMA nodes"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn no_warning_where_interleave_is_exact_or_not_at_stake() {
+        let il = policy(PolicyMode::Interleave, &[0, 1]);
+        let inexact = caps(Some(false));
+        // Exact (7.2+).
+        assert_eq!(
+            policy_warning(
+                Backend::GuestMemfd,
+                Strategy::SharedPolicy,
+                &il,
+                &caps(Some(true))
+            ),
+            None
+        );
+        // memfd interleaves by offset; task-policy placement is the agent's own allocation.
+        assert_eq!(
+            policy_warning(Backend::Memfd, Strategy::SharedPolicy, &il, &inexact),
+            None
+        );
+        assert_eq!(
+            policy_warning(Backend::GuestMemfd, Strategy::TaskPolicy, &il, &inexact),
+            None
+        );
+        // Other modes, and interleave over one node.
+        for p in [
+            policy(PolicyMode::Bind, &[0, 1]),
+            policy(PolicyMode::PreferredMany, &[0, 1]),
+            policy(PolicyMode::Interleave, &[1]),
+        ] {
+            assert_eq!(
+                policy_warning(Backend::GuestMemfd, Strategy::SharedPolicy, &p, &inexact),
+                None,
+                "{p}"
+            );
+        }
+    }
 }

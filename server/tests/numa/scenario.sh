@@ -379,6 +379,190 @@ gmem_after_restart() {
     fi
 }
 
+# A real guest on guest_memfd placed by memplace (KVM guests). memplace-test-vmm, on node 0's CPU,
+# creates its own KVM VM and a 32 MiB guest_memfd, binds it as guest RAM and adopts it into an
+# agent of its own; SetPolicy BIND {last} is set while no page exists yet, and only then does the
+# guest run: each SIGUSR1 runs guest code that writes every page of the next 16 MiB (the VMM
+# reads the pattern back). Each pass is read twice: GetPlacement, and the growth of the last
+# node's FilePages in its sysfs meminfo (guest_memfd pages are file pages of that node). Between
+# the passes the agent is SIGKILLed and restarted: it must hold the VMM's guest_memfd again (same
+# st_dev:st_ino among its fds), with the intent intact, and the second pass lands on the last
+# node too. QEMU 11.1 (Debian sid) cannot back a non-confidential VM's RAM with guest_memfd (see
+# the top-level README's "A VMM on guest_memfd"), hence this minimal VMM.
+VMM_MB=$MB
+vmm_case() {
+    local half all before
+    half=$(pages_of_mb $((VMM_MB / 2)))
+    all=$(pages_of_mb $VMM_MB)
+    step vmm-agent-start agent_start vmm || return 1
+    if ! step vmm-start vmm_start vm-vmm ram ${VMM_MB}M $((VMM_MB / 2))M numactl --cpunodebind=0; then
+        agent_stop
+        return 1
+    fi
+    check vmm-adopted expect_region vm-vmm ram backend=guest-memfd strategy=shared-policy \
+        status=active "holder_pid=$VMM_PID"
+    check vmm-agent-holds-gmem expect_holds_file "$AGENT_PID" "$VMM_GMEM"
+    check vmm-untouched-before-policy expect_nothing_allocated vm-vmm ram "$all"
+    step vmm-policy set_policy vm-vmm ram --mode bind --nodes "$LAST"
+    check vmm-untouched-after-policy expect_nothing_allocated vm-vmm ram "$all"
+    before=$(node_meminfo "$LAST" FilePages)
+    if step vmm-guest-pass-1 vmm_pass 1; then
+        check vmm-pass-1-meminfo expect_file_pages_growth "$LAST" "$before" "$half"
+        check vmm-pass-1-agent expect_placement vm-vmm ram "$LAST:$half" 0 --length $((VMM_MB / 2))M
+    fi
+    step vmm-agent-sigkill agent_kill
+    if step vmm-agent-back agent_start vmm; then
+        check vmm-agent-holds-gmem-after-restart expect_holds_file "$AGENT_PID" "$VMM_GMEM"
+        check vmm-intent-intact expect_region vm-vmm ram status=active strategy=shared-policy \
+            "holder_pid=$VMM_PID" ranges.0.state=applied ranges.0.observed.mode=bind \
+            "ranges.0.observed.nodes.0=$LAST"
+        before=$(node_meminfo "$LAST" FilePages)
+        if step vmm-guest-pass-2 vmm_pass 2; then
+            check vmm-pass-2-meminfo expect_file_pages_growth "$LAST" "$before" "$half"
+            check vmm-pass-2-agent expect_placement vm-vmm ram "$LAST:$all" 0
+        fi
+    fi
+    holder_stop "$VMM_PID"
+    region_delete vm-vmm ram
+    agent_stop
+}
+
+# vmm_start VM NAME SIZE PASS [WRAPPER...]: starts memplace-test-vmm (under WRAPPER, which must exec
+# it) with two passes of PASS bytes, and waits for its adopt. Sets VMM_PID, VMM_GMEM (dev:ino of
+# its guest_memfd) and VMM_OUT.
+vmm_start() {
+    local vm=$1 name=$2 size=$3 pass=$4 token tries=0
+    shift 4
+    VMM_OUT=$WORK/vmm.$vm.$name
+    VMM_PID="" VMM_GMEM=""
+    token=$(memplacectl token "$vm") || return 1
+    : >"$VMM_OUT"
+    "$@" memplace-test-vmm --handoff-socket "$MEMPLACE_HANDOFF_SOCKET" --token "$token" \
+        "$vm" "$name" --size "$size" --pass "$pass" --pass "$pass" >"$VMM_OUT" 2>&1 &
+    VMM_PID=$!
+    until grep -q '^vmm: adopted' "$VMM_OUT"; do
+        if ! kill -0 "$VMM_PID" 2>/dev/null || [ "$tries" -ge 1200 ]; then
+            echo "memplace-test-vmm did not adopt:"
+            cat "$VMM_OUT"
+            return 1
+        fi
+        tries=$((tries + 1))
+        sleep 0.1
+    done
+    cat "$VMM_OUT"
+    VMM_GMEM=$(sed -n 's/^vmm: adopted .* gmem \([0-9]*:[0-9]*\) .*/\1/p' "$VMM_OUT")
+    [ -n "$VMM_GMEM" ]
+}
+
+# vmm_pass N: SIGUSR1 to the VMM, which runs the guest over its next span; waits for its answer.
+vmm_pass() {
+    local tries=0
+    kill -USR1 "$VMM_PID" || return 1
+    until grep -q -e "^vmm: pass $1 " -e '^vmm: error' "$VMM_OUT"; do
+        if ! kill -0 "$VMM_PID" 2>/dev/null || [ "$tries" -ge 1200 ]; then
+            echo "memplace-test-vmm did not finish pass $1:"
+            break
+        fi
+        tries=$((tries + 1))
+        sleep 0.1
+    done
+    cat "$VMM_OUT"
+    grep -q "^vmm: pass $1 .*guest halted, pattern ok" "$VMM_OUT"
+}
+
+# expect_holds_file PID DEV:INO: one of PID's fds is the file DEV:INO.
+expect_holds_file() {
+    local f
+    for f in /proc/"$1"/fd/*; do
+        if [ "$(stat -L -c '%d:%i' "$f" 2>/dev/null)" = "$2" ]; then
+            echo "pid $1 holds $2 as $f -> $(readlink "$f")"
+            return 0
+        fi
+    done
+    echo "pid $1 holds no fd of file $2"
+    return 1
+}
+
+# expect_file_pages_growth NODE BEFORE_KB PAGES: the node's FilePages grew by PAGES pages, within
+# FILE_PAGES_TOL: the node's other file pages (tmpfs logs, page cache) move by a page or two while
+# the guest runs (one run here: 4,095 and 4,095 for 4,096 written, and +1 page between the passes).
+FILE_PAGES_TOL=16
+expect_file_pages_growth() {
+    local now grew
+    now=$(node_meminfo "$1" FilePages)
+    grew=$(((now - $2) / 4))
+    echo "node $1 FilePages $2 kB -> $now kB: grew by $grew pages, want $3 within $FILE_PAGES_TOL"
+    [ "$grew" -ge $(($3 - FILE_PAGES_TOL)) ] && [ "$grew" -le $(($3 + FILE_PAGES_TOL)) ]
+}
+
+# Interleave on guest_memfd (KVM guests): the agent's start-up probe (a 16-page guest_memfd
+# interleaved over nodes 0 and 1, faulted, its pages' nodes counted) finds it exact on the new
+# kernel (7.2 takes the interleave index from the page offset; 6.19 to 7.1 did not), so SetPolicy
+# INTERLEAVE on a guest_memfd region gives no warning, and the agent's populate splits the pages
+# evenly between the two nodes.
+gmem_interleave_case() {
+    check gmem-interleave-probe-exact expect_info capabilities.guest_memfd_interleave_exact=true
+    step gmem-interleave-create region_create vm-gmem-il r ${MB}M --backend guest-memfd || return 1
+    if step gmem-interleave-policy set_policy vm-gmem-il r --mode interleave --nodes "0,$LAST"; then
+        check gmem-interleave-no-warning expect_no_warning
+        step gmem-interleave-populate populate vm-gmem-il r &&
+            check gmem-interleave-agent expect_placement vm-gmem-il r "0:$HALF $LAST:$HALF" 0
+    fi
+    region_delete vm-gmem-il r
+}
+
+# The warning path, on the same kernel: an agent whose probe result is overridden to "not exact"
+# (MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT=false, because no Debian kernel from 6.19 to 7.1 comes with
+# its KVM modules) applies SetPolicy INTERLEAVE on a guest_memfd region, answers with a warning
+# and logs a POLICY_WARNING event; BIND on the same region gets no warning.
+gmem_interleave_warning_case() {
+    step gmem-il-warn-agent agent_start il-warn env MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT=false || return 1
+    check gmem-il-warn-info expect_info capabilities.guest_memfd_interleave_exact=false
+    if step gmem-il-warn-create region_create vm-il-warn r ${MB}M --backend guest-memfd; then
+        if step gmem-il-warn-policy set_policy vm-il-warn r --mode interleave --nodes "0,$LAST"; then
+            check gmem-il-warning expect_flat_match "$WORK/policy.flat" warnings.0 \
+                "^interleave on guest_memfd is not exact on kernel .* the policy was applied as asked\$"
+            check gmem-il-warning-applied expect_region vm-il-warn r ranges.0.state=applied \
+                ranges.0.observed.mode=interleave
+            check gmem-il-warning-event expect_event vm-il-warn policy-warning "interleave on guest_memfd is not exact"
+        fi
+        step gmem-il-warn-bind set_policy vm-il-warn r --mode bind --nodes "$LAST" &&
+            check gmem-il-bind-no-warning expect_no_warning
+        region_delete vm-il-warn r
+    fi
+    agent_stop
+}
+
+# expect_flat_match FILE PATH REGEX: the json_flat field matches REGEX (grep -E).
+expect_flat_match() {
+    local got
+    got=$(flat_get "$1" "$2")
+    echo "$2: '$got', want /$3/"
+    printf '%s\n' "$got" | grep -Eq "$3"
+}
+
+# expect_event VM KIND TEXT: the VM's event log has a KIND event whose message contains TEXT.
+expect_event() {
+    memplacectl events --vm "$1" >"$WORK/events.out" || return 1
+    cat "$WORK/events.out"
+    grep " $2 " "$WORK/events.out" | grep -qF "$3"
+}
+
+# expect_info PATH=VALUE...: fields of `memplacectl info` (GetNodeInfo) have these values.
+expect_info() {
+    memplacectl -o json info | json_flat >"$WORK/info.flat" || return 1
+    grep '^capabilities\.guest_memfd_interleave' "$WORK/info.flat"
+    expect_flat "$WORK/info.flat" "$@"
+}
+
+# expect_no_warning: the last set_policy's answer carries no warning.
+expect_no_warning() {
+    if grep '^warnings\.' "$WORK/policy.flat"; then
+        return 1
+    fi
+    echo "no warnings"
+}
+
 # Without KVM (the 6.12 guests) a guest_memfd region is refused with FAILED_PRECONDITION (19).
 guest_memfd_unsupported() {
     status=0
@@ -474,9 +658,16 @@ memplace_checks() {
     section cgroup cgroup_case
     if [ "${MEMPLACE_KVM:-0}" != 1 ]; then
         section guest-memfd check gmem-unsupported guest_memfd_unsupported
+        check gmem-interleave-probe-unknown expect_info capabilities.guest_memfd_interleave_exact=unknown
+    else
+        section guest-memfd-interleave gmem_interleave_case
     fi
     section restart restart_case
     agent_stop
+    if [ "${MEMPLACE_KVM:-0}" = 1 ]; then
+        section guest-memfd-interleave-warning gmem_interleave_warning_case
+        section guest-vmm vmm_case
+    fi
     section confined-agent confined_agent_checks
     section task-policy-agent task_policy_agent_checks
     note "done at $(cut -d ' ' -f 1 /proc/uptime) s"
