@@ -153,11 +153,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     store.set_commit_observer(crate::metrics::observe_commit);
     let topology = TopologyReader::host();
     let usable: Vec<u32> = topology.read().usable.iter().collect();
-    let mut caps = tokio::task::spawn_blocking(move || kernel::probe::probe(&usable))
+    let caps = tokio::task::spawn_blocking(move || kernel::probe::probe(&usable))
         .await
         .map_err(|e| AppError::Serve(e.to_string()))?;
-    // Tests only: the multi-node KVM guest proves SetPolicy's interleave warning on a kernel
-    // whose probe finds interleave exact (no 6.19 to 7.1 Debian kernel with KVM modules exists).
+    // Tests only, compiled in only with the `failpoints` test feature: the multi-node KVM guest
+    // proves SetPolicy's interleave warning on a kernel whose probe finds interleave exact (no
+    // 6.19 to 7.1 Debian kernel with KVM modules exists). A production build never reads it.
+    #[cfg(feature = "failpoints")]
+    let mut caps = caps;
+    #[cfg(feature = "failpoints")]
     if std::env::var("MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT").as_deref() == Ok("false") {
         tracing::warn!(probed = ?caps.guest_memfd_interleave_exact, "MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT=false overrides the guest_memfd interleave probe");
         caps.guest_memfd_interleave_exact = Some(false);

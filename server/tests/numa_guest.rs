@@ -304,7 +304,19 @@ const SCENARIO_CHECKS: &[CheckGroup] = &[
     // guest-memfd
     CheckGroup {
         runs_on: without_kvm,
-        names: &["gmem-unsupported"],
+        names: &["gmem-unsupported", "gmem-interleave-probe-unknown"],
+    },
+    // guest-memfd-interleave: the probe says exact on 7.x, and interleave alternates pages
+    CheckGroup {
+        runs_on: with_kvm,
+        names: &[
+            "gmem-interleave-probe-exact",
+            "gmem-interleave-create",
+            "gmem-interleave-policy",
+            "gmem-interleave-no-warning",
+            "gmem-interleave-populate",
+            "gmem-interleave-agent",
+        ],
     },
     // restart: before
     CheckGroup {
@@ -354,6 +366,44 @@ const SCENARIO_CHECKS: &[CheckGroup] = &[
             "gmem-after-restart-agent",
             "gmem-hold-all-after-restart",
             "gmem-after-restart-numa-maps",
+        ],
+    },
+    // guest-memfd-interleave-warning: an agent told the probe said "not exact"
+    CheckGroup {
+        runs_on: with_kvm,
+        names: &[
+            "gmem-il-warn-agent",
+            "gmem-il-warn-info",
+            "gmem-il-warn-create",
+            "gmem-il-warn-policy",
+            "gmem-il-warning",
+            "gmem-il-warning-applied",
+            "gmem-il-warning-event",
+            "gmem-il-warn-bind",
+            "gmem-il-bind-no-warning",
+        ],
+    },
+    // guest-vmm: memplace-test-vmm runs real guest code on its adopted guest_memfd
+    CheckGroup {
+        runs_on: with_kvm,
+        names: &[
+            "vmm-agent-start",
+            "vmm-start",
+            "vmm-adopted",
+            "vmm-agent-holds-gmem",
+            "vmm-untouched-before-policy",
+            "vmm-policy",
+            "vmm-untouched-after-policy",
+            "vmm-guest-pass-1",
+            "vmm-pass-1-meminfo",
+            "vmm-pass-1-agent",
+            "vmm-agent-sigkill",
+            "vmm-agent-back",
+            "vmm-agent-holds-gmem-after-restart",
+            "vmm-intent-intact",
+            "vmm-guest-pass-2",
+            "vmm-pass-2-meminfo",
+            "vmm-pass-2-agent",
         ],
     },
     // confined-agent
