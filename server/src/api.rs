@@ -706,6 +706,9 @@ impl NodeAgentService for NodeAgent {
             ranges_drifted: rep.drifted,
             ranges_failed: rep.failed,
             regions_checked: rep.regions,
+            ranges_task_policy: rep.task_policy,
+            ranges_lost: rep.lost,
+            ranges_unmapped: rep.unmapped,
         }))
     }
 

@@ -758,6 +758,8 @@ pub enum EventKind {
     RegionAdopted = 12,
     /// A VMM attached its VM fd.
     VmAttached = 13,
+    /// A range's policy could not be applied or read back as intended.
+    VerifyFailed = 14,
 }
 
 impl EventKind {
@@ -778,6 +780,7 @@ impl EventKind {
             FdRecovered,
             RegionAdopted,
             VmAttached,
+            VerifyFailed,
         ]
         .into_iter()
         .find(|k| *k as i32 == v)

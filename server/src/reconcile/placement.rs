@@ -98,10 +98,19 @@ pub(crate) fn map_resident(
         let (at, len) = (offset + start as u64 * page, (i - start) as u64 * page);
         // A page punched between the allocation check and here would be allocated by this read
         // fault; that race needs a concurrent hole punch and costs one zero page.
-        let _ = mapping.populate_read(at, len);
-        nodes[start..i].copy_from_slice(&nodes_of(mapping, at, len, page));
+        nodes[start..i].copy_from_slice(&fault_and_query(mapping, at, len, page));
     }
     nodes
+}
+
+/// Read-faults a run of allocated pages into `mapping` and returns each page's node. When the
+/// fault fails, the pages' nodes are unknown (the errno), never "not present": they are
+/// allocated, only not mapped here.
+fn fault_and_query(mapping: &Mapping, offset: u64, length: u64, page: u64) -> Vec<i32> {
+    match mapping.populate_read(offset, length) {
+        Ok(()) => nodes_of(mapping, offset, length, page),
+        Err(e) => vec![-(e as i32); (length / page) as usize],
+    }
 }
 
 /// Each page's node as mapped in this process now (-ENOENT where not mapped here).
@@ -211,5 +220,41 @@ impl Agent {
             ranges,
             page_size: page,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read fault that fails leaves the run's pages unknown, not "not present", even where
+    /// move_pages could still name the node of a page mapped earlier.
+    #[test]
+    fn failed_read_fault_is_unknown() {
+        let page = kernel::page_size();
+        let fd = kernel::create_memfd("fault-test", 2 * page, None).unwrap();
+        let mapping = Mapping::new(fd.as_fd(), 2 * page).unwrap();
+        // Page 0 allocated and mapped here; page 1 a hole whose read fault fails.
+        mapping.write(0, &[1]).unwrap();
+        let _uffd = mapping.fail_faults_on_holes(0, 2 * page).unwrap();
+        assert!(mapping.populate_read(0, 2 * page).is_err());
+        let nodes = fault_and_query(&mapping, 0, 2 * page, page);
+        assert_eq!(nodes.len(), 2);
+        for n in &nodes {
+            assert!(
+                *n < 0 && *n != ENOENT,
+                "expected unknown statuses: {nodes:?}"
+            );
+        }
+        let view = range_view(
+            &RangeIntent {
+                offset: 0,
+                length: 2 * page,
+                policy: crate::domain::Policy::DEFAULT,
+                placed: false,
+            },
+            nodes.into_iter().map(|n| (n, 1)),
+        );
+        assert_eq!((view.unknown, view.not_present), (2, 0), "{view:?}");
     }
 }
