@@ -138,6 +138,9 @@ pub enum RangeState {
     Failed,
     /// The kernel reports something else.
     Drifted,
+    /// A task-policy range Populate placed, whose pages' nodes the kernel could not show (no
+    /// mapping, or the read failed).
+    Unverified,
 }
 
 /// A range with what the kernel reports.
@@ -151,6 +154,8 @@ pub struct RangeView {
     pub state: RangeState,
     /// Last error.
     pub last_error: String,
+    /// What the kernel showed of a task-policy range's pages when this view was made.
+    pub check: Option<placement::RangeCheck>,
 }
 
 /// A region with observed state, as the API returns it.
@@ -695,8 +700,10 @@ impl Agent {
             AgentError::Store(StoreError::Conflict) => AgentError::AlreadyExists(req.key.clone()),
             e => e,
         })?;
-        let applied = tokio::task::block_in_place(|| self.apply_all(&mut live));
-        let view = self.view(&live);
+        let (applied, view) = tokio::task::block_in_place(|| {
+            let applied = self.apply_all(&mut live);
+            (applied, self.view(&live))
+        });
         self.regions
             .lock()
             .expect("region map lock")
@@ -758,6 +765,7 @@ impl Agent {
                     observed: None,
                     state: RangeState::Pending,
                     last_error: String::new(),
+                    check: None,
                 })
                 .collect(),
             page_size: live.intent.page_size(self.page),
@@ -769,49 +777,44 @@ impl Agent {
     fn view(&self, live: &LiveRegion) -> RegionView {
         let mapping = live.file.as_ref().and_then(|f| f.mapping.as_ref());
         let page = live.intent.page_size(self.page);
-        let ranges = live
-            .intent
-            .ranges
-            .ranges()
-            .iter()
-            .map(|r| {
-                let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
-                let observed = mapping.and_then(|m| observe(m, r, page));
-                let state = match live.intent.strategy {
-                    _ if live.file.is_none() => RangeState::Failed,
-                    Strategy::SharedPolicy => match observed {
-                        Some(p) if p == r.policy => RangeState::Applied,
-                        _ if !last_error.is_empty() => RangeState::Failed,
-                        Some(_) => RangeState::Drifted,
-                        None => RangeState::Pending,
-                    },
-                    Strategy::TaskPolicy => {
-                        if !last_error.is_empty() {
-                            RangeState::Failed
-                        } else if r.placed || r.policy == Policy::DEFAULT {
-                            RangeState::Applied
-                        } else {
-                            RangeState::Pending
-                        }
-                    }
-                };
-                let last_error = if live.file.is_none() && last_error.is_empty() {
-                    "region lost: no process held its file while the agent was down".to_string()
-                } else {
-                    last_error
-                };
-                RangeView {
-                    intent: *r,
-                    observed: if live.intent.strategy == Strategy::SharedPolicy {
-                        observed
+        let ranges =
+            live.intent
+                .ranges
+                .ranges()
+                .iter()
+                .map(|r| {
+                    let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
+                    let shared = live.intent.strategy == Strategy::SharedPolicy;
+                    let observed = mapping.filter(|_| shared).and_then(|m| observe(m, r, page));
+                    // A task-policy range's only effect is where its pages are: read it now.
+                    let check = live.file.as_ref().filter(|_| !shared).map(|f| {
+                        placement::check_range(f.fd.as_fd(), live.intent.size_bytes, r, page)
+                    });
+                    let state = match live.intent.strategy {
+                        _ if live.file.is_none() => RangeState::Failed,
+                        Strategy::SharedPolicy => match observed {
+                            Some(p) if p == r.policy => RangeState::Applied,
+                            _ if !last_error.is_empty() => RangeState::Failed,
+                            Some(_) => RangeState::Drifted,
+                            None => RangeState::Pending,
+                        },
+                        Strategy::TaskPolicy if !last_error.is_empty() => RangeState::Failed,
+                        Strategy::TaskPolicy => task_state(r, check.as_ref().and_then(|c| c.ok())),
+                    };
+                    let last_error = if live.file.is_none() && last_error.is_empty() {
+                        "region lost: no process held its file while the agent was down".to_string()
                     } else {
-                        None
-                    },
-                    state,
-                    last_error,
-                }
-            })
-            .collect();
+                        last_error
+                    };
+                    RangeView {
+                        intent: *r,
+                        observed,
+                        state,
+                        last_error,
+                        check: check.and_then(|c| c.ok()),
+                    }
+                })
+                .collect();
         RegionView {
             intent: live.intent.clone(),
             ranges,
@@ -1360,12 +1363,34 @@ impl Agent {
             }),
             errors: HashMap::new(),
         };
-        let view = self.view(&live);
+        let view = tokio::task::block_in_place(|| self.view(&live));
         self.regions
             .lock()
             .expect("region map lock")
             .insert(key, Arc::new(RwLock::new(live)));
         Ok(view)
+    }
+}
+
+/// The state of a task-policy range from what the kernel shows now (`check`, `None` when it
+/// could not be read), never from the database alone: the stored `placed` says only that
+/// Populate allocated the range under its policy once; pages punched since and faulted again by
+/// someone else followed that someone's policy.
+/// - Drifted: an allocated page sits on a node the policy does not allow.
+/// - Pending: never placed, or not every page is allocated any more.
+/// - Unverified: placed, but the kernel could not show where (some) pages are.
+/// - Applied: placed, every page allocated, every sampled page on an allowed node (a DEFAULT
+///   range asks for nothing, so it is always applied).
+fn task_state(r: &RangeIntent, check: Option<placement::RangeCheck>) -> RangeState {
+    if r.policy == Policy::DEFAULT {
+        return RangeState::Applied;
+    }
+    match check {
+        Some(c) if c.pages_sampled_misplaced > 0 => RangeState::Drifted,
+        _ if !r.placed => RangeState::Pending,
+        Some(c) if c.pages_allocated < c.pages_total => RangeState::Pending,
+        Some(c) if c.pages_sampled_unknown == 0 => RangeState::Applied,
+        _ => RangeState::Unverified,
     }
 }
 
@@ -1543,4 +1568,50 @@ mod tests {
     }
 
     use std::os::unix::fs::OpenOptionsExt;
+
+    /// A task-policy range's state comes from the kernel's answer, not from `placed` alone.
+    #[test]
+    fn task_state_follows_the_kernel() {
+        use placement::RangeCheck;
+        let bind = Policy::new(
+            PolicyMode::Bind,
+            crate::domain::NodeSet::from_ids([1]).unwrap(),
+        );
+        let r = |placed| RangeIntent {
+            offset: 0,
+            length: 8 * 4096,
+            policy: bind,
+            placed,
+        };
+        let full = RangeCheck {
+            pages_total: 8,
+            pages_allocated: 8,
+            pages_sampled: 8,
+            ..Default::default()
+        };
+        assert_eq!(task_state(&r(true), Some(full)), RangeState::Applied);
+        assert_eq!(task_state(&r(false), Some(full)), RangeState::Pending);
+        assert_eq!(task_state(&r(true), None), RangeState::Unverified);
+        let punched = RangeCheck {
+            pages_allocated: 7,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(punched)), RangeState::Pending);
+        let elsewhere = RangeCheck {
+            pages_sampled_misplaced: 1,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(elsewhere)), RangeState::Drifted);
+        assert_eq!(task_state(&r(false), Some(elsewhere)), RangeState::Drifted);
+        let unknown = RangeCheck {
+            pages_sampled_unknown: 1,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(unknown)), RangeState::Unverified);
+        let default = RangeIntent {
+            policy: Policy::DEFAULT,
+            ..r(false)
+        };
+        assert_eq!(task_state(&default, None), RangeState::Applied);
+    }
 }
