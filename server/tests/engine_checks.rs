@@ -516,3 +516,69 @@ async fn force_strategy_is_a_config_key() {
         "{out:?}"
     );
 }
+
+/// A region whose ranges cannot be bound again after a restart says so with an event, not
+/// silence: here a VMM's adopted memfd that it sealed against new writable mappings.
+#[tokio::test(flavor = "multi_thread")]
+async fn ranges_that_cannot_be_rebound_at_restart_raise_an_event() {
+    let mut agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let token = c.issue_handoff_token("vmS").await.unwrap();
+    let size = 4 * MIB;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+    let raw = unsafe {
+        libc::memfd_create(
+            c"vmm-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(
+        raw >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: memfd_create returned a new fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    nix::unistd::ftruncate(&fd, size as i64).unwrap();
+    Handoff::connect(agent.handoff_socket())
+        .unwrap()
+        .adopt("vmS", "ram", pb::Backend::Memfd, size, &token, fd.as_fd())
+        .expect("adopt");
+    c.set_policy("vmS", "ram", 0, 0, policy(M::Bind, &[0]), false)
+        .await
+        .unwrap();
+    // The VMM seals its file: no new writable mapping of it can be made.
+    const F_SEAL_FUTURE_WRITE: libc::c_int = 0x0010;
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl(F_ADD_SEALS) on a descriptor we own.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, F_SEAL_FUTURE_WRITE) };
+    assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    agent.restart();
+    let mut c = agent.client().await;
+    let r = c.get_region("vmS", "ram").await.unwrap();
+    assert_eq!(r.status(), pb::RegionStatus::Active, "taken back: {r:?}");
+    assert!(!r.ranges[0].last_error.is_empty(), "{r:?}");
+    let evs = events(&mut c).await;
+    let failed = evs
+        .iter()
+        .find(|e| e.kind() == pb::EventKind::VerifyFailed && e.name == "ram")
+        .unwrap_or_else(|| panic!("no VERIFY_FAILED event: {evs:?}"));
+    assert!(
+        failed
+            .message
+            .contains("1 of 1 ranges could not be re-bound"),
+        "{}",
+        failed.message
+    );
+    // The agent has no mapping of it now: a reconcile says so instead of counting it checked.
+    let rep = c.reconcile("vmS").await.unwrap();
+    assert_eq!(
+        (
+            rep.ranges_checked,
+            rep.ranges_unmapped,
+            rep.ranges_reapplied
+        ),
+        (0, 1, 0),
+        "{rep:?}"
+    );
+}

@@ -213,6 +213,18 @@ impl Agent {
             errors: HashMap::new(),
         };
         let applied = self.apply_all(&mut live);
+        let total = live.intent.ranges.ranges().len() as u32;
+        if live.intent.strategy == Strategy::SharedPolicy && applied < total {
+            events.push(self.event(
+                EventKind::VerifyFailed,
+                Some(&key),
+                format!(
+                    "{} of {total} ranges could not be re-bound on the new mapping; see each range's last_error",
+                    total - applied
+                ),
+                ACTOR,
+            ));
+        }
         if live.intent.strategy == Strategy::SharedPolicy && applied > 0 {
             let page = live.intent.page_size(self.page);
             let checked = verify_fresh(
