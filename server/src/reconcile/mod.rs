@@ -777,44 +777,44 @@ impl Agent {
     fn view(&self, live: &LiveRegion) -> RegionView {
         let mapping = live.file.as_ref().and_then(|f| f.mapping.as_ref());
         let page = live.intent.page_size(self.page);
-        let ranges =
-            live.intent
-                .ranges
-                .ranges()
-                .iter()
-                .map(|r| {
-                    let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
-                    let shared = live.intent.strategy == Strategy::SharedPolicy;
-                    let observed = mapping.filter(|_| shared).and_then(|m| observe(m, r, page));
-                    // A task-policy range's only effect is where its pages are: read it now.
-                    let check = live.file.as_ref().filter(|_| !shared).map(|f| {
-                        placement::check_range(f.fd.as_fd(), live.intent.size_bytes, r, page)
-                    });
-                    let state = match live.intent.strategy {
-                        _ if live.file.is_none() => RangeState::Failed,
-                        Strategy::SharedPolicy => match observed {
-                            Some(p) if p == r.policy => RangeState::Applied,
-                            _ if !last_error.is_empty() => RangeState::Failed,
-                            Some(_) => RangeState::Drifted,
-                            None => RangeState::Pending,
-                        },
-                        Strategy::TaskPolicy if !last_error.is_empty() => RangeState::Failed,
-                        Strategy::TaskPolicy => task_state(r, check.as_ref().and_then(|c| c.ok())),
-                    };
-                    let last_error = if live.file.is_none() && last_error.is_empty() {
-                        "region lost: no process held its file while the agent was down".to_string()
-                    } else {
-                        last_error
-                    };
-                    RangeView {
-                        intent: *r,
-                        observed,
-                        state,
-                        last_error,
-                        check: check.and_then(|c| c.ok()),
-                    }
-                })
-                .collect();
+        let shared = live.intent.strategy == Strategy::SharedPolicy;
+        let ranges = live
+            .intent
+            .ranges
+            .ranges()
+            .iter()
+            .map(|r| {
+                let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
+                let observed = mapping.filter(|_| shared).and_then(|m| observe(m, r, page));
+                // A task-policy range's only effect is where its pages are: read it now.
+                let check = live.file.as_ref().filter(|_| !shared).and_then(|f| {
+                    placement::check_range(f.fd.as_fd(), live.intent.size_bytes, r, page).ok()
+                });
+                let state = match live.intent.strategy {
+                    _ if live.file.is_none() => RangeState::Failed,
+                    Strategy::SharedPolicy => match observed {
+                        Some(p) if p == r.policy => RangeState::Applied,
+                        _ if !last_error.is_empty() => RangeState::Failed,
+                        Some(_) => RangeState::Drifted,
+                        None => RangeState::Pending,
+                    },
+                    Strategy::TaskPolicy if !last_error.is_empty() => RangeState::Failed,
+                    Strategy::TaskPolicy => task_state(r, check),
+                };
+                let last_error = if live.file.is_none() && last_error.is_empty() {
+                    "region lost: no process held its file while the agent was down".to_string()
+                } else {
+                    last_error
+                };
+                RangeView {
+                    intent: *r,
+                    observed,
+                    state,
+                    last_error,
+                    check,
+                }
+            })
+            .collect();
         RegionView {
             intent: live.intent.clone(),
             ranges,
