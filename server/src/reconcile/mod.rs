@@ -1171,10 +1171,16 @@ impl Agent {
                 ));
             }
             // Re-bind the whole range through a fresh window, verify through the long-lived
-            // mapping.
+            // mapping: at every sample where a drift was seen (the repair must show), else at
+            // the range's ends (the bind replaced the whole span or failed; this keeps a pass
+            // over a range that did not drift to about 8 µs).
             let bound = Mapping::window(file.fd.as_fd(), r.offset, r.length)
                 .and_then(|w| bind_file_range(&w, r.offset, r.length, &r.policy, 0));
-            let after = find_drift(mapping, &r, page);
+            let after = if drift.is_some() {
+                find_drift(mapping, &r, page)
+            } else {
+                find_drift_at_ends(mapping, &r, page)
+            };
             let why = match (bound, after) {
                 (Ok(()), None) => None,
                 (Err(e), _) => Some(format!("re-applying the policy failed: {}", e.desc())),
@@ -1449,7 +1455,7 @@ fn sample_offsets(r: &RangeIntent, page: u64) -> impl Iterator<Item = u64> {
     let last = r.end().saturating_sub(page).max(r.offset);
     (r.offset..r.end())
         .step_by(stride as usize)
-        .chain((last > r.offset).then_some(last))
+        .chain((!(last - r.offset).is_multiple_of(stride)).then_some(last))
 }
 
 /// Where a range's policy was found not to be its intent.
@@ -1465,6 +1471,15 @@ struct Drift {
 /// intent; `None` when every sample matches.
 fn find_drift(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Drift> {
     sample_offsets(r, page).find_map(|offset| {
+        let found = mapping.policy_at(offset).ok().flatten();
+        (found != Some(r.policy)).then_some(Drift { offset, found })
+    })
+}
+
+/// [`find_drift`] at the range's first and last page only.
+fn find_drift_at_ends(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Drift> {
+    let last = r.end().saturating_sub(page).max(r.offset);
+    [r.offset, last].into_iter().find_map(|offset| {
         let found = mapping.policy_at(offset).ok().flatten();
         (found != Some(r.policy)).then_some(Drift { offset, found })
     })
@@ -1568,6 +1583,30 @@ mod tests {
     }
 
     use std::os::unix::fs::OpenOptionsExt;
+
+    /// Samples: every page of a small range once, a stride of 1/512 of a large one, and always
+    /// the last page.
+    #[test]
+    fn sample_offsets_cover_the_range() {
+        let page = 4096;
+        let r = |offset, pages| RangeIntent {
+            offset,
+            length: pages * page,
+            policy: Policy::DEFAULT,
+            placed: false,
+        };
+        let small: Vec<u64> = sample_offsets(&r(8 * page, 4), page).collect();
+        assert_eq!(small, [8, 9, 10, 11].map(|p| p * page));
+        assert_eq!(sample_offsets(&r(0, 1), page).collect::<Vec<_>>(), [0]);
+        let big: Vec<u64> = sample_offsets(&r(0, 16384), page).collect();
+        assert_eq!(big.len(), 513);
+        assert_eq!(big[1], 32 * page);
+        assert_eq!(*big.last().unwrap(), 16383 * page);
+        let odd: Vec<u64> = sample_offsets(&r(0, 1000), page).collect();
+        assert_eq!(odd.len(), 501);
+        assert!(odd.windows(2).all(|w| w[1] - w[0] <= 2 * page));
+        assert_eq!(*odd.last().unwrap(), 999 * page);
+    }
 
     /// A task-policy range's state comes from the kernel's answer, not from `placed` alone.
     #[test]
