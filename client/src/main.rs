@@ -877,15 +877,18 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Reconcile { vm } => {
             let r = c.reconcile(&vm).await?;
-            let v = json!({"regions_checked": r.regions_checked, "ranges_checked": r.ranges_checked, "ranges_drifted": r.ranges_drifted, "ranges_reapplied": r.ranges_reapplied, "ranges_failed": r.ranges_failed});
+            let v = json!({"regions_checked": r.regions_checked, "ranges_checked": r.ranges_checked, "ranges_drifted": r.ranges_drifted, "ranges_reapplied": r.ranges_reapplied, "ranges_failed": r.ranges_failed, "ranges_task_policy": r.ranges_task_policy, "ranges_lost": r.ranges_lost, "ranges_unmapped": r.ranges_unmapped});
             print_value(out, &v, || {
                 println!(
-                    "checked {} ranges in {} regions: {} drifted, {} re-applied, {} failed",
+                    "checked {} ranges in {} regions: {} drifted, {} re-applied, {} failed; not checked: {} task-policy, {} lost, {} unmapped",
                     r.ranges_checked,
                     r.regions_checked,
                     r.ranges_drifted,
                     r.ranges_reapplied,
-                    r.ranges_failed
+                    r.ranges_failed,
+                    r.ranges_task_policy,
+                    r.ranges_lost,
+                    r.ranges_unmapped
                 )
             });
         }

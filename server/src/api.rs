@@ -199,8 +199,16 @@ pub fn region_to_pb(v: &RegionView) -> pb::Region {
                     RangeState::Pending => pb::RangeState::Pending,
                     RangeState::Failed => pb::RangeState::Failed,
                     RangeState::Drifted => pb::RangeState::Drifted,
+                    RangeState::Unverified => pb::RangeState::Unverified,
                 } as i32,
                 last_error: r.last_error.clone(),
+                check: r.check.map(|c| pb::RangeCheck {
+                    pages_total: c.pages_total,
+                    pages_allocated: c.pages_allocated,
+                    pages_sampled: c.pages_sampled,
+                    pages_sampled_misplaced: c.pages_sampled_misplaced,
+                    pages_sampled_unknown: c.pages_sampled_unknown,
+                }),
                 governs: match i.strategy {
                     Strategy::SharedPolicy => pb::Governs::FutureAllocations,
                     Strategy::TaskPolicy => pb::Governs::AgentAllocationsOnly,
@@ -729,6 +737,9 @@ impl NodeAgentService for NodeAgent {
             ranges_drifted: rep.drifted,
             ranges_failed: rep.failed,
             regions_checked: rep.regions,
+            ranges_task_policy: rep.task_policy,
+            ranges_lost: rep.lost,
+            ranges_unmapped: rep.unmapped,
         }))
     }
 

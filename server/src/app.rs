@@ -175,6 +175,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         max_regions: cfg.max_regions,
         max_ranges_per_region: cfg.max_ranges_per_region,
         max_region_bytes: cfg.max_region_bytes,
+        force_strategy: cfg.forced_strategy()?,
     };
     let agent = Agent::start(store, caps, topology, limits).await?;
     crate::metrics::refresh_regions(&agent).await;

@@ -101,6 +101,10 @@ pub struct Flags {
     /// Largest gRPC message in bytes [default: 4 MiB].
     #[arg(long, env = "MEMPLACE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Placement strategy of new regions: auto (probed per backend) or task-policy (for
+    /// testing the task-policy path on memfd) [default: auto].
+    #[arg(long, env = "MEMPLACE_FORCE_STRATEGY")]
+    pub force_strategy: Option<String>,
 }
 
 /// The config file, and the effective configuration.
@@ -163,6 +167,8 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Message size limit.
     pub max_message_bytes: usize,
+    /// auto, or task-policy to place every new region with the task-policy strategy.
+    pub force_strategy: String,
 }
 
 impl Default for Config {
@@ -194,6 +200,7 @@ impl Default for Config {
             request_timeout_secs: 30,
             max_concurrent_requests: 64,
             max_message_bytes: 4 << 20,
+            force_strategy: "auto".into(),
         }
     }
 }
@@ -255,7 +262,8 @@ impl Config {
             max_region_bytes,
             request_timeout_secs,
             max_concurrent_requests,
-            max_message_bytes
+            max_message_bytes,
+            force_strategy
         );
         if flags.listen_tcp.is_some() {
             cfg.listen_tcp = flags.listen_tcp;
@@ -282,6 +290,7 @@ impl Config {
                 self.log_format
             ));
         }
+        self.forced_strategy()?;
         if self.socket_mode_bits().is_none() {
             return bad(format!(
                 "socket_mode {:?} must be octal, e.g. 0660",
@@ -327,6 +336,17 @@ impl Config {
         Ok(())
     }
 
+    /// The strategy `force_strategy` forces on new regions; `None` for auto.
+    pub fn forced_strategy(&self) -> Result<Option<crate::domain::Strategy>, ConfigError> {
+        match self.force_strategy.as_str() {
+            "auto" => Ok(None),
+            "task-policy" => Ok(Some(crate::domain::Strategy::TaskPolicy)),
+            s => Err(ConfigError::Invalid(format!(
+                "force_strategy {s:?} must be auto or task-policy"
+            ))),
+        }
+    }
+
     /// The socket mode bits.
     pub fn socket_mode_bits(&self) -> Option<u32> {
         u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
@@ -350,6 +370,19 @@ mod tests {
         c.validate().unwrap();
         let back: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn force_strategy_is_a_checked_key() {
+        let c = Config::default();
+        assert_eq!(c.forced_strategy().unwrap(), None);
+        let c: Config = toml::from_str("force_strategy = \"task-policy\"").unwrap();
+        assert_eq!(
+            c.forced_strategy().unwrap(),
+            Some(crate::domain::Strategy::TaskPolicy)
+        );
+        let c: Config = toml::from_str("force_strategy = \"shared\"").unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -760,6 +760,8 @@ pub enum EventKind {
     VmAttached = 13,
     /// A policy was applied that will not place pages as asked.
     PolicyWarning = 14,
+    /// A range's policy could not be applied or read back as intended.
+    VerifyFailed = 15,
 }
 
 impl EventKind {
@@ -781,6 +783,7 @@ impl EventKind {
             RegionAdopted,
             VmAttached,
             PolicyWarning,
+            VerifyFailed,
         ]
         .into_iter()
         .find(|k| *k as i32 == v)

@@ -342,28 +342,23 @@ fn handle(
                 );
             };
             let is_vm = fdpass::link_of(fd.as_fd()).is_some_and(|l| l == KVM_VM_LINK);
-            match agent.attach_vm(&a.vm_id, fd) {
-                Ok(()) => {
-                    let _ = rt.block_on(agent.emit(
-                        crate::domain::EventKind::VmAttached,
-                        Some(&RegionKey {
-                            vm_id: a.vm_id.clone(),
-                            name: String::new(),
-                        }),
-                        format!("VM fd attached by pid {pid}"),
-                        actor,
-                    ));
-                    (
-                        pb::HandoffResponse {
-                            code: pb::HandoffCode::Ok as i32,
-                            message: String::new(),
-                            region: None,
-                            fd_count: 0,
-                        },
-                        vec![],
-                    )
-                }
-                Err(_) if is_vm => (
+            // The audit event is durable before the VM is used; without it nothing is attached.
+            match rt.block_on(agent.attach_vm_audited(
+                &a.vm_id,
+                fd,
+                format!("VM fd attached by pid {pid}"),
+                actor,
+            )) {
+                Ok(()) => (
+                    pb::HandoffResponse {
+                        code: pb::HandoffCode::Ok as i32,
+                        message: String::new(),
+                        region: None,
+                        fd_count: 0,
+                    },
+                    vec![],
+                ),
+                Err(AgentError::InvalidArgument(_)) if is_vm => (
                     error(
                         pb::HandoffCode::FailedPrecondition,
                         "a KVM VM fd answers only in the process that created it: the kernel \

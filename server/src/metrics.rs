@@ -53,6 +53,17 @@ pub struct NodeLabel {
     pub node: String,
 }
 
+/// Labels of a region's range.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RangeLabels {
+    /// The VM.
+    pub vm_id: String,
+    /// The region.
+    pub name: String,
+    /// The range's byte offset.
+    pub offset: String,
+}
+
 /// Every metric of the agent.
 pub struct Metrics {
     registry: Registry,
@@ -72,6 +83,8 @@ pub struct Metrics {
     pub ranges_drifted: Counter,
     /// Ranges re-applied.
     pub ranges_reapplied: Counter,
+    /// Drifts found per region and range.
+    pub range_drifts: Family<RangeLabels, Counter>,
     /// Reconcile pass duration.
     pub reconcile_seconds: Histogram,
     /// SQLite commit latency.
@@ -103,6 +116,7 @@ pub fn metrics() -> &'static Metrics {
             bytes_observed: Family::default(),
             ranges_drifted: Counter::default(),
             ranges_reapplied: Counter::default(),
+            range_drifts: Family::default(),
             reconcile_seconds: latency_buckets(),
             commit_seconds: latency_buckets(),
             regions_lost: Gauge::default(),
@@ -147,6 +161,11 @@ pub fn metrics() -> &'static Metrics {
             m.ranges_reapplied.clone(),
         );
         registry.register(
+            "range_drifts",
+            "Drifts found by reconcile, by region (vm_id, name) and range (offset)",
+            m.range_drifts.clone(),
+        );
+        registry.register(
             "reconcile_duration_seconds",
             "Duration of reconcile passes",
             m.reconcile_seconds.clone(),
@@ -183,6 +202,18 @@ pub fn metrics() -> &'static Metrics {
 /// Counts a refused request.
 pub fn count_denied() {
     metrics().denied.inc();
+}
+
+/// Counts a drift found on the range of a region at `offset`.
+pub fn count_range_drift(vm_id: &str, name: &str, offset: u64) {
+    metrics()
+        .range_drifts
+        .get_or_create(&RangeLabels {
+            vm_id: vm_id.to_string(),
+            name: name.to_string(),
+            offset: offset.to_string(),
+        })
+        .inc();
 }
 
 /// Records a commit latency.

@@ -248,6 +248,20 @@ impl Mapping {
         Ok(out)
     }
 
+    /// The node of the page at each of `offsets` as move_pages reports it for this process: the
+    /// node id, or a negative errno for a page not mapped here.
+    pub fn nodes_at(&self, offsets: &[u64]) -> Result<Vec<i32>, Errno> {
+        let addrs = offsets
+            .iter()
+            .map(|o| self.addr(*o, 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = vec![0i32; addrs.len()];
+        for (a, s) in addrs.chunks(QUERY_BATCH).zip(out.chunks_mut(QUERY_BATCH)) {
+            mempolicy::query_nodes_raw(a, s)?;
+        }
+        Ok(out)
+    }
+
     /// Copies `data` into the mapping at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let addr = self.addr(offset, data.len() as u64)?;

@@ -90,6 +90,9 @@ pub struct Limits {
     pub max_ranges_per_region: usize,
     /// Bytes per region at most.
     pub max_region_bytes: u64,
+    /// The strategy of every new region, when the configuration forces one (`force_strategy`);
+    /// `None` picks per backend from the probed capabilities.
+    pub force_strategy: Option<Strategy>,
 }
 
 impl Default for Limits {
@@ -98,6 +101,7 @@ impl Default for Limits {
             max_regions: 4096,
             max_ranges_per_region: 256,
             max_region_bytes: 1 << 40,
+            force_strategy: None,
         }
     }
 }
@@ -134,6 +138,9 @@ pub enum RangeState {
     Failed,
     /// The kernel reports something else.
     Drifted,
+    /// A task-policy range Populate placed, whose pages' nodes the kernel could not show (no
+    /// mapping, or the read failed).
+    Unverified,
 }
 
 /// A range with what the kernel reports.
@@ -147,6 +154,8 @@ pub struct RangeView {
     pub state: RangeState,
     /// Last error.
     pub last_error: String,
+    /// What the kernel showed of a task-policy range's pages when this view was made.
+    pub check: Option<placement::RangeCheck>,
 }
 
 /// A region with observed state, as the API returns it.
@@ -245,19 +254,28 @@ pub struct CreateRequest {
     pub policies: Vec<(u64, u64, Policy)>,
 }
 
-/// Totals of a reconcile pass.
+/// Totals of a reconcile pass. Every range of every region visited lands in exactly one of
+/// `checked`, `task_policy`, `lost` and `unmapped`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
-    /// Regions checked.
+    /// Regions visited.
     pub regions: u32,
-    /// Ranges compared.
+    /// Shared-policy ranges whose policy was read back from the kernel.
     pub checked: u32,
-    /// Ranges applied again.
+    /// Ranges applied again (every checked range is re-bound on each pass).
     pub reapplied: u32,
     /// Ranges found drifted.
     pub drifted: u32,
     /// Ranges that failed.
     pub failed: u32,
+    /// Task-policy ranges: the file holds no policy to compare, so they were not checked (their
+    /// placement is read back by GetPlacement and a verified Populate).
+    pub task_policy: u32,
+    /// Ranges of lost regions: no file, nothing to check.
+    pub lost: u32,
+    /// Ranges of regions the agent holds no mapping of (a guest_memfd without MMAP, or a file
+    /// that could not be recreated), so no policy could be read.
+    pub unmapped: u32,
 }
 
 /// Counters the metrics endpoint reads.
@@ -477,9 +495,10 @@ impl Agent {
     }
 
     fn strategy_for(&self, backend: Backend) -> Strategy {
-        // Tests prove the task-policy path on memfd in multi-node guests, where KVM is absent.
-        if std::env::var("MEMPLACE_FORCE_STRATEGY").as_deref() == Ok("task-policy") {
-            return Strategy::TaskPolicy;
+        // The `force_strategy` config key (tests prove the task-policy path on memfd in
+        // multi-node guests, where KVM is absent).
+        if let Some(s) = self.limits.force_strategy {
+            return s;
         }
         let shared = match backend {
             Backend::Memfd => self.caps.memfd_shared_policy,
@@ -505,9 +524,30 @@ impl Agent {
 
     /// Uses a VMM's VM fd for this vm_id's later guest_memfd regions.
     pub fn attach_vm(&self, vm_id: &str, fd: OwnedFd) -> Result<(), AgentError> {
-        let vm = GuestMemfdVm::from_fd(fd).map_err(|_| {
-            AgentError::InvalidArgument("the fd handed in is not a KVM VM fd".into())
-        })?;
+        let vm = vm_of_fd(fd)?;
+        self.vms
+            .lock()
+            .expect("vm map lock")
+            .insert(vm_id.to_string(), Arc::new(vm));
+        Ok(())
+    }
+
+    /// [`Self::attach_vm`] with its audit event: the event is durable before the VM is used, and
+    /// when it cannot be written nothing is attached and the error is returned.
+    pub async fn attach_vm_audited(
+        &self,
+        vm_id: &str,
+        fd: OwnedFd,
+        message: String,
+        actor: &str,
+    ) -> Result<(), AgentError> {
+        let vm = vm_of_fd(fd)?;
+        let key = RegionKey {
+            vm_id: vm_id.to_string(),
+            name: String::new(),
+        };
+        self.emit(EventKind::VmAttached, Some(&key), message, actor)
+            .await?;
         self.vms
             .lock()
             .expect("vm map lock")
@@ -675,7 +715,9 @@ impl Agent {
         // The file is made before the commit only to learn its identity; if the commit fails it is
         // closed and nothing was acknowledged. Its memory is untouched until after the commit.
         let file = self.create_file(&intent)?;
-        intent.file_id = kernel::fd_file_id(file.fd.as_fd()).ok();
+        // The identity is how a restarted agent finds the file in a VMM: without it a handed-off
+        // file could not be taken back, so no region is created without one.
+        intent.file_id = Some(kernel::fd_file_id(file.fd.as_fd()).map_err(kerr("fstat"))?);
         let mut live = LiveRegion {
             intent: intent.clone(),
             file: Some(file),
@@ -705,8 +747,10 @@ impl Agent {
             "CreateRegion.after-commit",
             idem.as_ref().map_or("", |i| i.request_id.as_str()),
         );
-        let applied = tokio::task::block_in_place(|| self.apply_all(&mut live));
-        let view = self.view(&live);
+        let (applied, view) = tokio::task::block_in_place(|| {
+            let applied = self.apply_all(&mut live);
+            (applied, self.view(&live))
+        });
         self.regions
             .lock()
             .expect("region map lock")
@@ -768,6 +812,7 @@ impl Agent {
                     observed: None,
                     state: RangeState::Pending,
                     last_error: String::new(),
+                    check: None,
                 })
                 .collect(),
             page_size: live.intent.page_size(self.page),
@@ -779,6 +824,7 @@ impl Agent {
     fn view(&self, live: &LiveRegion) -> RegionView {
         let mapping = live.file.as_ref().and_then(|f| f.mapping.as_ref());
         let page = live.intent.page_size(self.page);
+        let shared = live.intent.strategy == Strategy::SharedPolicy;
         let ranges = live
             .intent
             .ranges
@@ -786,7 +832,11 @@ impl Agent {
             .iter()
             .map(|r| {
                 let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
-                let observed = mapping.and_then(|m| observe(m, r, page));
+                let observed = mapping.filter(|_| shared).and_then(|m| observe(m, r, page));
+                // A task-policy range's only effect is where its pages are: read it now.
+                let check = live.file.as_ref().filter(|_| !shared).and_then(|f| {
+                    placement::check_range(f.fd.as_fd(), live.intent.size_bytes, r, page).ok()
+                });
                 let state = match live.intent.strategy {
                     _ if live.file.is_none() => RangeState::Failed,
                     Strategy::SharedPolicy => match observed {
@@ -795,15 +845,8 @@ impl Agent {
                         Some(_) => RangeState::Drifted,
                         None => RangeState::Pending,
                     },
-                    Strategy::TaskPolicy => {
-                        if !last_error.is_empty() {
-                            RangeState::Failed
-                        } else if r.placed || r.policy == Policy::DEFAULT {
-                            RangeState::Applied
-                        } else {
-                            RangeState::Pending
-                        }
-                    }
+                    Strategy::TaskPolicy if !last_error.is_empty() => RangeState::Failed,
+                    Strategy::TaskPolicy => task_state(r, check),
                 };
                 let last_error = if live.file.is_none() && last_error.is_empty() {
                     "region lost: no process held its file while the agent was down".to_string()
@@ -812,13 +855,10 @@ impl Agent {
                 };
                 RangeView {
                     intent: *r,
-                    observed: if live.intent.strategy == Strategy::SharedPolicy {
-                        observed
-                    } else {
-                        None
-                    },
+                    observed,
                     state,
                     last_error,
+                    check,
                 }
             })
             .collect();
@@ -946,7 +986,14 @@ impl Agent {
         }
         if migrate && live.intent.backend == Backend::GuestMemfd {
             let resident =
-                tokio::task::block_in_place(|| resident_pages(&live, offset, length, page));
+                tokio::task::block_in_place(|| resident_pages(&live, offset, length, page))
+                    .map_err(|e| {
+                        AgentError::FailedPrecondition(format!(
+                            "cannot tell whether pages of this range are allocated ({}), and guest_memfd pages cannot migrate between nodes; \
+                             set the policy without migrate",
+                            e.desc()
+                        ))
+                    })?;
             if resident > 0 {
                 return Err(AgentError::FailedPrecondition(format!(
                     "{resident} pages of this range are already allocated, and guest_memfd pages cannot migrate between nodes; \
@@ -1100,7 +1147,8 @@ impl Agent {
         (moved, failed)
     }
 
-    /// Compares every range's intent with the kernel and re-applies what drifted.
+    /// Compares every range's intent with the kernel, reports what drifted, and re-applies
+    /// every shared-policy range (see [`Self::reconcile_region`]).
     pub async fn reconcile(
         &self,
         vm_id: Option<&str>,
@@ -1112,13 +1160,6 @@ impl Agent {
         let mut report = ReconcileReport::default();
         for slot in self.slots(vm_id) {
             report.regions += 1;
-            // Most passes find nothing: check under a read lock, on this task (two short
-            // get_mempolicy calls per range), and take the write lock only for a region that
-            // drifted, where the check runs again.
-            if let Some(checked) = self.in_sync(&*slot.read().await) {
-                report.checked += checked;
-                continue;
-            }
             let mut live = slot.write().await;
             let events = tokio::task::block_in_place(|| {
                 self.reconcile_region(&mut live, &mut report, actor)
@@ -1138,25 +1179,19 @@ impl Agent {
         Ok(report)
     }
 
-    /// The number of ranges checked when every range of a region reads back from the kernel as
-    /// intended, or `None` when one does not. Counts as [`Self::reconcile_region`] does.
-    fn in_sync(&self, live: &LiveRegion) -> Option<u32> {
-        let ranges = live.intent.ranges.ranges();
-        if live.intent.strategy != Strategy::SharedPolicy
-            || live.intent.status == RegionStatus::Lost
-        {
-            return Some(ranges.len() as u32);
-        }
-        let Some(mapping) = live.file.as_ref().and_then(|f| f.mapping.as_ref()) else {
-            return Some(0);
-        };
-        let page = live.intent.page_size(self.page);
-        ranges
-            .iter()
-            .all(|r| observe(mapping, r, page) == Some(r.policy))
-            .then_some(ranges.len() as u32)
-    }
-
+    /// Reconciles one region. Blocking.
+    ///
+    /// A shmem file's shared policy is a tree of sub-ranges, and anyone who maps the file (a VMM
+    /// through /proc/PID/fd/N, QEMU's `host-nodes`) can mbind any page-aligned part of it. No
+    /// interface lists that tree: get_mempolicy reads one address. So:
+    /// - drift is *detected* by reading the policy at sample points of each range (its first and
+    ///   last page and a stride, see [`sample_offsets`]); a foreign change that covers at least
+    ///   one stride is always seen, one smaller may fall between samples;
+    /// - every range is *repaired* regardless, by re-binding its whole span on every pass (about
+    ///   2 µs of mbind through a fresh window), which replaces every sub-range of the tree in it.
+    ///
+    /// A change too small to be sampled is thus undone by the next pass without a drift event;
+    /// reading every page instead would cost a get_mempolicy per page on every pass.
     fn reconcile_region(
         &self,
         live: &mut LiveRegion,
@@ -1164,10 +1199,17 @@ impl Agent {
         actor: &str,
     ) -> Vec<Event> {
         let mut events = Vec::new();
-        if live.intent.strategy != Strategy::SharedPolicy
-            || live.intent.status == RegionStatus::Lost
-        {
-            report.checked += live.intent.ranges.ranges().len() as u32;
+        let n = live.intent.ranges.ranges().len() as u32;
+        if live.intent.status == RegionStatus::Lost || live.file.is_none() {
+            if live.intent.status == RegionStatus::Lost {
+                report.lost += n;
+            } else {
+                report.unmapped += n;
+            }
+            return events;
+        }
+        if live.intent.strategy != Strategy::SharedPolicy {
+            report.task_policy += n;
             return events;
         }
         let page = live.intent.page_size(self.page);
@@ -1177,50 +1219,78 @@ impl Agent {
             return events;
         };
         let Some(mapping) = file.mapping.as_ref() else {
+            report.unmapped += n;
             return events;
         };
         let mut errors = Vec::new();
         for r in ranges {
             report.checked += 1;
-            let observed = observe(mapping, &r, page);
-            if observed == Some(r.policy) {
-                continue;
-            }
-            report.drifted += 1;
-            events.push(self.event(
-                EventKind::DriftFound,
-                Some(&key),
-                format!(
-                    "range [{:#x}, {:#x}) intended {} but the kernel reports {}",
-                    r.offset,
-                    r.end(),
-                    r.policy,
-                    observed.map_or("nothing".into(), |p| p.to_string())
-                ),
-                actor,
-            ));
-            // Re-bind through a fresh window, verify through the long-lived mapping.
-            let ok = Mapping::window(file.fd.as_fd(), r.offset, r.length)
-                .and_then(|w| bind_file_range(&w, r.offset, r.length, &r.policy, 0))
-                .is_ok()
-                && observe(mapping, &r, page) == Some(r.policy);
-            if ok {
-                report.reapplied += 1;
-                errors.push((r.offset, None));
+            let drift = find_drift(mapping, &r, page);
+            if let Some(d) = &drift {
+                report.drifted += 1;
+                crate::metrics::count_range_drift(&key.vm_id, &key.name, r.offset);
                 events.push(self.event(
-                    EventKind::Reapplied,
+                    EventKind::DriftFound,
                     Some(&key),
                     format!(
-                        "range [{:#x}, {:#x}) re-bound to {}",
+                        "range [{:#x}, {:#x}) intended {} but the kernel reports {} at offset {:#x}",
                         r.offset,
                         r.end(),
-                        r.policy
+                        r.policy,
+                        d.found.map_or("nothing readable".into(), |p| p.to_string()),
+                        d.offset
                     ),
                     actor,
                 ));
+            }
+            // Re-bind the whole range through a fresh window, verify through the long-lived
+            // mapping: at every sample where a drift was seen (the repair must show), else at
+            // the range's ends (the bind replaced the whole span or failed; this keeps a pass
+            // over a range that did not drift to about 8 µs).
+            let bound = Mapping::window(file.fd.as_fd(), r.offset, r.length)
+                .and_then(|w| bind_file_range(&w, r.offset, r.length, &r.policy, 0));
+            let after = if drift.is_some() {
+                find_drift(mapping, &r, page)
             } else {
-                report.failed += 1;
-                errors.push((r.offset, Some("re-applying the policy failed".to_string())));
+                find_drift_at_ends(mapping, &r, page)
+            };
+            let why = match (bound, after) {
+                (Ok(()), None) => None,
+                (Err(e), _) => Some(format!("re-applying the policy failed: {}", e.desc())),
+                (Ok(()), Some(d)) => Some(format!(
+                    "re-applied the policy, but the kernel reports {} at offset {:#x}",
+                    d.found.map_or("nothing readable".into(), |p| p.to_string()),
+                    d.offset
+                )),
+            };
+            match why {
+                None => {
+                    report.reapplied += 1;
+                    errors.push((r.offset, None));
+                    if drift.is_some() {
+                        events.push(self.event(
+                            EventKind::Reapplied,
+                            Some(&key),
+                            format!(
+                                "range [{:#x}, {:#x}) re-bound to {}",
+                                r.offset,
+                                r.end(),
+                                r.policy
+                            ),
+                            actor,
+                        ));
+                    }
+                }
+                Some(why) => {
+                    report.failed += 1;
+                    events.push(self.event(
+                        EventKind::VerifyFailed,
+                        Some(&key),
+                        format!("range [{:#x}, {:#x}): {why}", r.offset, r.end()),
+                        actor,
+                    ));
+                    errors.push((r.offset, Some(why)));
+                }
             }
         }
         for (o, e) in errors {
@@ -1372,13 +1442,40 @@ impl Agent {
             }),
             errors: HashMap::new(),
         };
-        let view = self.view(&live);
+        let view = tokio::task::block_in_place(|| self.view(&live));
         self.regions
             .lock()
             .expect("region map lock")
             .insert(key, Arc::new(RwLock::new(live)));
         Ok(view)
     }
+}
+
+/// The state of a task-policy range from what the kernel shows now (`check`, `None` when it
+/// could not be read), never from the database alone: the stored `placed` says only that
+/// Populate allocated the range under its policy once; pages punched since and faulted again by
+/// someone else followed that someone's policy.
+/// - Drifted: an allocated page sits on a node the policy does not allow.
+/// - Pending: never placed, or not every page is allocated any more.
+/// - Unverified: placed, but the kernel could not show where (some) pages are.
+/// - Applied: placed, every page allocated, every sampled page on an allowed node (a DEFAULT
+///   range asks for nothing, so it is always applied).
+fn task_state(r: &RangeIntent, check: Option<placement::RangeCheck>) -> RangeState {
+    if r.policy == Policy::DEFAULT {
+        return RangeState::Applied;
+    }
+    match check {
+        Some(c) if c.pages_sampled_misplaced > 0 => RangeState::Drifted,
+        _ if !r.placed => RangeState::Pending,
+        Some(c) if c.pages_allocated < c.pages_total => RangeState::Pending,
+        Some(c) if c.pages_sampled_unknown == 0 => RangeState::Applied,
+        _ => RangeState::Unverified,
+    }
+}
+
+fn vm_of_fd(fd: OwnedFd) -> Result<GuestMemfdVm, AgentError> {
+    GuestMemfdVm::from_fd(fd)
+        .map_err(|_| AgentError::InvalidArgument("the fd handed in is not a KVM VM fd".into()))
 }
 
 fn save_request(i: &Idempotency, view: &RegionView) -> WriteOp {
@@ -1418,26 +1515,70 @@ fn bind_file_range(
     binder.mbind(offset, length, policy, flags)
 }
 
-/// Reads the policy the kernel holds for a range at its first and last page; `None` when they
-/// differ or cannot be read.
-fn observe(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Policy> {
-    let first = mapping.policy_at(r.offset).ok().flatten()?;
-    if r.length > page {
-        let last = mapping.policy_at(r.end() - page).ok().flatten()?;
-        if last != first {
-            return None;
-        }
-    }
-    Some(first)
+/// Sample points per range for drift detection, besides its first and last page.
+const DRIFT_SAMPLES: u64 = 512;
+
+/// The offsets at which a range's shared policy is read: its first page, every `stride` bytes
+/// after it, and its last page. The stride is the range's length over [`DRIFT_SAMPLES`], rounded
+/// up to whole pages, so a range of up to that many pages is read at every page and any foreign
+/// sub-range at least one stride long contains a sample.
+fn sample_offsets(r: &RangeIntent, page: u64) -> impl Iterator<Item = u64> {
+    let pages = (r.length / page).max(1);
+    let stride = pages.div_ceil(DRIFT_SAMPLES) * page;
+    let last = r.end().saturating_sub(page).max(r.offset);
+    (r.offset..r.end())
+        .step_by(stride as usize)
+        .chain((!(last - r.offset).is_multiple_of(stride)).then_some(last))
 }
 
-fn resident_pages(live: &LiveRegion, offset: u64, length: u64, page: u64) -> u64 {
-    live.file
-        .as_ref()
-        .and_then(|f| {
-            placement::allocated(f.fd.as_fd(), f.mapping.as_ref()?, offset, length, page).ok()
-        })
-        .map_or(0, |v| v.iter().filter(|b| **b).count() as u64)
+/// Where a range's policy was found not to be its intent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Drift {
+    /// The first sampled offset that differs.
+    offset: u64,
+    /// What the kernel reports there; `None` when it cannot be read.
+    found: Option<Policy>,
+}
+
+/// The first sample of a range whose policy, as the kernel reports it, is not the range's
+/// intent; `None` when every sample matches.
+fn find_drift(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Drift> {
+    sample_offsets(r, page).find_map(|offset| {
+        let found = mapping.policy_at(offset).ok().flatten();
+        (found != Some(r.policy)).then_some(Drift { offset, found })
+    })
+}
+
+/// [`find_drift`] at the range's first and last page only.
+fn find_drift_at_ends(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Drift> {
+    let last = r.end().saturating_sub(page).max(r.offset);
+    [r.offset, last].into_iter().find_map(|offset| {
+        let found = mapping.policy_at(offset).ok().flatten();
+        (found != Some(r.policy)).then_some(Drift { offset, found })
+    })
+}
+
+/// The policy the kernel holds over a range as far as its samples tell: the intent when every
+/// sample matches, else what the first differing sample reports (`None` when unreadable).
+fn observe(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Policy> {
+    match find_drift(mapping, r, page) {
+        None => Some(r.policy),
+        Some(d) => d.found,
+    }
+}
+
+/// Pages of `[offset, offset+length)` allocated in the region's file, from the kernel. An error
+/// when the kernel cannot tell: a caller that must refuse on allocated pages must not read that
+/// as "none".
+fn resident_pages(live: &LiveRegion, offset: u64, length: u64, page: u64) -> Result<u64, Errno> {
+    let Some(f) = live.file.as_ref() else {
+        return Err(Errno::EBADF);
+    };
+    let map = match f.mapping.as_ref() {
+        Some(m) => placement::allocated(f.fd.as_fd(), m, offset, length, page)?,
+        None => kernel::files::allocated_map(f.fd.as_fd(), offset, length, page)?,
+    };
+    Ok(map.iter().filter(|b| **b).count() as u64)
 }
 
 fn new_uid() -> String {
@@ -1552,5 +1693,136 @@ mod policy_warning_tests {
                 "{p}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live_with(fd: OwnedFd, size: u64) -> LiveRegion {
+        let key = RegionKey {
+            vm_id: "vm".into(),
+            name: "r".into(),
+        };
+        LiveRegion {
+            intent: RegionIntent {
+                key,
+                uid: new_uid(),
+                backend: Backend::GuestMemfd,
+                size_bytes: size,
+                hugepage_size_bytes: 0,
+                generation: 1,
+                strategy: Strategy::TaskPolicy,
+                ranges: RangeMap::new(size),
+                created_unix: 0,
+                status: RegionStatus::Active,
+                holder: None,
+                file_id: None,
+                adopted: false,
+            },
+            file: Some(RegionFile {
+                fd,
+                mapping: None,
+                vm: None,
+            }),
+            errors: HashMap::new(),
+        }
+    }
+
+    /// When the kernel cannot say which pages are allocated, the count is an error, not 0 (0
+    /// would let a guest_memfd migrate through, whose pages cannot move).
+    #[test]
+    fn resident_pages_fails_when_the_kernel_cannot_tell() {
+        let page = kernel::page_size();
+        // An O_PATH descriptor: cachestat refuses it (EBADF).
+        let fd: OwnedFd = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open("/")
+            .unwrap()
+            .into();
+        let live = live_with(fd, page);
+        assert!(
+            resident_pages(&live, 0, page, page).is_err(),
+            "an unreadable allocation map must not count as no pages"
+        );
+        // A real file counts: nothing allocated, then one page.
+        let fd = kernel::create_memfd("resident-test", 2 * page, None).unwrap();
+        kernel::fallocate(fd.as_fd(), page, page, false).unwrap();
+        let live = live_with(fd, 2 * page);
+        assert_eq!(resident_pages(&live, 0, 2 * page, page), Ok(1));
+    }
+
+    use std::os::unix::fs::OpenOptionsExt;
+
+    /// Samples: every page of a small range once, a stride of 1/512 of a large one, and always
+    /// the last page.
+    #[test]
+    fn sample_offsets_cover_the_range() {
+        let page = 4096;
+        let r = |offset, pages| RangeIntent {
+            offset,
+            length: pages * page,
+            policy: Policy::DEFAULT,
+            placed: false,
+        };
+        let small: Vec<u64> = sample_offsets(&r(8 * page, 4), page).collect();
+        assert_eq!(small, [8, 9, 10, 11].map(|p| p * page));
+        assert_eq!(sample_offsets(&r(0, 1), page).collect::<Vec<_>>(), [0]);
+        let big: Vec<u64> = sample_offsets(&r(0, 16384), page).collect();
+        assert_eq!(big.len(), 513);
+        assert_eq!(big[1], 32 * page);
+        assert_eq!(*big.last().unwrap(), 16383 * page);
+        let odd: Vec<u64> = sample_offsets(&r(0, 1000), page).collect();
+        assert_eq!(odd.len(), 501);
+        assert!(odd.windows(2).all(|w| w[1] - w[0] <= 2 * page));
+        assert_eq!(*odd.last().unwrap(), 999 * page);
+    }
+
+    /// A task-policy range's state comes from the kernel's answer, not from `placed` alone.
+    #[test]
+    fn task_state_follows_the_kernel() {
+        use placement::RangeCheck;
+        let bind = Policy::new(
+            PolicyMode::Bind,
+            crate::domain::NodeSet::from_ids([1]).unwrap(),
+        );
+        let r = |placed| RangeIntent {
+            offset: 0,
+            length: 8 * 4096,
+            policy: bind,
+            placed,
+        };
+        let full = RangeCheck {
+            pages_total: 8,
+            pages_allocated: 8,
+            pages_sampled: 8,
+            ..Default::default()
+        };
+        assert_eq!(task_state(&r(true), Some(full)), RangeState::Applied);
+        assert_eq!(task_state(&r(false), Some(full)), RangeState::Pending);
+        assert_eq!(task_state(&r(true), None), RangeState::Unverified);
+        let punched = RangeCheck {
+            pages_allocated: 7,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(punched)), RangeState::Pending);
+        let elsewhere = RangeCheck {
+            pages_sampled_misplaced: 1,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(elsewhere)), RangeState::Drifted);
+        assert_eq!(task_state(&r(false), Some(elsewhere)), RangeState::Drifted);
+        let unknown = RangeCheck {
+            pages_sampled_unknown: 1,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(unknown)), RangeState::Unverified);
+        let default = RangeIntent {
+            policy: Policy::DEFAULT,
+            ..r(false)
+        };
+        assert_eq!(task_state(&default, None), RangeState::Applied);
     }
 }

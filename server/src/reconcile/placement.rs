@@ -98,10 +98,19 @@ pub(crate) fn map_resident(
         let (at, len) = (offset + start as u64 * page, (i - start) as u64 * page);
         // A page punched between the allocation check and here would be allocated by this read
         // fault; that race needs a concurrent hole punch and costs one zero page.
-        let _ = mapping.populate_read(at, len);
-        nodes[start..i].copy_from_slice(&nodes_of(mapping, at, len, page));
+        nodes[start..i].copy_from_slice(&fault_and_query(mapping, at, len, page));
     }
     nodes
+}
+
+/// Read-faults a run of allocated pages into `mapping` and returns each page's node. When the
+/// fault fails, the pages' nodes are unknown (the errno), never "not present": they are
+/// allocated, only not mapped here.
+fn fault_and_query(mapping: &Mapping, offset: u64, length: u64, page: u64) -> Vec<i32> {
+    match mapping.populate_read(offset, length) {
+        Ok(()) => nodes_of(mapping, offset, length, page),
+        Err(e) => vec![-(e as i32); (length / page) as usize],
+    }
 }
 
 /// Each page's node as mapped in this process now (-ENOENT where not mapped here).
@@ -177,6 +186,79 @@ pub(crate) fn range_view(
     view
 }
 
+/// Allocated pages of a task-policy range whose node is read, at most.
+pub const CHECK_SAMPLES: u64 = 512;
+
+/// What the kernel shows for a task-policy range now: how many of its pages are allocated
+/// (exact, from the page cache), and the nodes of up to [`CHECK_SAMPLES`] allocated pages spread
+/// over it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeCheck {
+    /// Pages in the range.
+    pub pages_total: u64,
+    /// Pages allocated in the file.
+    pub pages_allocated: u64,
+    /// Allocated pages whose node was read.
+    pub pages_sampled: u64,
+    /// Sampled pages on a node the policy does not allow.
+    pub pages_sampled_misplaced: u64,
+    /// Sampled pages whose node could not be read.
+    pub pages_sampled_unknown: u64,
+}
+
+/// Reads a [`RangeCheck`] of a range of a file of `file_len` bytes. The sampled pages are
+/// read-faulted into a window of the range's own (a read fault on an allocated page allocates
+/// nothing), so the agent's long-lived mapping, which placement reads use, is left alone; the
+/// window goes when this returns.
+pub(crate) fn check_range(
+    fd: BorrowedFd<'_>,
+    file_len: u64,
+    r: &RangeIntent,
+    page: u64,
+) -> Result<RangeCheck, nix::errno::Errno> {
+    let map = match kernel::files::allocated_map(fd, r.offset, r.length, page) {
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            kernel::files::hugetlb_allocated_map(fd, file_len, r.offset, r.length, page)
+        }
+        m => m,
+    }?;
+    let pages = map.len() as u64;
+    let stride = pages.div_ceil(CHECK_SAMPLES).max(1);
+    // The first allocated page of each stride.
+    let mut samples = Vec::new();
+    let mut bucket = u64::MAX;
+    for (i, _) in map.iter().enumerate().filter(|(_, a)| **a) {
+        let b = i as u64 / stride;
+        if b != bucket {
+            bucket = b;
+            samples.push(r.offset + i as u64 * page);
+        }
+    }
+    let mut check = RangeCheck {
+        pages_total: pages,
+        pages_allocated: map.iter().filter(|a| **a).count() as u64,
+        pages_sampled: samples.len() as u64,
+        ..Default::default()
+    };
+    if samples.is_empty() {
+        return Ok(check);
+    }
+    let window = Mapping::window(fd, r.offset, r.length)?;
+    let faulted: Vec<bool> = samples
+        .iter()
+        .map(|o| window.populate_read(*o, page).is_ok())
+        .collect();
+    let nodes = window.nodes_at(&samples)?;
+    for (n, ok) in nodes.into_iter().zip(faulted) {
+        if !ok || n < 0 {
+            check.pages_sampled_unknown += 1;
+        } else if r.policy.allows(n as u32) == Some(false) {
+            check.pages_sampled_misplaced += 1;
+        }
+    }
+    Ok(check)
+}
+
 impl Agent {
     /// Where the pages of `[offset, offset+length)` of a region are. Never allocates.
     pub async fn placement(
@@ -211,5 +293,41 @@ impl Agent {
             ranges,
             page_size: page,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read fault that fails leaves the run's pages unknown, not "not present", even where
+    /// move_pages could still name the node of a page mapped earlier.
+    #[test]
+    fn failed_read_fault_is_unknown() {
+        let page = kernel::page_size();
+        let fd = kernel::create_memfd("fault-test", 2 * page, None).unwrap();
+        let mapping = Mapping::new(fd.as_fd(), 2 * page).unwrap();
+        // Page 0 allocated and mapped here; page 1 a hole whose read fault fails.
+        mapping.write(0, &[1]).unwrap();
+        let _uffd = mapping.fail_faults_on_holes(0, 2 * page).unwrap();
+        assert!(mapping.populate_read(0, 2 * page).is_err());
+        let nodes = fault_and_query(&mapping, 0, 2 * page, page);
+        assert_eq!(nodes.len(), 2);
+        for n in &nodes {
+            assert!(
+                *n < 0 && *n != ENOENT,
+                "expected unknown statuses: {nodes:?}"
+            );
+        }
+        let view = range_view(
+            &RangeIntent {
+                offset: 0,
+                length: 2 * page,
+                policy: crate::domain::Policy::DEFAULT,
+                placed: false,
+            },
+            nodes.into_iter().map(|n| (n, 1)),
+        );
+        assert_eq!((view.unknown, view.not_present), (2, 0), "{view:?}");
     }
 }

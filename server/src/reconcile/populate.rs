@@ -259,22 +259,17 @@ pub fn cgroup_procs_file(path: &Path) -> Result<PathBuf, AgentError> {
 /// The entry point of the helper child (`memplaced __populate-worker`): join the cgroup, then
 /// run the workers on the inherited fd, printing bytes done as lines. Exit code 0 on success.
 pub fn child_main(args: &[String]) -> i32 {
-    let mut cgroup = None;
-    let mut threads = 1usize;
-    let mut chunks = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--cgroup" => cgroup = it.next().cloned(),
-            "--threads" => threads = it.next().and_then(|t| t.parse().ok()).unwrap_or(1),
-            "--chunk" => {
-                if let Some(c) = it.next().and_then(|c| parse_chunk(c)) {
-                    chunks.push(c)
-                }
-            }
-            _ => {}
+    let ChildArgs {
+        cgroup,
+        threads,
+        chunks,
+    } = match parse_child_args(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("populate worker: {e}");
+            return 2;
         }
-    }
+    };
     let Some(fd) = kernel::inherited_fd(CHILD_FD) else {
         eprintln!("populate worker: no region fd at {CHILD_FD}");
         return 2;
@@ -316,6 +311,46 @@ pub fn child_main(args: &[String]) -> i32 {
             10 + (e as i32).min(200)
         }
     }
+}
+
+/// The helper child's arguments.
+#[derive(Debug, PartialEq, Eq)]
+struct ChildArgs {
+    cgroup: Option<String>,
+    threads: usize,
+    chunks: Vec<Chunk>,
+}
+
+/// Parses the helper child's arguments. Anything it cannot read is an error: a chunk dropped
+/// here would leave part of the span unallocated while the populate reports success.
+fn parse_child_args(args: &[String]) -> Result<ChildArgs, String> {
+    let mut out = ChildArgs {
+        cgroup: None,
+        threads: 1,
+        chunks: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--cgroup" => out.cgroup = Some(value()?.clone()),
+            "--threads" => {
+                let v = value()?;
+                out.threads = v
+                    .parse()
+                    .ok()
+                    .filter(|t| *t > 0)
+                    .ok_or_else(|| format!("--threads {v:?} is not a positive count"))?;
+            }
+            "--chunk" => {
+                let v = value()?;
+                out.chunks
+                    .push(parse_chunk(v).ok_or_else(|| format!("--chunk {v:?} cannot be parsed"))?);
+            }
+            _ => return Err(format!("unknown argument {a:?}")),
+        }
+    }
+    Ok(out)
 }
 
 fn format_chunk(c: &Chunk) -> String {
@@ -777,6 +812,37 @@ mod tests {
             },
         ] {
             assert_eq!(parse_chunk(&format_chunk(&c)), Some(c));
+        }
+    }
+
+    #[test]
+    fn child_args_refuse_what_they_cannot_read() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let good = parse_child_args(&args(&[
+            "--threads",
+            "3",
+            "--chunk",
+            "0:4096:-",
+            "--cgroup",
+            "/sys/fs/cgroup/x",
+        ]))
+        .unwrap();
+        assert_eq!(good.threads, 3);
+        assert_eq!(good.chunks.len(), 1);
+        assert_eq!(good.cgroup.as_deref(), Some("/sys/fs/cgroup/x"));
+        for bad in [
+            &["--chunk", "0:4096:bind:zz:0:0"][..],
+            &["--chunk", "x:4096:-"],
+            &["--chunk", "0:4096:-", "--chunk", "garbage"],
+            &["--threads", "many"],
+            &["--threads", "0"],
+            &["--chunk"],
+            &["--frobnicate"],
+        ] {
+            assert!(
+                parse_child_args(&args(bad)).is_err(),
+                "{bad:?} must be refused, not dropped"
+            );
         }
     }
 

@@ -15,8 +15,8 @@
 //! No KVM VM fd is taken back: KVM refuses every VM ioctl from a process other than the VM's
 //! creator, so a VM fd from a holder (or the dead agent's own VM) would be of no use here.
 
-use super::{Agent, AgentError, LiveRegion, RegionFile, observe};
-use crate::domain::{Event, EventKind, Holder, RegionIntent, RegionStatus, Strategy};
+use super::{Agent, AgentError, LiveRegion, RegionFile, find_drift};
+use crate::domain::{Event, EventKind, Holder, RangeIntent, RegionIntent, RegionStatus, Strategy};
 use crate::kernel::{self, Mapping, pidfd};
 use crate::store::WriteOp;
 use nix::errno::Errno;
@@ -67,7 +67,25 @@ impl Agent {
         }
         let taken = match (intent.holder, intent.file_id) {
             (Some(h), Some(id)) => Some(take_back(h, id, holders, others)),
-            _ => None,
+            (Some(h), None) => {
+                // Handed off, but with no recorded identity the file cannot be found in any
+                // process, and a VMM may still hold and use it: recreating it would give the
+                // region a second, empty file. The region is lost to the agent instead.
+                intent.status = RegionStatus::Lost;
+                ops.push(WriteOp::SaveStatus(key.clone(), RegionStatus::Lost));
+                events.push(self.event(
+                    EventKind::RegionLost,
+                    Some(&key),
+                    format!(
+                        "region lost: it was handed to pid {} but its file's identity was not recorded, so the file cannot be found and taken back (a VMM may still hold it); the intent is kept until the region is deleted",
+                        h.pid
+                    ),
+                    ACTOR,
+                ));
+                self.counters.regions_lost.fetch_add(1, Ordering::Relaxed);
+                return (lost(intent), ops, events);
+            }
+            (None, _) => None,
         };
         let file = match taken {
             Some(Ok((holder, fd))) => {
@@ -139,7 +157,24 @@ impl Agent {
                 }
                 match self.create_file(&intent) {
                     Ok(f) => {
-                        intent.file_id = kernel::fd_file_id(f.fd.as_fd()).ok();
+                        // Without its identity a later handoff could not be taken back; fstat
+                        // on a file just made fails only on a broken kernel, and then the
+                        // region waits for deletion rather than risk that.
+                        let id = match kernel::fd_file_id(f.fd.as_fd()) {
+                            Ok(id) => id,
+                            Err(e) => {
+                                let mut live = lost(intent);
+                                live.intent.status = RegionStatus::Active;
+                                for r in live.intent.ranges.ranges() {
+                                    live.errors.insert(
+                                        r.offset,
+                                        format!("recreating the file: fstat: {}", e.desc()),
+                                    );
+                                }
+                                return (live, ops, events);
+                            }
+                        };
+                        intent.file_id = Some(id);
                         ops.push(WriteOp::SaveHolder {
                             key: key.clone(),
                             holder: None,
@@ -178,43 +213,87 @@ impl Agent {
             errors: HashMap::new(),
         };
         let applied = self.apply_all(&mut live);
-        if live.intent.strategy == Strategy::SharedPolicy && applied > 0 {
-            let bad = self.verify_fresh(&mut live);
+        let total = live.intent.ranges.ranges().len() as u32;
+        if live.intent.strategy == Strategy::SharedPolicy && applied < total {
             events.push(self.event(
-                EventKind::Reapplied,
+                EventKind::VerifyFailed,
                 Some(&key),
                 format!(
-                    "{applied} ranges re-bound on a new mapping; {} verified through a second mapping",
-                    if bad == 0 { "all".to_string() } else { format!("{bad} failed to be") }
+                    "{} of {total} ranges could not be re-bound on the new mapping; see each range's last_error",
+                    total - applied
                 ),
                 ACTOR,
             ));
         }
+        if live.intent.strategy == Strategy::SharedPolicy && applied > 0 {
+            let page = live.intent.page_size(self.page);
+            let checked = verify_fresh(
+                live.file.as_ref(),
+                live.intent.size_bytes,
+                live.intent.ranges.ranges(),
+                page,
+            );
+            let (kind, message) = match checked {
+                Ok(bad) if bad.is_empty() => (
+                    EventKind::Reapplied,
+                    format!(
+                        "{applied} ranges re-bound on a new mapping; all verified through a second mapping"
+                    ),
+                ),
+                Ok(bad) => {
+                    let n = bad.len();
+                    live.errors.extend(bad);
+                    (
+                        EventKind::VerifyFailed,
+                        format!(
+                            "{applied} ranges re-bound on a new mapping; {n} did not read back as intended through a second mapping"
+                        ),
+                    )
+                }
+                Err(why) => {
+                    for r in live.intent.ranges.ranges() {
+                        live.errors
+                            .insert(r.offset, format!("binding not verified: {why}"));
+                    }
+                    (
+                        EventKind::VerifyFailed,
+                        format!(
+                            "{applied} ranges re-bound on a new mapping, but none could be verified: {why}"
+                        ),
+                    )
+                }
+            };
+            events.push(self.event(kind, Some(&key), message, ACTOR));
+        }
         (live, ops, events)
     }
+}
 
-    /// Reads every range's policy back through a new, separate mapping of the file. Returns the
-    /// number of ranges that do not match, recording an error on each.
-    fn verify_fresh(&self, live: &mut LiveRegion) -> u32 {
-        let page = live.intent.page_size(self.page);
-        let Some(file) = live.file.as_ref() else {
-            return 0;
-        };
-        let Ok(fresh) = Mapping::new(file.fd.as_fd(), live.intent.size_bytes) else {
-            return 0;
-        };
-        let mut bad = 0;
-        for r in live.intent.ranges.ranges() {
-            if observe(&fresh, r, page) != Some(r.policy) {
-                bad += 1;
-                live.errors.insert(
-                    r.offset,
-                    "binding did not read back through a fresh mapping".into(),
-                );
-            }
-        }
-        bad
-    }
+/// Reads every range's policy back through a new, separate mapping of the file. Returns each
+/// range that does not match (its offset and why), or why nothing could be read.
+fn verify_fresh(
+    file: Option<&RegionFile>,
+    size_bytes: u64,
+    ranges: &[RangeIntent],
+    page: u64,
+) -> Result<Vec<(u64, String)>, String> {
+    let file = file.ok_or_else(|| "the region has no file".to_string())?;
+    let fresh = Mapping::new(file.fd.as_fd(), size_bytes)
+        .map_err(|e| format!("mapping the file a second time failed: {}", e.desc()))?;
+    Ok(ranges
+        .iter()
+        .filter_map(|r| {
+            let d = find_drift(&fresh, r, page)?;
+            Some((
+                r.offset,
+                format!(
+                    "binding did not read back through a fresh mapping: {} at offset {:#x}",
+                    d.found.map_or("nothing readable".into(), |p| p.to_string()),
+                    d.offset
+                ),
+            ))
+        })
+        .collect())
 }
 
 /// Takes the file back from its recorded holder or, when that process is gone or no longer has
@@ -240,5 +319,57 @@ fn lost(intent: RegionIntent) -> LiveRegion {
         intent,
         file: None,
         errors: HashMap::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{NodeSet, Policy, PolicyMode, RangeMap};
+
+    /// When the second mapping cannot be made, nothing was verified: that is an error, never
+    /// "no range failed".
+    #[test]
+    fn verify_fresh_fails_without_a_second_mapping() {
+        let page = kernel::page_size();
+        let ranges = RangeMap::new(page);
+        let ranges = ranges.ranges();
+        assert!(verify_fresh(None, page, ranges, page).is_err());
+        // A pipe cannot be mapped.
+        let (rd, _wr) = nix::unistd::pipe().unwrap();
+        let file = RegionFile {
+            fd: rd,
+            mapping: None,
+            vm: None,
+        };
+        let e = verify_fresh(Some(&file), page, ranges, page).unwrap_err();
+        assert!(e.contains("mapping the file a second time failed"), "{e}");
+    }
+
+    /// A range bound as intended verifies; one that is not is named.
+    #[test]
+    fn verify_fresh_names_ranges_that_do_not_read_back() {
+        let page = kernel::page_size();
+        let fd = kernel::create_memfd("verify-test", 2 * page, None).unwrap();
+        let bind = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+        let mut map = RangeMap::new(2 * page);
+        map.apply(0, 2 * page, bind);
+        let w = Mapping::window(fd.as_fd(), 0, page).unwrap();
+        w.mbind(0, page, &bind, 0).unwrap();
+        let file = RegionFile {
+            fd,
+            mapping: None,
+            vm: None,
+        };
+        let bad = verify_fresh(Some(&file), 2 * page, map.ranges(), page).unwrap();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].1.contains(&format!("{:#x}", page)), "{bad:?}");
+        let w2 = Mapping::window(file.fd.as_fd(), page, page).unwrap();
+        w2.mbind(page, page, &bind, 0).unwrap();
+        assert!(
+            verify_fresh(Some(&file), 2 * page, map.ranges(), page)
+                .unwrap()
+                .is_empty()
+        );
     }
 }
