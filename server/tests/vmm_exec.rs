@@ -942,3 +942,165 @@ fn exec_help_documents_placeholders_and_exit_codes() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A VMM's own mbind on memplace memory
+// ---------------------------------------------------------------------------------------------
+
+/// QEMU's `host-nodes`/`policy` on a backend mbinds QEMU's own mapping, and on a shared file that
+/// replaces memplace's shared policy for the range (README, "Running VMs on memplace"). memplace
+/// must see it as drift (read from the kernel, before anything repairs it: periodic reconciles
+/// are off), report it with an event naming the region and range, and the next Reconcile must
+/// put its own policy back for every mapping of the file, QEMU's included. The witness is a
+/// fresh mapping of QEMU's own fd, read with get_mempolicy. QEMU stays paused (`-S`): the
+/// backend and its mbind are made at start, before any guest code would run.
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_host_nodes_on_a_region_is_drift_that_reconcile_repairs() {
+    use memplace_server::domain::{NodeSet, Policy, PolicyMode};
+    use memplace_server::kernel::mapping::Mapping;
+    use std::os::fd::AsFd;
+
+    let size = 64 * MIB;
+    let agent = AgentProc::start_with(&["--reconcile-interval-secs", "0"]);
+    let mut c = agent.client().await;
+    c.create_region(
+        "vm1",
+        "ram0",
+        size,
+        pb::Backend::Memfd,
+        vec![pb::RangePolicy {
+            offset: 0,
+            length: 0,
+            policy: Some(common::policy(pb::PolicyMode::Bind, &[0])),
+        }],
+    )
+    .await
+    .expect("CreateRegion");
+    let start = events_after(&mut c, 0)
+        .await
+        .last()
+        .map_or(0, |e| e.sequence);
+
+    let qemu_args: Vec<String> = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "none",
+        "-m",
+        "64M",
+        "-object",
+        "memory-backend-file,id=m0,size=64M,mem-path={path:ram0},share=on,host-nodes=0,policy=interleave",
+        "-machine",
+        "pc,memory-backend=m0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let shell = agent
+        .ctl()
+        .arg("exec")
+        .arg("vm1")
+        .arg("--")
+        .args(&qemu_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("memplacectl exec");
+    let qemu = shell.id() as i32;
+    let _reaper = Reaper {
+        shell,
+        qemu: Some(qemu),
+    };
+
+    // Wait until QEMU (the process memplacectl became) has mapped the region; QEMU makes the
+    // backend and calls mbind on it before it maps anything else of the guest.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let exe = std::fs::read_link(format!("/proc/{qemu}/exe")).ok();
+        let maps = std::fs::read_to_string(format!("/proc/{qemu}/maps")).unwrap_or_default();
+        let numa = std::fs::read_to_string(format!("/proc/{qemu}/numa_maps")).unwrap_or_default();
+        if exe.is_some_and(|e| e.ends_with("qemu-system-x86_64"))
+            && maps.contains(MEMFD_LINK)
+            && numa
+                .lines()
+                .any(|l| l.contains("memplace:vm1/ram0") && l.contains("interleave"))
+        {
+            break;
+        }
+        assert!(
+            alive(qemu),
+            "QEMU (pid {qemu}) died before mapping the region"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "QEMU never mapped the region with its interleave policy:\n{maps}\n{numa}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (qemu_fd, _) = *fds_like(qemu, MEMFD_LINK)
+        .first()
+        .expect("QEMU holds the region's fd");
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{qemu}/fd/{qemu_fd}"))
+        .expect("QEMU's fd");
+    let bind0 = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+    let interleave0 = Policy::new(PolicyMode::Interleave, NodeSet::from_ids([0]).unwrap());
+    let fresh = |offset: u64| {
+        Mapping::new(file.as_fd(), size)
+            .expect("a fresh mapping of QEMU's fd")
+            .policy_at(offset)
+            .expect("get_mempolicy")
+    };
+    // The kernel: QEMU replaced memplace's policy on the file, for every mapping of it.
+    assert_eq!(
+        fresh(0),
+        Some(interleave0),
+        "QEMU's mbind did not reach the file"
+    );
+    assert_eq!(fresh(size - PAGE), Some(interleave0));
+
+    // The agent sees it from the kernel, with no reconcile yet.
+    let r = c.get_region("vm1", "ram0").await.expect("GetRegion");
+    assert_eq!(r.holder_pid, qemu, "{r:?}");
+    assert_eq!(r.ranges[0].state(), pb::RangeState::Drifted, "{r:?}");
+    assert_eq!(
+        r.ranges[0].observed,
+        Some(common::policy(pb::PolicyMode::Interleave, &[0])),
+        "{r:?}"
+    );
+
+    let rep = c.reconcile("vm1").await.expect("Reconcile");
+    assert_eq!(
+        (rep.ranges_drifted, rep.ranges_reapplied, rep.ranges_failed),
+        (1, 1, 0),
+        "{rep:?}"
+    );
+    let evs = events_after(&mut c, start).await;
+    let drift = evs
+        .iter()
+        .find(|e| e.kind() == pb::EventKind::DriftFound)
+        .unwrap_or_else(|| panic!("no drift event: {evs:?}"));
+    assert_eq!((drift.vm_id.as_str(), drift.name.as_str()), ("vm1", "ram0"));
+    assert!(
+        drift.message.contains("[0x0, 0x4000000)") && drift.message.contains("interleave"),
+        "the event names the range and QEMU's policy: {}",
+        drift.message
+    );
+    // Repaired for QEMU's mapping too: a fresh mapping of QEMU's fd reads memplace's policy.
+    assert_eq!(fresh(0), Some(bind0), "not repaired");
+    assert_eq!(fresh(size / 2), Some(bind0));
+    assert_eq!(fresh(size - PAGE), Some(bind0));
+    let r = c.get_region("vm1", "ram0").await.expect("GetRegion");
+    assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
+    assert!(alive(qemu), "QEMU died");
+}
