@@ -12,6 +12,8 @@
 
 #![deny(unsafe_code)]
 
+mod attach;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use memplace_client::handoff::{DEFAULT_HANDOFF_SOCKET, Handoff};
 use memplace_client::{Client, ClientError, nodes, pb};
@@ -104,6 +106,8 @@ enum Command {
     },
     /// Stand-in VMM: acquire a region's fd, map it, optionally touch it, wait for a signal.
     Hold(HoldArgs),
+    /// Take over a running VMM's guest memory (its memfds and guest_memfds) as regions of a VM.
+    Attach(attach::AttachArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -899,6 +903,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
+        Command::Attach(a) => attach::attach(&mut c, &a, out).await?,
         Command::Hold(_) | Command::Health => unreachable!("handled above"),
     }
     Ok(())
