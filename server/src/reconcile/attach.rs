@@ -89,7 +89,7 @@ fn check_pid(pid: i32) -> Result<u64, AgentError> {
     let Some((tgid, state)) = procmem::tgid_and_state(pid) else {
         return Err(no_process(pid));
     };
-    if tgid == me {
+    if pid == me {
         return Err(AgentError::InvalidArgument(format!(
             "pid {pid} is the memplace agent itself, not a VMM"
         )));
@@ -294,18 +294,20 @@ impl Agent {
                 self.limits.max_regions
             )));
         }
-        // The answer as committed: new regions pending, existing ones as they stand.
+        // The answer, stored with the commit. Attaching applies no policy (new regions start at
+        // DEFAULT), so the kernel reads now as it will after the commit, and a replay of the
+        // request id answers exactly as the first call did.
         let mut pending = Vec::with_capacity(plan.len());
         for p in &plan {
             pending.push(match p {
                 Planned::Existing(key) => {
                     let slot = self.slot(key)?;
                     let live = slot.read().await;
-                    let mut v = self.view_without_kernel(&live);
+                    let mut v = tokio::task::block_in_place(|| self.view(&live));
                     v.intent.holder = Some(holder);
                     v
                 }
-                Planned::New(live) => self.view_without_kernel(live),
+                Planned::New(live) => tokio::task::block_in_place(|| self.view(live)),
             });
         }
         if let Some(i) = &idem {
