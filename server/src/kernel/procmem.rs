@@ -292,16 +292,16 @@ mod tests {
         assert_ne!(p, libc::MAP_FAILED);
         let found = scan(me, start).unwrap();
         let names: Vec<&str> = found.files.iter().map(|f| f.name.as_str()).collect();
-        assert!(names.contains(&"shared-one"), "{found:?}");
-        assert!(!names.contains(&"private-one"), "{found:?}");
+        assert!(names.contains(&"memplace:shared-one"), "{found:?}");
+        assert!(!names.contains(&"memplace:private-one"), "{found:?}");
         assert!(
             found
                 .private_memfds
                 .iter()
-                .any(|n| n.starts_with("private-one")),
+                .any(|n| n.starts_with("memplace:private-one")),
             "{found:?}"
         );
-        let f = found.files.iter().find(|f| f.name == "shared-one").unwrap();
+        let f = found.files.iter().find(|f| f.name == "memplace:shared-one").unwrap();
         assert_eq!(f.kind, MemKind::Memfd);
         assert_eq!(f.size, 1 << 16);
         assert!(f.mapped_shared);
