@@ -693,3 +693,214 @@ async fn bad_pids_and_qemu_without_shared_memory_change_nothing() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+const GMEM: u64 = 4 * MIB;
+
+/// The byte written at the start of each page of the stand-in VMM's memory.
+fn pattern_byte(seed: u64, off: u64) -> u8 {
+    ((off / 4096).wrapping_mul(31).wrapping_add(seed) & 0xff) as u8
+}
+
+/// A stand-in VMM (this test binary re-executed): a KVM VM of its own with two guest_memfds, the
+/// first bound to memslot 0 through its mapping, the second only held as an fd; and a memfd it
+/// maps shared and holds no fd for. It writes a pattern into all three and answers `check` on
+/// stdin with `pattern ok` or `pattern BAD`.
+#[test]
+#[ignore = "the stand-in VMM process, started by the other tests"]
+fn gmem_vmm_process_entry() {
+    use memplace_server::kernel::{self, GuestMemfdVm};
+    if std::env::var("MEMPLACE_TEST_GMEM_VMM").is_err() {
+        return;
+    }
+    let vm = GuestMemfdVm::create().expect("creating a KVM VM in the VMM");
+    let flags = kernel::files::GUEST_MEMFD_FLAG_MMAP | kernel::files::GUEST_MEMFD_FLAG_INIT_SHARED;
+    let g0 = vm.create_guest_memfd(GMEM, flags).expect("guest_memfd 0");
+    let g1 = vm.create_guest_memfd(GMEM, flags).expect("guest_memfd 1");
+    let m0 = Mapping::new(g0.as_fd(), GMEM).expect("mmap guest_memfd 0");
+    vm.bind_memslot(0, 0, GMEM, m0.guest_address(), g0.as_fd())
+        .expect("binding memslot 0 to guest_memfd 0");
+    let mf = kernel::create_memfd("weird name/1", GMEM, None).expect("memfd_create");
+    let mm = Mapping::new(mf.as_fd(), GMEM).expect("mmap memfd");
+    drop(mf); // mapped, no fd
+    let maps = [(&m0, 1u64), (&mm, 2u64)];
+    for (m, seed) in maps {
+        for off in (0..GMEM).step_by(4096) {
+            m.write(off, &[pattern_byte(seed, off)]).expect("write");
+        }
+    }
+    println!("vmm: ready");
+    for line in std::io::stdin().lines().map_while(Result::ok) {
+        assert_eq!(line.trim(), "check", "unknown command");
+        let good = maps.iter().all(|(m, seed)| {
+            (0..GMEM).step_by(4096).all(|off| {
+                let mut b = [0u8];
+                m.read(off, &mut b).is_ok() && b[0] == pattern_byte(*seed, off)
+            })
+        });
+        println!("vmm: pattern {}", if good { "ok" } else { "BAD" });
+    }
+    drop(g1);
+    drop(vm);
+    drop(m0);
+    std::process::exit(0);
+}
+
+struct StandIn {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl StandIn {
+    fn spawn() -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "gmem_vmm_process_entry",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("MEMPLACE_TEST_GMEM_VMM", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut s = StandIn { child, out };
+        assert_eq!(s.line_starting("vmm: "), "vmm: ready");
+        s
+    }
+
+    fn line_starting(&mut self, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                self.out.read_line(&mut line).unwrap() > 0,
+                "the stand-in VMM exited"
+            );
+            // The harness prints "test NAME ... " before the first line, without a newline.
+            if let Some(i) = line.find(prefix) {
+                return line[i..].trim().to_string();
+            }
+        }
+    }
+
+    fn check(&mut self) -> String {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "check").unwrap();
+        self.line_starting("vmm: pattern")
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_memfds_and_a_memfd_mapped_without_an_fd_are_attached_and_recovered() {
+    let mut vmm = StandIn::spawn();
+    let vpid = vmm.child.id() as i32;
+    let mut agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let r = c.attach_process("vm3", vpid).await.unwrap();
+    let mut got: Vec<(String, pb::Backend, u64, i32)> = r
+        .regions
+        .iter()
+        .map(|x| (x.name.clone(), x.backend(), x.size_bytes, x.holder_pid))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("gmem0".to_string(), pb::Backend::GuestMemfd, GMEM, vpid),
+            ("gmem1".to_string(), pb::Backend::GuestMemfd, GMEM, vpid),
+            (
+                "memplace-weird-name-1".to_string(),
+                pb::Backend::Memfd,
+                GMEM,
+                vpid
+            ),
+        ]
+    );
+    let uids: Vec<String> = {
+        let mut u: Vec<String> = r.regions.iter().map(|x| x.uid.clone()).collect();
+        u.sort();
+        u
+    };
+    // The VMM's written pages are counted where it wrote them; gmem1 is untouched.
+    for (name, present) in [
+        ("gmem0", GMEM / 4096),
+        ("memplace-weird-name-1", GMEM / 4096),
+        ("gmem1", 0),
+    ] {
+        let p = c.placement("vm3", name, 0, 0).await.unwrap();
+        let n: u64 = p.nodes.iter().map(|n| n.pages).sum();
+        assert_eq!(n, present, "{name}: {p:?}");
+    }
+    // gmem1 is placed by the agent like any guest_memfd region.
+    c.set_policy(
+        "vm3",
+        "gmem1",
+        0,
+        0,
+        policy(pb::PolicyMode::Bind, &[0]),
+        false,
+    )
+    .await
+    .unwrap();
+    let s = c
+        .populate(
+            pb::PopulateRequest {
+                vm_id: "vm3".into(),
+                name: "gmem1".into(),
+                verify: true,
+                ..Default::default()
+            },
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.bytes_done, GMEM, "{s:?}");
+    let p = c.placement("vm3", "gmem1", 0, 0).await.unwrap();
+    assert_eq!(
+        p.nodes,
+        vec![pb::NodePages {
+            node: 0,
+            pages: GMEM / 4096
+        }]
+    );
+
+    agent.restart();
+    let mut c = agent.client().await;
+    for x in c.list_regions("vm3").await.unwrap() {
+        assert_eq!(x.status(), pb::RegionStatus::Active, "{x:?}");
+        assert_eq!(x.holder_pid, vpid, "{x:?}");
+    }
+    let recovered = events(&mut c, "vm3")
+        .await
+        .iter()
+        .filter(|e| e.kind() == pb::EventKind::FdRecovered)
+        .count();
+    assert_eq!(recovered, 3);
+    let p = c
+        .placement("vm3", "memplace-weird-name-1", 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        p.nodes.iter().map(|n| n.pages).sum::<u64>(),
+        GMEM / 4096,
+        "{p:?}"
+    );
+    assert_eq!(vmm.check(), "vmm: pattern ok");
+    // Attaching again finds the same three regions.
+    let again = c.attach_process("vm3", vpid).await.unwrap();
+    let mut u: Vec<String> = again.regions.iter().map(|x| x.uid.clone()).collect();
+    u.sort();
+    assert_eq!(u, uids);
+    assert_eq!(c.list_regions("").await.unwrap().len(), 3);
+}

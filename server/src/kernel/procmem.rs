@@ -49,6 +49,9 @@ pub struct ProcessMemory {
     pub files: Vec<FoundFile>,
     /// memfds the process maps only MAP_PRIVATE: its writes land in private copies, not the file.
     pub private_memfds: Vec<String>,
+    /// memfds the process maps shared but holds no fd for, which the agent could not open
+    /// through /proc/PID/map_files (it needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN), with why.
+    pub unopenable: Vec<String>,
     /// The process's command name (/proc/PID/comm).
     pub comm: String,
 }
@@ -141,7 +144,8 @@ fn kind_of(fd: &OwnedFd, link: &str) -> Option<MemKind> {
 /// Finds and takes every memfd and guest_memfd of process `pid`, which must still be the process
 /// that started at `start`: the ones it holds as fds and the memfds it maps shared. A memfd it
 /// maps only privately is listed in `private_memfds`, not taken. Needs what pidfd_getfd needs
-/// (CAP_SYS_PTRACE over the process); reading map_files needs CAP_SYS_ADMIN.
+/// (CAP_SYS_PTRACE over the process); opening map_files needs CAP_CHECKPOINT_RESTORE
+/// (or CAP_SYS_ADMIN).
 pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
     if pidfd::start_time(pid) != Some(start) {
         return Err(Errno::ESRCH);
@@ -219,12 +223,16 @@ pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
             }
             continue;
         }
-        let Ok(file) = std::fs::OpenOptions::new()
+        let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/map_files/{}", m.range))
-        else {
-            continue;
+        {
+            Ok(f) => f,
+            Err(e) => {
+                out.unopenable.push(format!("{name} ({e})"));
+                continue;
+            }
         };
         let fd = OwnedFd::from(file);
         let Ok(st) = nix::sys::stat::fstat(&fd) else {
@@ -252,6 +260,31 @@ pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
         return Err(Errno::ESRCH);
     }
     Ok(out)
+}
+
+/// Opens the file (dev, ino) through /proc/PID/map_files when process `pid`, still the one that
+/// started at `start`, maps it but may hold no fd for it (a VMM that closed its memfd after
+/// mmap). The copy is confirmed by (st_dev, st_ino).
+pub fn open_mapped(pid: i32, start: u64, file_id: (u64, u64)) -> Option<OwnedFd> {
+    if pidfd::start_time(pid) != Some(start) {
+        return None;
+    }
+    let fd = memory_mappings(pid)
+        .ok()?
+        .into_iter()
+        .filter(|m| m.shared && m.ino == file_id.1)
+        .find_map(|m| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/{pid}/map_files/{}", m.range))
+                .ok()?;
+            let fd = OwnedFd::from(f);
+            let st = nix::sys::stat::fstat(&fd).ok()?;
+            ((st.st_dev, st.st_ino) == file_id).then_some(fd)
+        })?;
+    // Opened from the process that was checked, not from one that reused its pid meanwhile.
+    (pidfd::start_time(pid) == Some(start)).then_some(fd)
 }
 
 #[cfg(test)]
@@ -301,7 +334,11 @@ mod tests {
                 .any(|n| n.starts_with("memplace:private-one")),
             "{found:?}"
         );
-        let f = found.files.iter().find(|f| f.name == "memplace:shared-one").unwrap();
+        let f = found
+            .files
+            .iter()
+            .find(|f| f.name == "memplace:shared-one")
+            .unwrap();
         assert_eq!(f.kind, MemKind::Memfd);
         assert_eq!(f.size, 1 << 16);
         assert!(f.mapped_shared);

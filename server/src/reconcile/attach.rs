@@ -132,6 +132,16 @@ impl Agent {
                 Errno::ESRCH => no_process(pid),
                 e => kerr("taking the process's files (pidfd_getfd)")(e),
             })?;
+        if !found.unopenable.is_empty() {
+            // Attaching part of the guest's memory would leave the rest unplaced without a word.
+            return Err(AgentError::FailedPrecondition(format!(
+                "pid {pid} ({}) maps memfds shared without holding an fd, and the agent cannot \
+                 open them through /proc/{pid}/map_files: {}. Give the agent \
+                 CAP_CHECKPOINT_RESTORE",
+                found.comm,
+                found.unopenable.join(", ")
+            )));
+        }
         if found.files.is_empty() {
             let private = if found.private_memfds.is_empty() {
                 String::new()
