@@ -21,6 +21,9 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use tokio::sync::RwLock;
 
+/// Encodes the first answer to an AttachProcess from its regions.
+pub type EncodeRegions = Box<dyn Fn(&[RegionView]) -> Vec<u8> + Send + Sync>;
+
 /// The idempotency record of an AttachProcess: like [`super::Idempotency`], for several regions.
 pub struct AttachIdempotency {
     /// The id.
@@ -28,7 +31,7 @@ pub struct AttachIdempotency {
     /// Digest of the request.
     pub fingerprint: Vec<u8>,
     /// Encodes the answer from the regions.
-    pub encode: Box<dyn Fn(&[RegionView]) -> Vec<u8> + Send + Sync>,
+    pub encode: EncodeRegions,
 }
 
 /// What to tell a caller whose process has no shared guest memory.
