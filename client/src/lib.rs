@@ -510,6 +510,25 @@ impl Client {
             .handoff_token)
     }
 
+    /// AttachProcess with a fresh request id, retried safely: every memfd and guest_memfd of a
+    /// running VMM becomes a region of `vm_id`, held by that process.
+    pub async fn attach_process(
+        &mut self,
+        vm_id: &str,
+        pid: i32,
+    ) -> Result<pb::AttachProcessResponse, ClientError> {
+        let req = pb::AttachProcessRequest {
+            vm_id: vm_id.into(),
+            pid,
+            request_id: new_request_id(),
+        };
+        self.retrying(|mut c| {
+            let r = req.clone();
+            async move { c.attach_process(r).await }
+        })
+        .await
+    }
+
     /// WatchEvents as a stream.
     pub async fn watch_events(
         &mut self,

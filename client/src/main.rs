@@ -12,6 +12,8 @@
 
 #![deny(unsafe_code)]
 
+mod attach;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use memplace_client::handoff::{DEFAULT_HANDOFF_SOCKET, Handoff};
 use memplace_client::{Client, ClientError, nodes, pb};
@@ -115,6 +117,8 @@ enum Command {
         override_usage = "memplacectl exec [OPTIONS] VM_ID [--region NAME]... -- PROGRAM [ARGS]..."
     )]
     Exec(exec::ExecArgs),
+    /// Take over a running VMM's guest memory (its memfds and guest_memfds) as regions of a VM.
+    Attach(attach::AttachArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -932,6 +936,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
+        Command::Attach(a) => attach::attach(&mut c, &a, out).await?,
         Command::Hold(_) | Command::Health | Command::Exec(_) => unreachable!("handled above"),
     }
     Ok(())

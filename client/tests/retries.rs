@@ -120,6 +120,12 @@ impl NodeAgentService for Flaky {
     ) -> Result<Response<pb::IssueHandoffTokenResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+    async fn attach_process(
+        &self,
+        _: Request<pb::AttachProcessRequest>,
+    ) -> Result<Response<pb::AttachProcessResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// Serves `svc` on a fresh Unix socket and connects a client to it.

@@ -733,6 +733,12 @@ impl memplace_proto::v1::node_agent_service_server::NodeAgentService for Echo {
     ) -> Result<tonic::Response<pb::IssueHandoffTokenResponse>, tonic::Status> {
         unimplemented()
     }
+    async fn attach_process(
+        &self,
+        _: tonic::Request<pb::AttachProcessRequest>,
+    ) -> Result<tonic::Response<pb::AttachProcessResponse>, tonic::Status> {
+        unimplemented()
+    }
     type WatchEventsStream = EchoStream<pb::WatchEventsResponse>;
     async fn watch_events(
         &self,

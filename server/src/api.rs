@@ -53,7 +53,7 @@ fn caller<T>(req: &Request<T>) -> String {
 pub fn status_of(e: AgentError) -> Status {
     let code = match &e {
         AgentError::Invalid(_) | AgentError::InvalidArgument(_) => Code::InvalidArgument,
-        AgentError::NotFound(_) => Code::NotFound,
+        AgentError::NotFound(_) | AgentError::ProcessNotFound(_) => Code::NotFound,
         AgentError::AlreadyExists(_) | AgentError::RequestIdReused(_) => Code::AlreadyExists,
         AgentError::DuplicateRequest(_) => Code::Aborted,
         AgentError::FailedPrecondition(_) => Code::FailedPrecondition,
@@ -754,6 +754,50 @@ impl NodeAgentService for NodeAgent {
         Ok(Response::new(pb::IssueHandoffTokenResponse {
             handoff_token: self.agent.vm_token(&r.vm_id),
         }))
+    }
+
+    async fn attach_process(
+        &self,
+        req: Request<pb::AttachProcessRequest>,
+    ) -> Result<Response<pb::AttachProcessResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        check_request_id(&r.request_id)?;
+        let unkeyed = pb::AttachProcessRequest {
+            request_id: String::new(),
+            ..r.clone()
+        };
+        let print = fingerprint("AttachProcess", &unkeyed);
+        if let Some(first) = replay(&self.agent, &r.request_id, "AttachProcess", &print).await? {
+            return Ok(Response::new(first));
+        }
+        let idem = (!r.request_id.is_empty()).then(|| crate::reconcile::AttachIdempotency {
+            request_id: r.request_id.clone(),
+            fingerprint: print.clone(),
+            encode: Box::new(|v: &[RegionView]| {
+                pb::AttachProcessResponse {
+                    regions: v.iter().map(region_to_pb).collect(),
+                }
+                .encode_to_vec()
+            }),
+        });
+        tracing::info!(vm_id = %r.vm_id, pid = r.pid, request_id = %r.request_id, caller = %who, "AttachProcess");
+        let agent = self.agent.clone();
+        let (vm_id, pid) = (r.vm_id.clone(), r.pid);
+        match run_to_completion(async move { agent.attach_process(&vm_id, pid, &who, idem).await })
+            .await?
+        {
+            Ok(v) => Ok(Response::new(pb::AttachProcessResponse {
+                regions: v.iter().map(region_to_pb).collect(),
+            })),
+            Err(e @ AgentError::DuplicateRequest(_)) => {
+                match replay(&self.agent, &r.request_id, "AttachProcess", &print).await? {
+                    Some(first) => Ok(Response::new(first)),
+                    None => Err(status_of(e)),
+                }
+            }
+            Err(e) => Err(status_of(e)),
+        }
     }
 
     type WatchEventsStream = BoxStream<pb::WatchEventsResponse>;

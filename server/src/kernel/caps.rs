@@ -26,6 +26,10 @@ pub const CAP_SYS_NICE: u32 = 23;
 /// `CAP_SYS_RESOURCE`: raise RLIMIT_NOFILE for many regions.
 pub const CAP_SYS_RESOURCE: u32 = 24;
 
+/// `CAP_CHECKPOINT_RESTORE` (5.9+): open a VMM's memfd through /proc/PID/map_files when the VMM
+/// maps it but holds no fd for it (AttachProcess, and taking it back after a restart).
+pub const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
 /// What the agent keeps after start-up.
 pub const KEEP: &[u32] = &[
     CAP_DAC_OVERRIDE,
@@ -35,6 +39,7 @@ pub const KEEP: &[u32] = &[
     CAP_SYS_PTRACE,
     CAP_SYS_NICE,
     CAP_SYS_RESOURCE,
+    CAP_CHECKPOINT_RESTORE,
 ];
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;

@@ -13,6 +13,7 @@ pub mod mapping;
 pub mod mempolicy;
 pub mod pidfd;
 pub mod probe;
+pub mod procmem;
 
 pub use files::{GuestMemfdVm, create_memfd, fallocate, fd_file_id};
 pub use mapping::Mapping;

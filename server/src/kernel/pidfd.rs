@@ -186,6 +186,8 @@ fn take_file_among(
     candidates
         .iter()
         .find_map(|&n| getfd_of_file(&pidfd, n, file_id))
+        // A holder that maps the file without an fd (an attached VMM that closed its memfd).
+        .or_else(|| super::procmem::open_mapped(pid, start, file_id))
         .ok_or(Errno::ENOENT)
 }
 

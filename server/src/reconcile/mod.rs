@@ -2,10 +2,12 @@
 //! intent first and kernel changes second, reads back what the kernel holds, and brings regions
 //! back after a restart. Blocking syscalls run on blocking threads.
 
+mod attach;
 mod placement;
 mod populate;
 mod recover;
 
+pub use attach::AttachIdempotency;
 pub use placement::{NodeCount, Placement, RangePlacementView};
 pub use populate::{
     PopulateOutcome, PopulateProgress, PopulateRequest, child_main as populate_child_main,
@@ -36,6 +38,9 @@ pub enum AgentError {
     /// No such region.
     #[error("region {0} not found")]
     NotFound(RegionKey),
+    /// No such process (AttachProcess).
+    #[error("{0}")]
+    ProcessNotFound(String),
     /// The region exists.
     #[error("region {0} already exists")]
     AlreadyExists(RegionKey),
