@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 
 import memplaced_config  # noqa: E402
 
-CAPABILITIES = {"CAP_SYS_PTRACE", "CAP_SYS_NICE"}
+CAPABILITIES = {"CAP_SYS_PTRACE", "CAP_SYS_NICE", "CAP_CHECKPOINT_RESTORE"}
 # Syscalls the agent cannot work without (placement, files, fd recovery, sockets, KVM).
 SYSCALLS = ["mbind", "set_mempolicy", "get_mempolicy", "move_pages", "migrate_pages",
             "memfd_create", "fallocate", "ftruncate", "mmap", "munmap", "madvise", "ioctl",

@@ -43,7 +43,7 @@ except ImportError:
 # volumeMounts[].recursiveReadOnly exist from 1.30 on.
 OLDEST_K8S = "1.30"
 CONFIG_PATH = "/etc/memplace/memplaced.toml"
-AGENT_CAPABILITIES = {"SYS_PTRACE", "SYS_NICE"}
+AGENT_CAPABILITIES = {"SYS_PTRACE", "SYS_NICE", "CHECKPOINT_RESTORE"}
 # hostPath -> (type, read-only): all the host the agent may see. Anything else is a new privilege.
 HOST_PATHS = {
     "/run/memplace": ("DirectoryOrCreate", False),
