@@ -1,6 +1,6 @@
 //! fd ownership, handoff to VMMs and recovery, against the real `memplaced` binary and separate
-//! holder processes: `memplacectl hold` (acquires a region the agent made) and this test binary
-//! re-executed as a stand-in VMM (`vmm_process_entry`: makes its own file, and for guest_memfd its
+//! holder processes: `memplacectl hold` (acquires a region the agent made) and
+//! `memplace-test-standin handoff-vmm`, a stand-in VMM (makes its own file, and for guest_memfd its
 //! own KVM VM with a memslot bound to it, then hands the file in with adopt).
 //!
 //! Two kernel rules shape what a VMM can do with guest_memfd (checked here, not assumed):
@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{AgentProc, MIB, ctl_path, policy};
+use common::{AgentProc, MIB, ctl_path, policy, standin_path};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
 use memplace_server::kernel::{self, GuestMemfdVm, Mapping};
@@ -78,11 +78,9 @@ impl HolderProc {
         loop {
             match self.lines.recv_timeout(Duration::from_secs(30)) {
                 Ok(l) => {
-                    // The test harness of a re-executed test binary may start the line.
-                    if let Some(at) = l.find(prefix) {
-                        let said = l[at..].to_string();
-                        self.seen.push(said.clone());
-                        return said;
+                    if l.starts_with(prefix) {
+                        self.seen.push(l.clone());
+                        return l;
                     }
                     self.seen.push(l);
                 }
@@ -142,7 +140,7 @@ fn hold(agent: &AgentProc, vm: &str, name: &str, token: &str, seed: u64) -> Hold
     h
 }
 
-/// This test binary, re-executed as a VMM that creates a `backend` file of `size` bytes (for
+/// `memplace-test-standin handoff-vmm`: a VMM that creates a `backend` file of `size` bytes (for
 /// guest_memfd: on its own KVM VM, with memslot 0 bound to it), adopts it as VM/NAME, and then
 /// obeys `write SEED LEN` / `check SEED LEN` on stdin.
 fn vmm(
@@ -153,95 +151,16 @@ fn vmm(
     token: &str,
     size: u64,
 ) -> HolderProc {
-    let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
-    cmd.args([
-        "vmm_process_entry",
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ])
-    .env("MEMPLACE_TEST_VMM", backend)
-    .env("MEMPLACE_TEST_VMM_SOCKET", agent.handoff_socket())
-    .env("MEMPLACE_TEST_VMM_REGION", format!("{vm}/{name}"))
-    .env("MEMPLACE_TEST_VMM_TOKEN", token)
-    .env("MEMPLACE_TEST_VMM_SIZE", size.to_string());
+    let mut cmd = Command::new(standin_path());
+    cmd.arg("handoff-vmm")
+        .env("MEMPLACE_TEST_VMM", backend)
+        .env("MEMPLACE_TEST_VMM_SOCKET", agent.handoff_socket())
+        .env("MEMPLACE_TEST_VMM_REGION", format!("{vm}/{name}"))
+        .env("MEMPLACE_TEST_VMM_TOKEN", token)
+        .env("MEMPLACE_TEST_VMM_SIZE", size.to_string());
     let mut h = HolderProc::spawn(cmd);
     h.expect_line("vmm: adopted");
     h
-}
-
-/// The stand-in VMM's body; a no-op unless this binary was started by [`vmm`], which runs it as
-/// an ignored test in a process of its own.
-#[test]
-#[ignore = "the stand-in VMM process, started by the other tests"]
-fn vmm_process_entry() {
-    let Ok(backend) = std::env::var("MEMPLACE_TEST_VMM") else {
-        return;
-    };
-    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by vmm()"));
-    let socket = var("MEMPLACE_TEST_VMM_SOCKET");
-    let region = var("MEMPLACE_TEST_VMM_REGION");
-    let (vm_id, name) = region.split_once('/').expect("VM/NAME");
-    let token = var("MEMPLACE_TEST_VMM_TOKEN");
-    let size: u64 = var("MEMPLACE_TEST_VMM_SIZE").parse().expect("size");
-    let (fd, vm, pb_backend) = if backend == "guest_memfd" {
-        let vm = GuestMemfdVm::create().expect("creating a KVM VM in the VMM");
-        let flags =
-            kernel::files::GUEST_MEMFD_FLAG_MMAP | kernel::files::GUEST_MEMFD_FLAG_INIT_SHARED;
-        let fd = vm
-            .create_guest_memfd(size, flags)
-            .expect("KVM_CREATE_GUEST_MEMFD");
-        (fd, Some(vm), pb::Backend::GuestMemfd)
-    } else {
-        let fd = kernel::create_memfd(&region, size, None).expect("memfd_create");
-        (fd, None, pb::Backend::Memfd)
-    };
-    let map = Mapping::new(fd.as_fd(), size).expect("mmap");
-    if let Some(vm) = &vm {
-        vm.bind_memslot(0, 0, size, map.guest_address(), fd.as_fd())
-            .expect("binding memslot 0 of the VMM's own VM to its guest_memfd");
-        println!("vmm: memslot bound");
-    }
-    let conn = Handoff::connect(&socket).expect("connecting to the handoff socket");
-    let r = conn
-        .adopt(vm_id, name, pb_backend, size, &token, fd.as_fd())
-        .expect("adopt");
-    let (_, ino) = kernel::fd_file_id(fd.as_fd()).expect("fstat");
-    println!("vmm: adopted {} ino {ino}", r.name);
-    for line in std::io::stdin().lines().map_while(Result::ok) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let (seed, len): (u64, u64) = match words.as_slice() {
-            [_, s, l] => (s.parse().expect("seed"), l.parse().expect("len")),
-            _ => panic!("bad command {line:?}"),
-        };
-        match words[0] {
-            "write" => {
-                for off in (0..len).step_by(PAGE as usize) {
-                    map.write(off, &[pattern_byte(seed, off)]).expect("write");
-                }
-                println!("vmm: written");
-            }
-            "check" => {
-                let good = (0..len).step_by(PAGE as usize).all(|off| {
-                    let mut b = [0u8];
-                    map.read(off, &mut b).is_ok() && b[0] == pattern_byte(seed, off)
-                });
-                println!("vmm: pattern {}", if good { "ok" } else { "BAD" });
-            }
-            other => panic!("unknown command {other}"),
-        }
-    }
-    // The VM goes before the mapping its memslot points into.
-    drop(vm);
-    drop(map);
-    std::process::exit(0);
-}
-
-/// The byte `memplacectl hold --pattern` writes at the start of each page.
-fn pattern_byte(seed: u64, off: u64) -> u8 {
-    ((off / PAGE).wrapping_mul(31).wrapping_add(seed) & 0xff) as u8
 }
 
 // ---------------------------------------------------------------------------------------------

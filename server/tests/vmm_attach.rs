@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{AgentProc, MIB, ctl_path, policy};
+use common::{AgentProc, MIB, ctl_path, policy, standin_path};
 use memplace_client::{Client, pb};
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
 use memplace_server::kernel::Mapping;
@@ -696,55 +696,10 @@ async fn bad_pids_and_qemu_without_shared_memory_change_nothing() {
 
 const GMEM: u64 = 4 * MIB;
 
-/// The byte written at the start of each page of the stand-in VMM's memory.
-fn pattern_byte(seed: u64, off: u64) -> u8 {
-    ((off / 4096).wrapping_mul(31).wrapping_add(seed) & 0xff) as u8
-}
-
-/// A stand-in VMM (this test binary re-executed): a KVM VM of its own with two guest_memfds, the
-/// first bound to memslot 0 through its mapping, the second only held as an fd; and a memfd it
-/// maps shared and holds no fd for. It writes a pattern into all three and answers `check` on
+/// A stand-in VMM, `memplace-test-standin gmem-vmm`: a KVM VM of its own with two guest_memfds,
+/// the first bound to memslot 0 through its mapping, the second only held as an fd; and a memfd
+/// it maps shared and holds no fd for. It writes a pattern into all three and answers `check` on
 /// stdin with `pattern ok` or `pattern BAD`.
-#[test]
-#[ignore = "the stand-in VMM process, started by the other tests"]
-fn gmem_vmm_process_entry() {
-    use memplace_server::kernel::{self, GuestMemfdVm};
-    if std::env::var("MEMPLACE_TEST_GMEM_VMM").is_err() {
-        return;
-    }
-    let vm = GuestMemfdVm::create().expect("creating a KVM VM in the VMM");
-    let flags = kernel::files::GUEST_MEMFD_FLAG_MMAP | kernel::files::GUEST_MEMFD_FLAG_INIT_SHARED;
-    let g0 = vm.create_guest_memfd(GMEM, flags).expect("guest_memfd 0");
-    let g1 = vm.create_guest_memfd(GMEM, flags).expect("guest_memfd 1");
-    let m0 = Mapping::new(g0.as_fd(), GMEM).expect("mmap guest_memfd 0");
-    vm.bind_memslot(0, 0, GMEM, m0.guest_address(), g0.as_fd())
-        .expect("binding memslot 0 to guest_memfd 0");
-    let mf = kernel::create_memfd("weird name/1", GMEM, None).expect("memfd_create");
-    let mm = Mapping::new(mf.as_fd(), GMEM).expect("mmap memfd");
-    drop(mf); // mapped, no fd
-    let maps = [(&m0, 1u64), (&mm, 2u64)];
-    for (m, seed) in maps {
-        for off in (0..GMEM).step_by(4096) {
-            m.write(off, &[pattern_byte(seed, off)]).expect("write");
-        }
-    }
-    println!("vmm: ready");
-    for line in std::io::stdin().lines().map_while(Result::ok) {
-        assert_eq!(line.trim(), "check", "unknown command");
-        let good = maps.iter().all(|(m, seed)| {
-            (0..GMEM).step_by(4096).all(|off| {
-                let mut b = [0u8];
-                m.read(off, &mut b).is_ok() && b[0] == pattern_byte(*seed, off)
-            })
-        });
-        println!("vmm: pattern {}", if good { "ok" } else { "BAD" });
-    }
-    drop(g1);
-    drop(vm);
-    drop(m0);
-    std::process::exit(0);
-}
-
 struct StandIn {
     child: Child,
     out: BufReader<std::process::ChildStdout>,
@@ -752,16 +707,8 @@ struct StandIn {
 
 impl StandIn {
     fn spawn() -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "gmem_vmm_process_entry",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env("MEMPLACE_TEST_GMEM_VMM", "1")
+        let mut child = Command::new(standin_path())
+            .arg("gmem-vmm")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -780,9 +727,8 @@ impl StandIn {
                 self.out.read_line(&mut line).unwrap() > 0,
                 "the stand-in VMM exited"
             );
-            // The harness prints "test NAME ... " before the first line, without a newline.
-            if let Some(i) = line.find(prefix) {
-                return line[i..].trim().to_string();
+            if line.starts_with(prefix) {
+                return line.trim().to_string();
             }
         }
     }

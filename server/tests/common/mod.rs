@@ -168,6 +168,18 @@ pub fn ctl_path() -> PathBuf {
     p
 }
 
+/// `memplace-test-standin` (the client crate's stand-in VMM processes), beside `memplaced`.
+pub fn standin_path() -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_memplaced"));
+    let p = exe.with_file_name("memplace-test-standin");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
 pub fn policy(mode: pb::PolicyMode, nodes: &[u32]) -> pb::Policy {
     pb::Policy {
         mode: mode as i32,
