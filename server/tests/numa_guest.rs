@@ -150,6 +150,21 @@ fn pair_leaves_a_node_out(setup: Setup) -> bool {
 fn four_nodes_or_more(setup: Setup) -> bool {
     setup.nodes >= 4
 }
+/// The nested QEMU section (scenario.sh, `nested_qemu_case`) runs on the 2-node guest without KVM
+/// (the 6.12 kernel), whose initramfs holds the host's QEMU ([`NESTED_QEMU_FILES`]).
+fn nested_qemu(setup: Setup) -> bool {
+    setup.nodes == 2 && !setup.kvm
+}
+
+/// What the nested QEMU needs besides its binary and libraries (`build-initramfs.sh --file`): the
+/// TCG accelerator module, and the firmware that `-machine pc -nodefaults` loads (Debian 12's
+/// QEMU 7.2, package qemu-system-x86 with seabios).
+const NESTED_QEMU_BIN: &str = "/usr/bin/qemu-system-x86_64";
+const NESTED_QEMU_FILES: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so",
+    "/usr/share/qemu/kvmvapic.bin",
+    "/usr/share/seabios/bios-256k.bin",
+];
 
 /// Every check a full scenario must pass, in the order the guest prints them. This is the one
 /// place that declares them: the harness fails a guest on a declared check that did not pass
@@ -472,6 +487,28 @@ const SCENARIO_CHECKS: &[CheckGroup] = &[
             "per-range-vm-task-numa-maps-all",
         ],
     },
+    // nested-qemu
+    CheckGroup {
+        runs_on: nested_qemu,
+        names: &[
+            "nested-qemu-agent-start",
+            "nested-qemu-create",
+            "nested-qemu-start",
+            "nested-qemu-numa-maps-node1",
+            "nested-qemu-placement",
+            "nested-qemu-pattern",
+            "nested-qemu-migrate",
+            "nested-qemu-migrated-numa-maps",
+            "nested-qemu-migrated-placement",
+            "nested-qemu-intact",
+            "nested-qemu-drift-create",
+            "nested-qemu-host-nodes-start",
+            "nested-qemu-host-nodes-drift",
+            "nested-qemu-reconcile",
+            "nested-qemu-drift-event",
+            "nested-qemu-repaired",
+        ],
+    },
 ];
 
 /// The names a full scenario on `setup` must report as PASS ([`SCENARIO_CHECKS`] expanded).
@@ -644,6 +681,15 @@ fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
         .arg(&test_vmm);
     if let Some(modules) = modules {
         build.arg("--modules").arg(modules);
+    }
+    if nested_qemu(Setup {
+        nodes,
+        kvm: guest.kvm,
+    }) {
+        build.arg("--bin").arg(NESTED_QEMU_BIN);
+        for file in NESTED_QEMU_FILES {
+            build.arg("--file").arg(file);
+        }
     }
     run_script(build.arg(&initramfs), "build-initramfs.sh");
 
@@ -978,4 +1024,7 @@ fn expected_checks_follow_the_guest() {
     assert!(has(&two, "anon-bind-node1") && !has(&two, "shmem-bind-node2"));
     assert!(has(&kvm, "gmem-after-restart-numa-maps") && has(&kvm, "insmod-kvm_amd"));
     assert!(!has(&kvm, "gmem-unsupported") && has(&two, "gmem-unsupported"));
+    // The nested QEMU runs on the 2-node guest without KVM only.
+    assert!(has(&two, "nested-qemu-migrated-numa-maps") && !has(&four, "nested-qemu-start"));
+    assert!(!has(&kvm, "nested-qemu-start"));
 }

@@ -7,6 +7,8 @@
 #   --scenario FILE  the guest's /scenario.sh (default: scenario.sh beside this script)
 #   --modules DIR    .ko files and a `load-order` file (from fetch-kernels.sh), loaded by /init
 #   --bin FILE       a binary for /usr/bin, debug info stripped (repeatable)
+#   --file FILE      a file copied to the same absolute path (symlinks followed); a shared object's
+#                    libraries come along as for --bin (repeatable; e.g. QEMU's firmware and modules)
 #   OUT              the uncompressed newc cpio archive to write
 set -euo pipefail
 
@@ -14,6 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 SCENARIO=$HERE/scenario.sh
 MODULES=""
 BINS=()
+FILES=()
 
 die() { echo "build-initramfs: ERROR: $*" >&2; exit 1; }
 
@@ -22,11 +25,12 @@ while [ $# -gt 0 ]; do
         --scenario) SCENARIO=$2; shift 2 ;;
         --modules) MODULES=$2; shift 2 ;;
         --bin) BINS+=("$2"); shift 2 ;;
+        --file) FILES+=("$2"); shift 2 ;;
         -*) die "unknown option $1" ;;
         *) break ;;
     esac
 done
-[ $# -eq 1 ] || die "usage: $0 [--scenario FILE] [--modules DIR] [--bin FILE]... OUT"
+[ $# -eq 1 ] || die "usage: $0 [--scenario FILE] [--modules DIR] [--bin FILE]... [--file FILE]... OUT"
 OUT=$1
 
 BUSYBOX=/bin/busybox
@@ -51,9 +55,10 @@ done
 # copy_with_libs FILE: FILE into /usr/bin, plus every library and the loader that ldd names, at the
 # paths ldd names them by, so the guest's loader finds them the way the host's does.
 copy_with_libs() {
-    local bin=$1 dest lib
+    local bin=$1 dest=${2:-} lib
     [ -f "$bin" ] || die "no binary $bin"
-    dest=$STAGE/usr/bin/$(basename "$bin")
+    [ -n "$dest" ] || dest=$STAGE/usr/bin/$(basename "$bin")
+    mkdir -p "$(dirname "$dest")"
     strip --strip-debug -o "$dest" "$bin" 2>/dev/null || cp "$bin" "$dest"
     chmod 755 "$dest"
     ldd "$bin" >/dev/null 2>&1 || return 0 # static
@@ -68,6 +73,19 @@ copy_with_libs() {
 }
 
 for bin in "${BINS[@]}"; do copy_with_libs "$bin"; done
+for file in "${FILES[@]}"; do
+    case $file in
+        /*) ;;
+        *) die "--file needs an absolute path: $file" ;;
+    esac
+    [ -f "$file" ] || die "no file $file"
+    if [[ $file == *.so ]]; then
+        copy_with_libs "$file" "$STAGE$file"
+    else
+        mkdir -p "$STAGE$(dirname "$file")"
+        cp -L "$file" "$STAGE$file"
+    fi
+done
 
 if [ -n "$MODULES" ]; then
     [ -s "$MODULES/load-order" ] || die "$MODULES has no load-order file"

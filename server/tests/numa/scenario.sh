@@ -640,6 +640,126 @@ task_policy_agent_checks() {
     agent_stop
 }
 
+# A nested QEMU (the host's Debian QEMU 7.2, packed into the initramfs) on memplace regions, on the
+# 2-node 6.12 guest. `-accel tcg -S`: the vCPU never runs (nested TCG inside TCG is very slow, and
+# no guest code is needed), and prealloc=on makes QEMU's own threads fault every page of guest RAM
+# at start-up. Debian's QEMU has no qtest accelerator. QEMU runs on node 0's CPU through
+# `memplacectl exec`, on a 48 MiB region (a size no other QEMU mapping has) created BIND {last}:
+# its numa_maps and GetPlacement must show every page on the last node. Then a pattern is written
+# through QEMU's fd, the region moves to node 0 with `policy set --migrate`, and both readings must
+# show every page on node 0 with the content unchanged. A second QEMU given
+# `host-nodes=0,policy=interleave` mbinds its region's file itself: GetRegion must show the range
+# drifted (the agent's periodic reconcile is off), `memplacectl reconcile` must report it drifted
+# and re-applied, a drift-found event names it, and GetRegion shows it applied again.
+NQ_MB=48
+nested_qemu_case() {
+    local pages fd sum q2=""
+    pages=$(pages_of_mb $NQ_MB)
+    step nested-qemu-agent-start agent_start nested on_node 0 || return 1
+    if step nested-qemu-create region_create vm-q ram ${NQ_MB}M --policy "bind:$LAST"; then
+        if step nested-qemu-start nested_qemu_start vm-q prealloc=on; then
+            local q1=$QEMU_PID
+            check nested-qemu-numa-maps-node1 expect_holder "$q1" $((NQ_MB << 20)) "$LAST:$pages" 0
+            check nested-qemu-placement expect_placement vm-q ram "$LAST:$pages" 0
+            fd=$(qemu_ram_fd "$q1")
+            if step nested-qemu-pattern nested_qemu_pattern "$q1" "$fd"; then
+                sum=$(cat "$WORK/nq.sum")
+                step nested-qemu-migrate set_policy vm-q ram --mode bind --nodes 0 --migrate &&
+                    check nested-qemu-migrated-numa-maps expect_holder "$q1" $((NQ_MB << 20)) "0:$pages" 0
+                check nested-qemu-migrated-placement expect_placement vm-q ram "0:$pages" 0
+                check nested-qemu-intact expect_sum "$q1" "$fd" "$sum"
+            fi
+            nested_qemu_stop "$q1"
+        fi
+        region_delete vm-q ram
+    fi
+    if step nested-qemu-drift-create region_create vm-q2 ram ${NQ_MB}M --policy "bind:$LAST"; then
+        if step nested-qemu-host-nodes-start nested_qemu_start vm-q2 prealloc=off,host-nodes=0,policy=interleave; then
+            q2=$QEMU_PID
+            check nested-qemu-host-nodes-drift expect_region vm-q2 ram ranges.0.state=drifted
+            check nested-qemu-reconcile expect_reconcile
+            check nested-qemu-drift-event expect_drift_event vm-q2 ram
+            check nested-qemu-repaired expect_region vm-q2 ram ranges.0.state=applied \
+                ranges.0.observed.mode=bind "ranges.0.observed.nodes.0=$LAST"
+            nested_qemu_stop "$q2"
+        fi
+        region_delete vm-q2 ram
+    fi
+    agent_stop
+}
+
+# nested_qemu_start VM BACKEND-OPTIONS: QEMU through `memplacectl exec` on node 0's CPU, its guest
+# RAM the VM's region `ram`; waits until its mapping of the region has every page (prealloc=on)
+# or, with a policy= option, until QEMU has set that policy on it. Sets QEMU_PID.
+nested_qemu_start() {
+    local vm=$1 opts=$2 out=$WORK/qemu.$1 tries=0 line
+    QEMU_PID=""
+    : >"$out"
+    on_node 0 memplacectl exec "$vm" -- qemu-system-x86_64 -accel tcg -S -machine pc -nodefaults \
+        -display none -monitor none -serial none -m ${NQ_MB}M \
+        -object "memory-backend-file,id=m0,size=${NQ_MB}M,mem-path={path:ram},share=on,$opts" \
+        -machine memory-backend=m0 >"$out" 2>&1 &
+    QEMU_PID=$!
+    while :; do
+        line=$(holder_line "$QEMU_PID" $((NQ_MB << 20)) 2>/dev/null) || line=""
+        case $opts in
+            *policy=interleave*) echo "$line" | grep -q ' interleave:0 ' && break ;;
+            *) [ "$(echo "$line" | awk '{ for (i = 2; i <= NF; i++) if ($i ~ /^N[0-9]+=/) {
+                split($i, kv, "="); s += kv[2] } } END { print s + 0 }')" -eq "$(pages_of_mb $NQ_MB)" ] && break ;;
+        esac
+        if ! kill -0 "$QEMU_PID" 2>/dev/null || [ "$tries" -ge 1200 ]; then
+            echo "QEMU on $vm/ram did not start (numa_maps: '$line'):"
+            cat "$out"
+            return 1
+        fi
+        tries=$((tries + 1))
+        sleep 0.1
+    done
+    echo "QEMU pid $QEMU_PID: $line"
+    cat "$out"
+}
+
+nested_qemu_stop() {
+    kill -TERM "$1" 2>/dev/null || { fail nested-qemu-gone "QEMU pid $1 exited before it was stopped"; return 1; }
+    wait "$1" 2>/dev/null
+    return 0
+}
+
+# qemu_ram_fd PID: the fd of QEMU's guest RAM, from its mem-path=/proc/self/fd/N.
+qemu_ram_fd() {
+    tr '\0' '\n' </proc/"$1"/cmdline | sed -n 's/.*mem-path=\/proc\/self\/fd\/\([0-9]*\),.*/\1/p'
+}
+
+# nested_qemu_pattern PID FD: random bytes over the whole of guest RAM, written through QEMU's fd
+# (prealloc placed the pages already; writing replaces their content only), and their checksum.
+nested_qemu_pattern() {
+    [ -n "$2" ] || { echo "no mem-path fd in QEMU's command line"; return 1; }
+    dd if=/dev/urandom of=/proc/"$1"/fd/"$2" bs=1M count=$NQ_MB conv=notrunc 2>&1 || return 1
+    md5sum </proc/"$1"/fd/"$2" | cut -d ' ' -f 1 >"$WORK/nq.sum" || return 1
+    echo "pattern checksum $(cat "$WORK/nq.sum")"
+}
+
+# expect_sum PID FD SUM: the content read through QEMU's fd has checksum SUM.
+expect_sum() {
+    local now
+    now=$(md5sum </proc/"$1"/fd/"$2" | cut -d ' ' -f 1)
+    echo "checksum $now, before the migration $3"
+    [ "$now" = "$3" ]
+}
+
+expect_reconcile() {
+    ctl_json reconcile reconcile --vm vm-q2 || return 1
+    cat "$WORK/reconcile.flat"
+    expect_flat "$WORK/reconcile.flat" ranges_drifted=1 ranges_reapplied=1 ranges_failed=0
+}
+
+# expect_drift_event VM NAME: the VM's event log has a drift-found event naming the region.
+expect_drift_event() {
+    memplacectl -o json events --vm "$1" >"$WORK/events.json" || return 1
+    cat "$WORK/events.json"
+    grep -Ei '"kind": *"drift[-_]found"' "$WORK/events.json" | grep -q "\"name\": *\"$2\""
+}
+
 # section NAME FUNCTION: runs one group of checks, with the guest's uptime in the log.
 section() {
     note "$1 at $(cut -d ' ' -f 1 /proc/uptime) s"
@@ -670,6 +790,9 @@ memplace_checks() {
     fi
     section confined-agent confined_agent_checks
     section task-policy-agent task_policy_agent_checks
+    if [ "$NODES" -eq 2 ] && [ "${MEMPLACE_KVM:-0}" != 1 ]; then
+        section nested-qemu nested_qemu_case
+    fi
     note "done at $(cut -d ' ' -f 1 /proc/uptime) s"
 }
 
