@@ -1104,3 +1104,104 @@ async fn qemu_host_nodes_on_a_region_is_drift_that_reconcile_repairs() {
     assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
     assert!(alive(qemu), "QEMU died");
 }
+
+/// README's two-node block, run as written (with `HOST_NODE_1=0`: this host has one node): QEMU
+/// starts with two guest NUMA nodes, one backend per region, holds both regions, and each
+/// backend fd is its region's file with the region's policy (read through a fresh mapping of
+/// QEMU's own fd).
+#[tokio::test(flavor = "multi_thread")]
+async fn readme_two_node_topology_runs_qemu_on_two_regions() {
+    use memplace_server::domain::{NodeSet, Policy, PolicyMode};
+    use memplace_server::kernel::mapping::Mapping;
+    use std::os::fd::AsFd;
+
+    let block = first_sh_block(&readme_section("### Two guest NUMA nodes on two regions"));
+    assert!(
+        block.contains("memdev=m1") && block.contains("{path:ram1}"),
+        "README's two-node block:\n{block}"
+    );
+    let agent = AgentProc::start();
+    let bin_dir = ctl_path().parent().expect("bin dir").to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let shell = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{block}"))
+        .env("PATH", path)
+        .env("MEMPLACE_SOCKET", agent.socket())
+        .env("HOST_NODE_1", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running README's two-node block");
+    let mut reaper = Reaper { shell, qemu: None };
+    let mut c = agent.client().await;
+
+    // Both regions are held by one process, and that process is QEMU with both regions mapped.
+    let deadline = Instant::now() + PATIENCE;
+    let qemu = loop {
+        let held = holders(&mut c, "vm2").await;
+        if held.len() == 2 && held[0].1 > 0 && held[0].1 == held[1].1 {
+            let pid = held[0].1;
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            if exe.is_some_and(|e| e.ends_with("qemu-system-x86_64"))
+                && maps.contains("memplace:vm2/ram0")
+                && maps.contains("memplace:vm2/ram1")
+            {
+                break pid;
+            }
+        }
+        if let Ok(Some(status)) = reaper.shell.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = reaper.shell.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("the block ended ({status}) before QEMU ran on both regions:\n{err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU never held and mapped both regions: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    reaper.qemu = Some(qemu);
+    let numa = std::fs::read_to_string(format!("/proc/{qemu}/cmdline"))
+        .expect("cmdline")
+        .replace('\0', " ");
+    assert!(
+        numa.contains("node,nodeid=1,cpus=1,memdev=m1"),
+        "QEMU runs without the second guest node: {numa}"
+    );
+    let bind0 = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+    let mut seen = BTreeSet::new();
+    for name in ["ram0", "ram1"] {
+        // The fd exec passed, and QEMU's own open() of /proc/self/fd/N: one file.
+        let fds = fds_like(qemu, &format!("memfd:memplace:vm2/{name}"));
+        assert!(!fds.is_empty(), "QEMU does not hold {name}");
+        assert!(
+            fds.iter().all(|(_, id)| *id == fds[0].1),
+            "QEMU holds two different files named {name}: {fds:?}"
+        );
+        assert!(seen.insert(fds[0].1), "ram0 and ram1 are one file: {fds:?}");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{qemu}/fd/{}", fds[0].0))
+            .expect("QEMU's fd");
+        let fresh = Mapping::new(file.as_fd(), 128 * MIB).expect("a fresh mapping");
+        assert_eq!(fresh.policy_at(0).unwrap(), Some(bind0), "{name}");
+        assert_eq!(
+            fresh.policy_at(128 * MIB - PAGE).unwrap(),
+            Some(bind0),
+            "{name}"
+        );
+        let r = c.get_region("vm2", name).await.expect("GetRegion");
+        assert_eq!(r.holder_pid, qemu, "{r:?}");
+        assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
+    }
+}
