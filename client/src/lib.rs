@@ -28,7 +28,7 @@
 //! # let _ = (summary, token);
 //! # Ok(()) }
 //! ```
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod handoff;

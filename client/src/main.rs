@@ -10,7 +10,7 @@
 //! (for `events`, one compact object per line), with field names and enum spellings that stay
 //! stable for scripts.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod attach;
 
@@ -990,8 +990,10 @@ fn hold(h: &HoldArgs) -> Result<(), ClientError> {
     let conn = Handoff::connect(&h.handoff_socket)?;
     let got = conn.acquire(&h.vm, &h.name, &h.token)?;
     let size = got.region.size_bytes;
-    let map = Mapping::new(got.fd.as_fd(), size)
-        .map_err(|e| ClientError::Handoff(format!("mmap: {}", e.desc())))?;
+    let map = std::sync::Arc::new(
+        Mapping::new(got.fd.as_fd(), size)
+            .map_err(|e| ClientError::Handoff(format!("mmap: {}", e.desc())))?,
+    );
     let touch = h
         .touch
         .as_deref()
@@ -1027,7 +1029,7 @@ fn hold(h: &HoldArgs) -> Result<(), ClientError> {
         })?;
         let vm = GuestMemfdVm::from_fd(vm_fd)
             .map_err(|e| ClientError::Handoff(format!("VM fd: {}", e.desc())))?;
-        vm.bind_memslot(0, 0, size, map.guest_address(), got.fd.as_fd())
+        vm.bind_memslot(0, 0, map.clone(), got.fd.as_fd())
             .map_err(|e| {
                 ClientError::Handoff(format!(
                     "binding memslot 0 to the guest_memfd: {}",

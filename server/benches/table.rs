@@ -14,6 +14,7 @@
 //! - `MEMPLACE_BENCH_RECONCILE_SECS`: P6 reconcile interval (default 1).
 //! - `MEMPLACE_BENCH_SECS`: duration of each P3 side (default 5).
 //! - `MEMPLACE_BENCH_REQUESTS`: SetPolicy requests per P2 client (default 200).
+#![forbid(unsafe_code)]
 
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};

@@ -86,8 +86,8 @@ pub fn code_of_errno(errno: Errno) -> Code {
     }
 }
 
-fn invalid(e: DomainError) -> Status {
-    status_of(AgentError::Invalid(e))
+fn invalid(e: impl Into<DomainError>) -> Status {
+    status_of(AgentError::Invalid(e.into()))
 }
 
 /// Converts an API policy, rejecting unknown modes and node ids out of range.

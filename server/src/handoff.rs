@@ -16,9 +16,7 @@ use crate::domain::{Backend, Holder, RegionKey};
 use crate::kernel::{fdpass, pidfd};
 use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
-use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, UnixAddr, accept4, bind, listen, socket,
-};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, listen, socket};
 use prost::Message;
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -58,7 +56,7 @@ pub fn serve(
         .name("handoff-accept".into())
         .spawn(move || {
             loop {
-                let conn = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                let conn = match fdpass::accept(listener.as_fd()) {
                     Ok(fd) => fd,
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => {
@@ -67,7 +65,6 @@ pub fn serve(
                         continue;
                     }
                 };
-                let conn = crate::kernel::owned(conn);
                 let agent = agent.clone();
                 let allowed = allowed.clone();
                 let rt = rt.clone();

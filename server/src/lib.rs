@@ -4,7 +4,7 @@
 //! all unsafe code), [`topology`] (sysfs), [`store`] (SQLite), [`reconcile`] (the engine),
 //! [`handoff`] (the VMM fd socket), [`api`] (gRPC edge), and [`auth`], [`config`], [`metrics`],
 //! [`app`] (wiring). [`failpoint`] holds the crash test's kill points (feature `failpoints`).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -15,7 +15,7 @@ pub mod config;
 pub mod domain;
 pub mod failpoint;
 pub mod handoff;
-pub mod kernel;
+pub use memplace_sys as kernel;
 pub mod limits;
 pub mod metrics;
 pub mod reconcile;

@@ -1,4 +1,5 @@
 //! `memplaced`: the memplace agent. All work is in the library; see `memplace_server::app`.
+#![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();

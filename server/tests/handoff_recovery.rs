@@ -842,12 +842,12 @@ async fn a_guest_memfd_belongs_to_the_vm_it_was_made_on() {
         got.vm_fd.is_none(),
         "no VM fd is sent: it would be useless here"
     );
-    let map = Mapping::new(got.fd.as_fd(), size).unwrap();
-    vm.bind_memslot(0, 0, size, map.guest_address(), got.fd.as_fd())
+    let map = std::sync::Arc::new(Mapping::new(got.fd.as_fd(), size).unwrap());
+    vm.bind_memslot(0, 0, map.clone(), got.fd.as_fd())
         .expect("the acquired guest_memfd binds on the VM it was made on");
     let other = GuestMemfdVm::create().unwrap();
     let e = other
-        .bind_memslot(0, 0, size, map.guest_address(), got.fd.as_fd())
+        .bind_memslot(0, 0, map.clone(), got.fd.as_fd())
         .expect_err("a guest_memfd must not bind on another VM");
     assert_eq!(e, nix::errno::Errno::EINVAL);
     let p = c.placement("vm4", "gmem", 0, 0).await.unwrap();

@@ -17,6 +17,7 @@
 //!   and answers `check` on stdin with `vmm: pattern ok` or `vmm: pattern BAD`.
 //!
 //! Any failure panics (non-zero exit), which the calling test sees as the process ending.
+#![forbid(unsafe_code)]
 
 use memplace_client::handoff::Handoff;
 use memplace_client::pb;
@@ -62,9 +63,9 @@ fn handoff_vmm() {
         let fd = kernel::create_memfd(&region, size, None).expect("memfd_create");
         (fd, None, pb::Backend::Memfd)
     };
-    let map = Mapping::new(fd.as_fd(), size).expect("mmap");
+    let map = std::sync::Arc::new(Mapping::new(fd.as_fd(), size).expect("mmap"));
     if let Some(vm) = &vm {
-        vm.bind_memslot(0, 0, size, map.guest_address(), fd.as_fd())
+        vm.bind_memslot(0, 0, map.clone(), fd.as_fd())
             .expect("binding memslot 0 of the VMM's own VM to its guest_memfd");
         println!("vmm: memslot bound");
     }
@@ -109,13 +110,13 @@ fn gmem_vmm() {
     let flags = kernel::files::GUEST_MEMFD_FLAG_MMAP | kernel::files::GUEST_MEMFD_FLAG_INIT_SHARED;
     let g0 = vm.create_guest_memfd(GMEM, flags).expect("guest_memfd 0");
     let g1 = vm.create_guest_memfd(GMEM, flags).expect("guest_memfd 1");
-    let m0 = Mapping::new(g0.as_fd(), GMEM).expect("mmap guest_memfd 0");
-    vm.bind_memslot(0, 0, GMEM, m0.guest_address(), g0.as_fd())
+    let m0 = std::sync::Arc::new(Mapping::new(g0.as_fd(), GMEM).expect("mmap guest_memfd 0"));
+    vm.bind_memslot(0, 0, m0.clone(), g0.as_fd())
         .expect("binding memslot 0 to guest_memfd 0");
     let mf = kernel::create_memfd("weird name/1", GMEM, None).expect("memfd_create");
     let mm = Mapping::new(mf.as_fd(), GMEM).expect("mmap memfd");
     drop(mf); // mapped, no fd
-    let maps = [(&m0, 1u64), (&mm, 2u64)];
+    let maps = [(&*m0, 1u64), (&mm, 2u64)];
     for (m, seed) in maps {
         for off in (0..GMEM).step_by(PAGE as usize) {
             m.write(off, &[pattern_byte(seed, off)]).expect("write");

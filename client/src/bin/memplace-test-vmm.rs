@@ -24,6 +24,7 @@
 //!   `vmm: adopted VM/NAME gmem DEV:INO size BYTES pid PID`
 //!   `vmm: pass N wrote PAGES pages at offset OFFSET: guest halted, pattern ok`
 //! and exits non-zero with `vmm: error ...` on any failure (a wrong pattern included).
+#![forbid(unsafe_code)]
 
 use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuExit;
@@ -90,19 +91,23 @@ fn run() -> Result<(), String> {
     let ram = vm
         .create_guest_memfd(args.size, flags)
         .map_err(|e| format!("KVM_CREATE_GUEST_MEMFD ({} bytes): {e}", args.size))?;
-    let ram_map = Mapping::new(ram.as_fd(), args.size).map_err(|e| format!("mmap: {e}"))?;
-    vm.bind_memslot(1, RAM_GPA, args.size, ram_map.guest_address(), ram.as_fd())
+    let ram_map = std::sync::Arc::new(
+        Mapping::new(ram.as_fd(), args.size).map_err(|e| format!("mmap: {e}"))?,
+    );
+    vm.bind_memslot(1, RAM_GPA, ram_map.clone(), ram.as_fd())
         .map_err(|e| format!("binding memslot 1 to the guest_memfd: {e}"))?;
     // The code lives in a guest_memfd of its own, not adopted: the RAM file's pages are all the
     // guest's stores.
     let code = vm
         .create_guest_memfd(PAGE, flags)
         .map_err(|e| format!("KVM_CREATE_GUEST_MEMFD (code): {e}"))?;
-    let code_map = Mapping::new(code.as_fd(), PAGE).map_err(|e| format!("mmap (code): {e}"))?;
+    let code_map = std::sync::Arc::new(
+        Mapping::new(code.as_fd(), PAGE).map_err(|e| format!("mmap (code): {e}"))?,
+    );
     code_map
         .write(0, &GUEST_CODE)
         .map_err(|e| format!("writing the guest code: {e}"))?;
-    vm.bind_memslot(0, CODE_GPA, PAGE, code_map.guest_address(), code.as_fd())
+    vm.bind_memslot(0, CODE_GPA, code_map.clone(), code.as_fd())
         .map_err(|e| format!("binding memslot 0 to the code: {e}"))?;
     let mut vcpu = vm
         .create_vcpu(0)

@@ -479,7 +479,7 @@ impl Agent {
 
     /// Checks a policy against the modes this kernel supports and the nodes the agent may use.
     pub fn check_policy(&self, policy: &Policy) -> Result<(), AgentError> {
-        policy.validate()?;
+        policy.validate().map_err(DomainError::from)?;
         let unsupported = match policy.mode {
             PolicyMode::PreferredMany if !self.caps.preferred_many => {
                 Some("preferred-many (5.15+)")
@@ -495,7 +495,9 @@ impl Agent {
                 self.caps.kernel_release
             )));
         }
-        policy.check_usable(&self.topology.read().usable)?;
+        policy
+            .check_usable(&self.topology.read().usable)
+            .map_err(DomainError::from)?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@ use super::files::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GuestMemfdVm, create_memfd,
 };
 use super::mapping::Mapping;
-use crate::domain::{NodeSet, Policy, PolicyMode};
+use crate::policy::{NodeSet, Policy, PolicyMode};
 use std::os::fd::{AsFd, OwnedFd};
 
 /// What the running kernel can do.

@@ -29,6 +29,17 @@ pub struct Packet {
     pub truncated: bool,
 }
 
+/// Accepts one connection on a listening socket, close-on-exec, and returns the connection's
+/// descriptor, owned. `EINTR` and the other accept errors are returned to the caller.
+pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let fd = nix::sys::socket::accept4(
+        listener.as_raw_fd(),
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )?;
+    // SAFETY: accept4 just returned this descriptor to this process; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Sends one packet with `fds` in SCM_RIGHTS.
 pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();

@@ -2,7 +2,7 @@
 //! libc lacks several of the constants, so they are defined here from the kernel uAPI.
 
 use super::check;
-use crate::domain::{MAX_NODES, NodeSet, Policy, PolicyMode};
+use crate::policy::{MAX_NODES, NodeSet, Policy, PolicyMode};
 use nix::errno::Errno;
 
 /// MPOL_* mode values from include/uapi/linux/mempolicy.h.

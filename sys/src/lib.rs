@@ -1,10 +1,13 @@
-//! Every syscall and every `unsafe` block of memplace lives here: mempolicy, memfd, guest_memfd and
-//! KVM, the agent's mappings, pidfd, and fd passing. The rest of the code sees safe types that own
-//! their fds and mappings and take byte offsets, never raw pointers.
+//! memplace-sys: every syscall and every `unsafe` block of memplace lives in this crate:
+//! mempolicy, memfd, guest_memfd and KVM, the agent's mappings, pidfd, and fd passing. The rest of
+//! the code (the agent, the client, the test VMMs) sees safe types that own their fds and mappings
+//! and take byte offsets, never raw pointers; those crates `#![forbid(unsafe_code)]`. The agent
+//! re-exports this crate as `memplace_server::kernel`.
 //!
 //! All calls are synchronous and some block (fallocate, move_pages, mbind with MOVE); async callers
 //! run them on blocking threads.
-#![allow(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod caps;
 pub mod fdpass;
@@ -12,6 +15,7 @@ pub mod files;
 pub mod mapping;
 pub mod mempolicy;
 pub mod pidfd;
+pub mod policy;
 pub mod probe;
 pub mod procmem;
 
@@ -66,25 +70,24 @@ pub fn pass_fd_to_child(
     }
 }
 
-/// Takes ownership of descriptor `fd` inherited from the parent (see [`pass_fd_to_child`]).
-/// Returns `None` unless `fd` is open.
+/// A descriptor of this process's own for the file open as descriptor `fd`, which the parent
+/// passed with [`pass_fd_to_child`]. Returns `None` unless `fd` is open.
+///
+/// The returned descriptor is a duplicate (`F_DUPFD_CLOEXEC`): this function cannot know that
+/// nothing else in the process owns descriptor `fd`, so it leaves `fd` itself alone rather than
+/// take it over (and risk closing a descriptor some other owner still uses). Duplicating a
+/// descriptor number reaches the same file as opening `/proc/self/fd/<fd>` does, which safe code
+/// may always do; the caller owns the duplicate alone.
 pub fn inherited_fd(fd: i32) -> Option<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    // SAFETY: F_GETFD only queries the descriptor table.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor table and installs a new descriptor; it
+    // has no memory-safety preconditions and fails with EBADF when `fd` is not open.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
         return None;
     }
-    // SAFETY: the parent passed this descriptor for this process to own, and nothing else in this
-    // process refers to it.
-    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
-/// Takes ownership of a descriptor a syscall wrapper (such as nix's accept4) just returned.
-pub fn owned(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    // SAFETY: callers pass a descriptor freshly returned by the kernel to this process, which
-    // nothing else owns.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    // SAFETY: fcntl just created `dup` for this call; nothing else refers to it.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) })
 }
 
 /// Caps glibc's malloc at `arenas` arenas. By default glibc gives each thread that allocates

@@ -3,7 +3,7 @@
 //! ever holds a raw pointer.
 
 use super::mempolicy;
-use crate::domain::Policy;
+use crate::policy::Policy;
 use nix::errno::Errno;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
