@@ -2,7 +2,7 @@
 //! protobuf message per packet, fds in SCM_RIGHTS. Blocking calls, as a VMM's setup path is.
 
 use crate::{ClientError, pb};
-use memplace_server::kernel::fdpass;
+use memplace_sys::fdpass;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
 use prost::Message;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

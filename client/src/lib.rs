@@ -78,7 +78,7 @@ impl ClientError {
 /// Node sets in the numactl list syntax (`0-3,5`).
 pub mod nodes {
     use super::ClientError;
-    use memplace_server::domain::NodeSet;
+    use memplace_sys::policy::NodeSet;
 
     /// Parses `0-3,5` into sorted node ids.
     ///

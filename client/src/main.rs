@@ -985,7 +985,7 @@ mod tonic_health_shim {
 }
 
 fn hold(h: &HoldArgs) -> Result<(), ClientError> {
-    use memplace_server::kernel::{GuestMemfdVm, Mapping};
+    use memplace_sys::{GuestMemfdVm, Mapping};
     use std::os::fd::AsFd;
     let conn = Handoff::connect(&h.handoff_socket)?;
     let got = conn.acquire(&h.vm, &h.name, &h.token)?;
@@ -1001,7 +1001,7 @@ fn hold(h: &HoldArgs) -> Result<(), ClientError> {
         .transpose()?
         .unwrap_or(0)
         .min(size);
-    let page = memplace_server::kernel::page_size();
+    let page = memplace_sys::page_size();
     let pattern_byte =
         |seed: u64, off: u64| ((off / page).wrapping_mul(31).wrapping_add(seed) & 0xff) as u8;
     if touch > 0 {

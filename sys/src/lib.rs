@@ -12,6 +12,7 @@
 pub mod caps;
 pub mod fdpass;
 pub mod files;
+pub mod kvm;
 pub mod mapping;
 pub mod mempolicy;
 pub mod pidfd;

@@ -168,7 +168,7 @@ pub fn ctl_path() -> PathBuf {
     p
 }
 
-/// `memplace-test-standin` (the client crate's stand-in VMM processes), beside `memplaced`.
+/// `memplace-test-standin` (the testsupport crate's stand-in VMM processes), beside `memplaced`.
 pub fn standin_path() -> PathBuf {
     let exe = Path::new(env!("CARGO_BIN_EXE_memplaced"));
     let p = exe.with_file_name("memplace-test-standin");

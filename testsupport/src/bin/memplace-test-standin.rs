@@ -21,7 +21,7 @@
 
 use memplace_client::handoff::Handoff;
 use memplace_client::pb;
-use memplace_server::kernel::{self, GuestMemfdVm, Mapping};
+use memplace_sys::{self as kernel, GuestMemfdVm, Mapping};
 use std::os::fd::AsFd;
 
 const PAGE: u64 = 4096;
