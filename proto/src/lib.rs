@@ -3,6 +3,8 @@
 //! Generated from `proto/memplace/v1/*.proto` at build time; see those files for the contract.
 #![allow(missing_docs, clippy::all)]
 
+pub mod names;
+
 /// `memplace.v1`.
 pub mod v1 {
     tonic::include_proto!("memplace.v1");

@@ -1,9 +1,9 @@
 //! `memplacectl attach VM_ID --pid PID`: bring a running VMM's guest memory under memplace.
 
-use crate::{Output, human, print_value, region_json};
+use super::Output;
+use super::render::{self, enum_name, human};
 use clap::Args;
 use memplace_client::{Client, ClientError};
-use serde_json::json;
 
 /// Arguments of `attach`.
 #[derive(Args, Debug)]
@@ -35,18 +35,20 @@ pub struct AttachArgs {
 /// Runs `attach`.
 pub async fn attach(c: &mut Client, a: &AttachArgs, out: Output) -> Result<(), ClientError> {
     let r = c.attach_process(&a.vm, a.pid).await?;
-    let v = json!({"regions": r.regions.iter().map(region_json).collect::<Vec<_>>()});
-    print_value(out, &v, || {
+    #[derive(serde::Serialize)]
+    struct Attached<'a> {
+        regions: &'a [memplace_client::pb::Region],
+    }
+    let v = Attached {
+        regions: &r.regions,
+    };
+    render::print(out, &v, || {
         for x in &r.regions {
             println!(
                 "{}/{}  {}  {}  held by pid {}",
                 x.vm_id,
                 x.name,
-                x.backend()
-                    .as_str_name()
-                    .trim_start_matches("BACKEND_")
-                    .to_ascii_lowercase()
-                    .replace('_', "-"),
+                enum_name(x.backend().as_str_name(), "BACKEND_"),
                 human(x.size_bytes),
                 x.holder_pid
             );

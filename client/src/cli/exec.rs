@@ -10,7 +10,7 @@
 //! Everything that can be checked is checked before the first acquire, so a bad placeholder, an
 //! unknown or LOST region or a missing PROGRAM leaves no holder recorded and runs nothing.
 
-use crate::{Cli, connect};
+use super::{Cli, connect};
 use clap::Args;
 use memplace_client::handoff::Handoff;
 use memplace_client::pb;
@@ -266,6 +266,36 @@ async fn prepare_and_exec(cli: &Cli, args: &ExecArgs) -> Result<std::convert::In
     let mut client = connect(cli).await?;
     let token = client.issue_handoff_token(&args.vm).await?;
     let all = client.list_regions(&args.vm).await?;
+    let selected = select(&args.vm, &all, &args.regions, &parsed)?;
+    // PROGRAM with a placeholder in it is resolved once the fd numbers are known.
+
+    // 3. One acquire per region. Each fd stays open across the exec.
+    drop(client);
+    let socket = handoff_path(cli, args);
+    let handoff = Handoff::connect(&socket).map_err(|e| fail(code::LOCAL, e.to_string()))?;
+    let (held, fds) = acquire_all(&handoff, &args.vm, &selected, &token)?;
+    drop(handoff);
+
+    // 4. Arguments, then exec. The fds in `held` stay open in PROGRAM.
+    let argv: Vec<OsString> = parsed.iter().map(|p| render(p, &fds)).collect();
+    resolve_program(&argv[0])?;
+    let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+    let code = match err.kind() {
+        std::io::ErrorKind::NotFound => code::NOT_FOUND,
+        _ => code::NOT_EXECUTABLE,
+    };
+    drop(held);
+    Err(fail(code, format!("executing {:?}: {err}", argv[0])))
+}
+
+/// The regions to acquire: all of the VM's, or those named with --region. Every placeholder must
+/// name one of them, and none may be LOST.
+fn select<'a>(
+    vm: &str,
+    all: &'a [pb::Region],
+    regions: &[String],
+    parsed: &[Vec<Piece>],
+) -> Result<Vec<&'a pb::Region>, Failure> {
     let names_of = |rs: &[pb::Region]| {
         rs.iter()
             .map(|r| r.name.as_str())
@@ -275,13 +305,13 @@ async fn prepare_and_exec(cli: &Cli, args: &ExecArgs) -> Result<std::convert::In
     if all.is_empty() {
         return Err(fail(
             code::REGION,
-            format!("VM {} has no regions: create one first", args.vm),
+            format!("VM {} has no regions: create one first", vm),
         ));
     }
-    let selected: Vec<&pb::Region> = if args.regions.is_empty() {
+    let selected: Vec<&pb::Region> = if regions.is_empty() {
         all.iter().collect()
     } else {
-        let wanted: BTreeSet<&str> = args.regions.iter().map(String::as_str).collect();
+        let wanted: BTreeSet<&str> = regions.iter().map(String::as_str).collect();
         let mut chosen = Vec::new();
         for name in wanted {
             match all.iter().find(|r| r.name == name) {
@@ -291,8 +321,8 @@ async fn prepare_and_exec(cli: &Cli, args: &ExecArgs) -> Result<std::convert::In
                         code::REGION,
                         format!(
                             "VM {} has no region {name:?} (its regions: {})",
-                            args.vm,
-                            names_of(&all)
+                            vm,
+                            names_of(all)
                         ),
                     ));
                 }
@@ -300,14 +330,14 @@ async fn prepare_and_exec(cli: &Cli, args: &ExecArgs) -> Result<std::convert::In
         }
         chosen
     };
-    for (kind, name) in placeholder_names(&parsed) {
+    for (kind, name) in placeholder_names(parsed) {
         if selected.iter().any(|r| r.name == name) {
             continue;
         }
         let hint = if all.iter().any(|r| r.name == name) {
             format!("add --region {name}")
         } else {
-            format!("VM {} has no region {name:?}", args.vm)
+            format!("VM {} has no region {name:?}", vm)
         };
         return Err(fail(
             code::PLACEHOLDER,
@@ -335,16 +365,21 @@ async fn prepare_and_exec(cli: &Cli, args: &ExecArgs) -> Result<std::convert::In
             ),
         ));
     }
-    // PROGRAM with a placeholder in it is resolved once the fd numbers are known.
+    Ok(selected)
+}
 
-    // 3. One acquire per region. Each fd stays open across the exec.
-    drop(client);
-    let socket = handoff_path(cli, args);
-    let handoff = Handoff::connect(&socket).map_err(|e| fail(code::LOCAL, e.to_string()))?;
+/// One acquire per region, each fd made to stay open across the exec. Returns the fds and each
+/// region's fd number.
+fn acquire_all(
+    handoff: &Handoff,
+    vm: &str,
+    selected: &[&pb::Region],
+    token: &str,
+) -> Result<(Vec<OwnedFd>, BTreeMap<String, i32>), Failure> {
     let mut held: Vec<OwnedFd> = Vec::new();
     let mut fds: BTreeMap<String, i32> = BTreeMap::new();
-    for r in &selected {
-        let got = handoff.acquire(&args.vm, &r.name, &token).map_err(|e| {
+    for r in selected {
+        let got = handoff.acquire(vm, &r.name, token).map_err(|e| {
             let before = if fds.is_empty() {
                 String::new()
             } else {
@@ -356,7 +391,7 @@ async fn prepare_and_exec(cli: &Cli, args: &ExecArgs) -> Result<std::convert::In
             };
             fail(
                 code::REFUSED,
-                format!("acquiring {}/{}: {e}{before}", args.vm, r.name),
+                format!("acquiring {}/{}: {e}{before}", vm, r.name),
             )
         })?;
         fcntl(&got.fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| {
@@ -370,18 +405,7 @@ async fn prepare_and_exec(cli: &Cli, args: &ExecArgs) -> Result<std::convert::In
         // A VM fd is of no use in another process (KVM answers only its creator): `got.vm_fd`
         // is dropped, and so closed, here.
     }
-    drop(handoff);
-
-    // 4. Arguments, then exec. The fds in `held` stay open in PROGRAM.
-    let argv: Vec<OsString> = parsed.iter().map(|p| render(p, &fds)).collect();
-    resolve_program(&argv[0])?;
-    let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
-    let code = match err.kind() {
-        std::io::ErrorKind::NotFound => code::NOT_FOUND,
-        _ => code::NOT_EXECUTABLE,
-    };
-    drop(held);
-    Err(fail(code, format!("executing {:?}: {err}", argv[0])))
+    Ok((held, fds))
 }
 
 #[cfg(test)]

@@ -1,0 +1,208 @@
+//! `memplacectl populate`, `placement` and `reconcile`: allocating a range's pages, seeing where
+//! they are, and re-applying drift.
+
+use super::render::{self, alarm, human, stderr_is_tty};
+use super::{Output, SpanArgs, parse_size};
+use clap::Args;
+use memplace_client::{Client, ClientError, pb};
+use std::io::Write;
+
+#[derive(Args, Debug)]
+pub(crate) struct PopulateArgs {
+    #[command(flatten)]
+    pub(crate) span: SpanArgs,
+    /// Worker threads (0 = default).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) threads: u32,
+    /// Memory cgroup to charge, e.g. /sys/fs/cgroup/memory/vm1.
+    #[arg(long, default_value = "")]
+    pub(crate) cgroup: String,
+    /// Skip reading each page's node back from the kernel (faster on a fresh file; the summary
+    /// then lists no nodes: see `placement`).
+    #[arg(long)]
+    pub(crate) no_verify: bool,
+}
+
+/// `populate`, with a progress bar on a terminal; Ctrl-C cancels.
+pub(crate) async fn populate(
+    c: &mut Client,
+    p: &PopulateArgs,
+    out: Output,
+) -> Result<(), ClientError> {
+    let req = pb::PopulateRequest {
+        vm_id: p.span.vm.clone(),
+        name: p.span.name.clone(),
+        offset: parse_size(&p.span.offset)?,
+        length: parse_size(&p.span.length)?,
+        threads: p.threads,
+        cgroup: p.cgroup.clone(),
+        verify: !p.no_verify,
+    };
+    let start = std::time::Instant::now();
+    let show = out == Output::Table && stderr_is_tty();
+    let work = c.populate(req, |done, total| {
+        if show {
+            progress(start, done, total);
+        }
+    });
+    // Ctrl-C drops the stream, which the agent treats as cancellation.
+    let s = tokio::select! {
+        r = work => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\ncancelled: pages already allocated stay allocated");
+            return Err(ClientError::Status(tonic::Status::cancelled("cancelled by the user")));
+        }
+    };
+    if show {
+        eprintln!();
+    }
+    render::print(out, &s, || populate_table(&s));
+    Ok(())
+}
+
+/// Redraws the progress bar on stderr.
+fn progress(start: std::time::Instant, done: u64, total: u64) {
+    let secs = start.elapsed().as_secs_f64().max(0.001);
+    let rate = done as f64 / secs;
+    let eta = if rate > 0.0 {
+        (total.saturating_sub(done)) as f64 / rate
+    } else {
+        0.0
+    };
+    let width = 30usize;
+    let filled = if total > 0 {
+        (done as f64 / total as f64 * width as f64) as usize
+    } else {
+        0
+    };
+    eprint!(
+        "\r[{}{}] {} / {}  {}/s  ETA {:.0}s   ",
+        "#".repeat(filled.min(width)),
+        ".".repeat(width - filled.min(width)),
+        human(done),
+        human(total),
+        human(rate as u64),
+        eta
+    );
+    let _ = std::io::stderr().flush();
+}
+
+fn populate_table(s: &pb::PopulateSummary) {
+    println!(
+        "populated {} of {} in {:.2}s with {} workers ({}/s){}",
+        human(s.bytes_done),
+        human(s.bytes_total),
+        s.elapsed_seconds,
+        s.threads,
+        human((s.bytes_done as f64 / s.elapsed_seconds.max(0.001)) as u64),
+        if s.cancelled { " - cancelled" } else { "" }
+    );
+    for n in &s.nodes {
+        println!("  node {}: {} pages", n.node, n.pages);
+    }
+}
+
+/// `placement`: pages per node, and the misplaced ones.
+pub(crate) async fn placement(
+    c: &mut Client,
+    span: &SpanArgs,
+    out: Output,
+) -> Result<(), ClientError> {
+    let p = c
+        .placement(
+            &span.vm,
+            &span.name,
+            parse_size(&span.offset)?,
+            parse_size(&span.length)?,
+        )
+        .await?;
+    render::print(out, &p, || placement_table(span, &p));
+    Ok(())
+}
+
+fn placement_table(span: &SpanArgs, p: &pb::GetPlacementResponse) {
+    let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
+    let all = present + p.pages_not_present + p.pages_unknown;
+    println!(
+        "{}/{}: {} pages of {} ({} allocated)",
+        span.vm,
+        span.name,
+        all,
+        human(p.page_size_bytes),
+        human(present * p.page_size_bytes)
+    );
+    for n in &p.nodes {
+        let frac = if all > 0 {
+            n.pages as f64 / all as f64
+        } else {
+            0.0
+        };
+        let bar = "#".repeat((frac * 40.0).round() as usize);
+        println!(
+            "  node {:<3} {:>10} pages {:>10}  {:<40} {:5.1}%",
+            n.node,
+            n.pages,
+            human(n.pages * p.page_size_bytes),
+            bar,
+            frac * 100.0
+        );
+    }
+    println!("  not allocated {:>8} pages", p.pages_not_present);
+    if p.ranges.len() > 1 {
+        for r in &p.ranges {
+            let nodes: Vec<String> = r
+                .nodes
+                .iter()
+                .map(|n| format!("node {}: {}", n.node, n.pages))
+                .collect();
+            let line = format!(
+                "  range {:#x}+{}: {}; {} not allocated, {} misplaced",
+                r.offset,
+                human(r.length),
+                if nodes.is_empty() {
+                    "no pages".into()
+                } else {
+                    nodes.join(", ")
+                },
+                r.pages_not_present,
+                r.pages_misplaced
+            );
+            if r.pages_misplaced > 0 {
+                println!("{}", alarm(&line));
+            } else {
+                println!("{line}");
+            }
+        }
+    }
+    if p.pages_unknown > 0 {
+        println!("  unknown node  {:>8} pages", p.pages_unknown);
+    }
+    if p.pages_misplaced > 0 {
+        let line = format!(
+            "  MISPLACED     {:>8} pages on nodes the policy does not allow",
+            p.pages_misplaced
+        );
+        println!("{}", alarm(&line));
+    } else {
+        println!("  misplaced     {:>8} pages", 0);
+    }
+}
+
+/// `reconcile`: compare intent with the kernel now and re-apply drift.
+pub(crate) async fn reconcile(c: &mut Client, vm: &str, out: Output) -> Result<(), ClientError> {
+    let r = c.reconcile(vm).await?;
+    render::print(out, &r, || {
+        println!(
+            "checked {} ranges in {} regions: {} drifted, {} re-applied, {} failed; not checked: {} task-policy, {} lost, {} unmapped",
+            r.ranges_checked,
+            r.regions_checked,
+            r.ranges_drifted,
+            r.ranges_reapplied,
+            r.ranges_failed,
+            r.ranges_task_policy,
+            r.ranges_lost,
+            r.ranges_unmapped
+        )
+    });
+    Ok(())
+}
