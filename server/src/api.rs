@@ -49,41 +49,14 @@ fn caller<T>(req: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The one mapping from engine errors to gRPC status codes.
+/// Engine errors to gRPC status: the code is [`AgentError::code`], the one mapping both edges use.
 pub fn status_of(e: AgentError) -> Status {
-    let code = match &e {
-        AgentError::Invalid(_) | AgentError::InvalidArgument(_) => Code::InvalidArgument,
-        AgentError::NotFound(_) | AgentError::ProcessNotFound(_) => Code::NotFound,
-        AgentError::AlreadyExists(_) | AgentError::RequestIdReused(_) => Code::AlreadyExists,
-        AgentError::DuplicateRequest(_) => Code::Aborted,
-        AgentError::FailedPrecondition(_) => Code::FailedPrecondition,
-        AgentError::GenerationConflict { .. } => Code::Aborted,
-        AgentError::ResourceExhausted(_) => Code::ResourceExhausted,
-        AgentError::Cancelled => Code::Cancelled,
-        AgentError::Kernel { errno, .. } => code_of_errno(*errno),
-        AgentError::Store(s) => match s {
-            crate::store::StoreError::Locked => Code::Unavailable,
-            crate::store::StoreError::Full => Code::ResourceExhausted,
-            crate::store::StoreError::WriterGone => Code::Unavailable,
-            crate::store::StoreError::Conflict => Code::AlreadyExists,
-            _ => Code::Internal,
-        },
-    };
-    Status::new(code, e.to_string())
+    Status::new(e.code().grpc(), e.to_string())
 }
 
-/// Kernel errno to gRPC code, in one place.
+/// Kernel errno to gRPC code (see [`crate::reconcile::ErrorCode::of_errno`]).
 pub fn code_of_errno(errno: Errno) -> Code {
-    match errno {
-        Errno::EINVAL | Errno::EFAULT | Errno::EOVERFLOW | Errno::EFBIG => Code::InvalidArgument,
-        Errno::ENOMEM | Errno::ENOSPC | Errno::EMFILE | Errno::ENFILE => Code::ResourceExhausted,
-        Errno::EPERM | Errno::EACCES => Code::PermissionDenied,
-        Errno::ENOENT | Errno::ESRCH | Errno::ENODEV | Errno::ENXIO => Code::FailedPrecondition,
-        Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::ENOTTY => Code::FailedPrecondition,
-        Errno::EBUSY | Errno::EAGAIN | Errno::EINTR => Code::Unavailable,
-        Errno::EIO => Code::DataLoss,
-        _ => Code::Internal,
-    }
+    crate::reconcile::ErrorCode::of_errno(errno).grpc()
 }
 
 fn invalid(e: impl Into<DomainError>) -> Status {

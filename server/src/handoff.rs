@@ -12,6 +12,8 @@
 //! backs guest memory with guest_memfd creates the file and hands it in with adopt, and attach_vm
 //! is refused with that explanation where the kernel refuses the VM fd.
 
+pub mod token;
+
 use crate::domain::{Backend, Holder, RegionKey};
 use crate::kernel::{fdpass, pidfd};
 use crate::reconcile::{Agent, AgentError};
@@ -157,13 +159,7 @@ fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Box<pb::HandoffR
 }
 
 fn code_of(e: &AgentError) -> pb::HandoffCode {
-    match e {
-        AgentError::Invalid(_) | AgentError::InvalidArgument(_) => pb::HandoffCode::InvalidArgument,
-        AgentError::NotFound(_) => pb::HandoffCode::NotFound,
-        AgentError::AlreadyExists(_) => pb::HandoffCode::AlreadyExists,
-        AgentError::FailedPrecondition(_) => pb::HandoffCode::FailedPrecondition,
-        _ => pb::HandoffCode::Internal,
-    }
+    e.code().handoff()
 }
 
 /// Handles one request; returns the response and the fds to send with it. Fds that arrived with

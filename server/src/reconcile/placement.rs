@@ -6,7 +6,8 @@
 //! agent's mapping (a read fault on an allocated page allocates nothing), queried, and unmapped
 //! again.
 
-use super::{Agent, AgentError, RangeIntent};
+use super::{Agent, AgentError};
+use crate::domain::RangeIntent;
 use crate::domain::{RegionKey, resolve_span, validate_name};
 use crate::kernel::{self, Mapping};
 use std::collections::BTreeMap;
