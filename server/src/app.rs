@@ -186,12 +186,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let handoff_path = cfg.runtime_dir.join("handoff.sock");
     let handoff = crate::handoff::bind_socket(&handoff_path, mode)
         .map_err(|e| AppError::Bind(handoff_path.display().to_string(), e))?;
-    crate::handoff::serve(
+    let handoff_task = crate::handoff::serve(
         handoff,
         agent.clone(),
         cfg.handoff_uids.iter().copied().collect(),
-        tokio::runtime::Handle::current(),
-    );
+        stop_rx.clone(),
+    )
+    .map_err(|e| AppError::Bind(handoff_path.display().to_string(), e))?;
 
     // Metrics.
     if cfg.metrics_addr != "off" {
@@ -340,6 +341,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if let Some(t) = tcp_task {
         let _ = tokio::time::timeout(grace, t).await;
     }
+    // The handoff listener stops at the same signal; its task ends without waiting for anything.
+    let _ = handoff_task.await;
     let _ = std::fs::remove_file(&sock_path);
     let _ = std::fs::remove_file(&handoff_path);
     match drained {

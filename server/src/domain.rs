@@ -651,6 +651,18 @@ pub struct RegionKey {
     pub name: String,
 }
 
+impl RegionKey {
+    /// A key from caller input: both names are checked here, once, at the edge.
+    pub fn parse(vm_id: &str, name: &str) -> Result<Self, DomainError> {
+        validate_name("vm_id", vm_id)?;
+        validate_name("name", name)?;
+        Ok(Self {
+            vm_id: vm_id.to_string(),
+            name: name.to_string(),
+        })
+    }
+}
+
 impl fmt::Display for RegionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.vm_id, self.name)
