@@ -231,9 +231,9 @@ impl std::str::FromStr for MetricsAddr {
         if s == "off" {
             return Ok(Self::Off);
         }
-        s.parse()
-            .map(Self::On)
-            .map_err(|_| format!("metrics_addr {s:?} must be host:port (e.g. 127.0.0.1:9464) or off"))
+        s.parse().map(Self::On).map_err(|_| {
+            format!("metrics_addr {s:?} must be host:port (e.g. 127.0.0.1:9464) or off")
+        })
     }
 }
 

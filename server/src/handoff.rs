@@ -226,4 +226,3 @@ fn code_of(e: &AgentError) -> pb::HandoffCode {
         _ => pb::HandoffCode::Internal,
     }
 }
-

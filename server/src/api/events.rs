@@ -36,7 +36,11 @@ enum WatchEnd {
 }
 
 impl EventWatch {
-    pub(super) async fn run(mut self, mut live: tokio::sync::broadcast::Receiver<Event>, no_follow: bool) {
+    pub(super) async fn run(
+        mut self,
+        mut live: tokio::sync::broadcast::Receiver<Event>,
+        no_follow: bool,
+    ) {
         if self.catch_up().await.is_err() || no_follow {
             return;
         }

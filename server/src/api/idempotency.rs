@@ -5,7 +5,9 @@
 //! mutation runs.
 
 use super::status_of;
-use crate::reconcile::{Agent, AgentError};
+use crate::reconcile::{
+    Agent, AgentError, AttachIdempotency, EncodeAnswer, Idempotency, RegionView,
+};
 use memplace_proto::v1 as pb;
 use prost::Message;
 use sha2::Digest;
@@ -81,11 +83,35 @@ keyed!(
 /// What the engine stores with a keyed mutation's intent.
 pub(super) struct Record {
     /// The id.
-    pub request_id: String,
+    request_id: String,
     /// The RPC's name.
-    pub method: &'static str,
+    method: &'static str,
     /// Digest of the request without its id.
-    pub fingerprint: Vec<u8>,
+    fingerprint: Vec<u8>,
+}
+
+impl Record {
+    /// The record for a mutation of one region, answered by `encode` from the committed region.
+    pub fn answer(self, encode: EncodeAnswer) -> Idempotency {
+        Idempotency {
+            request_id: self.request_id,
+            method: self.method,
+            fingerprint: self.fingerprint,
+            encode,
+        }
+    }
+
+    /// The record for AttachProcess, answered by `encode` from the regions it took over.
+    pub fn answer_regions(
+        self,
+        encode: Box<dyn Fn(&[RegionView]) -> Vec<u8> + Send + Sync>,
+    ) -> AttachIdempotency {
+        AttachIdempotency {
+            request_id: self.request_id,
+            fingerprint: self.fingerprint,
+            encode,
+        }
+    }
 }
 
 /// Runs the mutation `op` on `req` at most once per request id, and answers as the first run

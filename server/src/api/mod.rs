@@ -10,8 +10,7 @@ use crate::convert::{
 };
 use crate::domain::{DomainError, RegionKey};
 use crate::reconcile::{
-    Agent, AgentError, AttachIdempotency, CreateRequest, Idempotency, PopulateProgress,
-    PopulateRequest, RegionView,
+    Agent, AgentError, CreateRequest, PopulateProgress, PopulateRequest, RegionView,
 };
 use events::EventWatch;
 use idempotency::idempotent;
@@ -136,17 +135,14 @@ impl NodeAgentService for NodeAgent {
             }
             let token = agent.vm_token(&r.vm_id);
             let stored_token = token.clone();
-            let idem = record.map(|rec| Idempotency {
-                request_id: rec.request_id,
-                method: rec.method,
-                fingerprint: rec.fingerprint,
-                encode: Box::new(move |v: &RegionView| {
+            let idem = record.map(|rec| {
+                rec.answer(Box::new(move |v: &RegionView| {
                     pb::CreateRegionResponse {
                         region: Some(region_to_pb(v)),
                         handoff_token: stored_token.clone(),
                     }
                     .encode_to_vec()
-                }),
+                }))
             });
             tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, size = r.size_bytes, "CreateRegion");
             let key = RegionKey::parse(&r.vm_id, &r.name)?;
@@ -201,16 +197,13 @@ impl NodeAgentService for NodeAgent {
         let who = caller(&req);
         let agent = self.agent.clone();
         idempotent(&self.agent, req.into_inner(), |r, record| async move {
-            let idem = record.map(|rec| Idempotency {
-                request_id: rec.request_id,
-                method: rec.method,
-                fingerprint: rec.fingerprint,
-                encode: Box::new(|v: &RegionView| {
+            let idem = record.map(|rec| {
+                rec.answer(Box::new(|v: &RegionView| {
                     pb::DeleteRegionResponse {
                         region: Some(region_to_pb(v)),
                     }
                     .encode_to_vec()
-                }),
+                }))
             });
             tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, "DeleteRegion");
             let key = RegionKey::parse(&r.vm_id, &r.name)?;
@@ -233,11 +226,8 @@ impl NodeAgentService for NodeAgent {
             let policy = policy_from_pb(r.policy.as_ref())?;
             let caps = agent.capabilities().clone();
             let answered = policy.clone();
-            let idem = record.map(|rec| Idempotency {
-                request_id: rec.request_id,
-                method: rec.method,
-                fingerprint: rec.fingerprint,
-                encode: Box::new(move |v: &RegionView| {
+            let idem = record.map(|rec| {
+                rec.answer(Box::new(move |v: &RegionView| {
                     pb::SetPolicyResponse {
                         region: Some(region_to_pb(v)),
                         pages_migrated: 0,
@@ -252,7 +242,7 @@ impl NodeAgentService for NodeAgent {
                         .collect(),
                     }
                     .encode_to_vec()
-                }),
+                }))
             });
             tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, %policy, offset = r.offset, length = r.length, migrate = r.migrate, "SetPolicy");
             let key = RegionKey::parse(&r.vm_id, &r.name)?;
@@ -372,15 +362,13 @@ impl NodeAgentService for NodeAgent {
         let who = caller(&req);
         let agent = self.agent.clone();
         idempotent(&self.agent, req.into_inner(), |r, record| async move {
-            let idem = record.map(|rec| AttachIdempotency {
-                request_id: rec.request_id,
-                fingerprint: rec.fingerprint,
-                encode: Box::new(|v: &[RegionView]| {
+            let idem = record.map(|rec| {
+                rec.answer_regions(Box::new(|v: &[RegionView]| {
                     pb::AttachProcessResponse {
                         regions: v.iter().map(region_to_pb).collect(),
                     }
                     .encode_to_vec()
-                }),
+                }))
             });
             tracing::info!(vm_id = %r.vm_id, pid = r.pid, request_id = %r.request_id, caller = %who, "AttachProcess");
             let v = agent.attach_process(&r.vm_id, r.pid, &who, idem).await?;

@@ -5,7 +5,9 @@ use crate::config::Config;
 use crate::kernel;
 
 /// Probes the kernel's features on the usable nodes (off the runtime: it creates files and VMs).
-pub(super) async fn probe(usable: Vec<u32>) -> Result<kernel::probe::Capabilities, super::AppError> {
+pub(super) async fn probe(
+    usable: Vec<u32>,
+) -> Result<kernel::probe::Capabilities, super::AppError> {
     let caps = tokio::task::spawn_blocking(move || kernel::probe::probe(&usable))
         .await
         .map_err(|e| super::AppError::Serve(e.to_string()))?;

@@ -37,12 +37,13 @@ impl Serving {
     }
 }
 
-/// Serves gRPC on `unix` (and on `cfg.listen_tcp`, with `tls` if given) until `stop` changes.
+/// Serves gRPC on the Unix socket that `bind_unix` binds once the services are ready (and on
+/// `cfg.listen_tcp`, with `tls` if given) until `stop` changes.
 pub(super) async fn serve(
     cfg: &Config,
     agent: Arc<Agent>,
     tls: Option<ServerTlsConfig>,
-    unix: tokio::net::UnixListener,
+    bind_unix: impl FnOnce() -> Result<tokio::net::UnixListener, AppError>,
     stop: watch::Receiver<bool>,
 ) -> Result<Serving, AppError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -93,6 +94,7 @@ pub(super) async fn serve(
             .add_service(service.clone())
     };
     let router = build(tonic::transport::Server::builder());
+    let unix = bind_unix()?;
     let stopped = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.changed().await;
     };

@@ -173,16 +173,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     // gRPC.
     let sock_path = cfg.runtime_dir.join("memplace.sock");
-    let _ = std::fs::remove_file(&sock_path);
-    let uds = tokio::net::UnixListener::bind(&sock_path)
+    let bind_unix = || {
+        let _ = std::fs::remove_file(&sock_path);
+        let uds = tokio::net::UnixListener::bind(&sock_path)
+            .map_err(|e| AppError::Bind(sock_path.display().to_string(), e))?;
+        std::fs::set_permissions(
+            &sock_path,
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
         .map_err(|e| AppError::Bind(sock_path.display().to_string(), e))?;
-    std::fs::set_permissions(
-        &sock_path,
-        std::os::unix::fs::PermissionsExt::from_mode(mode),
-    )
-    .map_err(|e| AppError::Bind(sock_path.display().to_string(), e))?;
-    tracing::info!(socket = %sock_path.display(), handoff = %handoff_path.display(), db = %db.display(), "memplaced serving");
-    let serving = grpc::serve(&cfg, agent, tls, uds, stop_rx).await?;
+        tracing::info!(socket = %sock_path.display(), handoff = %handoff_path.display(), db = %db.display(), "memplaced serving");
+        Ok(uds)
+    };
+    let serving = grpc::serve(&cfg, agent, tls, bind_unix, stop_rx).await?;
 
     shutdown.await;
     let _ = stop_tx.send(true);
@@ -243,7 +246,10 @@ mod tests {
     /// Whether a thread of this process has the name `name`.
     fn thread_named(name: &str) -> bool {
         std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
-            std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap().trim() == name
+            std::fs::read_to_string(t.unwrap().path().join("comm"))
+                .unwrap()
+                .trim()
+                == name
         })
     }
 
@@ -277,13 +283,16 @@ mod tests {
             cfg.runtime_dir.join("handoff.sock"),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let agent = tokio::spawn(run(cfg, async {
+        let agent = run(cfg, async {
             let _ = stopped.await;
-        }));
+        });
+        tokio::pin!(agent);
         // The gRPC socket is bound last: once it exists, both listeners are serving.
         while !grpc.exists() {
-            assert!(!agent.is_finished(), "the agent stopped: {:?}", agent.await);
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::select! {
+                r = &mut agent => panic!("the agent stopped: {r:?}"),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
         }
         let (grpc_link, handoff_link) = (dir.path().join("g.sock"), dir.path().join("h.sock"));
         std::fs::hard_link(&grpc, &grpc_link).unwrap();
@@ -293,7 +302,7 @@ mod tests {
         assert!(thread_named("handoff-accept"));
 
         stop.send(()).unwrap();
-        agent.await.unwrap().expect("run ends cleanly");
+        agent.await.expect("run ends cleanly");
         let e = UnixStream::connect(&grpc_link).expect_err("gRPC socket still open");
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
         assert_eq!(

@@ -158,14 +158,10 @@ impl Peer<'_> {
         let key = RegionKey::parse(&a.vm_id, &a.name).map_err(|e| failed(&e.into()))?;
         let view = self
             .rt
-            .block_on(self.agent.adopt(
-                key,
-                backend,
-                a.size_bytes,
-                fd,
-                self.holder,
-                self.actor,
-            ))
+            .block_on(
+                self.agent
+                    .adopt(key, backend, a.size_bytes, fd, self.holder, self.actor),
+            )
             .map_err(|e| failed(&e))?;
         Ok((ok(Some(region_to_pb(&view))), vec![]))
     }
