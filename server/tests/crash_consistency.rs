@@ -664,7 +664,7 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
                 );
                 let m = Mapping::new(fd.as_fd(), REGION).expect("mapping a held file");
                 for (offset, length, intended) in &stored[&key].ranges {
-                    let intended = memplace_server::api::policy_from_pb(intended.as_ref())
+                    let intended = memplace_server::convert::policy_from_pb(intended.as_ref())
                         .expect("stored policy");
                     for at in [*offset, offset + length / 2, offset + length - 4096] {
                         let at = at / 4096 * 4096;

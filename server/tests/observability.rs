@@ -266,6 +266,33 @@ async fn metrics_carry_requests_regions_bytes_drift_and_handoffs() {
     }
 }
 
+/// Human-format logs written to a file (as systemd's journal or a log file receives them) are
+/// plain text: no ANSI colour or style codes.
+#[tokio::test(flavor = "multi_thread")]
+async fn human_logs_to_a_file_carry_no_colour_codes() {
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    c.create_region_with(pb::CreateRegionRequest {
+        vm_id: "vm8".into(),
+        name: "ram0".into(),
+        size_bytes: 4 * MIB,
+        backend: pb::Backend::Memfd as i32,
+        request_id: "req-plain-log-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let log = std::fs::read(agent.log()).unwrap();
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.contains("memplaced serving"), "{text}");
+    assert!(text.contains("CreateRegion"), "{text}");
+    assert!(text.contains("INFO"), "{text}");
+    assert!(
+        !log.contains(&0x1b),
+        "an escape byte in a log written to a file: {text:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_name_vm_region_request_and_caller() {
     let agent = AgentProc::start_with(&["--log-format", "json"]);

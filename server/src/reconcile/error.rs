@@ -87,6 +87,12 @@ pub enum AgentError {
     Internal(String),
 }
 
+impl From<crate::domain::PolicyError> for AgentError {
+    fn from(e: crate::domain::PolicyError) -> Self {
+        AgentError::Invalid(DomainError::Policy(e))
+    }
+}
+
 /// The status code of a failure, the same on every edge. The names are gRPC's canonical codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
