@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::events::stored_events;
 use common::{AgentProc, MIB, policy};
 use memplace_client::pb::{self, PolicyMode as M};
 use tonic::Code;
@@ -918,19 +919,11 @@ async fn drift_through_another_mapping_is_repaired() {
         .region
         .unwrap();
     assert_eq!(r.ranges[0].observed, Some(policy(M::Bind, &[0])));
-    let events = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: "vm".into(),
-            after_sequence: 0,
-            no_follow: true,
-        })
+    let kinds: Vec<_> = stored_events(&mut c, "vm", 0)
         .await
-        .unwrap();
-    let mut events = events;
-    let mut kinds = Vec::new();
-    while let Some(e) = events.message().await.unwrap() {
-        kinds.push(e.kind());
-    }
+        .iter()
+        .map(|e| e.kind())
+        .collect();
     assert!(kinds.contains(&pb::EventKind::DriftFound), "{kinds:?}");
     assert!(kinds.contains(&pb::EventKind::Reapplied), "{kinds:?}");
 }

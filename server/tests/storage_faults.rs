@@ -5,11 +5,12 @@
 
 mod common;
 
+use common::sqlite::{self, Locker};
 use common::{AgentProc, MIB, policy};
 use memplace_client::pb::{self, PolicyMode as M};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use tonic::Code;
 
 /// A tmpfs mounted on a directory, unmounted on drop.
@@ -69,14 +70,11 @@ fn fill(dir: &Path) -> PathBuf {
 
 /// (request records, regions, ranges), read by the sqlite3 CLI.
 fn counts(db: &Path) -> String {
-    let o = Command::new("sqlite3")
-        .arg("-readonly")
-        .arg(db)
-        .arg("SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT group_concat(generation) FROM regions);")
-        .output()
-        .expect("sqlite3 CLI");
-    assert!(o.status.success(), "{o:?}");
-    String::from_utf8(o.stdout).unwrap()
+    sqlite::query(
+        db,
+        &[],
+        "SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT group_concat(generation) FROM regions);",
+    )
 }
 
 fn ranges_of(r: &pb::Region) -> Vec<(u64, u64, Option<pb::Policy>, Option<pb::Policy>)> {
@@ -164,41 +162,6 @@ async fn a_full_disk_fails_the_commit_and_changes_nothing() {
             .all(|x| x.observed.as_ref().map(|p| p.mode) == Some(M::Interleave as i32)),
         "{r:?}"
     );
-}
-
-/// The sqlite3 CLI inside `BEGIN EXCLUSIVE` on `db` until dropped.
-struct Locker {
-    child: std::process::Child,
-}
-
-impl Locker {
-    fn hold(db: &Path) -> Self {
-        let mut child = Command::new("sqlite3")
-            .arg(db)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sqlite3 CLI");
-        let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "BEGIN EXCLUSIVE;").unwrap();
-        writeln!(stdin, "SELECT 'locked';").unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "locked");
-        Self { child }
-    }
-}
-
-impl Drop for Locker {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.child.stdin.take() {
-            let _ = writeln!(s, "ROLLBACK;");
-        }
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

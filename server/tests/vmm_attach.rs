@@ -12,8 +12,12 @@
 
 mod common;
 
+use common::events::stored_events;
+use common::holder::HolderProc;
+use common::qemu::lts_kernel;
+use common::sqlite;
 use common::{AgentProc, MIB, ctl_path, policy, standin_path};
-use memplace_client::{Client, pb};
+use memplace_client::pb;
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
 use memplace_server::kernel::Mapping;
 use std::io::{BufRead, BufReader, Write};
@@ -24,7 +28,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-const NUMA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/numa");
 const GUEST_MB: u64 = 128;
 /// Upper bound for a TCG boot on a busy machine; a boot that takes longer fails the test.
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
@@ -45,22 +48,6 @@ while true; do
     $B sleep 1
 done
 "#;
-
-/// The 6.12 kernel from fetch-kernels.sh (cached after the first run).
-fn lts_kernel() -> PathBuf {
-    let o = Command::new("bash")
-        .arg(format!("{NUMA_DIR}/fetch-kernels.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running fetch-kernels.sh");
-    assert!(o.status.success(), "fetch-kernels.sh failed: {o:?}");
-    let text = String::from_utf8_lossy(&o.stdout);
-    let p = text
-        .lines()
-        .find_map(|l| l.strip_prefix("lts_vmlinuz="))
-        .unwrap_or_else(|| panic!("fetch-kernels.sh printed no lts_vmlinuz: {text}"));
-    PathBuf::from(p.trim())
-}
 
 /// A busybox initramfs with GUEST_INIT as /init.
 fn build_initramfs(dir: &Path) -> PathBuf {
@@ -273,32 +260,13 @@ fn code_of(o: &Output) -> i32 {
     o.status.code().expect("memplacectl exited by signal")
 }
 
-async fn events(c: &mut Client, vm: &str) -> Vec<pb::WatchEventsResponse> {
-    let mut s = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: vm.into(),
-            after_sequence: 0,
-            no_follow: true,
-        })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        out.push(e);
-    }
-    out
-}
-
 /// Row counts read by the sqlite3 CLI: requests, regions, ranges, events.
 fn db_state(agent: &AgentProc) -> String {
-    let o = Command::new("sqlite3")
-        .arg("-readonly")
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg("SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT count(*) FROM events);")
-        .output()
-        .expect("sqlite3 CLI");
-    assert!(o.status.success(), "{o:?}");
-    String::from_utf8(o.stdout).unwrap()
+    sqlite::query(
+        &agent.state_dir().join("memplace.db"),
+        &[],
+        "SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT count(*) FROM events);",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -504,7 +472,7 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
         }]
     );
 
-    let evs = events(&mut c, "vm1").await;
+    let evs = stored_events(&mut c, "vm1", 0).await;
     let kinds: Vec<pb::EventKind> = evs.iter().map(|e| e.kind()).collect();
     let adopted = evs
         .iter()
@@ -700,57 +668,24 @@ const GMEM: u64 = 4 * MIB;
 /// the first bound to memslot 0 through its mapping, the second only held as an fd; and a memfd
 /// it maps shared and holds no fd for. It writes a pattern into all three and answers `check` on
 /// stdin with `pattern ok` or `pattern BAD`.
-struct StandIn {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
+fn gmem_vmm() -> HolderProc {
+    let mut cmd = Command::new(standin_path());
+    cmd.arg("gmem-vmm");
+    let mut vmm = HolderProc::spawn(cmd);
+    assert_eq!(vmm.expect_line("vmm: ").trim(), "vmm: ready");
+    vmm
 }
 
-impl StandIn {
-    fn spawn() -> Self {
-        let mut child = Command::new(standin_path())
-            .arg("gmem-vmm")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let mut s = StandIn { child, out };
-        assert_eq!(s.line_starting("vmm: "), "vmm: ready");
-        s
-    }
-
-    fn line_starting(&mut self, prefix: &str) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(
-                self.out.read_line(&mut line).unwrap() > 0,
-                "the stand-in VMM exited"
-            );
-            if line.starts_with(prefix) {
-                return line.trim().to_string();
-            }
-        }
-    }
-
-    fn check(&mut self) -> String {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        writeln!(stdin, "check").unwrap();
-        self.line_starting("vmm: pattern")
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `check` to the gmem stand-in VMM: its answer.
+fn check(vmm: &mut HolderProc) -> String {
+    vmm.tell("check");
+    vmm.expect_line("vmm: pattern").trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn guest_memfds_and_a_memfd_mapped_without_an_fd_are_attached_and_recovered() {
-    let mut vmm = StandIn::spawn();
-    let vpid = vmm.child.id() as i32;
+    let mut vmm = gmem_vmm();
+    let vpid = vmm.pid();
     let mut agent = AgentProc::start();
     let mut c = agent.client().await;
     let r = c.attach_process("vm3", vpid).await.unwrap();
@@ -827,7 +762,7 @@ async fn guest_memfds_and_a_memfd_mapped_without_an_fd_are_attached_and_recovere
         assert_eq!(x.status(), pb::RegionStatus::Active, "{x:?}");
         assert_eq!(x.holder_pid, vpid, "{x:?}");
     }
-    let recovered = events(&mut c, "vm3")
+    let recovered = stored_events(&mut c, "vm3", 0)
         .await
         .iter()
         .filter(|e| e.kind() == pb::EventKind::FdRecovered)
@@ -842,7 +777,7 @@ async fn guest_memfds_and_a_memfd_mapped_without_an_fd_are_attached_and_recovere
         GMEM / 4096,
         "{p:?}"
     );
-    assert_eq!(vmm.check(), "vmm: pattern ok");
+    assert_eq!(check(&mut vmm), "vmm: pattern ok");
     // Attaching again finds the same three regions.
     let again = c.attach_process("vm3", vpid).await.unwrap();
     let mut u: Vec<String> = again.regions.iter().map(|x| x.uid.clone()).collect();

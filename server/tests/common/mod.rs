@@ -1,6 +1,16 @@
 //! Test support: the real `memplaced` binary on a temp socket and a temp state dir.
 #![allow(dead_code)]
 
+pub mod events;
+pub mod holder;
+pub mod lines;
+pub mod metrics;
+pub mod net;
+pub mod procfs;
+pub mod qemu;
+pub mod sqlite;
+pub mod tls;
+
 use memplace_client::{Client, pb};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -190,3 +200,33 @@ pub fn policy(mode: pb::PolicyMode, nodes: &[u32]) -> pb::Policy {
 }
 
 pub const MIB: u64 = 1 << 20;
+
+/// Exit code, stdout and stderr of one command run to its end.
+pub struct Run {
+    pub code: i32,
+    pub out: String,
+    pub err: String,
+}
+
+impl Run {
+    pub fn of(cmd: &mut Command) -> Run {
+        let o = cmd.output().expect("running memplacectl");
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            out: String::from_utf8_lossy(&o.stdout).into(),
+            err: String::from_utf8_lossy(&o.stderr).into(),
+        }
+    }
+
+    /// Asserts success and returns stdout.
+    pub fn ok(self) -> String {
+        assert_eq!(self.code, 0, "stderr: {}\nstdout: {}", self.err, self.out);
+        self.out
+    }
+
+    /// Asserts success and returns stdout parsed as JSON.
+    pub fn json(self) -> serde_json::Value {
+        let out = self.ok();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+}
