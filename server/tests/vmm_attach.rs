@@ -6,15 +6,16 @@
 //! the guest's own data checks still passing. Bad pids and QEMU without shared memory are refused
 //! with a clear error and change nothing.
 //!
-//! The guest is Debian's 6.12 cloud kernel (tests/numa/fetch-kernels.sh, cached) and a busybox
-//! initramfs whose /init writes random data into guest RAM and checks its md5 every second on the
+//! The guest is Debian's 6.12 cloud kernel (tests/numa/fetch-kernels.sh, cached) and the busybox
+//! initramfs of tests/numa/build-initramfs.sh whose /scenario.sh is tests/numa/ram-check.sh (as in
+//! vmm_exec.rs): it writes random data into guest RAM and checks its md5 every few seconds on the
 //! serial console. These tests fail, never skip, when QEMU or the kernel cannot be had.
 
 mod common;
 
 use common::events::stored_events;
 use common::holder::HolderProc;
-use common::qemu::lts_kernel;
+use common::qemu::{lts_kernel, ram_check_initramfs};
 use common::sqlite;
 use common::{AgentProc, MIB, ctl_path, policy, standin_path};
 use memplace_client::pb;
@@ -32,51 +33,8 @@ const GUEST_MB: u64 = 128;
 /// Upper bound for a TCG boot on a busy machine; a boot that takes longer fails the test.
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
 
-/// The guest's /init: random data in guest RAM, its md5 checked every second.
-const GUEST_INIT: &str = r#"#!/bin/sh
-/bin/busybox mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-/bin/busybox mount -t proc proc /proc
-B=/bin/busybox
-$B dd if=/dev/urandom of=/data bs=1M count=24 2>/dev/null
-sum=$($B md5sum /data)
-echo "GUEST-READY"
-i=0
-while true; do
-    i=$((i + 1))
-    if [ "$($B md5sum /data)" = "$sum" ]; then echo "GUEST-CHECK ok $i"; else echo "GUEST-CHECK BAD $i"; fi
-    $B sleep 1
-done
-"#;
-
-/// A busybox initramfs with GUEST_INIT as /init.
-fn build_initramfs(dir: &Path) -> PathBuf {
-    let stage = dir.join("stage");
-    std::fs::create_dir_all(stage.join("bin")).unwrap();
-    std::fs::create_dir_all(stage.join("dev")).unwrap();
-    std::fs::create_dir_all(stage.join("proc")).unwrap();
-    std::fs::copy("/bin/busybox", stage.join("bin/busybox")).expect("static /bin/busybox");
-    std::os::unix::fs::symlink("busybox", stage.join("bin/sh")).unwrap();
-    std::fs::write(stage.join("init"), GUEST_INIT).unwrap();
-    std::fs::set_permissions(
-        stage.join("init"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let out = dir.join("initramfs.cpio");
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd '{}' && find . -mindepth 1 | sort | /bin/busybox cpio -o -H newc -R 0:0 > '{}' 2>/dev/null",
-            stage.display(),
-            out.display()
-        ))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "building the initramfs failed");
-    out
-}
+/// What the guest (tests/numa/ram-check.sh) writes into its RAM and keeps checking.
+const GUEST_DATA_MIB: u64 = 24;
 
 /// A QEMU process, killed on drop.
 struct Qemu {
@@ -137,11 +95,11 @@ impl Qemu {
         let text = self.serial_text();
         let ok = text
             .lines()
-            .filter(|l| l.starts_with("GUEST-CHECK ok"))
+            .filter(|l| l.starts_with("RAMCHECK OK "))
             .count();
         let bad = text
             .lines()
-            .filter(|l| l.starts_with("GUEST-CHECK BAD"))
+            .filter(|l| l.starts_with("RAMCHECK FAIL "))
             .count();
         (ok, bad)
     }
@@ -273,10 +231,11 @@ fn db_state(agent: &AgentProc) -> String {
 async fn a_running_qemu_is_attached_placed_and_recovered() {
     let kernel = lts_kernel();
     let dir = tempfile::tempdir().unwrap();
-    let initrd = build_initramfs(dir.path());
+    let initrd = ram_check_initramfs(dir.path());
     let serial = dir.path().join("serial.log");
     let mem = format!("memory-backend-memfd,id=m0,size={GUEST_MB}M,share=on");
     let serial_arg = format!("file:{}", serial.display());
+    let append = format!("console=ttyS0 quiet panic=-1 memplace.ramcheck_mb={GUEST_DATA_MIB}");
     let mut qemu = Qemu::start(
         &[
             "-m",
@@ -290,13 +249,13 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
             "-initrd",
             initrd.to_str().unwrap(),
             "-append",
-            "console=ttyS0 quiet panic=-1",
+            &append,
             "-serial",
             &serial_arg,
         ],
         serial,
     );
-    qemu.wait_line("GUEST-READY", |l| l.starts_with("GUEST-READY"));
+    qemu.wait_line("RAMCHECK WROTE", |l| l.starts_with("RAMCHECK WROTE "));
     let qpid = qemu.pid();
     let size = GUEST_MB * MIB;
 
@@ -357,11 +316,11 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
     assert_eq!(other.code(), Some(Code::FailedPrecondition), "{other:?}");
     assert_eq!(c.list_regions("").await.unwrap().len(), 1);
 
-    // GetPlacement counts the guest's pages (it wrote 24 MiB of data plus its kernel).
+    // GetPlacement counts the guest's pages (it wrote GUEST_DATA_MIB of data plus its kernel).
     let p = c.placement("vm1", name, 0, 0).await.unwrap();
     let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
     assert!(
-        present >= 24 * MIB / 4096,
+        present >= GUEST_DATA_MIB * MIB / 4096,
         "only {present} pages present: {p:?}"
     );
 

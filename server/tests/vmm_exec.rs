@@ -15,12 +15,12 @@ mod common;
 use common::events::stored_events;
 use common::lines::Lines;
 use common::procfs::{alive, fds_like, file_id, parent_of};
-use common::qemu::{NUMA_DIR, lts_kernel, script};
+use common::qemu::{lts_kernel, ram_check_initramfs};
 use common::{AgentProc, MIB, Run, ctl_path};
 use memplace_client::{Client, pb};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -55,24 +55,6 @@ fn first_sh_block(text: &str) -> String {
     let i = text.find("```sh\n").expect("a ```sh block");
     let body = &text[i + 6..];
     body[..body.find("```").expect("an unterminated ```sh block")].to_string()
-}
-
-/// The busybox initramfs whose /scenario.sh is ram-check.sh.
-fn ram_check_initramfs(dir: &Path) -> PathBuf {
-    let out = dir.join("ram-check.cpio");
-    let o = script("build-initramfs.sh")
-        .arg("--scenario")
-        .arg(Path::new(NUMA_DIR).join("ram-check.sh"))
-        .arg(&out)
-        .output()
-        .expect("running build-initramfs.sh");
-    assert!(
-        o.status.success(),
-        "build-initramfs.sh failed ({}):\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
 }
 
 /// QEMU's output lines (common::lines::Lines); a guest check that failed fails the test at once.

@@ -31,3 +31,23 @@ pub fn lts_kernel() -> PathBuf {
         .unwrap_or_else(|| panic!("fetch-kernels.sh printed no lts_vmlinuz:\n{out}\n{err}"));
     PathBuf::from(path.trim())
 }
+
+/// The busybox initramfs of build-initramfs.sh whose /scenario.sh is ram-check.sh: random data
+/// in guest RAM, checked again and again (`RAMCHECK` lines on the console; kernel argument
+/// memplace.ramcheck_mb=N sets the amount).
+pub fn ram_check_initramfs(dir: &Path) -> PathBuf {
+    let out = dir.join("ram-check.cpio");
+    let o = script("build-initramfs.sh")
+        .arg("--scenario")
+        .arg(Path::new(NUMA_DIR).join("ram-check.sh"))
+        .arg(&out)
+        .output()
+        .expect("running build-initramfs.sh");
+    assert!(
+        o.status.success(),
+        "build-initramfs.sh failed ({}):\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
