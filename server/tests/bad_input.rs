@@ -8,7 +8,7 @@ mod common;
 
 use common::procfs::memfd_allocated_bytes;
 use common::sqlite;
-use common::{AgentProc, MIB, policy};
+use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
 use prost::Message;
@@ -336,11 +336,7 @@ fn cases() -> Vec<Case> {
             format!("create with {what}"),
             inv,
             Call::Create(pb::CreateRegionRequest {
-                policies: vec![pb::RangePolicy {
-                    offset: 0,
-                    length: 0,
-                    policy: Some(p),
-                }],
+                policies: whole(p),
                 ..create.clone()
             }),
         ));

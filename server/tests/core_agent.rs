@@ -4,6 +4,7 @@
 mod common;
 
 use common::events::stored_events;
+use common::sqlite;
 use common::{AgentProc, MIB, policy};
 use memplace_client::pb::{self, PolicyMode as M};
 use tonic::Code;
@@ -1025,18 +1026,14 @@ async fn abandoned_set_policy_is_all_or_nothing() {
         assert_eq!(x.state(), pb::RangeState::Applied);
     }
     // Which calls committed, from the request records in the database (sqlite3 CLI).
-    let o = std::process::Command::new("sqlite3")
-        .arg("-readonly")
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg("SELECT request_id FROM requests WHERE request_id LIKE 'abandon-%';")
-        .output()
-        .expect("the sqlite3 CLI (apt-get install sqlite3)");
-    assert!(o.status.success(), "{o:?}");
-    let committed: std::collections::HashSet<String> = String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let committed: std::collections::HashSet<String> = sqlite::query(
+        &agent.state_dir().join("memplace.db"),
+        &[],
+        "SELECT request_id FROM requests WHERE request_id LIKE 'abandon-%';",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect();
     // Created at generation 1; each committed call and the last one add one.
     assert_eq!(
         r.generation,

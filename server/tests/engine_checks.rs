@@ -10,8 +10,8 @@ use common::events::stored_events;
 use common::metrics::scrape;
 use common::net::free_port;
 use common::procfs::agent_memfd;
-use common::sqlite::Locker;
-use common::{AgentProc, MIB, policy};
+use common::sqlite::{self, Locker};
+use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::pb;
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
@@ -48,11 +48,7 @@ async fn drift_in_the_middle_of_a_range_is_seen_reported_and_repaired() {
         "r",
         size,
         pb::Backend::Memfd,
-        vec![pb::RangePolicy {
-            offset: 0,
-            length: 0,
-            policy: Some(policy(M::Bind, &[0])),
-        }],
+        whole(policy(M::Bind, &[0])),
     )
     .await
     .unwrap();
@@ -229,11 +225,7 @@ async fn a_task_policy_range_is_applied_only_while_the_kernel_shows_it() {
             "gmem",
             size,
             pb::Backend::GuestMemfd,
-            vec![pb::RangePolicy {
-                offset: 0,
-                length: 0,
-                policy: Some(policy(M::Bind, &[0])),
-            }],
+            whole(policy(M::Bind, &[0])),
         )
         .await
         .unwrap();
@@ -311,13 +303,12 @@ async fn a_handed_off_region_without_a_file_identity_is_not_recreated() {
     held.write(0, b"guest data").unwrap();
     agent.kill();
     let db = agent.state_dir().join("memplace.db");
-    let out = Command::new("sqlite3")
-        .arg(&db)
-        .arg("UPDATE regions SET file_dev = NULL, file_ino = NULL; SELECT changes();")
-        .output()
-        .expect("sqlite3 CLI");
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let out = sqlite::write(
+        &db,
+        &[],
+        "UPDATE regions SET file_dev = NULL, file_ino = NULL; SELECT changes();",
+    );
+    assert_eq!(out.trim(), "1");
     agent.spawn();
     let mut c = agent.client().await;
     let r = c.get_region("vm", "r").await.unwrap();

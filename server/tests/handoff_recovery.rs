@@ -15,7 +15,7 @@ use common::holder::HolderProc;
 use common::metrics::scrape;
 use common::net::free_port;
 use common::procfs::{fd_count, fds_of, file_id_in, signal, start_time};
-use common::{AgentProc, MIB, ctl_path, policy, standin_path};
+use common::{AgentProc, MIB, ctl_path, policy, standin_path, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
 use memplace_server::kernel::{self, GuestMemfdVm, Mapping};
@@ -308,11 +308,7 @@ async fn guest_memfd_regions_stay_placed_through_twenty_sigkills() {
             "gmem",
             size,
             pb::Backend::GuestMemfd,
-            vec![pb::RangePolicy {
-                offset: 0,
-                length: 0,
-                policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-            }],
+            whole(policy(pb::PolicyMode::Bind, &[0])),
         )
         .await
         .expect("CreateRegion guest_memfd");
@@ -437,11 +433,7 @@ async fn a_holder_killed_while_the_agent_is_down_makes_its_region_lost() {
                 name,
                 16 * MIB,
                 pb::Backend::Memfd,
-                vec![pb::RangePolicy {
-                    offset: 0,
-                    length: 0,
-                    policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-                }],
+                whole(policy(pb::PolicyMode::Bind, &[0])),
             )
             .await
             .unwrap();
@@ -953,11 +945,7 @@ async fn a_region_never_handed_off_comes_back_empty_with_its_intent() {
         "ram",
         8 * MIB,
         pb::Backend::Memfd,
-        vec![pb::RangePolicy {
-            offset: 0,
-            length: 0,
-            policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-        }],
+        whole(policy(pb::PolicyMode::Bind, &[0])),
     )
     .await
     .unwrap();
@@ -997,13 +985,7 @@ async fn a_region_never_handed_off_comes_back_empty_with_its_intent() {
 async fn a_recreated_guest_memfd_is_pending_again_on_disk() {
     let mut agent = AgentProc::start();
     let mut c = agent.client().await;
-    let bind0 = || {
-        vec![pb::RangePolicy {
-            offset: 0,
-            length: 0,
-            policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-        }]
-    };
+    let bind0 = || whole(policy(pb::PolicyMode::Bind, &[0]));
     c.create_region("vm12", "gmem", 8 * MIB, pb::Backend::GuestMemfd, bind0())
         .await
         .unwrap();

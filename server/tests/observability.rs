@@ -6,7 +6,8 @@ mod common;
 use common::events::stored_events;
 use common::metrics::scrape;
 use common::net::free_port;
-use common::{AgentProc, MIB, policy};
+use common::sqlite;
+use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::pb;
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
@@ -97,11 +98,7 @@ async fn metrics_carry_requests_regions_bytes_drift_and_handoffs() {
             "ram0",
             64 * MIB,
             pb::Backend::Memfd,
-            vec![pb::RangePolicy {
-                offset: 0,
-                length: 0,
-                policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-            }],
+            whole(policy(pb::PolicyMode::Bind, &[0])),
         )
         .await
         .unwrap();
@@ -579,17 +576,13 @@ async fn watch_events_reports_a_log_it_cannot_read() {
         })
         .await
         .unwrap();
-    let o = Command::new("sqlite3")
-        .args(["-cmd", ".timeout 10000"])
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg(
-            "INSERT INTO events (time_unix_ms, kind, vm_id, name, message, actor) \
-             VALUES (0, 9999, '', '', 'not an event kind', 'test'); SELECT max(sequence) FROM events;",
-        )
-        .output()
-        .expect("the sqlite3 CLI (apt-get install sqlite3)");
-    assert!(o.status.success(), "{o:?}");
-    let bad: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let out = sqlite::write(
+        &agent.state_dir().join("memplace.db"),
+        &["-cmd", ".timeout 10000"],
+        "INSERT INTO events (time_unix_ms, kind, vm_id, name, message, actor) \
+         VALUES (0, 9999, '', '', 'not an event kind', 'test'); SELECT max(sequence) FROM events;",
+    );
+    let bad: u64 = out.trim().parse().unwrap();
     assert_eq!(bad, start + 1);
     c.create_region("vm", "r", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
@@ -618,13 +611,11 @@ async fn watch_events_resumed_behind_the_log_is_out_of_range() {
     let log = stored_events(&mut c, "", 0).await;
     assert!(log.len() >= 3, "{log:?}");
     let pruned_to = log[1].sequence;
-    let o = Command::new("sqlite3")
-        .args(["-cmd", ".timeout 10000"])
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg(format!("DELETE FROM events WHERE sequence <= {pruned_to}"))
-        .output()
-        .expect("the sqlite3 CLI (apt-get install sqlite3)");
-    assert!(o.status.success(), "{o:?}");
+    sqlite::write(
+        &agent.state_dir().join("memplace.db"),
+        &["-cmd", ".timeout 10000"],
+        &format!("DELETE FROM events WHERE sequence <= {pruned_to}"),
+    );
     let watch = |after: u64| pb::WatchEventsRequest {
         vm_id: String::new(),
         after_sequence: after,

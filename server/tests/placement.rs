@@ -11,7 +11,7 @@ mod common;
 
 use common::events::last_sequence;
 use common::procfs::memfd_allocated_bytes;
-use common::{AgentProc, MIB, policy};
+use common::{AgentProc, MIB, policy, whole};
 use memplace_client::{Client, pb};
 use pb::PolicyMode as M;
 use std::io::BufRead;
@@ -36,11 +36,7 @@ async fn start() -> (tokio::sync::MutexGuard<'static, ()>, AgentProc, Client) {
 }
 
 fn bind0() -> Vec<pb::RangePolicy> {
-    vec![pb::RangePolicy {
-        offset: 0,
-        length: 0,
-        policy: Some(policy(M::Bind, &[0])),
-    }]
+    whole(policy(M::Bind, &[0]))
 }
 
 /// A field of node 0's meminfo ("MemFree", "HugePages_Free"), in kB or pages as the file says.

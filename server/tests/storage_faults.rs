@@ -243,12 +243,7 @@ async fn a_corrupt_database_is_refused_by_name_and_never_overwritten() {
     let state = agent.state_dir();
     let db = state.join("memplace.db");
     // Fold the WAL into the main file so the damage below hits live pages.
-    let st = Command::new("sqlite3")
-        .arg(&db)
-        .arg("PRAGMA wal_checkpoint(TRUNCATE);")
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{st:?}");
+    sqlite::write(&db, &[], "PRAGMA wal_checkpoint(TRUNCATE);");
 
     // 1: garbage over a page in the middle of a real database.
     let mut bytes = std::fs::read(&db).unwrap();
@@ -286,12 +281,11 @@ async fn a_schema_from_a_newer_memplace_is_refused() {
     agent.kill();
     let state = agent.state_dir();
     let db = state.join("memplace.db");
-    let st = Command::new("sqlite3")
-        .arg(&db)
-        .arg("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'from the future', 1, x'00', 0); PRAGMA wal_checkpoint(TRUNCATE);")
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{st:?}");
+    sqlite::write(
+        &db,
+        &[],
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'from the future', 1, x'00', 0); PRAGMA wal_checkpoint(TRUNCATE);",
+    );
     let before = std::fs::read(&db).unwrap();
     let err = start_refused(&state);
     assert!(err.contains(&db.display().to_string()), "{err}");
@@ -300,12 +294,11 @@ async fn a_schema_from_a_newer_memplace_is_refused() {
     assert_eq!(std::fs::read(&db).unwrap(), before);
 
     // Removing the future row (the operator's fix) lets it start again.
-    let st = Command::new("sqlite3")
-        .arg(&db)
-        .arg("DELETE FROM _sqlx_migrations WHERE version = 9999;")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    sqlite::write(
+        &db,
+        &[],
+        "DELETE FROM _sqlx_migrations WHERE version = 9999;",
+    );
     agent.spawn();
     agent.client().await.node_info().await.unwrap();
 }

@@ -16,7 +16,7 @@ use common::events::stored_events;
 use common::lines::Lines;
 use common::procfs::{alive, fds_like, file_id, parent_of};
 use common::qemu::{lts_kernel, ram_check_initramfs};
-use common::{AgentProc, MIB, Run, ctl_path};
+use common::{AgentProc, MIB, Run, ctl_path, policy, whole};
 use memplace_client::{Client, pb};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
@@ -836,11 +836,7 @@ async fn qemu_host_nodes_on_a_region_is_drift_that_reconcile_repairs() {
         "ram0",
         size,
         pb::Backend::Memfd,
-        vec![pb::RangePolicy {
-            offset: 0,
-            length: 0,
-            policy: Some(common::policy(pb::PolicyMode::Bind, &[0])),
-        }],
+        whole(policy(pb::PolicyMode::Bind, &[0])),
     )
     .await
     .expect("CreateRegion");

@@ -230,3 +230,12 @@ impl Run {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
     }
 }
+
+/// One range over the whole region with policy `p`, as CreateRegion takes it.
+pub fn whole(p: pb::Policy) -> Vec<pb::RangePolicy> {
+    vec![pb::RangePolicy {
+        offset: 0,
+        length: 0,
+        policy: Some(p),
+    }]
+}

@@ -4,10 +4,19 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-/// `sqlite3 -readonly FLAGS... DB QUERY`, which must succeed; its stdout.
+/// `sqlite3 -readonly FLAGS... DB SQL`, which must succeed; its stdout.
 pub fn query(db: &Path, flags: &[&str], sql: &str) -> String {
+    sqlite3(db, &[&["-readonly"], flags].concat(), sql)
+}
+
+/// `sqlite3 FLAGS... DB SQL` that may write (behind the agent's back), which must succeed; its
+/// stdout.
+pub fn write(db: &Path, flags: &[&str], sql: &str) -> String {
+    sqlite3(db, flags, sql)
+}
+
+fn sqlite3(db: &Path, flags: &[&str], sql: &str) -> String {
     let o = Command::new("sqlite3")
-        .arg("-readonly")
         .args(flags)
         .arg(db)
         .arg(sql)
