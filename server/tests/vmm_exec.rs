@@ -16,6 +16,7 @@ use common::events::stored_events;
 use common::lines::Lines;
 use common::procfs::{alive, fds_like, file_id, parent_of};
 use common::qemu::{lts_kernel, ram_check_initramfs};
+use common::readme::first_sh_block;
 use common::{AgentProc, MIB, Run, ctl_path, policy, whole};
 use memplace_client::{Client, pb};
 use std::collections::BTreeSet;
@@ -25,7 +26,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const README: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
 const PAGE: u64 = 4096;
 /// Agent SIGKILLs while the guest runs.
 const RESTARTS: usize = 3;
@@ -39,23 +39,6 @@ const MEMFD_LINK: &str = "memfd:memplace:vm1/ram0";
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// The text of the README section under `heading`, up to the next `## ` heading.
-fn readme_section(heading: &str) -> String {
-    let readme = std::fs::read_to_string(README).expect("README.md");
-    let start = readme
-        .find(&format!("\n{heading}\n"))
-        .unwrap_or_else(|| panic!("README.md has no {heading:?} section"));
-    let body = &readme[start + heading.len() + 2..];
-    body[..body.find("\n## ").unwrap_or(body.len())].to_string()
-}
-
-/// The first ```sh block of `text`.
-fn first_sh_block(text: &str) -> String {
-    let i = text.find("```sh\n").expect("a ```sh block");
-    let body = &text[i + 6..];
-    body[..body.find("```").expect("an unterminated ```sh block")].to_string()
-}
 
 /// QEMU's output lines (common::lines::Lines); a guest check that failed fails the test at once.
 struct Serial(Lines);
@@ -231,7 +214,7 @@ async fn assert_placement_counts_the_guest(c: &mut Client, qemu: i32, when: &str
 /// passing.
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
-    let block = first_sh_block(&readme_section("## Running VMs on memplace"));
+    let block = first_sh_block("## Running VMs on memplace");
     assert!(
         block.contains("memplacectl exec vm1") && block.contains("mem-path={path:ram0},share=on"),
         "README's first block should start QEMU with memplacectl exec:\n{block}"
@@ -979,7 +962,7 @@ async fn readme_two_node_topology_runs_qemu_on_two_regions() {
     use memplace_server::kernel::mapping::Mapping;
     use std::os::fd::AsFd;
 
-    let block = first_sh_block(&readme_section("### Two guest NUMA nodes on two regions"));
+    let block = first_sh_block("### Two guest NUMA nodes on two regions");
     assert!(
         block.contains("memdev=m1") && block.contains("{path:ram1}"),
         "README's two-node block:\n{block}"

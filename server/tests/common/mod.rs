@@ -1,4 +1,11 @@
-//! Test support: the real `memplaced` binary on a temp socket and a temp state dir.
+//! Test support shared by the integration tests: the real `memplaced` binary on a temp socket and
+//! a temp state dir (AgentProc), the workspace's other binaries, and in submodules what several
+//! test files need: events (the stored event log), holder (processes holding a region's file),
+//! lines (a child's output on threads), metrics (/metrics), net (loopback ports), procfs (/proc),
+//! qemu (the real-VMM tests' guest), readme (documented commands), sqlite (the state file through
+//! the sqlite3 CLI), tls (test certificates).
+//!
+//! Every test binary compiles all of it (`mod common;`), so unused items are allowed here.
 #![allow(dead_code)]
 
 pub mod events;
@@ -8,6 +15,7 @@ pub mod metrics;
 pub mod net;
 pub mod procfs;
 pub mod qemu;
+pub mod readme;
 pub mod sqlite;
 pub mod tls;
 
@@ -166,10 +174,10 @@ impl Drop for AgentProc {
     }
 }
 
-/// The memplacectl binary, built beside memplaced (the test command builds the workspace).
-pub fn ctl_path() -> PathBuf {
+/// A binary of the workspace, built beside memplaced (the test command builds the workspace).
+fn sibling(name: &str) -> PathBuf {
     let exe = Path::new(env!("CARGO_BIN_EXE_memplaced"));
-    let p = exe.with_file_name("memplacectl");
+    let p = exe.with_file_name(name);
     assert!(
         p.exists(),
         "{} is missing: build the workspace first (cargo build --workspace)",
@@ -178,16 +186,14 @@ pub fn ctl_path() -> PathBuf {
     p
 }
 
-/// `memplace-test-standin` (the client crate's stand-in VMM processes), beside `memplaced`.
+/// The memplacectl binary.
+pub fn ctl_path() -> PathBuf {
+    sibling("memplacectl")
+}
+
+/// `memplace-test-standin` (the client crate's stand-in VMM processes).
 pub fn standin_path() -> PathBuf {
-    let exe = Path::new(env!("CARGO_BIN_EXE_memplaced"));
-    let p = exe.with_file_name("memplace-test-standin");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
-    p
+    sibling("memplace-test-standin")
 }
 
 pub fn policy(mode: pb::PolicyMode, nodes: &[u32]) -> pb::Policy {
