@@ -161,7 +161,7 @@ fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Box<pb::HandoffR
     Ok(())
 }
 
-fn code_of(e: &AgentError) -> pb::HandoffCode {
+pub(crate) fn code_of(e: &AgentError) -> pb::HandoffCode {
     e.code().handoff()
 }
 

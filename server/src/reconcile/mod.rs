@@ -11,7 +11,8 @@
 //! - `drift`: Reconcile (sample, report drift, re-bind);
 //! - `plan`: the pure decision of what to do to a region's ranges, over a small kernel trait;
 //! - `adopt`, `attach`: files a VMM made or holds become regions;
-//! - `populate` (with its cgroup helper child in `cgroup`): allocating pages where the policy says;
+//! - `populate` (its worker threads in `workers`, its cgroup helper child in `cgroup`):
+//!   allocating pages where the policy says;
 //! - `placement`: where pages are; `recover`: bringing regions back after a restart.
 
 mod adopt;
@@ -27,6 +28,7 @@ mod policy;
 mod populate;
 mod recover;
 mod regions;
+mod workers;
 
 pub use agent::{AGENT_ACTOR, Agent, AgentCounters, Limits};
 pub use attach::AttachIdempotency;
