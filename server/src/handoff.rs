@@ -216,6 +216,6 @@ fn authorize(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn code_of(e: &AgentError) -> pb::HandoffCode {
+pub(crate) fn code_of(e: &AgentError) -> pb::HandoffCode {
     e.code().handoff()
 }

@@ -170,9 +170,11 @@ async fn a_locked_database_waits_a_bounded_time_then_answers_unavailable() {
     let db = agent.state_dir().join("memplace.db");
     let mut c = agent.client().await;
     c.retries = 0;
-    c.create_region("vm1", "ram0", 4 * MIB, pb::Backend::Memfd, vec![])
+    let token = c
+        .create_region("vm1", "ram0", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
-        .unwrap();
+        .unwrap()
+        .handoff_token;
     let before = c.get_region("vm1", "ram0").await.unwrap();
     let db_before = counts(&db);
     {
@@ -188,6 +190,12 @@ async fn a_locked_database_waits_a_bounded_time_then_answers_unavailable() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+        // The handoff socket answers the same failure with the same code (an acquire records
+        // its holder, a write).
+        let h = memplace_client::handoff::Handoff::connect(agent.handoff_socket()).unwrap();
+        let err = h.acquire("vm1", "ram0", &token).unwrap_err().to_string();
+        assert!(err.contains("HANDOFF_CODE_UNAVAILABLE: "), "{err}");
+        assert!(err.contains("locked"), "{err}");
         // Reads go on (WAL readers do not wait for the writer's lock).
         let now = c.get_region("vm1", "ram0").await.unwrap();
         assert_eq!(ranges_of(&now), ranges_of(&before));

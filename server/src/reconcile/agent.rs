@@ -319,3 +319,84 @@ pub(crate) fn new_uid() -> String {
         &h[20..32]
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Backend, NodeSet, Policy, PolicyMode};
+    use crate::reconcile::CreateRequest;
+    use std::time::Duration;
+
+    /// The engine runs on a current-thread runtime (`#[tokio::test]`'s default): kernel work goes
+    /// through `spawn_blocking`, where `block_in_place` would panic. Every operation that reads
+    /// or changes the kernel is called once, on a memfd region bound to node 0, and a restart of
+    /// the agent recovers the region.
+    #[tokio::test]
+    async fn the_engine_runs_on_a_current_thread_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let usable: Vec<u32> = TopologyReader::host().read().usable.iter().collect();
+        let caps = kernel::probe::probe(&usable);
+        let open = || Store::open(&db, Duration::from_secs(5));
+        let agent = Agent::start(
+            open().await.unwrap(),
+            caps.clone(),
+            TopologyReader::host(),
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let page = agent.page_size();
+        let key = RegionKey {
+            vm_id: "vm".into(),
+            name: "r".into(),
+        };
+        let bind0 = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+        let req = CreateRequest {
+            key: key.clone(),
+            size_bytes: 4 * page,
+            backend: Backend::Memfd,
+            hugepage_size_bytes: 0,
+            policies: vec![(0, 0, bind0)],
+        };
+        let v = agent.create_region(req, "test", None).await.unwrap();
+        assert_eq!(v.ranges.len(), 1);
+        assert_eq!(v.ranges[0].observed, Some(bind0));
+        let out = agent
+            .set_policy(&key, page, page, Policy::DEFAULT, true, 0, "test", None)
+            .await
+            .unwrap();
+        assert_eq!(out.region.ranges.len(), 3);
+        assert_eq!(agent.get_region(&key).await.unwrap().ranges.len(), 3);
+        let report = agent.reconcile(None, "test").await.unwrap();
+        assert_eq!((report.checked, report.reapplied), (3, 3), "{report:?}");
+        let progress = Arc::new(crate::reconcile::PopulateProgress::default());
+        let req = crate::reconcile::PopulateRequest {
+            key: key.clone(),
+            offset: 0,
+            length: 0,
+            threads: 1,
+            cgroup: None,
+            verify: true,
+        };
+        let done = agent.populate(req, &progress, "test").await.unwrap();
+        assert_eq!(done.bytes_done, 4 * page);
+        let placed = agent.placement(&key, 0, 0).await.unwrap();
+        assert_eq!(placed.total(|r| r.not_present), 0);
+        drop(agent);
+        // Never handed off: the restart recreates the file (empty) and re-binds every range.
+        let agent = Agent::start(
+            open().await.unwrap(),
+            caps,
+            TopologyReader::host(),
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let v = agent.list_regions(Some("vm")).await.unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].ranges[0].observed, Some(bind0));
+        agent.delete_region(&key, "test", None).await.unwrap();
+        assert!(agent.list_regions(None).await.unwrap().is_empty());
+    }
+}

@@ -4,7 +4,8 @@
 //! the bytes done back as lines.
 
 use super::AgentError;
-use super::populate::{CHILD_FD, Chunk, PopulateProgress, run_workers};
+use super::populate::{CHILD_FD, PopulateProgress};
+use super::workers::{Chunk, run_workers};
 use crate::domain::{NodeSet, Policy, PolicyMode};
 use crate::kernel;
 use nix::errno::Errno;

@@ -327,6 +327,7 @@ mod tests {
         }
         // The two edges' own functions delegate to the one mapping.
         for (e, want) in cases() {
+            assert_eq!(crate::handoff::code_of(&e), want.handoff(), "{e:?}");
             let msg = e.to_string();
             let status = crate::api::status_of(e);
             assert_eq!(status.code(), want.grpc(), "{msg}");

@@ -1,6 +1,6 @@
 //! The agent's engine: it owns the live regions (fd, mapping, intent), turns requests into durable
 //! intent first and kernel changes second, reads back what the kernel holds, and brings regions
-//! back after a restart. Kernel work runs on blocking threads ([`Agent::blocking`]).
+//! back after a restart. Kernel work runs on tokio's blocking pool (`Agent::blocking`).
 //!
 //! One file per job:
 //! - `agent`: the [`Agent`], its maps, events, commits and the blocking-thread helper;
@@ -9,9 +9,11 @@
 //! - `regions`: create, get, list, delete, and the handoff's holder record;
 //! - `policy`: SetPolicy (check, commit, bind, read back);
 //! - `drift`: Reconcile (sample, report drift, re-bind);
-//! - `plan`: the pure decision of what to do to a region's ranges, over a small kernel trait;
+//! - `plan`: the pure decisions (reconcile, recovery, migrate) over a small kernel trait, with a
+//!   fake kernel and contract tests that run the same cases on the real one;
 //! - `adopt`, `attach`: files a VMM made or holds become regions;
-//! - `populate` (with its cgroup helper child in `cgroup`): allocating pages where the policy says;
+//! - `populate` (its worker threads in `workers`, its cgroup helper child in `cgroup`):
+//!   allocating pages where the policy says;
 //! - `placement`: where pages are; `recover`: bringing regions back after a restart.
 
 mod adopt;
@@ -27,6 +29,7 @@ mod policy;
 mod populate;
 mod recover;
 mod regions;
+mod workers;
 
 pub use agent::{AGENT_ACTOR, Agent, AgentCounters, Limits};
 pub use attach::AttachIdempotency;
@@ -40,6 +43,5 @@ pub use populate::{PopulateOutcome, PopulateProgress, PopulateRequest};
 pub use regions::{CreateRequest, EncodeAnswer, Idempotency};
 
 pub(crate) use agent::new_uid;
-
 pub(crate) use error::kerr;
 pub(crate) use live::{LiveRegion, RegionFile};

@@ -270,26 +270,35 @@ impl Agent {
     ) -> Result<Placement, AgentError> {
         validate_name("vm_id", &key.vm_id)?;
         validate_name("name", &key.name)?;
-        let slot = self.slot(key)?;
-        let live = slot.read().await;
+        let live = self.slot(key)?.read_owned().await;
         let page = live.intent.page_size(self.page);
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
-        let Some((fd, mapping)) = live
+        if live
             .file
             .as_ref()
-            .and_then(|f| Some((f.fd.as_fd(), f.mapping.as_ref()?)))
-        else {
+            .and_then(|f| f.mapping.as_ref())
+            .is_none()
+        {
             return Err(AgentError::FailedPrecondition(format!(
                 "region {key} has no mapping in the agent (lost, or a guest_memfd without MMAP), so its placement cannot be read"
             )));
-        };
-        let ranges = live.intent.ranges.clipped(offset, offset + length);
-        let ranges = tokio::task::block_in_place(|| {
-            ranges
+        }
+        let ranges = Agent::blocking(move || {
+            let Some((fd, mapping)) = live
+                .file
+                .as_ref()
+                .and_then(|f| Some((f.fd.as_fd(), f.mapping.as_ref()?)))
+            else {
+                return Vec::new();
+            };
+            live.intent
+                .ranges
+                .clipped(offset, offset + length)
                 .iter()
                 .map(|r| count_range(fd, mapping, r, page))
                 .collect()
-        });
+        })
+        .await?;
         Ok(Placement {
             ranges,
             page_size: page,

@@ -10,32 +10,29 @@
 //! dropped again), so the proof runs in parallel with the allocation instead of in one pass
 //! after it. Without verify the answer comes from the page cache alone (cachestat).
 //!
-//! With a memory cgroup named, the workers run in a short-lived child process that first joins
+//! The workers are in `workers`. With a memory cgroup named, the workers run in a short-lived child process that first joins
 //! that cgroup, so the VM's cgroup is charged rather than the agent's.
 
 use super::cgroup::{cgroup_procs_file, check_cgroup_room, run_in_cgroup};
 use super::live::{LiveRegion, Slot};
 use super::placement::{self, Placement};
+use super::workers::{Chunk, allocated_bytes, plan, run_workers};
 use super::{Agent, AgentError, kerr};
 use crate::domain::{
     Backend, EventKind, NodeSet, Policy, PolicyMode, RangeIntent, RegionKey, RegionStatus,
     Strategy, resolve_span, validate_name,
 };
-use crate::kernel::{self, Mapping, mempolicy};
 use crate::store::WriteOp;
 use nix::errno::Errno;
 use std::collections::BTreeMap;
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 use tokio::sync::OwnedRwLockReadGuard;
 
-/// Bytes one worker allocates per step: large enough to amortize the syscall, small enough for
-/// even load between workers and timely progress and cancellation.
-const CHUNK: u64 = 32 << 20;
 /// Fd number the helper child finds the region's file at.
 pub const CHILD_FD: i32 = 3;
 
@@ -76,7 +73,7 @@ impl PopulateProgress {
         self.advanced.notify_one();
     }
 
-    fn advance_by(&self, bytes: u64) {
+    pub(super) fn advance_by(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
         self.advanced.notify_one();
     }
@@ -99,144 +96,6 @@ pub struct PopulateOutcome {
     pub cancelled: bool,
     /// Workers used.
     pub threads: u32,
-}
-
-/// One unit of work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Chunk {
-    /// Offset.
-    pub offset: u64,
-    /// Length.
-    pub length: u64,
-    /// Policy to allocate under (task-policy), or `None` to rely on the file's policy.
-    pub policy: Option<Policy>,
-}
-
-/// Splits ranges into chunks.
-pub fn plan(ranges: &[(u64, u64, Option<Policy>)], page: u64) -> Vec<Chunk> {
-    let step = CHUNK.max(page) / page * page;
-    let mut out = Vec::new();
-    for &(offset, length, policy) in ranges {
-        let mut at = offset;
-        while at < offset + length {
-            let l = step.min(offset + length - at);
-            out.push(Chunk {
-                offset: at,
-                length: l,
-                policy,
-            });
-            at += l;
-        }
-    }
-    out
-}
-
-/// Pages of one chunk per kernel status, as [`placement::map_resident`] reports a page: a node
-/// id, -ENOENT for a page not allocated, or another negative errno.
-pub type ChunkStatus = BTreeMap<i32, u64>;
-
-/// Reads back where the pages of a chunk that was just allocated are: read-faults them into
-/// `mapping` (every page is allocated, so this allocates nothing), asks move_pages, and drops the
-/// page-table entries again.
-fn read_back(mapping: &Mapping, c: &Chunk, page: u64) -> ChunkStatus {
-    let mut status = ChunkStatus::new();
-    match mapping.populate_read(c.offset, c.length) {
-        Ok(()) => {
-            for n in placement::nodes_of(mapping, c.offset, c.length, page) {
-                *status.entry(n).or_default() += 1;
-            }
-        }
-        Err(e) => {
-            status.insert(-(e as i32), c.length / page);
-        }
-    }
-    let _ = mapping.unmap_pages(c.offset, c.length);
-    status
-}
-
-/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any, or else each
-/// chunk's status, read back through `verify` (the mapping and page size) right after the chunk
-/// was allocated; empty without `verify`. Each worker is a fresh thread, so a task policy it sets
-/// for its chunks dies with it.
-pub fn run_workers(
-    fd: BorrowedFd<'_>,
-    chunks: &[Chunk],
-    threads: usize,
-    progress: &PopulateProgress,
-    verify: Option<(&Mapping, u64)>,
-) -> Result<Vec<ChunkStatus>, Errno> {
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first_error = std::sync::Mutex::new(None);
-    let statuses = std::sync::Mutex::new(vec![ChunkStatus::new(); chunks.len()]);
-    std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
-                let mut current: Option<Policy> = None;
-                loop {
-                    if progress.cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(c) = chunks.get(i) else { break };
-                    let r = (|| {
-                        if let Some(p) = c.policy
-                            && current != Some(p)
-                        {
-                            mempolicy::set_thread_policy(&p)?;
-                            current = Some(p);
-                        }
-                        kernel::fallocate(fd, c.offset, c.length, false)
-                    })();
-                    match r {
-                        Ok(()) => {
-                            progress.advance_by(c.length);
-                            if let Some((mapping, page)) = verify {
-                                let status = read_back(mapping, c, page);
-                                if let Some(slot) = statuses
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get_mut(i)
-                                {
-                                    *slot = status;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
-                            first_error
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                            break;
-                        }
-                    }
-                }
-                // Scoped threads exit here, so their task policy goes with them.
-            });
-        }
-    });
-    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(statuses.into_inner().unwrap_or_else(|p| p.into_inner())),
-    }
-}
-
-/// Bytes of a span allocated, from the page cache (a probe through a mapping on hugetlbfs, which
-/// has none); `None` where the kernel cannot tell.
-fn allocated_bytes(
-    fd: BorrowedFd<'_>,
-    mapping: Option<&Mapping>,
-    offset: u64,
-    length: u64,
-    page: u64,
-) -> Option<u64> {
-    let map = match mapping {
-        Some(m) => placement::allocated(fd, m, offset, length, page),
-        None => kernel::files::allocated_map(fd, offset, length, page),
-    };
-    map.ok()
-        .map(|v| v.iter().filter(|allocated| **allocated).count() as u64 * page)
 }
 
 impl Agent {
@@ -604,23 +463,4 @@ fn run_blocking(live: &LiveRegion, span: &Span, work: &Work) -> Ran {
         .then(|| allocated_bytes(fd, mapping, span.offset, span.length, page))
         .flatten();
     Ran { result, cached }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plan_splits_at_chunk_size() {
-        let p = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
-        let chunks = plan(
-            &[(0, CHUNK * 2 + 4096, Some(p)), (CHUNK * 3, 4096, None)],
-            4096,
-        );
-        assert_eq!(chunks.len(), 4);
-        assert_eq!(chunks[2].length, 4096);
-        assert_eq!(chunks[3].policy, None);
-        let total: u64 = chunks.iter().map(|c| c.length).sum();
-        assert_eq!(total, CHUNK * 2 + 8192);
-    }
 }

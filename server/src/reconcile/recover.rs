@@ -48,6 +48,12 @@ impl Writes {
     }
 }
 
+/// A stored region's file found again (or made anew), or the region without one.
+enum FileBack {
+    Found(RegionIntent, RegionFile),
+    Without(LiveRegion),
+}
+
 /// Where files are looked for: the recorded holders, and (read only if some holder is gone)
 /// every other process's open files.
 #[derive(Default)]
@@ -107,12 +113,12 @@ impl Agent {
             Recovery::StillLost => return lost(intent),
             Recovery::MarkLostNoIdentity => return self.lost_without_identity(intent, out),
             Recovery::TakeBack => match self.take_back(intent, holders, out) {
-                Ok(found) => found,
-                Err(live) => return live,
+                FileBack::Found(intent, file) => (intent, file),
+                FileBack::Without(live) => return live,
             },
             Recovery::Recreate => match recreate(intent, vm, self.caps.guest_memfd_flags, out) {
-                Ok(made) => made,
-                Err(live) => return live,
+                FileBack::Found(intent, file) => (intent, file),
+                FileBack::Without(live) => return live,
             },
         };
         let mut live = LiveRegion {
@@ -144,19 +150,19 @@ impl Agent {
     }
 
     /// Takes the file back from whoever holds it; when nobody does, the memory is gone and the
-    /// region is marked lost (the `Err` side).
+    /// region is marked lost.
     fn take_back(
         &self,
         mut intent: RegionIntent,
         holders: &mut Holders,
         out: &mut Writes,
-    ) -> Result<(RegionIntent, RegionFile), LiveRegion> {
+    ) -> FileBack {
         let (Some(recorded), Some(file_id)) = (intent.holder, intent.file_id) else {
-            return Err(lost(intent));
+            return FileBack::Without(lost(intent));
         };
         let (holder, fd) = match take_back(recorded, file_id, holders) {
             Ok(found) => found,
-            Err(e) => return Err(self.holder_gone(intent, e, out)),
+            Err(e) => return FileBack::Without(self.holder_gone(intent, e, out)),
         };
         let message = if holder.pid == recorded.pid {
             format!("fd taken back from holder pid {}", holder.pid)
@@ -182,7 +188,7 @@ impl Agent {
             mapping,
             vm: None,
         };
-        Ok((intent, file))
+        FileBack::Found(intent, file)
     }
 
     /// Nobody holds the handed-off file any more: its memory is gone, and the region is lost.
@@ -273,13 +279,13 @@ impl Agent {
 /// Never handed off: nothing but the agent held the file, so no guest data existed. The file is
 /// recreated, empty; its ranges are stored again only if some were placed (task-policy
 /// populate): a new empty file has none placed. When the file cannot be made, the region stays,
-/// without a file, every range naming why (the `Err` side).
+/// without a file, every range naming why.
 fn recreate(
     mut intent: RegionIntent,
     vm: Option<Result<Arc<GuestMemfdVm>, AgentError>>,
     gmem_flags: u64,
     out: &mut Writes,
-) -> Result<(RegionIntent, RegionFile), LiveRegion> {
+) -> FileBack {
     let was_placed = intent.ranges.ranges().iter().any(|r| r.placed);
     let fresh: Vec<_> = intent
         .ranges
@@ -298,7 +304,9 @@ fn recreate(
         .and_then(|vm| create_file(&intent, vm, gmem_flags));
     let f = match made {
         Ok(f) => f,
-        Err(e) => return Err(fileless(intent, &format!("recreating the file: {e}"))),
+        Err(e) => {
+            return FileBack::Without(fileless(intent, &format!("recreating the file: {e}")));
+        }
     };
     // Without its identity a later handoff could not be taken back; fstat on a file just made
     // fails only on a broken kernel, and then the region waits for deletion rather than risk
@@ -306,7 +314,7 @@ fn recreate(
     let id = match kernel::fd_file_id(f.fd.as_fd()) {
         Ok(id) => id,
         Err(e) => {
-            return Err(fileless(
+            return FileBack::Without(fileless(
                 intent,
                 &format!("recreating the file: fstat: {}", e.desc()),
             ));
@@ -330,7 +338,7 @@ fn recreate(
         &intent,
         "file recreated empty: it had not been handed to a VMM, so no process kept it while the agent was down".into(),
     );
-    Ok((intent, f))
+    FileBack::Found(intent, f)
 }
 
 /// An active region without a file, every range naming `why`.

@@ -252,7 +252,7 @@ pub enum Done {
     Skipped(Skip, u32),
     /// A drift reported.
     Drifted(RangeIntent, Drift),
-    /// A range re-bound and verified; `was_drifted` when a drift had been reported.
+    /// A range re-bound and verified (at every sample when a drift had been reported).
     Rebound(RangeIntent, Verify),
     /// A range whose re-bind failed or did not read back.
     Failed(RangeIntent, String),
