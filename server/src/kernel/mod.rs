@@ -14,6 +14,7 @@ pub mod mempolicy;
 pub mod pidfd;
 pub mod probe;
 pub mod procmem;
+pub mod residency;
 
 pub use files::{GuestMemfdVm, create_memfd, fallocate, fd_file_id};
 pub use mapping::Mapping;
