@@ -20,28 +20,13 @@ CACHE=${MEMPLACE_TOOL_CACHE:-/var/cache/memplace-test-tools}
 SUITES=${MEMPLACE_KUSTOMIZE_SUITES:-sid forky}
 MIN=${MEMPLACE_KUSTOMIZE_MIN:-5.0}
 MAX_AGE_DAYS=${MEMPLACE_TOOL_MAX_AGE_DAYS:-30}
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 log() { echo "fetch-kustomize: $*" >&2; }
 die() { echo "fetch-kustomize: ERROR: $*" >&2; exit 1; }
 
-# The Debian archive URL that the system's apt sources use (not the security archive).
-debian_mirror() {
-    if [ -n "${MEMPLACE_DEBIAN_MIRROR:-}" ]; then echo "${MEMPLACE_DEBIAN_MIRROR%/}"; return; fi
-    local uri
-    uri=$(
-        {
-            sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | tr ' ' '\n'
-            cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-                sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]\+\).*/\2/p'
-        } | grep -E '^https?://.*/debian/?$' | head -n1
-    ) || true
-    [ -n "$uri" ] || die "no Debian archive in /etc/apt sources; set MEMPLACE_DEBIAN_MIRROR to one"
-    echo "${uri%/}"
-}
-
-# version_ge A B: A >= B by version order.
-version_ge() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" = "$2" ]; }
+# debian_mirror, apt_root, apt_update, version_ge and KEYRING.
+# shellcheck source=../../.ci/private-apt.sh
+source "$(dirname "$0")/../../.ci/private-apt.sh"
 
 # works BINARY: prints the version of a kustomize that runs.
 works() { "$1" version 2>/dev/null | head -n1; }
@@ -63,18 +48,10 @@ main() {
         return
     fi
 
-    local dir=$CACHE/apt-kustomize mirror suite
-    mirror=$(debian_mirror)
-    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
-    : >"$dir/sources.list"
-    for suite in $SUITES; do
-        echo "deb [signed-by=$KEYRING target=Packages] $mirror $suite main" >>"$dir/sources.list"
-    done
-    local APT=(-o "Dir::Etc::sourcelist=$dir/sources.list" -o Dir::Etc::sourceparts=-
-        -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache"
-        -o APT::Sandbox::User=root -o Acquire::Languages=none)
-    log "updating private apt lists ($SUITES)"
-    if ! apt-get "${APT[@]}" --error-on=any update >&2; then
+    local -a APT
+    # shellcheck disable=SC2086
+    apt_root "$CACHE/apt-kustomize" $SUITES
+    if ! apt_update "$SUITES"; then
         if [ -x "$bin" ] && [ -n "$(works "$bin")" ]; then
             log "WARNING: apt-get update failed; keeping the cached $bin"
             echo "$bin"

@@ -40,7 +40,7 @@ pub struct Flags {
     pub log_format: Option<String>,
     /// Prometheus /metrics listener; "off" disables it [default: 127.0.0.1:9464].
     #[arg(long, env = "MEMPLACE_METRICS_ADDR")]
-    pub metrics_addr: Option<String>,
+    pub metrics_addr: Option<MetricsAddr>,
     /// Seconds between periodic reconciles; 0 disables them [default: 30].
     #[arg(long, env = "MEMPLACE_RECONCILE_INTERVAL_SECS")]
     pub reconcile_interval_secs: Option<u64>,
@@ -49,7 +49,7 @@ pub struct Flags {
     pub shutdown_grace_secs: Option<u64>,
     /// Octal mode of the sockets [default: 0660].
     #[arg(long, env = "MEMPLACE_SOCKET_MODE")]
-    pub socket_mode: Option<String>,
+    pub socket_mode: Option<SocketMode>,
     /// Uids with the admin role on the Unix socket, comma-separated [default: 0].
     #[arg(long, env = "MEMPLACE_ADMIN_UIDS", value_delimiter = ',')]
     pub admin_uids: Option<Vec<u32>>,
@@ -123,13 +123,13 @@ pub struct Config {
     /// human or json.
     pub log_format: String,
     /// Metrics listener, or "off".
-    pub metrics_addr: String,
+    pub metrics_addr: MetricsAddr,
     /// Reconcile period, 0 = off.
     pub reconcile_interval_secs: u64,
     /// Drain time on shutdown.
     pub shutdown_grace_secs: u64,
-    /// Socket mode, octal text.
-    pub socket_mode: String,
+    /// Socket mode, octal text in the file.
+    pub socket_mode: SocketMode,
     /// Admin uids.
     pub admin_uids: Vec<u32>,
     /// Viewer uids.
@@ -179,10 +179,10 @@ impl Default for Config {
             listen_tcp: None,
             log_level: "info".into(),
             log_format: "human".into(),
-            metrics_addr: "127.0.0.1:9464".into(),
+            metrics_addr: MetricsAddr::On(SocketAddr::from(([127, 0, 0, 1], 9464))),
             reconcile_interval_secs: 30,
             shutdown_grace_secs: 10,
-            socket_mode: "0660".into(),
+            socket_mode: SocketMode(0o660),
             admin_uids: vec![0],
             viewer_uids: vec![],
             admin_gids: vec![],
@@ -202,6 +202,104 @@ impl Default for Config {
             max_message_bytes: 4 << 20,
             force_strategy: "auto".into(),
         }
+    }
+}
+
+/// Where /metrics is served: `host:port`, or `off`. Checked when the configuration loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum MetricsAddr {
+    /// No metrics listener.
+    Off,
+    /// Listen here.
+    On(SocketAddr),
+}
+
+impl MetricsAddr {
+    /// The address to listen on, if any.
+    pub fn socket(self) -> Option<SocketAddr> {
+        match self {
+            Self::Off => None,
+            Self::On(a) => Some(a),
+        }
+    }
+}
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        s.parse().map(Self::On).map_err(|_| {
+            format!("metrics_addr {s:?} must be host:port (e.g. 127.0.0.1:9464) or off")
+        })
+    }
+}
+
+impl TryFrom<String> for MetricsAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MetricsAddr> for String {
+    fn from(a: MetricsAddr) -> String {
+        a.to_string()
+    }
+}
+
+impl std::fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::On(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// The permission bits of the agent's sockets: octal text such as `0660` (or `0o660`), at most
+/// 0777. Checked when the configuration loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SocketMode(u32);
+
+impl SocketMode {
+    /// The mode bits.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl std::str::FromStr for SocketMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        u32::from_str_radix(digits, 8)
+            .ok()
+            .filter(|m| !digits.is_empty() && *m <= 0o777)
+            .map(Self)
+            .ok_or_else(|| format!("socket_mode {s:?} must be octal permission bits, e.g. 0660"))
+    }
+}
+
+impl TryFrom<String> for SocketMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<SocketMode> for String {
+    fn from(m: SocketMode) -> String {
+        m.to_string()
+    }
+}
+
+impl std::fmt::Display for SocketMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04o}", self.0)
     }
 }
 
@@ -291,18 +389,6 @@ impl Config {
             ));
         }
         self.forced_strategy()?;
-        if self.socket_mode_bits().is_none() {
-            return bad(format!(
-                "socket_mode {:?} must be octal, e.g. 0660",
-                self.socket_mode
-            ));
-        }
-        if self.metrics_addr != "off" && self.metrics_addr.parse::<SocketAddr>().is_err() {
-            return bad(format!(
-                "metrics_addr {:?} must be host:port or off",
-                self.metrics_addr
-            ));
-        }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return bad(format!(
                 "log_level {:?} is not a level or filter",
@@ -345,13 +431,6 @@ impl Config {
                 "force_strategy {s:?} must be auto or task-policy"
             ))),
         }
-    }
-
-    /// The socket mode bits.
-    pub fn socket_mode_bits(&self) -> Option<u32> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
     }
 
     /// The configuration as TOML.
@@ -441,6 +520,41 @@ mod tests {
         assert_eq!(
             c.viewer_names,
             vec!["a.example".to_string(), "b".to_string()]
+        );
+    }
+
+    #[test]
+    fn metrics_addr_and_socket_mode_are_typed_and_checked_at_load() {
+        let c: Config =
+            toml::from_str("metrics_addr = \"off\"\nsocket_mode = \"0o600\"\n").unwrap();
+        assert_eq!(c.metrics_addr, MetricsAddr::Off);
+        assert_eq!(c.socket_mode.bits(), 0o600);
+        // Printed back in the form the file takes.
+        let back = c.to_toml();
+        assert!(back.contains("metrics_addr = \"off\""), "{back}");
+        assert!(back.contains("socket_mode = \"0600\""), "{back}");
+        for (text, says) in [
+            ("metrics_addr = \"localhost\"", "must be host:port"),
+            ("metrics_addr = \"\"", "must be host:port"),
+            ("socket_mode = \"0999\"", "must be octal"),
+            ("socket_mode = \"01777\"", "must be octal"),
+            ("socket_mode = \"\"", "must be octal"),
+        ] {
+            let e = toml::from_str::<Config>(text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        let e = Flags::try_parse_from(["memplaced", "--metrics-addr", "9464"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be host:port"), "{e}");
+        let e = Flags::try_parse_from(["memplaced", "--socket-mode", "rw"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be octal"), "{e}");
+        let f = Flags::try_parse_from(["memplaced", "--metrics-addr", "[::1]:9000"]).unwrap();
+        assert_eq!(
+            Config::load(&f).unwrap().metrics_addr.socket(),
+            Some("[::1]:9000".parse().unwrap())
         );
     }
 }

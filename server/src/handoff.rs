@@ -12,27 +12,32 @@
 //! backs guest memory with guest_memfd creates the file and hands it in with adopt, and attach_vm
 //! is refused with that explanation where the kernel refuses the VM fd.
 
-use crate::domain::{Backend, Holder, RegionKey};
-use crate::kernel::{fdpass, pidfd};
+mod request;
+pub mod token;
+
+use crate::kernel::fdpass;
 use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
+use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, listen, socket};
 use prost::Message;
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
+use tokio::sync::watch;
 
 /// How /proc names a KVM VM fd.
 const KVM_VM_LINK: &str = "anon_inode:kvm-vm";
 
-/// Binds the handoff socket at `path` with `mode`.
+/// Binds the handoff socket at `path` with `mode`. The listener does not block: [`serve`] polls
+/// it next to its stop pipe.
 pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
     bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
@@ -44,36 +49,83 @@ pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Serves the handoff socket until the process exits.
+/// Serves the handoff socket until `stop` changes (or its sender is gone): the same signal the
+/// gRPC listeners follow. The returned task ends once the accept thread has returned and closed
+/// the listener. Each connection gets a plain thread of its own, which ends when its peer hangs
+/// up.
 pub fn serve(
     listener: OwnedFd,
     agent: Arc<Agent>,
     allowed_uids: HashSet<u32>,
-    rt: tokio::runtime::Handle,
-) {
-    let allowed = Arc::new(allowed_uids);
-    std::thread::Builder::new()
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    // Dropping the write end wakes the accept thread (POLLHUP on the read end).
+    let (wake, woken) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let accept = Accept {
+        listener,
+        woken,
+        agent,
+        allowed: Arc::new(allowed_uids),
+        rt: tokio::runtime::Handle::current(),
+    };
+    let thread = std::thread::Builder::new()
         .name("handoff-accept".into())
-        .spawn(move || {
-            loop {
-                let conn = match fdpass::accept(listener.as_fd()) {
-                    Ok(fd) => fd,
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "handoff accept failed");
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                let agent = agent.clone();
-                let allowed = allowed.clone();
-                let rt = rt.clone();
-                let _ = std::thread::Builder::new()
-                    .name("handoff-conn".into())
-                    .spawn(move || serve_conn(conn, &agent, &allowed, &rt));
+        .spawn(move || accept.run())?;
+    Ok(tokio::spawn(async move {
+        let _ = stop.changed().await;
+        drop(wake);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }))
+}
+
+/// The accept loop's state: the listener, the stop pipe, and what connections need.
+struct Accept {
+    listener: OwnedFd,
+    woken: OwnedFd,
+    agent: Arc<Agent>,
+    allowed: Arc<HashSet<u32>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Accept {
+    /// Accepts connections until the stop pipe closes; the listener closes on return.
+    fn run(self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        loop {
+            let mut fds = [
+                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "handoff socket: poll failed, no longer serving");
+                    return;
+                }
             }
-        })
-        .expect("spawning the handoff thread");
+            if fds[1].any().unwrap_or(true) {
+                return;
+            }
+            // The listener does not block; accepted sockets do not inherit O_NONBLOCK.
+            let conn = match fdpass::accept(self.listener.as_fd()) {
+                Ok(fd) => fd,
+                Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "handoff accept failed");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let (agent, allowed, rt) = (self.agent.clone(), self.allowed.clone(), self.rt.clone());
+            let spawned = std::thread::Builder::new()
+                .name("handoff-conn".into())
+                .spawn(move || serve_conn(conn, &agent, &allowed, &rt));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "handoff connection dropped: no thread for it");
+            }
+        }
+    }
 }
 
 fn serve_conn(conn: OwnedFd, agent: &Agent, allowed: &HashSet<u32>, rt: &tokio::runtime::Handle) {
@@ -97,7 +149,7 @@ fn serve_conn(conn: OwnedFd, agent: &Agent, allowed: &HashSet<u32>, rt: &tokio::
                 vec![],
             )
         } else {
-            handle(agent, rt, packet, cred.pid(), &actor)
+            request::handle(agent, rt, packet, cred.pid(), &actor)
         };
         let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
         crate::metrics::metrics()
@@ -139,14 +191,22 @@ fn error(code: pb::HandoffCode, message: String) -> pb::HandoffResponse {
     }
 }
 
-/// Checks a request's vm_id and that its token is that VM's (in constant time).
-fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Box<pb::HandoffResponse>> {
+/// A refusal: the response, sent without fds.
+type Refusal = Box<pb::HandoffResponse>;
+
+/// Checks a request's vm_id and that its token is that VM's.
+fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Refusal> {
     if let Err(e) = crate::domain::validate_name("vm_id", vm_id) {
         return Err(Box::new(error(
             pb::HandoffCode::InvalidArgument,
             e.to_string(),
         )));
     }
+    authorize(agent, vm_id, token)
+}
+
+/// Checks that a token is VM `vm_id`'s (in constant time); the vm_id is already checked.
+fn authorize(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Refusal> {
     if !agent.check_token(vm_id, token) {
         return Err(Box::new(error(
             pb::HandoffCode::PermissionDenied,
@@ -156,218 +216,6 @@ fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Box<pb::HandoffR
     Ok(())
 }
 
-fn code_of(e: &AgentError) -> pb::HandoffCode {
-    match e {
-        AgentError::Invalid(_) | AgentError::InvalidArgument(_) => pb::HandoffCode::InvalidArgument,
-        AgentError::NotFound(_) => pb::HandoffCode::NotFound,
-        AgentError::AlreadyExists(_) => pb::HandoffCode::AlreadyExists,
-        AgentError::FailedPrecondition(_) => pb::HandoffCode::FailedPrecondition,
-        _ => pb::HandoffCode::Internal,
-    }
-}
-
-/// Handles one request; returns the response and the fds to send with it. Fds that arrived with
-/// the request are dropped (closed) unless the request takes them.
-fn handle(
-    agent: &Agent,
-    rt: &tokio::runtime::Handle,
-    packet: fdpass::Packet,
-    pid: i32,
-    actor: &str,
-) -> (pb::HandoffResponse, Vec<OwnedFd>) {
-    use pb::handoff_request::Request as R;
-    if packet.truncated {
-        return (
-            error(
-                pb::HandoffCode::InvalidArgument,
-                format!(
-                    "packet too large: at most {} bytes and {} fds",
-                    fdpass::MAX_PACKET,
-                    fdpass::MAX_FDS
-                ),
-            ),
-            vec![],
-        );
-    }
-    let req = match pb::HandoffRequest::decode(packet.data.as_slice()) {
-        Ok(r) => r,
-        Err(e) => {
-            return (
-                error(
-                    pb::HandoffCode::InvalidArgument,
-                    format!("malformed HandoffRequest: {e}"),
-                ),
-                vec![],
-            );
-        }
-    };
-    let mut fds = packet.fds;
-    let expect_fds = |n: usize, what: &str| -> Result<(), Box<pb::HandoffResponse>> {
-        if fds.len() != n {
-            return Err(Box::new(error(
-                pb::HandoffCode::InvalidArgument,
-                format!(
-                    "{what} takes exactly {n} fd(s) in SCM_RIGHTS, got {}",
-                    fds.len()
-                ),
-            )));
-        }
-        Ok(())
-    };
-    let start_time = pidfd::start_time(pid).unwrap_or(0);
-    let holder = Holder { pid, start_time };
-    match req.request {
-        None => (
-            error(
-                pb::HandoffCode::InvalidArgument,
-                "empty HandoffRequest: set acquire, adopt or attach_vm".into(),
-            ),
-            vec![],
-        ),
-        Some(R::Acquire(a)) => {
-            if let Err(r) = expect_fds(0, "acquire") {
-                return (*r, vec![]);
-            }
-            if let Err(e) = crate::domain::validate_name("name", &a.name) {
-                return (
-                    error(pb::HandoffCode::InvalidArgument, e.to_string()),
-                    vec![],
-                );
-            }
-            if let Err(r) = admit(agent, &a.vm_id, &a.token) {
-                return (*r, vec![]);
-            }
-            let key = RegionKey {
-                vm_id: a.vm_id,
-                name: a.name,
-            };
-            // Dup the fd under the region lock, record the holder durably, then send: after a
-            // crash the agent looks for the file in the recorded holder. The agent's VM fd is not
-            // sent: KVM refuses VM ioctls from any process but the VM's creator (EIO), so it would
-            // be of no use to the VMM.
-            let dup = rt.block_on(agent.with_fds(&key, |_, fd, _vm| fd.try_clone_to_owned()));
-            let fd = match dup {
-                Ok(Ok(fd)) => fd,
-                Ok(Err(e)) => {
-                    return (
-                        error(pb::HandoffCode::Internal, format!("dup: {e}")),
-                        vec![],
-                    );
-                }
-                Err(e) => return (error(code_of(&e), e.to_string()), vec![]),
-            };
-            match rt.block_on(agent.record_holder(&key, holder, actor)) {
-                Ok(view) => (
-                    pb::HandoffResponse {
-                        code: pb::HandoffCode::Ok as i32,
-                        message: String::new(),
-                        region: Some(crate::api::region_to_pb(&view)),
-                        fd_count: 0,
-                    },
-                    vec![fd],
-                ),
-                Err(e) => (error(code_of(&e), e.to_string()), vec![]),
-            }
-        }
-        Some(R::Adopt(a)) => {
-            if let Err(r) = expect_fds(1, "adopt") {
-                return (*r, vec![]);
-            }
-            if let Err(r) = admit(agent, &a.vm_id, &a.token) {
-                return (*r, vec![]);
-            }
-            let backend = match crate::api::backend_from_pb(a.backend) {
-                Ok(b) => b,
-                Err(s) => {
-                    return (
-                        error(pb::HandoffCode::InvalidArgument, s.message().to_string()),
-                        vec![],
-                    );
-                }
-            };
-            let Some(fd) = fds.pop() else {
-                return (
-                    error(pb::HandoffCode::Internal, "the fd vanished".into()),
-                    vec![],
-                );
-            };
-            let kind = fdpass::file_kind(fd.as_fd());
-            let fits = match backend {
-                Backend::Memfd | Backend::MemfdHugetlb => kind == fdpass::FileKind::Memfd,
-                Backend::GuestMemfd => kind == fdpass::FileKind::GuestMemfd,
-            };
-            if !fits {
-                return (
-                    error(
-                        pb::HandoffCode::InvalidArgument,
-                        format!(
-                            "the fd handed in is not a {} file (it looks like {kind:?})",
-                            backend.as_str()
-                        ),
-                    ),
-                    vec![],
-                );
-            }
-            let key = RegionKey {
-                vm_id: a.vm_id,
-                name: a.name,
-            };
-            match rt.block_on(agent.adopt(key, backend, a.size_bytes, fd, holder, actor)) {
-                Ok(view) => (
-                    pb::HandoffResponse {
-                        code: pb::HandoffCode::Ok as i32,
-                        message: String::new(),
-                        region: Some(crate::api::region_to_pb(&view)),
-                        fd_count: 0,
-                    },
-                    vec![],
-                ),
-                Err(e) => (error(code_of(&e), e.to_string()), vec![]),
-            }
-        }
-        Some(R::AttachVm(a)) => {
-            if let Err(r) = expect_fds(1, "attach_vm") {
-                return (*r, vec![]);
-            }
-            if let Err(r) = admit(agent, &a.vm_id, &a.token) {
-                return (*r, vec![]);
-            }
-            let Some(fd) = fds.pop() else {
-                return (
-                    error(pb::HandoffCode::Internal, "the fd vanished".into()),
-                    vec![],
-                );
-            };
-            let is_vm = fdpass::link_of(fd.as_fd()).is_some_and(|l| l == KVM_VM_LINK);
-            // The audit event is durable before the VM is used; without it nothing is attached.
-            match rt.block_on(agent.attach_vm_audited(
-                &a.vm_id,
-                fd,
-                format!("VM fd attached by pid {pid}"),
-                actor,
-            )) {
-                Ok(()) => (
-                    pb::HandoffResponse {
-                        code: pb::HandoffCode::Ok as i32,
-                        message: String::new(),
-                        region: None,
-                        fd_count: 0,
-                    },
-                    vec![],
-                ),
-                Err(AgentError::InvalidArgument(_)) if is_vm => (
-                    error(
-                        pb::HandoffCode::FailedPrecondition,
-                        "a KVM VM fd answers only in the process that created it: the kernel \
-                         refuses VM ioctls from any other process (EIO), so the agent cannot \
-                         create guest_memfd files on this VM; create the guest_memfd in the VMM \
-                         and hand it in with adopt"
-                            .into(),
-                    ),
-                    vec![],
-                ),
-                Err(e) => (error(code_of(&e), e.to_string()), vec![]),
-            }
-        }
-    }
+pub(crate) fn code_of(e: &AgentError) -> pb::HandoffCode {
+    e.code().handoff()
 }

@@ -12,6 +12,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod convert;
 pub mod domain;
 pub mod failpoint;
 pub mod handoff;

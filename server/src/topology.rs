@@ -3,6 +3,8 @@
 
 use crate::domain::NodeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// A huge page pool of one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +86,55 @@ impl TopologyReader {
             let _ = usable.insert(id);
         }
         Topology { nodes, usable }
+    }
+}
+
+/// How long the cached topology stands before a request reads sysfs again. The shape the engine
+/// checks requests against (usable nodes, huge page sizes) changes only with hotplug or a cpuset
+/// change, so a request need not walk every node's sysfs directory.
+pub const TOPOLOGY_REFRESH: Duration = Duration::from_secs(2);
+
+/// A [`TopologyReader`] with the last reading cached: [`TopologyCache::cached`] answers from it
+/// while it is younger than the refresh interval, [`TopologyCache::read_now`] always reads (and
+/// refreshes the cache). Requests that only check against the host's shape use the first;
+/// requests that need free memory as it is now (GetTopology, Populate's capacity check) the second.
+#[derive(Debug)]
+pub struct TopologyCache {
+    reader: TopologyReader,
+    refresh: Duration,
+    last: parking_lot::Mutex<Option<(Instant, Arc<Topology>)>>,
+}
+
+impl TopologyCache {
+    /// A cache over `reader`, refreshed every [`TOPOLOGY_REFRESH`].
+    pub fn new(reader: TopologyReader) -> Self {
+        Self::with_refresh(reader, TOPOLOGY_REFRESH)
+    }
+
+    /// A cache refreshed every `refresh`.
+    pub fn with_refresh(reader: TopologyReader, refresh: Duration) -> Self {
+        Self {
+            reader,
+            refresh,
+            last: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The topology as last read, read again when older than the refresh interval.
+    pub fn cached(&self) -> Arc<Topology> {
+        if let Some((at, t)) = self.last.lock().as_ref()
+            && at.elapsed() < self.refresh
+        {
+            return t.clone();
+        }
+        Arc::new(self.read_now())
+    }
+
+    /// Reads the topology now, and caches it.
+    pub fn read_now(&self) -> Topology {
+        let t = self.reader.read();
+        *self.last.lock() = Some((Instant::now(), Arc::new(t.clone())));
+        t
     }
 }
 
@@ -224,5 +275,33 @@ mod tests {
         assert!(!t.nodes.is_empty(), "the host has at least one node");
         assert!(!t.usable.is_empty());
         assert!(t.nodes[0].mem_total > 0);
+    }
+
+    /// The cache answers from its last reading until it is refreshed, by a full read or because
+    /// the interval has passed (here: never, and always).
+    #[test]
+    fn the_cache_answers_from_the_last_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        write(r, "sys/devices/system/node/online", "0\n");
+        write(r, "sys/devices/system/node/has_memory", "0\n");
+        let never = TopologyCache::with_refresh(TopologyReader::at(r), Duration::MAX);
+        let always = TopologyCache::with_refresh(TopologyReader::at(r), Duration::ZERO);
+        assert_eq!(never.cached().usable.to_string(), "0");
+        assert_eq!(always.cached().usable.to_string(), "0");
+        write(r, "sys/devices/system/node/online", "0-1\n");
+        write(r, "sys/devices/system/node/has_memory", "0-1\n");
+        assert_eq!(
+            never.cached().usable.to_string(),
+            "0",
+            "cached until refreshed"
+        );
+        assert_eq!(always.cached().usable.to_string(), "0-1");
+        assert_eq!(never.read_now().usable.to_string(), "0-1");
+        assert_eq!(
+            never.cached().usable.to_string(),
+            "0-1",
+            "a full read refreshes it"
+        );
     }
 }

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{AgentProc, MIB, policy};
+use common::procfs::memfd_allocated_bytes;
+use common::sqlite;
+use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
 use prost::Message;
@@ -334,11 +336,7 @@ fn cases() -> Vec<Case> {
             format!("create with {what}"),
             inv,
             Call::Create(pb::CreateRegionRequest {
-                policies: vec![pb::RangePolicy {
-                    offset: 0,
-                    length: 0,
-                    policy: Some(p),
-                }],
+                policies: whole(p),
                 ..create.clone()
             }),
         ));
@@ -534,14 +532,11 @@ fn cases() -> Vec<Case> {
 
 /// Row counts and generations read by the sqlite3 CLI.
 fn db_state(agent: &AgentProc) -> String {
-    let o = std::process::Command::new("sqlite3")
-        .arg("-readonly")
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg("SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT group_concat(vm_id || '/' || name || '@' || generation) FROM regions), (SELECT count(*) FROM events);")
-        .output()
-        .expect("sqlite3 CLI");
-    assert!(o.status.success(), "{o:?}");
-    String::from_utf8(o.stdout).unwrap()
+    sqlite::query(
+        &agent.state_dir().join("memplace.db"),
+        &[],
+        "SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT group_concat(vm_id || '/' || name || '@' || generation) FROM regions), (SELECT count(*) FROM events);",
+    )
 }
 
 /// A codec that sends and receives raw bytes, for malformed protobuf.
@@ -590,20 +585,6 @@ impl tonic::codec::Codec for RawCodec {
     fn decoder(&mut self) -> RawDecoder {
         RawDecoder
     }
-}
-
-/// Allocated bytes of the agent's memfd for a region: st_blocks of /proc/PID/fd/N, which for
-/// shmem counts every allocated page.
-fn memfd_allocated_bytes(agent: &AgentProc, vm: &str, name: &str) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let want = format!("/memfd:memplace:{vm}/{name} (deleted)");
-    for entry in std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).expect("the agent's fds") {
-        let path = entry.unwrap().path();
-        if std::fs::read_link(&path).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-            return std::fs::metadata(&path).expect("stat the memfd").blocks() * 512;
-        }
-    }
-    panic!("the agent holds no {want}");
 }
 
 /// Pages of a region the kernel reports allocated (GetPlacement reads the page cache).
@@ -709,7 +690,7 @@ async fn generated_bad_requests_are_refused_and_change_nothing() {
         // what the kernel's page cache holds for both files (GetPlacement).
         if populate {
             populate_cases += 1;
-            let memfd_bytes = memfd_allocated_bytes(&agent, "vm", "r");
+            let memfd_bytes = memfd_allocated_bytes(agent.pid(), "vm", "r");
             let pages = (
                 allocated_pages(&mut c, "vm", "r").await,
                 allocated_pages(&mut c, "vm", "g").await,

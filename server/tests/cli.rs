@@ -3,43 +3,17 @@
 
 mod common;
 
-use common::AgentProc;
+use common::lines::Lines;
+use common::net::{free_port, wait_tcp};
+use common::procfs::signal;
+use common::tls::{ca, leaf};
+use common::{AgentProc, Run};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use tonic::Code;
 
-/// Exit code, stdout and stderr of one memplacectl run.
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
-impl Run {
-    fn of(mut cmd: Command) -> Run {
-        let o = cmd.output().expect("running memplacectl");
-        Run {
-            code: o.status.code().unwrap_or(-1),
-            out: String::from_utf8_lossy(&o.stdout).into(),
-            err: String::from_utf8_lossy(&o.stderr).into(),
-        }
-    }
-    /// Asserts success and returns stdout.
-    fn ok(self) -> String {
-        assert_eq!(self.code, 0, "stderr: {}\nstdout: {}", self.err, self.out);
-        self.out
-    }
-    fn json(self) -> Value {
-        let out = self.ok();
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-    }
-}
-
 fn ctl(agent: &AgentProc, args: &[&str]) -> Run {
-    let mut c = agent.ctl();
-    c.args(args);
-    Run::of(c)
+    Run::of(agent.ctl().args(args))
 }
 
 /// The exit code memplacectl documents for a gRPC refusal.
@@ -296,7 +270,7 @@ fn exit_codes_map_grpc_codes_and_print_the_agents_message() {
     // No agent there: a local error naming the socket.
     let mut c = Command::new(common::ctl_path());
     c.args(["--socket", "/nonexistent/memplace.sock", "info"]);
-    let r = Run::of(c);
+    let r = Run::of(&mut c);
     assert_eq!(r.code, 1, "{}", r.err);
     assert!(r.err.contains("/nonexistent/memplace.sock"), "{}", r.err);
     // TLS options need each other.
@@ -311,42 +285,8 @@ fn environment_selects_the_agent() {
     let mut c = Command::new(common::ctl_path());
     c.env("MEMPLACE_SOCKET", agent.socket())
         .args(["-o", "json", "info"]);
-    let v = Run::of(c).json();
+    let v = Run::of(&mut c).json();
     assert_eq!(v["nodes"][0]["id"], 0);
-}
-
-/// Reads stdout lines of a child on a thread, handing them over a channel.
-fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines() {
-            let Ok(l) = l else { return };
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-/// The next line that satisfies `want`, or a panic once the child's stdout closes.
-fn wait_for(rx: &std::sync::mpsc::Receiver<String>, want: impl Fn(&str) -> bool) -> String {
-    loop {
-        match rx.recv() {
-            Ok(l) if want(&l) => return l,
-            Ok(_) => {}
-            Err(_) => panic!("the child's stdout closed before the expected line"),
-        }
-    }
-}
-
-fn sigterm(child: &Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
 }
 
 #[test]
@@ -358,19 +298,19 @@ fn events_follow_streams_new_events() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let rx = lines_of(&mut follow);
+    let mut lines = Lines::of(&mut follow);
     ctl(&agent, &["region", "create", "vmf", "ram0", "--size", "4M"]).ok();
-    let l = wait_for(&rx, |l| l.contains("region-created"));
+    let l = lines.wait_for(|l| l.contains("region-created"));
     let v: Value = serde_json::from_str(&l).unwrap();
     assert_eq!(
         (v["vm_id"].as_str(), v["name"].as_str()),
         (Some("vmf"), Some("ram0"))
     );
     ctl(&agent, &["region", "delete", "vmf", "ram0"]).ok();
-    wait_for(&rx, |l| l.contains("region-deleted"));
+    lines.wait_for(|l| l.contains("region-deleted"));
     // Still following: it has not exited.
     assert!(follow.try_wait().unwrap().is_none());
-    sigterm(&follow);
+    signal(follow.id() as i32, "TERM");
     follow.wait().unwrap();
 }
 
@@ -394,8 +334,8 @@ fn hold_is_a_stand_in_vmm() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let rx = lines_of(&mut hold);
-    let l = wait_for(&rx, |l| l.starts_with("holding"));
+    let mut lines = Lines::of(&mut hold);
+    let l = lines.wait_for(|l| l.starts_with("holding"));
     assert!(
         l.contains("vmh/ram0") && l.contains(&hold.id().to_string()),
         "{l}"
@@ -405,14 +345,10 @@ fn hold_is_a_stand_in_vmm() {
     // The touched pages were allocated by the holder's faults, under the region's policy.
     let pl = ctl(&agent, &["-o", "json", "placement", "vmh", "ram0"]).json();
     assert_eq!(pl["nodes"][0]["pages"], (2 << 20) / 4096);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(hold.id() as i32),
-        nix::sys::signal::Signal::SIGUSR1,
-    )
-    .unwrap();
-    assert_eq!(wait_for(&rx, |l| l.starts_with("pattern")), "pattern ok");
+    signal(hold.id() as i32, "USR1");
+    assert_eq!(lines.wait_for(|l| l.starts_with("pattern")), "pattern ok");
     // A wrong token is refused by the handoff socket: a local error (exit 1) with its code.
-    let r = Run::of({
+    let r = Run::of(&mut {
         let mut c = agent.ctl();
         c.args(["hold", "vmh", "ram0", "--token", "00"])
             .arg("--handoff-socket")
@@ -421,7 +357,7 @@ fn hold_is_a_stand_in_vmm() {
     });
     assert_eq!(r.code, 1, "{}", r.err);
     assert!(r.err.contains("PERMISSION_DENIED"), "{}", r.err);
-    sigterm(&hold);
+    signal(hold.id() as i32, "TERM");
     assert!(hold.wait().unwrap().success());
 }
 
@@ -493,49 +429,25 @@ async fn ctrl_c_cancels_a_populate_and_the_agent_stops() {
     panic!("every populate finished before Ctrl-C reached it, even 4 GiB");
 }
 
-/// A certificate and key in PEM, signed by `issuer`.
-fn leaf(
-    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
-    sans: &[&str],
-    cn: &str,
-) -> (String, String) {
-    let mut p =
-        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
 #[test]
 fn mtls_over_tcp_with_certificate_roles() {
     let dir = tempfile::tempdir().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "memplacectl test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let (ca_cert, issuer) = ca("memplacectl test CA");
+    let ca_pem = ca_cert.pem();
     let write = |name: &str, text: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         p.display().to_string()
     };
     let ca_file = write("ca.pem", &ca_pem);
-    let (cert, key) = leaf(&issuer, &["localhost"], "memplaced");
-    let (server_cert, server_key) = (write("server.pem", &cert), write("server.key", &key));
-    let (cert, key) = leaf(&issuer, &[], "ops-admin");
-    let (admin_cert, admin_key) = (write("admin.pem", &cert), write("admin.key", &key));
-    let (cert, key) = leaf(&issuer, &[], "nobody");
-    let (nobody_cert, nobody_key) = (write("nobody.pem", &cert), write("nobody.key", &key));
+    let c = leaf(&issuer, &["localhost"], "memplaced", true);
+    let (server_cert, server_key) = (write("server.pem", &c.cert), write("server.key", &c.key));
+    let c = leaf(&issuer, &[], "ops-admin", false);
+    let (admin_cert, admin_key) = (write("admin.pem", &c.cert), write("admin.key", &c.key));
+    let c = leaf(&issuer, &[], "nobody", false);
+    let (nobody_cert, nobody_key) = (write("nobody.pem", &c.cert), write("nobody.key", &c.key));
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let agent = AgentProc::start_with(&[
         "--listen-tcp",
@@ -549,9 +461,7 @@ fn mtls_over_tcp_with_certificate_roles() {
         "--admin-names",
         "ops-admin",
     ]);
-    while std::net::TcpStream::connect(&listen).is_err() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_tcp(port);
     let addr = format!("https://127.0.0.1:{port}");
     let over_tls = |cert: &str, key: &str, args: &[&str]| {
         let mut c = Command::new(common::ctl_path());
@@ -565,7 +475,7 @@ fn mtls_over_tcp_with_certificate_roles() {
         ])
         .args(["--tls-cert", cert, "--tls-key", key])
         .args(args);
-        Run::of(c)
+        Run::of(&mut c)
     };
     let v = over_tls(
         &admin_cert,
@@ -591,5 +501,5 @@ fn mtls_over_tcp_with_certificate_roles() {
         .env("MEMPLACE_TLS_KEY", &admin_key)
         .env("MEMPLACE_TLS_DOMAIN", "localhost")
         .args(["-o", "json", "region", "list"]);
-    assert_eq!(Run::of(c).json()[0]["name"], "ram0");
+    assert_eq!(Run::of(&mut c).json()[0]["name"], "ram0");
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::events::stored_events;
+use common::sqlite;
 use common::{AgentProc, MIB, policy};
 use memplace_client::pb::{self, PolicyMode as M};
 use tonic::Code;
@@ -918,19 +920,11 @@ async fn drift_through_another_mapping_is_repaired() {
         .region
         .unwrap();
     assert_eq!(r.ranges[0].observed, Some(policy(M::Bind, &[0])));
-    let events = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: "vm".into(),
-            after_sequence: 0,
-            no_follow: true,
-        })
+    let kinds: Vec<_> = stored_events(&mut c, "vm", 0)
         .await
-        .unwrap();
-    let mut events = events;
-    let mut kinds = Vec::new();
-    while let Some(e) = events.message().await.unwrap() {
-        kinds.push(e.kind());
-    }
+        .iter()
+        .map(|e| e.kind())
+        .collect();
     assert!(kinds.contains(&pb::EventKind::DriftFound), "{kinds:?}");
     assert!(kinds.contains(&pb::EventKind::Reapplied), "{kinds:?}");
 }
@@ -1032,18 +1026,14 @@ async fn abandoned_set_policy_is_all_or_nothing() {
         assert_eq!(x.state(), pb::RangeState::Applied);
     }
     // Which calls committed, from the request records in the database (sqlite3 CLI).
-    let o = std::process::Command::new("sqlite3")
-        .arg("-readonly")
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg("SELECT request_id FROM requests WHERE request_id LIKE 'abandon-%';")
-        .output()
-        .expect("the sqlite3 CLI (apt-get install sqlite3)");
-    assert!(o.status.success(), "{o:?}");
-    let committed: std::collections::HashSet<String> = String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let committed: std::collections::HashSet<String> = sqlite::query(
+        &agent.state_dir().join("memplace.db"),
+        &[],
+        "SELECT request_id FROM requests WHERE request_id LIKE 'abandon-%';",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect();
     // Created at generation 1; each committed call and the last one add one.
     assert_eq!(
         r.generation,

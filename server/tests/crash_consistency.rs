@@ -28,6 +28,8 @@
 
 mod common;
 
+use common::procfs::fds_of;
+use common::sqlite;
 use common::{AgentProc, MIB};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
@@ -257,15 +259,7 @@ enum Death {
 
 /// Runs `sqlite3 -readonly -json` on the agent's database: one JSON object per row.
 fn sql(agent: &AgentProc, query: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    let o = std::process::Command::new("sqlite3")
-        .arg("-readonly")
-        .arg("-json")
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg(query)
-        .output()
-        .expect("running the sqlite3 CLI (apt-get install sqlite3; .ci/test installs it)");
-    assert!(o.status.success(), "sqlite3 {query:?}: {o:?}");
-    let out = String::from_utf8(o.stdout).expect("sqlite3 output is UTF-8");
+    let out = sqlite::query(&agent.state_dir().join("memplace.db"), &["-json"], query);
     if out.trim().is_empty() {
         return Vec::new();
     }
@@ -394,11 +388,7 @@ fn db_requests(agent: &AgentProc, round: usize) -> HashMap<String, (String, Answ
 /// (sockets, epoll, eventfd, pipes).
 fn fds(pid: u32) -> (usize, usize, Vec<String>) {
     let (mut memfds, mut db, mut other) = (0, 0, Vec::new());
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-        let Ok(target) = std::fs::read_link(e.unwrap().path()) else {
-            continue;
-        };
-        let t = target.display().to_string();
+    for (t, _) in fds_of(pid) {
         if t.starts_with("/memfd:memplace:") {
             memfds += 1;
         } else if t.contains("memplace.db") {
@@ -664,7 +654,7 @@ async fn acknowledged_mutations_survive_sigkill_and_in_flight_ones_are_all_or_no
                 );
                 let m = Mapping::new(fd.as_fd(), REGION).expect("mapping a held file");
                 for (offset, length, intended) in &stored[&key].ranges {
-                    let intended = memplace_server::api::policy_from_pb(intended.as_ref())
+                    let intended = memplace_server::convert::policy_from_pb(intended.as_ref())
                         .expect("stored policy");
                     for at in [*offset, offset + length / 2, offset + length - 4096] {
                         let at = at / 4096 * 4096;

@@ -6,74 +6,30 @@
 
 mod common;
 
-use common::{AgentProc, MIB, policy};
+use common::events::stored_events;
+use common::metrics::scrape;
+use common::net::free_port;
+use common::procfs::agent_memfd;
+use common::sqlite::{self, Locker};
+use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
-use memplace_client::{Client, pb};
+use memplace_client::pb;
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
 use memplace_server::kernel::{self, Mapping};
 use pb::PolicyMode as M;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const PAGE: u64 = 4096;
-
-/// Every stored event, replayed without following.
-async fn events(c: &mut Client) -> Vec<pb::WatchEventsResponse> {
-    let mut s = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: String::new(),
-            after_sequence: 0,
-            no_follow: true,
-        })
-        .await
-        .expect("WatchEvents");
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.expect("event stream") {
-        out.push(e);
-    }
-    out
-}
 
 /// The agent's own fd of a memfd region, opened again through /proc/PID/fd/N as any process
 /// with access to the agent could.
 fn open_agents_memfd(agent: &AgentProc, vm: &str, name: &str) -> std::fs::File {
-    let want = format!("memfd:memplace:{vm}/{name} ");
-    let dir = format!("/proc/{}/fd", agent.pid());
-    for e in std::fs::read_dir(&dir).expect("the agent's fd directory") {
-        let path = e.unwrap().path();
-        let Ok(link) = std::fs::read_link(&path) else {
-            continue;
-        };
-        if link.to_string_lossy().contains(&want) {
-            return std::fs::File::options()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .expect("open /proc/PID/fd/N");
-        }
-    }
-    panic!("no fd of the agent links to {want:?}");
-}
-
-/// GET /metrics over plain HTTP/1.1, returning the body.
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(agent_memfd(agent.pid(), vm, name))
+        .expect("open /proc/PID/fd/N")
 }
 
 /// The issue's reproduction: a 64 MiB memfd region bound to node 0; another process maps the
@@ -92,11 +48,7 @@ async fn drift_in_the_middle_of_a_range_is_seen_reported_and_repaired() {
         "r",
         size,
         pb::Backend::Memfd,
-        vec![pb::RangePolicy {
-            offset: 0,
-            length: 0,
-            policy: Some(policy(M::Bind, &[0])),
-        }],
+        whole(policy(M::Bind, &[0])),
     )
     .await
     .unwrap();
@@ -141,7 +93,7 @@ async fn drift_in_the_middle_of_a_range_is_seen_reported_and_repaired() {
     let r = c.get_region("drift", "r").await.unwrap();
     assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
 
-    let evs = events(&mut c).await;
+    let evs = stored_events(&mut c, "", 0).await;
     let drift = evs
         .iter()
         .find(|e| e.kind() == pb::EventKind::DriftFound)
@@ -273,11 +225,7 @@ async fn a_task_policy_range_is_applied_only_while_the_kernel_shows_it() {
             "gmem",
             size,
             pb::Backend::GuestMemfd,
-            vec![pb::RangePolicy {
-                offset: 0,
-                length: 0,
-                policy: Some(policy(M::Bind, &[0])),
-            }],
+            whole(policy(M::Bind, &[0])),
         )
         .await
         .unwrap();
@@ -355,13 +303,12 @@ async fn a_handed_off_region_without_a_file_identity_is_not_recreated() {
     held.write(0, b"guest data").unwrap();
     agent.kill();
     let db = agent.state_dir().join("memplace.db");
-    let out = Command::new("sqlite3")
-        .arg(&db)
-        .arg("UPDATE regions SET file_dev = NULL, file_ino = NULL; SELECT changes();")
-        .output()
-        .expect("sqlite3 CLI");
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let out = sqlite::write(
+        &db,
+        &[],
+        "UPDATE regions SET file_dev = NULL, file_ino = NULL; SELECT changes();",
+    );
+    assert_eq!(out.trim(), "1");
     agent.spawn();
     let mut c = agent.client().await;
     let r = c.get_region("vm", "r").await.unwrap();
@@ -370,7 +317,7 @@ async fn a_handed_off_region_without_a_file_identity_is_not_recreated() {
         pb::RegionStatus::Lost,
         "never a second, empty file while a VMM holds the first: {r:?}"
     );
-    let evs = events(&mut c).await;
+    let evs = stored_events(&mut c, "", 0).await;
     let lost = evs
         .iter()
         .rfind(|e| e.kind() == pb::EventKind::RegionLost && e.name == "r")
@@ -384,41 +331,6 @@ async fn a_handed_off_region_without_a_file_identity_is_not_recreated() {
     let mut buf = [0u8; 10];
     held.read(0, &mut buf).unwrap();
     assert_eq!(&buf, b"guest data");
-}
-
-/// Holds the database's write lock through the sqlite3 CLI until dropped.
-struct Locker {
-    child: std::process::Child,
-}
-
-impl Locker {
-    fn hold(db: &std::path::Path) -> Self {
-        let mut child = Command::new("sqlite3")
-            .arg(db)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sqlite3 CLI");
-        let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "BEGIN EXCLUSIVE;").unwrap();
-        writeln!(stdin, "SELECT 'locked';").unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "locked");
-        Self { child }
-    }
-}
-
-impl Drop for Locker {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.child.stdin.take() {
-            let _ = writeln!(s, "ROLLBACK;");
-        }
-        let _ = self.child.wait();
-    }
 }
 
 /// The agent's own KVM VM fd, taken from it with pidfd_getfd: the only VM fd the agent can use
@@ -476,7 +388,7 @@ async fn a_vm_attach_without_its_audit_event_is_refused() {
             .to_string();
         assert!(err.contains("INTERNAL") || err.contains("locked"), "{err}");
     }
-    let before = events(&mut c)
+    let before = stored_events(&mut c, "", 0)
         .await
         .iter()
         .filter(|e| e.kind() == pb::EventKind::VmAttached)
@@ -484,7 +396,7 @@ async fn a_vm_attach_without_its_audit_event_is_refused() {
     assert_eq!(before, 0);
     h.attach_vm("vmA", &token, vm.as_fd())
         .expect("attach with the database writable");
-    let after = events(&mut c)
+    let after = stored_events(&mut c, "", 0)
         .await
         .iter()
         .filter(|e| e.kind() == pb::EventKind::VmAttached && e.vm_id == "vmA")
@@ -558,7 +470,7 @@ async fn ranges_that_cannot_be_rebound_at_restart_raise_an_event() {
     let r = c.get_region("vmS", "ram").await.unwrap();
     assert_eq!(r.status(), pb::RegionStatus::Active, "taken back: {r:?}");
     assert!(!r.ranges[0].last_error.is_empty(), "{r:?}");
-    let evs = events(&mut c).await;
+    let evs = stored_events(&mut c, "", 0).await;
     let failed = evs
         .iter()
         .find(|e| e.kind() == pb::EventKind::VerifyFailed && e.name == "ram")

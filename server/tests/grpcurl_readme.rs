@@ -6,35 +6,11 @@
 mod common;
 
 use common::AgentProc;
+use common::readme::{readme, section, sh_blocks};
 use std::path::Path;
 use std::process::Command;
 
 const DOC_SOCKET: &str = "/run/memplace/memplace.sock";
-
-/// The text of the README section under `heading` (up to the next `## ` heading).
-fn section<'a>(readme: &'a str, heading: &str) -> &'a str {
-    let start = readme
-        .find(&format!("\n{heading}\n"))
-        .unwrap_or_else(|| panic!("README.md has no {heading:?} section"));
-    let body = &readme[start + heading.len() + 2..];
-    match body.find("\n## ") {
-        Some(end) => &body[..end],
-        None => body,
-    }
-}
-
-/// The ```sh blocks of a section.
-fn sh_blocks(text: &str) -> Vec<String> {
-    let mut blocks = vec![];
-    let mut rest = text;
-    while let Some(i) = rest.find("```sh\n") {
-        let body = &rest[i + 6..];
-        let end = body.find("```").expect("an unterminated ```sh block");
-        blocks.push(body[..end].to_string());
-        rest = &body[end + 3..];
-    }
-    blocks
-}
 
 /// One shell command of a block: its text (continuations and multi-line quotes kept) and the
 /// exit code it documents.
@@ -117,11 +93,6 @@ fn run_blocks(agent: &AgentProc, blocks: &[String]) -> Vec<String> {
     }
     assert!(ran > 0, "no commands found");
     passed
-}
-
-fn readme() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
-    std::fs::read_to_string(path).unwrap()
 }
 
 fn grpcurl_version_is_pinned() {

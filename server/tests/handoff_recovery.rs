@@ -10,16 +10,19 @@
 
 mod common;
 
-use common::{AgentProc, MIB, ctl_path, policy, standin_path};
+use common::events::stored_events;
+use common::holder::HolderProc;
+use common::metrics::scrape;
+use common::net::free_port;
+use common::procfs::{fd_count, fds_of, file_id_in, signal, start_time};
+use common::{AgentProc, MIB, ctl_path, policy, standin_path, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
 use memplace_server::kernel::{self, GuestMemfdVm, Mapping};
 use prost::Message;
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 type Kind = pb::EventKind;
@@ -30,104 +33,6 @@ const RESTARTS: usize = 20;
 // ---------------------------------------------------------------------------------------------
 // Holder processes
 // ---------------------------------------------------------------------------------------------
-
-/// A separate process holding a region's file, with its stdout read line by line.
-struct HolderProc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl HolderProc {
-    fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning a holder");
-        let (tx, rx) = mpsc::channel();
-        for out in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        HolderProc {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// The next line that starts with `prefix` (or fails, with everything the holder said).
-    fn expect_line(&mut self, prefix: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(30)) {
-                Ok(l) => {
-                    if l.starts_with(prefix) {
-                        self.seen.push(l.clone());
-                        return l;
-                    }
-                    self.seen.push(l);
-                }
-                Err(_) => panic!(
-                    "holder pid {} never said {prefix:?}; it said: {:#?} (exit: {:?})",
-                    self.pid(),
-                    self.seen,
-                    self.child.try_wait()
-                ),
-            }
-        }
-    }
-
-    /// SIGUSR1 to `memplacectl hold`: it verifies its pattern and answers.
-    fn pattern_after_sigusr1(&mut self) -> String {
-        signal(self.pid(), "USR1");
-        self.expect_line("pattern ")
-    }
-
-    /// A command line to the stand-in VMM.
-    fn tell(&mut self, cmd: &str) {
-        let s = self.stdin.as_mut().expect("stdin");
-        writeln!(s, "{cmd}").expect("writing to the VMM");
-        s.flush().expect("flush");
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for HolderProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn signal(pid: i32, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill(1)")
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
 
 /// `memplacectl hold VM NAME --token T --handoff-socket S --touch 16M --pattern SEED`.
 fn hold(agent: &AgentProc, vm: &str, name: &str, token: &str, seed: u64) -> HolderProc {
@@ -166,53 +71,6 @@ fn vmm(
 // ---------------------------------------------------------------------------------------------
 // Observation helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Every fd of `pid` with its link text and inode.
-fn fds_of(pid: u32) -> Vec<(String, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("reading the agent's fd table")
-        .flatten()
-        .filter_map(|e| {
-            let link = std::fs::read_link(e.path()).ok()?;
-            let ino = std::fs::metadata(e.path()).map(|m| m.ino()).unwrap_or(0);
-            Some((link.display().to_string(), ino))
-        })
-        .collect()
-}
-
-fn fd_count(pid: u32) -> usize {
-    fds_of(pid).len()
-}
-
-/// Field 22 of /proc/PID/stat.
-fn start_time(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let rest = &stat[stat.rfind(')').expect(")") + 2..];
-    rest.split_whitespace()
-        .nth(19)
-        .expect("field 22")
-        .parse()
-        .expect("number")
-}
-
-/// (dev, ino) of the first fd of `pid` whose link contains `needle`.
-fn file_id_in(pid: i32, needle: &str) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fd dir")
-        .flatten()
-    {
-        let Ok(link) = std::fs::read_link(e.path()) else {
-            continue;
-        };
-        if link.display().to_string().contains(needle) {
-            let m = std::fs::metadata(e.path()).expect("stat through the fd link");
-            return (m.dev(), m.ino());
-        }
-    }
-    panic!("pid {pid} has no fd like {needle}");
-}
 
 /// The holder columns of a region, read from the agent's SQLite file (read-only).
 async fn stored_holder(state: &Path, vm: &str, name: &str) -> (i64, i64, i64, i64) {
@@ -260,32 +118,6 @@ async fn stored_placed(state: &Path, vm: &str, name: &str) -> Vec<bool> {
         .collect()
 }
 
-/// Stored events after `after`, oldest first, checked to be strictly increasing.
-async fn events_after(c: &mut Client, after: u64) -> Vec<pb::WatchEventsResponse> {
-    let mut s = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: String::new(),
-            after_sequence: after,
-            no_follow: true,
-        })
-        .await
-        .expect("WatchEvents");
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.expect("event stream") {
-        out.push(e);
-    }
-    let mut last = after;
-    for e in &out {
-        assert!(
-            e.sequence > last,
-            "event sequences must strictly increase: {} after {last}",
-            e.sequence
-        );
-        last = e.sequence;
-    }
-    out
-}
-
 /// The kinds of the events about vm/name, in order.
 fn kinds_for(events: &[pb::WatchEventsResponse], vm: &str, name: &str) -> Vec<Kind> {
     events
@@ -328,26 +160,6 @@ async fn populate(c: &mut Client, vm: &str, name: &str) -> pb::PopulateSummary {
     )
     .await
     .expect("Populate")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// GET /metrics over plain TCP.
-fn fetch_metrics(port: u16) -> String {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
 }
 
 fn handoff_call(
@@ -418,7 +230,7 @@ async fn memfd_region_survives_twenty_sigkills_with_its_data_and_binding() {
     let r = c.get_region("vm1", "ram").await.unwrap();
     assert_eq!(r.holder_pid, holder.pid());
 
-    let all = events_after(&mut c, 0).await;
+    let all = stored_events(&mut c, "", 0).await;
     let kinds = kinds_for(&all, "vm1", "ram");
     assert_eq!(kinds.first(), Some(&Kind::RegionCreated), "{all:#?}");
     assert_eq!(kinds.last(), Some(&Kind::Handoff), "{all:#?}");
@@ -432,7 +244,7 @@ async fn memfd_region_survives_twenty_sigkills_with_its_data_and_binding() {
         let mut c = agent.client().await;
         let r = c.get_region("vm1", "ram").await.unwrap();
         assert_bound(&r, &format!("after restart {i}"));
-        let new = events_after(&mut c, seq).await;
+        let new = stored_events(&mut c, "", seq).await;
         let kinds = kinds_for(&new, "vm1", "ram");
         assert_eq!(
             kinds.first(),
@@ -465,9 +277,9 @@ async fn memfd_region_survives_twenty_sigkills_with_its_data_and_binding() {
     assert_eq!((p.pages_misplaced, p.pages_not_present), (0, 0));
 
     // Replay from the middle resumes exactly where asked.
-    let all = events_after(&mut c, 0).await;
+    let all = stored_events(&mut c, "", 0).await;
     let mid = all[all.len() / 2].sequence;
-    let tail = events_after(&mut c, mid).await;
+    let tail = stored_events(&mut c, "", mid).await;
     assert_eq!(tail, all[all.len() / 2 + 1..].to_vec());
     let recovered = all.iter().filter(|e| e.kind() == Kind::FdRecovered).count();
     assert_eq!(recovered, RESTARTS);
@@ -496,11 +308,7 @@ async fn guest_memfd_regions_stay_placed_through_twenty_sigkills() {
             "gmem",
             size,
             pb::Backend::GuestMemfd,
-            vec![pb::RangePolicy {
-                offset: 0,
-                length: 0,
-                policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-            }],
+            whole(policy(pb::PolicyMode::Bind, &[0])),
         )
         .await
         .expect("CreateRegion guest_memfd");
@@ -533,9 +341,12 @@ async fn guest_memfd_regions_stay_placed_through_twenty_sigkills() {
     // The VMM's own guest_memfd, memslot bound in the VMM, adopted, then placed by the agent.
     let mut v = vmm(&agent, "guest_memfd", "vm2", "guest", &token, size);
     assert!(
-        v.seen.iter().any(|l| l.contains("vmm: memslot bound")),
+        v.lines
+            .seen
+            .iter()
+            .any(|l| l.contains("vmm: memslot bound")),
         "{:?}",
-        v.seen
+        v.lines.seen
     );
     c.set_policy(
         "vm2",
@@ -568,7 +379,7 @@ async fn guest_memfd_regions_stay_placed_through_twenty_sigkills() {
         &c.placement("vm2", "guest", 0, 0).await.unwrap(),
         "guest before",
     );
-    let mut seq = last_seq(&events_after(&mut c, 0).await, 0);
+    let mut seq = last_seq(&stored_events(&mut c, "", 0).await, 0);
 
     for i in 1..=RESTARTS {
         agent.restart();
@@ -588,7 +399,7 @@ async fn guest_memfd_regions_stay_placed_through_twenty_sigkills() {
                 &format!("{name} after restart {i}"),
             );
         }
-        let new = events_after(&mut c, seq).await;
+        let new = stored_events(&mut c, "", seq).await;
         for name in ["gmem", "guest"] {
             assert!(
                 kinds_for(&new, "vm2", name).contains(&Kind::FdRecovered),
@@ -622,11 +433,7 @@ async fn a_holder_killed_while_the_agent_is_down_makes_its_region_lost() {
                 name,
                 16 * MIB,
                 pb::Backend::Memfd,
-                vec![pb::RangePolicy {
-                    offset: 0,
-                    length: 0,
-                    policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-                }],
+                whole(policy(pb::PolicyMode::Bind, &[0])),
             )
             .await
             .unwrap();
@@ -634,8 +441,8 @@ async fn a_holder_killed_while_the_agent_is_down_makes_its_region_lost() {
     }
     let mut doomed = hold(&agent, "vm3", "doomed", &tokens[0], 1);
     let mut kept = hold(&agent, "vm3", "kept", &tokens[1], 2);
-    assert!(fetch_metrics(port).contains("memplace_regions_lost 0"));
-    let seq = last_seq(&events_after(&mut c, 0).await, 0);
+    assert!(scrape(port).contains("memplace_regions_lost 0"));
+    let seq = last_seq(&stored_events(&mut c, "", 0).await, 0);
 
     agent.kill();
     doomed.kill();
@@ -649,7 +456,7 @@ async fn a_holder_killed_while_the_agent_is_down_makes_its_region_lost() {
     assert_bound(&c.get_region("vm3", "kept").await.unwrap(), "kept");
     assert_eq!(kept.pattern_after_sigusr1(), "pattern ok");
 
-    let new = events_after(&mut c, seq).await;
+    let new = stored_events(&mut c, "", seq).await;
     assert_eq!(
         kinds_for(&new, "vm3", "doomed"),
         [Kind::HolderLost, Kind::RegionLost],
@@ -659,7 +466,7 @@ async fn a_holder_killed_while_the_agent_is_down_makes_its_region_lost() {
         kinds_for(&new, "vm3", "kept").first(),
         Some(&Kind::FdRecovered)
     );
-    let metrics = fetch_metrics(port);
+    let metrics = scrape(port);
     assert!(
         metrics.lines().any(|l| l == "memplace_regions_lost 1"),
         "{metrics}"
@@ -676,11 +483,7 @@ async fn a_holder_killed_while_the_agent_is_down_makes_its_region_lost() {
         "{err}"
     );
     c.delete_region("vm3", "doomed").await.unwrap();
-    assert!(
-        fetch_metrics(port)
-            .lines()
-            .any(|l| l == "memplace_regions_lost 0")
-    );
+    assert!(scrape(port).lines().any(|l| l == "memplace_regions_lost 0"));
 }
 
 /// When the recorded (last) holder is gone but an earlier holder still has the file, the agent
@@ -706,7 +509,7 @@ async fn the_file_comes_back_from_any_process_that_still_holds_it() {
     agent.spawn();
     let mut c = agent.client().await;
     assert_bound(&c.get_region("vm5", "ram").await.unwrap(), "after restart");
-    let ev = events_after(&mut c, 0).await;
+    let ev = stored_events(&mut c, "", 0).await;
     let rec = ev
         .iter()
         .find(|e| e.kind() == Kind::FdRecovered)
@@ -766,7 +569,7 @@ async fn an_adopted_memfd_is_placed_and_recovered() {
     assert_eq!(nodes_of(&p), [(0, size / PAGE)]);
     v.tell(&format!("check 9 {size}"));
     assert_eq!(v.expect_line("vmm: pattern"), "vmm: pattern ok");
-    let kinds = kinds_for(&events_after(&mut c, 0).await, "vm6", "ram");
+    let kinds = kinds_for(&stored_events(&mut c, "", 0).await, "vm6", "ram");
     assert_eq!(
         kinds,
         [
@@ -1083,7 +886,7 @@ async fn deleting_a_region_releases_every_fd() {
     let last = fds_of(agent.pid());
     assert_eq!(without.len() - last.len(), 1, "{without:?} -> {last:?}");
     assert!(last.iter().all(|(_, i)| *i != mem_ino));
-    let kinds: Vec<Kind> = events_after(&mut c, 0)
+    let kinds: Vec<Kind> = stored_events(&mut c, "", 0)
         .await
         .iter()
         .map(|e| e.kind())
@@ -1102,7 +905,7 @@ async fn watch_events_follows_handoffs_live() {
         .await
         .unwrap()
         .handoff_token;
-    let start = last_seq(&events_after(&mut c, 0).await, 0);
+    let start = last_seq(&stored_events(&mut c, "", 0).await, 0);
     let mut stream = c
         .watch_events(pb::WatchEventsRequest {
             vm_id: "vm10".into(),
@@ -1142,11 +945,7 @@ async fn a_region_never_handed_off_comes_back_empty_with_its_intent() {
         "ram",
         8 * MIB,
         pb::Backend::Memfd,
-        vec![pb::RangePolicy {
-            offset: 0,
-            length: 0,
-            policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-        }],
+        whole(policy(pb::PolicyMode::Bind, &[0])),
     )
     .await
     .unwrap();
@@ -1164,7 +963,7 @@ async fn a_region_never_handed_off_comes_back_empty_with_its_intent() {
     assert_bound(&c.get_region("vm11", "ram").await.unwrap(), "recreated");
     let p = c.placement("vm11", "ram", 0, 0).await.unwrap();
     assert_eq!(p.pages_not_present, 8 * MIB / PAGE, "the new file is empty");
-    let ev = events_after(&mut c, 0).await;
+    let ev = stored_events(&mut c, "", 0).await;
     assert!(
         ev.iter()
             .any(|e| e.kind() == Kind::Reapplied && e.message.contains("recreated empty")),
@@ -1186,13 +985,7 @@ async fn a_region_never_handed_off_comes_back_empty_with_its_intent() {
 async fn a_recreated_guest_memfd_is_pending_again_on_disk() {
     let mut agent = AgentProc::start();
     let mut c = agent.client().await;
-    let bind0 = || {
-        vec![pb::RangePolicy {
-            offset: 0,
-            length: 0,
-            policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-        }]
-    };
+    let bind0 = || whole(policy(pb::PolicyMode::Bind, &[0]));
     c.create_region("vm12", "gmem", 8 * MIB, pb::Backend::GuestMemfd, bind0())
         .await
         .unwrap();
@@ -1312,6 +1105,6 @@ async fn test_vmm_runs_a_guest_on_its_adopted_guest_memfd() {
     assert!(
         v.child.wait().expect("wait for the VMM").success(),
         "{:?}",
-        v.seen
+        v.lines.seen
     );
 }

@@ -3,35 +3,17 @@
 
 mod common;
 
-use common::{AgentProc, MIB, policy};
+use common::events::stored_events;
+use common::metrics::scrape;
+use common::net::free_port;
+use common::sqlite;
+use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::pb;
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
 use serde_json::Value;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
-
-/// A free loopback port (the agent binds it a moment later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET /metrics over plain HTTP/1.1, returning the body.
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
-}
 
 /// One parsed sample.
 struct Sample {
@@ -116,11 +98,7 @@ async fn metrics_carry_requests_regions_bytes_drift_and_handoffs() {
             "ram0",
             64 * MIB,
             pb::Backend::Memfd,
-            vec![pb::RangePolicy {
-                offset: 0,
-                length: 0,
-                policy: Some(policy(pb::PolicyMode::Bind, &[0])),
-            }],
+            whole(policy(pb::PolicyMode::Bind, &[0])),
         )
         .await
         .unwrap();
@@ -266,6 +244,33 @@ async fn metrics_carry_requests_regions_bytes_drift_and_handoffs() {
     }
 }
 
+/// Human-format logs written to a file (as systemd's journal or a log file receives them) are
+/// plain text: no ANSI colour or style codes.
+#[tokio::test(flavor = "multi_thread")]
+async fn human_logs_to_a_file_carry_no_colour_codes() {
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    c.create_region_with(pb::CreateRegionRequest {
+        vm_id: "vm8".into(),
+        name: "ram0".into(),
+        size_bytes: 4 * MIB,
+        backend: pb::Backend::Memfd as i32,
+        request_id: "req-plain-log-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let log = std::fs::read(agent.log()).unwrap();
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.contains("memplaced serving"), "{text}");
+    assert!(text.contains("CreateRegion"), "{text}");
+    assert!(text.contains("INFO"), "{text}");
+    assert!(
+        !log.contains(&0x1b),
+        "an escape byte in a log written to a file: {text:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_name_vm_region_request_and_caller() {
     let agent = AgentProc::start_with(&["--log-format", "json"]);
@@ -346,23 +351,6 @@ async fn json_logs_name_vm_region_request_and_caller() {
 
 // ---------------------------------------------------------------------------------------------
 // WatchEvents: every event, in order, exactly once, whatever the followers and writers do.
-
-/// The whole event log (of one VM if `vm` is not empty), read without following.
-async fn event_log(c: &mut memplace_client::Client, vm: &str) -> Vec<pb::WatchEventsResponse> {
-    let mut s = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: vm.into(),
-            after_sequence: 0,
-            no_follow: true,
-        })
-        .await
-        .expect("WatchEvents");
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.expect("event log") {
-        out.push(e);
-    }
-    out
-}
 
 /// Reads a following stream up to and including the event with sequence `last`.
 async fn follow_until(
@@ -489,7 +477,7 @@ async fn watch_events_follower_far_behind_gets_every_event() {
     let mut c = agent.client().await;
     let vm = long_name("lagging-vm", 0);
     create_regions(&mut c, &vm, WRITERS).await;
-    let start = event_log(&mut c, "").await.last().unwrap().sequence;
+    let start = stored_events(&mut c, "", 0).await.last().unwrap().sequence;
     // Subscribed once the call returns; then not read until every write is done.
     let mut follower = small_window_client(agent.socket())
         .await
@@ -505,7 +493,7 @@ async fn watch_events_follower_far_behind_gets_every_event() {
     c.create_region(&vm, "marker", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
         .unwrap();
-    let log: Vec<_> = event_log(&mut c, "")
+    let log: Vec<_> = stored_events(&mut c, "", 0)
         .await
         .into_iter()
         .filter(|e| e.sequence > start)
@@ -544,7 +532,7 @@ async fn watch_events_with_concurrent_writers_misses_nothing() {
     let (vm_a, vm_b) = ("writers-a", "writers-b");
     create_regions(&mut c, vm_a, WRITERS / 2).await;
     create_regions(&mut c, vm_b, WRITERS / 2).await;
-    let start = event_log(&mut c, "").await.last().unwrap().sequence;
+    let start = stored_events(&mut c, "", 0).await.last().unwrap().sequence;
     let mut followers = Vec::new();
     for vm in ["", vm_a] {
         let mut s = c
@@ -575,7 +563,7 @@ async fn watch_events_with_concurrent_writers_misses_nothing() {
     c.create_region(vm_a, "marker", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
         .unwrap();
-    let log: Vec<_> = event_log(&mut c, "")
+    let log: Vec<_> = stored_events(&mut c, "", 0)
         .await
         .into_iter()
         .filter(|e| e.sequence > start)
@@ -606,7 +594,7 @@ async fn watch_events_with_concurrent_writers_misses_nothing() {
 async fn watch_events_reports_a_log_it_cannot_read() {
     let agent = AgentProc::start();
     let mut c = agent.client().await;
-    let start = event_log(&mut c, "").await.last().unwrap().sequence;
+    let start = stored_events(&mut c, "", 0).await.last().unwrap().sequence;
     let mut follower = c
         .watch_events(pb::WatchEventsRequest {
             vm_id: String::new(),
@@ -615,17 +603,13 @@ async fn watch_events_reports_a_log_it_cannot_read() {
         })
         .await
         .unwrap();
-    let o = Command::new("sqlite3")
-        .args(["-cmd", ".timeout 10000"])
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg(
-            "INSERT INTO events (time_unix_ms, kind, vm_id, name, message, actor) \
-             VALUES (0, 9999, '', '', 'not an event kind', 'test'); SELECT max(sequence) FROM events;",
-        )
-        .output()
-        .expect("the sqlite3 CLI (apt-get install sqlite3)");
-    assert!(o.status.success(), "{o:?}");
-    let bad: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let out = sqlite::write(
+        &agent.state_dir().join("memplace.db"),
+        &["-cmd", ".timeout 10000"],
+        "INSERT INTO events (time_unix_ms, kind, vm_id, name, message, actor) \
+         VALUES (0, 9999, '', '', 'not an event kind', 'test'); SELECT max(sequence) FROM events;",
+    );
+    let bad: u64 = out.trim().parse().unwrap();
     assert_eq!(bad, start + 1);
     c.create_region("vm", "r", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
@@ -651,16 +635,14 @@ async fn watch_events_resumed_behind_the_log_is_out_of_range() {
             .await
             .unwrap();
     }
-    let log = event_log(&mut c, "").await;
+    let log = stored_events(&mut c, "", 0).await;
     assert!(log.len() >= 3, "{log:?}");
     let pruned_to = log[1].sequence;
-    let o = Command::new("sqlite3")
-        .args(["-cmd", ".timeout 10000"])
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg(format!("DELETE FROM events WHERE sequence <= {pruned_to}"))
-        .output()
-        .expect("the sqlite3 CLI (apt-get install sqlite3)");
-    assert!(o.status.success(), "{o:?}");
+    sqlite::write(
+        &agent.state_dir().join("memplace.db"),
+        &["-cmd", ".timeout 10000"],
+        &format!("DELETE FROM events WHERE sequence <= {pruned_to}"),
+    );
     let watch = |after: u64| pb::WatchEventsRequest {
         vm_id: String::new(),
         after_sequence: after,

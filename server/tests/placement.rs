@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::{AgentProc, MIB, policy};
+use common::events::last_sequence;
+use common::procfs::memfd_allocated_bytes;
+use common::{AgentProc, MIB, policy, whole};
 use memplace_client::{Client, pb};
 use pb::PolicyMode as M;
 use std::io::BufRead;
@@ -34,11 +36,7 @@ async fn start() -> (tokio::sync::MutexGuard<'static, ()>, AgentProc, Client) {
 }
 
 fn bind0() -> Vec<pb::RangePolicy> {
-    vec![pb::RangePolicy {
-        offset: 0,
-        length: 0,
-        policy: Some(policy(M::Bind, &[0])),
-    }]
+    whole(policy(M::Bind, &[0]))
 }
 
 /// A field of node 0's meminfo ("MemFree", "HugePages_Free"), in kB or pages as the file says.
@@ -138,23 +136,6 @@ async fn next_populated_event(c: &mut Client, vm: &str, name: &str, after: u64) 
     })
     .await
     .expect("no POPULATED event within 120 s")
-}
-
-/// The sequence of the newest stored event of a VM (0 if none).
-async fn last_sequence(c: &mut Client, vm: &str) -> u64 {
-    let mut events = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: vm.into(),
-            after_sequence: 0,
-            no_follow: true,
-        })
-        .await
-        .expect("WatchEvents");
-    let mut last = 0;
-    while let Some(e) = events.message().await.expect("event stream") {
-        last = e.sequence;
-    }
-    last
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -617,21 +598,6 @@ fn node0_backend_bytes(backend: pb::Backend) -> u64 {
 /// and tmpfs users): far below the size of any allocation the tests look for.
 const NODE_COUNTER_NOISE: u64 = MIB;
 
-/// Allocated bytes of the agent's memfd for a region: st_blocks of /proc/PID/fd/N, which for
-/// shmem counts every allocated page. A witness per file, independent of cachestat.
-fn memfd_allocated_bytes(agent: &AgentProc, vm: &str, name: &str) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let dir = format!("/proc/{}/fd", agent.pid());
-    let want = format!("/memfd:memplace:{vm}/{name} (deleted)");
-    for entry in std::fs::read_dir(&dir).expect("the agent's fds") {
-        let path = entry.unwrap().path();
-        if std::fs::read_link(&path).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-            return std::fs::metadata(&path).expect("stat the memfd").blocks() * 512;
-        }
-    }
-    panic!("the agent holds no {want}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn get_placement_allocates_nothing() {
     let (_serial, agent, mut c) = start().await;
@@ -646,7 +612,7 @@ async fn get_placement_allocates_nothing() {
             .await
             .unwrap();
         let file_bytes = |agent: &AgentProc| {
-            (backend == pb::Backend::Memfd).then(|| memfd_allocated_bytes(agent, "vm1", name))
+            (backend == pb::Backend::Memfd).then(|| memfd_allocated_bytes(agent.pid(), "vm1", name))
         };
         assert_eq!(file_bytes(&agent).unwrap_or(0), 0, "{name}: a new file");
         let before = node0_backend_bytes(backend);

@@ -7,6 +7,9 @@
 
 mod common;
 
+use common::events::stored_events;
+use common::net::{free_port, wait_tcp};
+use common::tls::{CertKey, ca, leaf};
 use common::{AgentProc, MIB, ctl_path, policy};
 use memplace_client::{Client, pb};
 use std::os::unix::fs::PermissionsExt;
@@ -128,7 +131,7 @@ async fn unix_socket_roles_follow_the_peer_uid_and_gid() {
         ],
     );
     assert_eq!(code_of(&o), 0, "{o:?}");
-    let events = all_events(&mut root).await;
+    let events = stored_events(&mut root, "", 0).await;
     let created = events
         .iter()
         .find(|e| e.vm_id == "vm3" && e.kind == pb::EventKind::RegionCreated as i32)
@@ -200,56 +203,7 @@ struct Pki {
     other_ca_pem: String,
 }
 
-struct ClientCert {
-    cert: String,
-    key: String,
-}
-
-fn ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
-    (cert, rcgen::Issuer::new(p, key))
-}
-
-fn leaf(
-    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
-    sans: &[&str],
-    cn: &str,
-    server: bool,
-) -> ClientCert {
-    let mut p =
-        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    p.extended_key_usages = vec![if server {
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth
-    } else {
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth
-    }];
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, issuer).unwrap();
-    ClientCert {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn tls_client(port: u16, ca_pem: &str, id: Option<&ClientCert>) -> Result<Client, String> {
+async fn tls_client(port: u16, ca_pem: &str, id: Option<&CertKey>) -> Result<Client, String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("localhost");
@@ -314,7 +268,7 @@ async fn tcp_needs_mtls_and_certificate_names_map_to_roles() {
     a.create_region("vm1", "ram0", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
         .unwrap();
-    let events = all_events(&mut a).await;
+    let events = stored_events(&mut a, "", 0).await;
     let e = events
         .iter()
         .find(|e| e.kind == pb::EventKind::RegionCreated as i32)
@@ -388,16 +342,6 @@ async fn tcp_needs_mtls_and_certificate_names_map_to_roles() {
     assert_eq!(root.list_regions("").await.unwrap().len(), 1);
 }
 
-fn wait_tcp(port: u16) {
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    panic!("nothing listens on port {port}");
-}
-
 #[test]
 fn tcp_without_tls_is_refused_unless_insecure_and_then_warned_every_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -449,7 +393,7 @@ async fn insecure_tcp_callers_are_admins_and_audited_by_address() {
     c.create_region("vm1", "ram0", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
         .unwrap();
-    let events = all_events(&mut c).await;
+    let events = stored_events(&mut c, "", 0).await;
     assert!(
         events.iter().any(|e| e.actor.starts_with("tcp:127.0.0.1:")),
         "{events:?}"
@@ -484,21 +428,6 @@ async fn create_bind_populate(c: &mut Client, threads: u32) {
     c.populate(req, |_, _| {}).await.unwrap();
 }
 
-async fn all_events(c: &mut Client) -> Vec<pb::WatchEventsResponse> {
-    let mut s = c
-        .watch_events(pb::WatchEventsRequest {
-            no_follow: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        out.push(e);
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_mutation_records_its_actor() {
     let agent = AgentProc::start();
@@ -506,7 +435,7 @@ async fn every_mutation_records_its_actor() {
     create_bind_populate(&mut c, 1).await;
     c.reconcile("").await.unwrap();
     c.delete_region("vm1", "ram0").await.unwrap();
-    let events = all_events(&mut c).await;
+    let events = stored_events(&mut c, "", 0).await;
     for kind in [
         pb::EventKind::RegionCreated,
         pb::EventKind::PolicyApplied,

@@ -5,11 +5,12 @@
 
 mod common;
 
+use common::sqlite::{self, Locker};
 use common::{AgentProc, MIB, policy};
 use memplace_client::pb::{self, PolicyMode as M};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use tonic::Code;
 
 /// A tmpfs mounted on a directory, unmounted on drop.
@@ -69,14 +70,11 @@ fn fill(dir: &Path) -> PathBuf {
 
 /// (request records, regions, ranges), read by the sqlite3 CLI.
 fn counts(db: &Path) -> String {
-    let o = Command::new("sqlite3")
-        .arg("-readonly")
-        .arg(db)
-        .arg("SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT group_concat(generation) FROM regions);")
-        .output()
-        .expect("sqlite3 CLI");
-    assert!(o.status.success(), "{o:?}");
-    String::from_utf8(o.stdout).unwrap()
+    sqlite::query(
+        db,
+        &[],
+        "SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT group_concat(generation) FROM regions);",
+    )
 }
 
 fn ranges_of(r: &pb::Region) -> Vec<(u64, u64, Option<pb::Policy>, Option<pb::Policy>)> {
@@ -166,50 +164,17 @@ async fn a_full_disk_fails_the_commit_and_changes_nothing() {
     );
 }
 
-/// The sqlite3 CLI inside `BEGIN EXCLUSIVE` on `db` until dropped.
-struct Locker {
-    child: std::process::Child,
-}
-
-impl Locker {
-    fn hold(db: &Path) -> Self {
-        let mut child = Command::new("sqlite3")
-            .arg(db)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sqlite3 CLI");
-        let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "BEGIN EXCLUSIVE;").unwrap();
-        writeln!(stdin, "SELECT 'locked';").unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "locked");
-        Self { child }
-    }
-}
-
-impl Drop for Locker {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.child.stdin.take() {
-            let _ = writeln!(s, "ROLLBACK;");
-        }
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_database_waits_a_bounded_time_then_answers_unavailable() {
     let agent = AgentProc::start();
     let db = agent.state_dir().join("memplace.db");
     let mut c = agent.client().await;
     c.retries = 0;
-    c.create_region("vm1", "ram0", 4 * MIB, pb::Backend::Memfd, vec![])
+    let token = c
+        .create_region("vm1", "ram0", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
-        .unwrap();
+        .unwrap()
+        .handoff_token;
     let before = c.get_region("vm1", "ram0").await.unwrap();
     let db_before = counts(&db);
     {
@@ -225,6 +190,12 @@ async fn a_locked_database_waits_a_bounded_time_then_answers_unavailable() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+        // The handoff socket answers the same failure with the same code (an acquire records
+        // its holder, a write).
+        let h = memplace_client::handoff::Handoff::connect(agent.handoff_socket()).unwrap();
+        let err = h.acquire("vm1", "ram0", &token).unwrap_err().to_string();
+        assert!(err.contains("HANDOFF_CODE_UNAVAILABLE: "), "{err}");
+        assert!(err.contains("locked"), "{err}");
         // Reads go on (WAL readers do not wait for the writer's lock).
         let now = c.get_region("vm1", "ram0").await.unwrap();
         assert_eq!(ranges_of(&now), ranges_of(&before));
@@ -280,12 +251,7 @@ async fn a_corrupt_database_is_refused_by_name_and_never_overwritten() {
     let state = agent.state_dir();
     let db = state.join("memplace.db");
     // Fold the WAL into the main file so the damage below hits live pages.
-    let st = Command::new("sqlite3")
-        .arg(&db)
-        .arg("PRAGMA wal_checkpoint(TRUNCATE);")
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{st:?}");
+    sqlite::write(&db, &[], "PRAGMA wal_checkpoint(TRUNCATE);");
 
     // 1: garbage over a page in the middle of a real database.
     let mut bytes = std::fs::read(&db).unwrap();
@@ -323,12 +289,11 @@ async fn a_schema_from_a_newer_memplace_is_refused() {
     agent.kill();
     let state = agent.state_dir();
     let db = state.join("memplace.db");
-    let st = Command::new("sqlite3")
-        .arg(&db)
-        .arg("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'from the future', 1, x'00', 0); PRAGMA wal_checkpoint(TRUNCATE);")
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{st:?}");
+    sqlite::write(
+        &db,
+        &[],
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'from the future', 1, x'00', 0); PRAGMA wal_checkpoint(TRUNCATE);",
+    );
     let before = std::fs::read(&db).unwrap();
     let err = start_refused(&state);
     assert!(err.contains(&db.display().to_string()), "{err}");
@@ -337,12 +302,11 @@ async fn a_schema_from_a_newer_memplace_is_refused() {
     assert_eq!(std::fs::read(&db).unwrap(), before);
 
     // Removing the future row (the operator's fix) lets it start again.
-    let st = Command::new("sqlite3")
-        .arg(&db)
-        .arg("DELETE FROM _sqlx_migrations WHERE version = 9999;")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    sqlite::write(
+        &db,
+        &[],
+        "DELETE FROM _sqlx_migrations WHERE version = 9999;",
+    );
     agent.spawn();
     agent.client().await.node_info().await.unwrap();
 }

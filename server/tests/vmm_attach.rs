@@ -6,14 +6,19 @@
 //! the guest's own data checks still passing. Bad pids and QEMU without shared memory are refused
 //! with a clear error and change nothing.
 //!
-//! The guest is Debian's 6.12 cloud kernel (tests/numa/fetch-kernels.sh, cached) and a busybox
-//! initramfs whose /init writes random data into guest RAM and checks its md5 every second on the
+//! The guest is Debian's 6.12 cloud kernel (tests/numa/fetch-kernels.sh, cached) and the busybox
+//! initramfs of tests/numa/build-initramfs.sh whose /scenario.sh is tests/numa/ram-check.sh (as in
+//! vmm_exec.rs): it writes random data into guest RAM and checks its md5 every few seconds on the
 //! serial console. These tests fail, never skip, when QEMU or the kernel cannot be had.
 
 mod common;
 
+use common::events::stored_events;
+use common::holder::HolderProc;
+use common::qemu::{lts_kernel, ram_check_initramfs};
+use common::sqlite;
 use common::{AgentProc, MIB, ctl_path, policy, standin_path};
-use memplace_client::{Client, pb};
+use memplace_client::pb;
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
 use memplace_server::kernel::Mapping;
 use std::io::{BufRead, BufReader, Write};
@@ -24,72 +29,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-const NUMA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/numa");
 const GUEST_MB: u64 = 128;
 /// Upper bound for a TCG boot on a busy machine; a boot that takes longer fails the test.
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
 
-/// The guest's /init: random data in guest RAM, its md5 checked every second.
-const GUEST_INIT: &str = r#"#!/bin/sh
-/bin/busybox mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-/bin/busybox mount -t proc proc /proc
-B=/bin/busybox
-$B dd if=/dev/urandom of=/data bs=1M count=24 2>/dev/null
-sum=$($B md5sum /data)
-echo "GUEST-READY"
-i=0
-while true; do
-    i=$((i + 1))
-    if [ "$($B md5sum /data)" = "$sum" ]; then echo "GUEST-CHECK ok $i"; else echo "GUEST-CHECK BAD $i"; fi
-    $B sleep 1
-done
-"#;
-
-/// The 6.12 kernel from fetch-kernels.sh (cached after the first run).
-fn lts_kernel() -> PathBuf {
-    let o = Command::new("bash")
-        .arg(format!("{NUMA_DIR}/fetch-kernels.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running fetch-kernels.sh");
-    assert!(o.status.success(), "fetch-kernels.sh failed: {o:?}");
-    let text = String::from_utf8_lossy(&o.stdout);
-    let p = text
-        .lines()
-        .find_map(|l| l.strip_prefix("lts_vmlinuz="))
-        .unwrap_or_else(|| panic!("fetch-kernels.sh printed no lts_vmlinuz: {text}"));
-    PathBuf::from(p.trim())
-}
-
-/// A busybox initramfs with GUEST_INIT as /init.
-fn build_initramfs(dir: &Path) -> PathBuf {
-    let stage = dir.join("stage");
-    std::fs::create_dir_all(stage.join("bin")).unwrap();
-    std::fs::create_dir_all(stage.join("dev")).unwrap();
-    std::fs::create_dir_all(stage.join("proc")).unwrap();
-    std::fs::copy("/bin/busybox", stage.join("bin/busybox")).expect("static /bin/busybox");
-    std::os::unix::fs::symlink("busybox", stage.join("bin/sh")).unwrap();
-    std::fs::write(stage.join("init"), GUEST_INIT).unwrap();
-    std::fs::set_permissions(
-        stage.join("init"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let out = dir.join("initramfs.cpio");
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd '{}' && find . -mindepth 1 | sort | /bin/busybox cpio -o -H newc -R 0:0 > '{}' 2>/dev/null",
-            stage.display(),
-            out.display()
-        ))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "building the initramfs failed");
-    out
-}
+/// What the guest (tests/numa/ram-check.sh) writes into its RAM and keeps checking.
+const GUEST_DATA_MIB: u64 = 24;
 
 /// A QEMU process, killed on drop.
 struct Qemu {
@@ -150,11 +95,11 @@ impl Qemu {
         let text = self.serial_text();
         let ok = text
             .lines()
-            .filter(|l| l.starts_with("GUEST-CHECK ok"))
+            .filter(|l| l.starts_with("RAMCHECK OK "))
             .count();
         let bad = text
             .lines()
-            .filter(|l| l.starts_with("GUEST-CHECK BAD"))
+            .filter(|l| l.starts_with("RAMCHECK FAIL "))
             .count();
         (ok, bad)
     }
@@ -273,42 +218,24 @@ fn code_of(o: &Output) -> i32 {
     o.status.code().expect("memplacectl exited by signal")
 }
 
-async fn events(c: &mut Client, vm: &str) -> Vec<pb::WatchEventsResponse> {
-    let mut s = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: vm.into(),
-            after_sequence: 0,
-            no_follow: true,
-        })
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        out.push(e);
-    }
-    out
-}
-
 /// Row counts read by the sqlite3 CLI: requests, regions, ranges, events.
 fn db_state(agent: &AgentProc) -> String {
-    let o = Command::new("sqlite3")
-        .arg("-readonly")
-        .arg(agent.state_dir().join("memplace.db"))
-        .arg("SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT count(*) FROM events);")
-        .output()
-        .expect("sqlite3 CLI");
-    assert!(o.status.success(), "{o:?}");
-    String::from_utf8(o.stdout).unwrap()
+    sqlite::query(
+        &agent.state_dir().join("memplace.db"),
+        &[],
+        "SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM regions), (SELECT count(*) FROM ranges), (SELECT count(*) FROM events);",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_qemu_is_attached_placed_and_recovered() {
     let kernel = lts_kernel();
     let dir = tempfile::tempdir().unwrap();
-    let initrd = build_initramfs(dir.path());
+    let initrd = ram_check_initramfs(dir.path());
     let serial = dir.path().join("serial.log");
     let mem = format!("memory-backend-memfd,id=m0,size={GUEST_MB}M,share=on");
     let serial_arg = format!("file:{}", serial.display());
+    let append = format!("console=ttyS0 quiet panic=-1 memplace.ramcheck_mb={GUEST_DATA_MIB}");
     let mut qemu = Qemu::start(
         &[
             "-m",
@@ -322,13 +249,13 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
             "-initrd",
             initrd.to_str().unwrap(),
             "-append",
-            "console=ttyS0 quiet panic=-1",
+            &append,
             "-serial",
             &serial_arg,
         ],
         serial,
     );
-    qemu.wait_line("GUEST-READY", |l| l.starts_with("GUEST-READY"));
+    qemu.wait_line("RAMCHECK WROTE", |l| l.starts_with("RAMCHECK WROTE "));
     let qpid = qemu.pid();
     let size = GUEST_MB * MIB;
 
@@ -389,11 +316,11 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
     assert_eq!(other.code(), Some(Code::FailedPrecondition), "{other:?}");
     assert_eq!(c.list_regions("").await.unwrap().len(), 1);
 
-    // GetPlacement counts the guest's pages (it wrote 24 MiB of data plus its kernel).
+    // GetPlacement counts the guest's pages (it wrote GUEST_DATA_MIB of data plus its kernel).
     let p = c.placement("vm1", name, 0, 0).await.unwrap();
     let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
     assert!(
-        present >= 24 * MIB / 4096,
+        present >= GUEST_DATA_MIB * MIB / 4096,
         "only {present} pages present: {p:?}"
     );
 
@@ -504,7 +431,7 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
         }]
     );
 
-    let evs = events(&mut c, "vm1").await;
+    let evs = stored_events(&mut c, "vm1", 0).await;
     let kinds: Vec<pb::EventKind> = evs.iter().map(|e| e.kind()).collect();
     let adopted = evs
         .iter()
@@ -700,57 +627,24 @@ const GMEM: u64 = 4 * MIB;
 /// the first bound to memslot 0 through its mapping, the second only held as an fd; and a memfd
 /// it maps shared and holds no fd for. It writes a pattern into all three and answers `check` on
 /// stdin with `pattern ok` or `pattern BAD`.
-struct StandIn {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
+fn gmem_vmm() -> HolderProc {
+    let mut cmd = Command::new(standin_path());
+    cmd.arg("gmem-vmm");
+    let mut vmm = HolderProc::spawn(cmd);
+    assert_eq!(vmm.expect_line("vmm: ").trim(), "vmm: ready");
+    vmm
 }
 
-impl StandIn {
-    fn spawn() -> Self {
-        let mut child = Command::new(standin_path())
-            .arg("gmem-vmm")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let mut s = StandIn { child, out };
-        assert_eq!(s.line_starting("vmm: "), "vmm: ready");
-        s
-    }
-
-    fn line_starting(&mut self, prefix: &str) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(
-                self.out.read_line(&mut line).unwrap() > 0,
-                "the stand-in VMM exited"
-            );
-            if line.starts_with(prefix) {
-                return line.trim().to_string();
-            }
-        }
-    }
-
-    fn check(&mut self) -> String {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        writeln!(stdin, "check").unwrap();
-        self.line_starting("vmm: pattern")
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `check` to the gmem stand-in VMM: its answer.
+fn check(vmm: &mut HolderProc) -> String {
+    vmm.tell("check");
+    vmm.expect_line("vmm: pattern").trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn guest_memfds_and_a_memfd_mapped_without_an_fd_are_attached_and_recovered() {
-    let mut vmm = StandIn::spawn();
-    let vpid = vmm.child.id() as i32;
+    let mut vmm = gmem_vmm();
+    let vpid = vmm.pid();
     let mut agent = AgentProc::start();
     let mut c = agent.client().await;
     let r = c.attach_process("vm3", vpid).await.unwrap();
@@ -827,7 +721,7 @@ async fn guest_memfds_and_a_memfd_mapped_without_an_fd_are_attached_and_recovere
         assert_eq!(x.status(), pb::RegionStatus::Active, "{x:?}");
         assert_eq!(x.holder_pid, vpid, "{x:?}");
     }
-    let recovered = events(&mut c, "vm3")
+    let recovered = stored_events(&mut c, "vm3", 0)
         .await
         .iter()
         .filter(|e| e.kind() == pb::EventKind::FdRecovered)
@@ -842,7 +736,7 @@ async fn guest_memfds_and_a_memfd_mapped_without_an_fd_are_attached_and_recovere
         GMEM / 4096,
         "{p:?}"
     );
-    assert_eq!(vmm.check(), "vmm: pattern ok");
+    assert_eq!(check(&mut vmm), "vmm: pattern ok");
     // Attaching again finds the same three regions.
     let again = c.attach_process("vm3", vpid).await.unwrap();
     let mut u: Vec<String> = again.regions.iter().map(|x| x.uid.clone()).collect();

@@ -12,18 +12,20 @@
 
 mod common;
 
-use common::{AgentProc, MIB, ctl_path};
+use common::events::stored_events;
+use common::lines::Lines;
+use common::procfs::{alive, fds_like, file_id, parent_of};
+use common::qemu::{lts_kernel, ram_check_initramfs};
+use common::readme::first_sh_block;
+use common::{AgentProc, MIB, Run, ctl_path, policy, whole};
 use memplace_client::{Client, pb};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const NUMA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/numa");
-const README: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
 const PAGE: u64 = 4096;
 /// Agent SIGKILLs while the guest runs.
 const RESTARTS: usize = 3;
@@ -38,125 +40,31 @@ const MEMFD_LINK: &str = "memfd:memplace:vm1/ram0";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Exit code, stdout and stderr of one command.
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
+/// QEMU's output lines (common::lines::Lines); a guest check that failed fails the test at once.
+struct Serial(Lines);
 
-impl Run {
-    fn of(cmd: &mut Command) -> Run {
-        let o = cmd.output().expect("running memplacectl");
-        Run {
-            code: o.status.code().unwrap_or(-1),
-            out: String::from_utf8_lossy(&o.stdout).into(),
-            err: String::from_utf8_lossy(&o.stderr).into(),
-        }
-    }
-}
-
-/// The text of the README section under `heading`, up to the next `## ` heading.
-fn readme_section(heading: &str) -> String {
-    let readme = std::fs::read_to_string(README).expect("README.md");
-    let start = readme
-        .find(&format!("\n{heading}\n"))
-        .unwrap_or_else(|| panic!("README.md has no {heading:?} section"));
-    let body = &readme[start + heading.len() + 2..];
-    body[..body.find("\n## ").unwrap_or(body.len())].to_string()
-}
-
-/// The first ```sh block of `text`.
-fn first_sh_block(text: &str) -> String {
-    let i = text.find("```sh\n").expect("a ```sh block");
-    let body = &text[i + 6..];
-    body[..body.find("```").expect("an unterminated ```sh block")].to_string()
-}
-
-fn script(name: &str) -> Command {
-    let mut c = Command::new("bash");
-    c.arg(Path::new(NUMA_DIR).join(name));
-    c
-}
-
-/// The Debian 6.12 cloud kernel that fetch-kernels.sh caches.
-fn lts_kernel() -> PathBuf {
-    let o = script("fetch-kernels.sh")
-        .output()
-        .expect("running fetch-kernels.sh");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success(),
-        "fetch-kernels.sh failed ({}), so the QEMU guest cannot boot:\n{err}",
-        o.status
-    );
-    let out = String::from_utf8_lossy(&o.stdout);
-    let path = out
-        .lines()
-        .find_map(|l| l.strip_prefix("lts_vmlinuz="))
-        .unwrap_or_else(|| panic!("fetch-kernels.sh printed no lts_vmlinuz:\n{out}\n{err}"));
-    PathBuf::from(path)
-}
-
-/// The busybox initramfs whose /scenario.sh is ram-check.sh.
-fn ram_check_initramfs(dir: &Path) -> PathBuf {
-    let out = dir.join("ram-check.cpio");
-    let o = script("build-initramfs.sh")
-        .arg("--scenario")
-        .arg(Path::new(NUMA_DIR).join("ram-check.sh"))
-        .arg(&out)
-        .output()
-        .expect("running build-initramfs.sh");
-    assert!(
-        o.status.success(),
-        "build-initramfs.sh failed ({}):\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
-
-/// Lines of a child's stdout and stderr, read on threads.
-struct Lines {
-    rx: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn of(child: &mut Child) -> Lines {
-        let (tx, rx) = mpsc::channel();
-        let outs: [Box<dyn Read + Send>; 2] = [
-            Box::new(child.stdout.take().expect("stdout")),
-            Box::new(child.stderr.take().expect("stderr")),
-        ];
-        for out in outs {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Lines { rx, seen: vec![] }
+impl Serial {
+    fn of(child: &mut Child) -> Serial {
+        Serial(Lines::of(child))
     }
 
     fn tail(&self) -> String {
-        self.seen[self.seen.len().saturating_sub(40)..].join("\n")
+        self.0.tail(40)
     }
 
-    /// Records one line; a guest check that failed fails the test at once.
-    fn take(&mut self, line: String) {
-        let failed = line.contains("RAMCHECK FAIL");
-        self.seen.push(line);
-        assert!(!failed, "the guest's RAM check failed:\n{}", self.tail());
+    /// A line just read: a guest check that failed fails the test.
+    fn check(&self, line: &str) {
+        assert!(
+            !line.contains("RAMCHECK FAIL"),
+            "the guest's RAM check failed:\n{}",
+            self.tail()
+        );
     }
 
     /// Reads every line already available.
     fn drain(&mut self) {
-        while let Ok(l) = self.rx.try_recv() {
-            self.take(l);
+        while let Some(l) = self.0.try_next() {
+            self.check(&l);
         }
     }
 
@@ -165,11 +73,10 @@ impl Lines {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
+            match self.0.next_within(left) {
                 Ok(l) => {
-                    let hit = want(&l);
-                    self.take(l.clone());
-                    if hit {
+                    self.check(&l);
+                    if want(&l) {
                         return l;
                     }
                 }
@@ -188,7 +95,8 @@ impl Lines {
 
     /// The number of the newest `RAMCHECK OK n` line seen.
     fn last_ok(&self) -> u64 {
-        self.seen
+        self.0
+            .seen
             .iter()
             .rev()
             .find_map(|l| ok_number(l))
@@ -221,47 +129,6 @@ impl Drop for Reaper {
     }
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s[s.rfind(')').unwrap_or(0)..].starts_with(") Z"))
-}
-
-/// Field 4 (ppid) of /proc/PID/stat.
-fn parent_of(pid: i32) -> i32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    stat[stat.rfind(')').expect(")") + 2..]
-        .split_whitespace()
-        .nth(1)
-        .expect("ppid")
-        .parse()
-        .expect("number")
-}
-
-/// (dev, ino) of the file behind /proc/PID/fd/N.
-fn file_id(pid: i32, fd: i32) -> (u64, u64) {
-    let m = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
-        .unwrap_or_else(|e| panic!("stat /proc/{pid}/fd/{fd}: {e}"));
-    (m.dev(), m.ino())
-}
-
-/// Every fd of `pid` whose link contains `needle`, as (fd, (dev, ino)).
-fn fds_like(pid: i32, needle: &str) -> Vec<(i32, (u64, u64))> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fd dir")
-        .flatten()
-    {
-        let Ok(link) = std::fs::read_link(e.path()) else {
-            continue;
-        };
-        if link.display().to_string().contains(needle) {
-            let fd: i32 = e.file_name().to_string_lossy().parse().expect("fd number");
-            out.push((fd, file_id(pid, fd)));
-        }
-    }
-    out
-}
-
 /// Pages of the region mapped by QEMU, per /proc/PID/numa_maps (its one mapping of the file).
 fn qemu_mapped_pages(pid: i32) -> u64 {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/numa_maps")).expect("numa_maps");
@@ -284,23 +151,6 @@ fn qemu_mapped_pages(pid: i32) -> u64 {
             v.parse::<u64>().ok()
         })
         .sum()
-}
-
-/// Stored events after `after`.
-async fn events_after(c: &mut Client, after: u64) -> Vec<pb::WatchEventsResponse> {
-    let mut s = c
-        .watch_events(pb::WatchEventsRequest {
-            vm_id: String::new(),
-            after_sequence: after,
-            no_follow: true,
-        })
-        .await
-        .expect("WatchEvents");
-    let mut out = vec![];
-    while let Some(e) = s.message().await.expect("event stream") {
-        out.push(e);
-    }
-    out
 }
 
 /// The region is ACTIVE, held by QEMU, and the agent has the very file QEMU maps.
@@ -364,7 +214,7 @@ async fn assert_placement_counts_the_guest(c: &mut Client, qemu: i32, when: &str
 /// passing.
 #[tokio::test(flavor = "multi_thread")]
 async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
-    let block = first_sh_block(&readme_section("## Running VMs on memplace"));
+    let block = first_sh_block("## Running VMs on memplace");
     assert!(
         block.contains("memplacectl exec vm1") && block.contains("mem-path={path:ram0},share=on"),
         "README's first block should start QEMU with memplacectl exec:\n{block}"
@@ -393,7 +243,7 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("running README's QEMU block");
-    let mut serial = Lines::of(&mut shell);
+    let mut serial = Serial::of(&mut shell);
     let mut reaper = Reaper { shell, qemu: None };
 
     let marker = serial.wait("the guest's RAMCHECK MARKER line", |l| {
@@ -474,7 +324,7 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
 
     for round in 1..=RESTARTS {
         let when = format!("restart {round}");
-        let seq = events_after(&mut c, 0)
+        let seq = stored_events(&mut c, "", 0)
             .await
             .last()
             .map_or(0, |e| e.sequence);
@@ -484,7 +334,7 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
         agent.spawn();
         c = agent.client().await;
 
-        let new = events_after(&mut c, seq).await;
+        let new = stored_events(&mut c, "", seq).await;
         let about: Vec<_> = new
             .iter()
             .filter(|e| e.vm_id == "vm1" && e.name == "ram0")
@@ -512,6 +362,7 @@ async fn qemu_started_by_exec_keeps_its_guest_through_agent_sigkills() {
     }
     assert!(alive(qemu), "QEMU must still run");
     let oks = serial
+        .0
         .seen
         .iter()
         .filter(|l| ok_number(l).is_some())
@@ -968,15 +819,11 @@ async fn qemu_host_nodes_on_a_region_is_drift_that_reconcile_repairs() {
         "ram0",
         size,
         pb::Backend::Memfd,
-        vec![pb::RangePolicy {
-            offset: 0,
-            length: 0,
-            policy: Some(common::policy(pb::PolicyMode::Bind, &[0])),
-        }],
+        whole(policy(pb::PolicyMode::Bind, &[0])),
     )
     .await
     .expect("CreateRegion");
-    let start = events_after(&mut c, 0)
+    let start = stored_events(&mut c, "", 0)
         .await
         .last()
         .map_or(0, |e| e.sequence);
@@ -1085,7 +932,7 @@ async fn qemu_host_nodes_on_a_region_is_drift_that_reconcile_repairs() {
         (1, 1, 0),
         "{rep:?}"
     );
-    let evs = events_after(&mut c, start).await;
+    let evs = stored_events(&mut c, "", start).await;
     let drift = evs
         .iter()
         .find(|e| e.kind() == pb::EventKind::DriftFound)
@@ -1115,7 +962,7 @@ async fn readme_two_node_topology_runs_qemu_on_two_regions() {
     use memplace_server::kernel::mapping::Mapping;
     use std::os::fd::AsFd;
 
-    let block = first_sh_block(&readme_section("### Two guest NUMA nodes on two regions"));
+    let block = first_sh_block("### Two guest NUMA nodes on two regions");
     assert!(
         block.contains("memdev=m1") && block.contains("{path:ram1}"),
         "README's two-node block:\n{block}"

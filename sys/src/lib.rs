@@ -19,6 +19,7 @@ pub mod pidfd;
 pub mod policy;
 pub mod probe;
 pub mod procmem;
+pub mod residency;
 
 pub use files::{GuestMemfdVm, create_memfd, fallocate, fd_file_id};
 pub use mapping::Mapping;

@@ -9,10 +9,10 @@
 
 use super::{Agent, AgentError, LiveRegion, RegionFile, RegionView, kerr, new_uid};
 use crate::domain::{
-    Backend, DomainError, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus,
-    Strategy, validate_name,
+    Backend, DomainError, Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey,
+    RegionStatus, Strategy, validate_name,
 };
-use crate::kernel::procmem::{self, MemKind};
+use crate::kernel::procmem::{self, FoundFile, MemKind, ProcessMemory};
 use crate::kernel::{Mapping, pidfd};
 use crate::store::{StoreError, WriteOp, unix_now};
 use nix::errno::Errno;
@@ -112,6 +112,30 @@ fn no_process(pid: i32) -> AgentError {
     AgentError::ProcessNotFound(format!("no running process has pid {pid}"))
 }
 
+/// Per file found: an existing region of the VM, or a new region.
+enum Attached {
+    Existing(RegionKey),
+    New(Box<LiveRegion>),
+}
+
+/// What an attach will write: the regions in the order their files were found, with the ops and
+/// events to commit.
+#[derive(Default)]
+struct AttachPlan {
+    regions: Vec<Attached>,
+    ops: Vec<WriteOp>,
+    events: Vec<Event>,
+    new_count: usize,
+}
+
+/// The agent's regions by file identity, and the names the VM already uses.
+#[derive(Default)]
+struct Known {
+    by_file: HashMap<(u64, u64), (RegionKey, Option<Holder>)>,
+    taken: HashSet<String>,
+    gmem_index: usize,
+}
+
 impl Agent {
     /// Takes every memfd and guest_memfd of process `pid` as a region of `vm_id` (see the module
     /// docs). Returns the regions in the order their files were found.
@@ -130,199 +154,35 @@ impl Agent {
         };
         // Creates and deletes wait, so names and the region count stay consistent.
         let _m = self.membership.lock().await;
-        let found =
-            tokio::task::block_in_place(|| procmem::scan(pid, start)).map_err(|e| match e {
-                Errno::ESRCH => no_process(pid),
-                e => kerr("taking the process's files (pidfd_getfd)")(e),
-            })?;
-        if !found.unopenable.is_empty() {
-            // Attaching part of the guest's memory would leave the rest unplaced without a word.
-            return Err(AgentError::FailedPrecondition(format!(
-                "pid {pid} ({}) maps memfds shared without holding an fd, and the agent cannot \
-                 open them through /proc/{pid}/map_files: {}. Give the agent \
-                 CAP_CHECKPOINT_RESTORE",
-                found.comm,
-                found.unopenable.join(", ")
-            )));
-        }
-        if found.files.is_empty() {
-            let private = if found.private_memfds.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; it maps these memfds only privately (share=off): {}",
-                    found.private_memfds.join(", ")
-                )
-            };
-            return Err(AgentError::FailedPrecondition(format!(
-                "pid {pid} ({}) has no shared guest memory: it maps no memfd shared and holds no \
-                 memfd or guest_memfd{private}. {HOW_TO_SHARE}",
-                found.comm
-            )));
-        }
-        // Every region, by file, and the VM's names.
-        let mut by_file: HashMap<(u64, u64), (RegionKey, Option<Holder>)> = HashMap::new();
-        let mut taken: HashSet<String> = HashSet::new();
-        for slot in self.slots(None) {
-            let live = slot.read().await;
-            if live.intent.key.vm_id == vm_id {
-                taken.insert(live.intent.key.name.clone());
-            }
-            if let Some(id) = live.intent.file_id
-                && live.intent.status == RegionStatus::Active
-            {
-                by_file.insert(id, (live.intent.key.clone(), live.intent.holder));
-            }
-        }
-        let page = self.page;
-        let mut ops = Vec::new();
-        let mut events = Vec::new();
-        // Per file found: an existing region's key, or a new region.
-        enum Planned {
-            Existing(RegionKey),
-            New(Box<LiveRegion>),
-        }
-        let mut plan = Vec::new();
-        let mut gmem_index = 0;
-        let mut new_count = 0;
+        let found = scan_process(pid, start).await?;
+        let mut known = self.known_files(vm_id).await;
+        let mut plan = AttachPlan::default();
+        let comm = found.comm.clone();
         for f in found.files {
-            if let Some((key, recorded)) = by_file.get(&f.file_id) {
-                if key.vm_id != vm_id {
-                    return Err(AgentError::FailedPrecondition(format!(
-                        "a file of pid {pid} already is region {key} of another VM; a file \
-                         belongs to one VM"
-                    )));
-                }
-                if *recorded != Some(holder) {
-                    ops.push(WriteOp::SaveHolder {
-                        key: key.clone(),
-                        holder: Some(holder),
-                        file_id: Some(f.file_id),
-                    });
-                    events.push(self.event(
-                        EventKind::Handoff,
-                        Some(key),
-                        format!("attached: pid {pid} holds the file"),
-                        actor,
-                    ));
-                }
-                plan.push(Planned::Existing(key.clone()));
-                continue;
-            }
-            let (backend, file_page, hugepage) = match f.kind {
-                MemKind::Memfd => (Backend::Memfd, page, 0),
-                MemKind::MemfdHugetlb(hp) => (Backend::MemfdHugetlb, hp, hp),
-                MemKind::GuestMemfd => (Backend::GuestMemfd, page, 0),
-            };
-            if f.size == 0 || f.size > self.limits.max_region_bytes {
-                return Err(DomainError::BadSize {
-                    size: f.size,
-                    max: self.limits.max_region_bytes,
-                }
-                .into());
-            }
-            if file_page == 0 || !f.size.is_multiple_of(file_page) {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "the {} file {:?} of pid {pid} is {} bytes, not a multiple of its page size {file_page}",
-                    backend.as_str(),
-                    f.name,
-                    f.size
-                )));
-            }
-            let base = match f.kind {
-                MemKind::GuestMemfd => loop {
-                    let n = format!("gmem{gmem_index}");
-                    gmem_index += 1;
-                    if !taken.contains(&n) {
-                        break n;
-                    }
-                },
-                _ => name_from_memfd(&f.name),
-            };
-            let name = unique(&base, &taken);
-            taken.insert(name.clone());
-            let key = RegionKey {
-                vm_id: vm_id.to_string(),
-                name,
-            };
-            // guest_memfd without MMAP cannot be mapped: such a region is placed by task policy.
-            let mapping = Mapping::new(f.fd.as_fd(), f.size).ok();
-            let strategy = match backend {
-                Backend::GuestMemfd if mapping.is_none() => Strategy::TaskPolicy,
-                Backend::GuestMemfd if self.caps.guest_memfd_shared_policy => {
-                    Strategy::SharedPolicy
-                }
-                Backend::GuestMemfd => Strategy::TaskPolicy,
-                b => self.strategy_for(b),
-            };
-            if mapping.is_none() && backend != Backend::GuestMemfd {
-                return Err(kerr("mmap of the attached file")(Errno::EINVAL));
-            }
-            let intent = RegionIntent {
-                key: key.clone(),
-                uid: new_uid(),
-                backend,
-                size_bytes: f.size,
-                hugepage_size_bytes: hugepage,
-                generation: 1,
-                strategy,
-                ranges: RangeMap::new(f.size),
-                created_unix: unix_now(),
-                status: RegionStatus::Active,
-                holder: Some(holder),
-                file_id: Some(f.file_id),
-                adopted: true,
-            };
-            ops.push(WriteOp::InsertRegion(intent.clone()));
-            events.push(self.event(
-                EventKind::RegionAdopted,
-                Some(&key),
-                format!(
-                    "attached a {} file of {} bytes from pid {pid} ({}){}",
-                    backend.as_str(),
-                    f.size,
-                    found.comm,
-                    match f.held_fd {
-                        Some(n) => format!(", its fd {n}"),
-                        None => ", mapped without an fd".into(),
-                    }
+            self.plan_file(&mut plan, &mut known, f, vm_id, holder, &comm, actor)?;
+        }
+        let existing = self.regions.lock().len();
+        let max = self.limits.max_regions;
+        if existing + plan.new_count > max {
+            return Err(AgentError::OverLimit {
+                limit: "max_regions",
+                max: max as u64,
+                message: format!(
+                    "attaching {} regions would pass the agent's limit of {max} regions",
+                    plan.new_count
                 ),
-                actor,
-            ));
-            new_count += 1;
-            plan.push(Planned::New(Box::new(LiveRegion {
-                intent,
-                file: Some(RegionFile {
-                    fd: f.fd,
-                    mapping,
-                    vm: None,
-                }),
-                errors: HashMap::new(),
-            })));
+            });
         }
-        let existing = self.regions.lock().expect("region map lock").len();
-        if existing + new_count > self.limits.max_regions {
-            return Err(AgentError::ResourceExhausted(format!(
-                "attaching {new_count} regions would pass the agent's limit of {} regions",
-                self.limits.max_regions
-            )));
-        }
+        let AttachPlan {
+            regions,
+            mut ops,
+            events,
+            ..
+        } = plan;
         // The answer, stored with the commit. Attaching applies no policy (new regions start at
         // DEFAULT), so the kernel reads now as it will after the commit, and a replay of the
         // request id answers exactly as the first call did.
-        let mut pending = Vec::with_capacity(plan.len());
-        for p in &plan {
-            pending.push(match p {
-                Planned::Existing(key) => {
-                    let slot = self.slot(key)?;
-                    let live = slot.read().await;
-                    let mut v = tokio::task::block_in_place(|| self.view(&live));
-                    v.intent.holder = Some(holder);
-                    v
-                }
-                Planned::New(live) => tokio::task::block_in_place(|| self.view(live)),
-            });
-        }
+        let (regions, pending) = self.attached_views(regions, holder).await?;
         if let Some(i) = &idem {
             ops.push(WriteOp::SaveRequest {
                 request_id: i.request_id.clone(),
@@ -341,27 +201,262 @@ impl Agent {
                 r => r?,
             }
         }
-        let mut views = Vec::with_capacity(plan.len());
-        for p in plan {
-            match p {
-                Planned::Existing(key) => {
-                    let slot = self.slot(&key)?;
-                    let mut live = slot.write().await;
-                    live.intent.holder = Some(holder);
-                    views.push(tokio::task::block_in_place(|| self.view(&live)));
+        self.install_attached(regions, holder).await
+    }
+
+    /// Every region by file, and the VM's region names.
+    async fn known_files(&self, vm_id: &str) -> Known {
+        let mut known = Known::default();
+        for slot in self.slots(None) {
+            let live = slot.read().await;
+            if live.intent.key.vm_id == vm_id {
+                known.taken.insert(live.intent.key.name.clone());
+            }
+            if let Some(id) = live.intent.file_id
+                && live.intent.status == RegionStatus::Active
+            {
+                known
+                    .by_file
+                    .insert(id, (live.intent.key.clone(), live.intent.holder));
+            }
+        }
+        known
+    }
+
+    /// Plans one file of the process: an existing region of the VM (its holder recorded anew),
+    /// or a new region.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_file(
+        &self,
+        plan: &mut AttachPlan,
+        known: &mut Known,
+        f: FoundFile,
+        vm_id: &str,
+        holder: Holder,
+        comm: &str,
+        actor: &str,
+    ) -> Result<(), AgentError> {
+        let pid = holder.pid;
+        let Some((key, recorded)) = known.by_file.get(&f.file_id) else {
+            let (live, event) = self.new_attached(known, f, vm_id, holder, comm, actor)?;
+            plan.ops.push(WriteOp::InsertRegion(live.intent.clone()));
+            plan.events.push(event);
+            plan.new_count += 1;
+            plan.regions.push(Attached::New(Box::new(live)));
+            return Ok(());
+        };
+        if key.vm_id != vm_id {
+            return Err(AgentError::FailedPrecondition(format!(
+                "a file of pid {pid} already is region {key} of another VM; a file \
+                 belongs to one VM"
+            )));
+        }
+        if *recorded != Some(holder) {
+            plan.ops.push(WriteOp::SaveHolder {
+                key: key.clone(),
+                holder: Some(holder),
+                file_id: Some(f.file_id),
+            });
+            plan.events.push(self.event(
+                EventKind::Handoff,
+                Some(key),
+                format!("attached: pid {pid} holds the file"),
+                actor,
+            ));
+        }
+        plan.regions.push(Attached::Existing(key.clone()));
+        Ok(())
+    }
+
+    /// A new region for a file of the process, with its event.
+    fn new_attached(
+        &self,
+        known: &mut Known,
+        f: FoundFile,
+        vm_id: &str,
+        holder: Holder,
+        comm: &str,
+        actor: &str,
+    ) -> Result<(LiveRegion, Event), AgentError> {
+        let pid = holder.pid;
+        let page = self.page;
+        let (backend, file_page, hugepage) = match f.kind {
+            MemKind::Memfd => (Backend::Memfd, page, 0),
+            MemKind::MemfdHugetlb(hp) => (Backend::MemfdHugetlb, hp, hp),
+            MemKind::GuestMemfd => (Backend::GuestMemfd, page, 0),
+        };
+        if f.size == 0 || f.size > self.limits.max_region_bytes {
+            return Err(DomainError::BadSize {
+                size: f.size,
+                max: self.limits.max_region_bytes,
+            }
+            .into());
+        }
+        if file_page == 0 || !f.size.is_multiple_of(file_page) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "the {} file {:?} of pid {pid} is {} bytes, not a multiple of its page size {file_page}",
+                backend.as_str(),
+                f.name,
+                f.size
+            )));
+        }
+        let base = match f.kind {
+            MemKind::GuestMemfd => loop {
+                let n = format!("gmem{}", known.gmem_index);
+                known.gmem_index += 1;
+                if !known.taken.contains(&n) {
+                    break n;
                 }
-                Planned::New(live) => {
-                    let live = *live;
-                    views.push(tokio::task::block_in_place(|| self.view(&live)));
+            },
+            _ => name_from_memfd(&f.name),
+        };
+        let name = unique(&base, &known.taken);
+        known.taken.insert(name.clone());
+        let key = RegionKey {
+            vm_id: vm_id.to_string(),
+            name,
+        };
+        // guest_memfd without MMAP cannot be mapped: such a region is placed by task policy.
+        let mapping = Mapping::new(f.fd.as_fd(), f.size).ok();
+        let strategy = match backend {
+            Backend::GuestMemfd if mapping.is_none() => Strategy::TaskPolicy,
+            Backend::GuestMemfd if self.caps.guest_memfd_shared_policy => Strategy::SharedPolicy,
+            Backend::GuestMemfd => Strategy::TaskPolicy,
+            b => self.strategy_for(b),
+        };
+        if mapping.is_none() && backend != Backend::GuestMemfd {
+            return Err(kerr("mmap of the attached file")(Errno::EINVAL));
+        }
+        let intent = RegionIntent {
+            key: key.clone(),
+            uid: new_uid(),
+            backend,
+            size_bytes: f.size,
+            hugepage_size_bytes: hugepage,
+            generation: 1,
+            strategy,
+            ranges: RangeMap::new(f.size),
+            created_unix: unix_now(),
+            status: RegionStatus::Active,
+            holder: Some(holder),
+            file_id: Some(f.file_id),
+            adopted: true,
+        };
+        let event = self.event(
+            EventKind::RegionAdopted,
+            Some(&key),
+            format!(
+                "attached a {} file of {} bytes from pid {pid} ({comm}){}",
+                backend.as_str(),
+                f.size,
+                match f.held_fd {
+                    Some(n) => format!(", its fd {n}"),
+                    None => ", mapped without an fd".into(),
+                }
+            ),
+            actor,
+        );
+        let live = LiveRegion {
+            intent,
+            file: Some(RegionFile {
+                fd: f.fd,
+                mapping,
+                vm: None,
+            }),
+            errors: HashMap::new(),
+        };
+        Ok((live, event))
+    }
+
+    /// The views of the attached regions as they will read after the commit (the holder set).
+    async fn attached_views(
+        &self,
+        regions: Vec<Attached>,
+        holder: Holder,
+    ) -> Result<(Vec<Attached>, Vec<RegionView>), AgentError> {
+        let mut out = Vec::with_capacity(regions.len());
+        let mut views = Vec::with_capacity(regions.len());
+        for a in regions {
+            match a {
+                Attached::Existing(key) => {
+                    let live = self.slot(&key)?.read_owned().await;
+                    let (_, mut v) = self.view_of(live).await?;
+                    v.intent.holder = Some(holder);
+                    views.push(v);
+                    out.push(Attached::Existing(key));
+                }
+                Attached::New(live) => {
+                    let (live, v) = self.view_of(live).await?;
+                    views.push(v);
+                    out.push(Attached::New(live));
+                }
+            }
+        }
+        Ok((out, views))
+    }
+
+    /// After the commit: records the holder on existing regions and inserts the new ones.
+    async fn install_attached(
+        &self,
+        regions: Vec<Attached>,
+        holder: Holder,
+    ) -> Result<Vec<RegionView>, AgentError> {
+        let mut views = Vec::with_capacity(regions.len());
+        for a in regions {
+            match a {
+                Attached::Existing(key) => {
+                    let mut live = self.slot(&key)?.write_owned().await;
+                    live.intent.holder = Some(holder);
+                    views.push(self.view_of(live).await?.1);
+                }
+                Attached::New(live) => {
+                    let (live, v) = self.view_of(live).await?;
+                    views.push(v);
                     self.regions
                         .lock()
-                        .expect("region map lock")
-                        .insert(live.intent.key.clone(), Arc::new(RwLock::new(live)));
+                        .insert(live.intent.key.clone(), Arc::new(RwLock::new(*live)));
                 }
             }
         }
         Ok(views)
     }
+}
+
+/// Takes the process's guest-memory files; refuses a process with none, or with some the agent
+/// cannot open (attaching part of the guest's memory would leave the rest unplaced without a
+/// word).
+async fn scan_process(pid: i32, start: u64) -> Result<ProcessMemory, AgentError> {
+    let found = Agent::blocking(move || procmem::scan(pid, start))
+        .await?
+        .map_err(|e| match e {
+            Errno::ESRCH => no_process(pid),
+            e => kerr("taking the process's files (pidfd_getfd)")(e),
+        })?;
+    if !found.unopenable.is_empty() {
+        return Err(AgentError::FailedPrecondition(format!(
+            "pid {pid} ({}) maps memfds shared without holding an fd, and the agent cannot \
+             open them through /proc/{pid}/map_files: {}. Give the agent \
+             CAP_CHECKPOINT_RESTORE",
+            found.comm,
+            found.unopenable.join(", ")
+        )));
+    }
+    if found.files.is_empty() {
+        let private = if found.private_memfds.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; it maps these memfds only privately (share=off): {}",
+                found.private_memfds.join(", ")
+            )
+        };
+        return Err(AgentError::FailedPrecondition(format!(
+            "pid {pid} ({}) has no shared guest memory: it maps no memfd shared and holds no \
+             memfd or guest_memfd{private}. {HOW_TO_SHARE}",
+            found.comm
+        )));
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! Where a range's pages are, read from the kernel without allocating.
 //!
-//! cachestat tells which pages of the file are allocated, whoever maps them and whether or not
-//! anyone touched them (hugetlbfs, which lacks it, is probed page by page instead). move_pages can
-//! name the node only of pages mapped in this process, so allocated runs are read-faulted into the
-//! agent's mapping (a read fault on an allocated page allocates nothing), queried, and unmapped
-//! again.
+//! GetPlacement counts each range with [`kernel::residency::count_nodes`]: the allocated runs
+//! (from the page cache) are read-faulted into a window of exactly the range and counted per node
+//! by the kernel's walk of that window (`/proc/self/numa_maps`). The engine's migrate and the
+//! populate proof need each page's node before and after, so they read-fault allocated runs into
+//! a mapping and ask move_pages ([`map_resident`], [`nodes_of`]).
 
-use super::{Agent, AgentError, RangeIntent};
+use super::{Agent, AgentError};
+use crate::domain::RangeIntent;
 use crate::domain::{RegionKey, resolve_span, validate_name};
 use crate::kernel::{self, Mapping};
 use std::collections::BTreeMap;
@@ -131,24 +132,31 @@ pub(crate) fn allocated(
     length: u64,
     page: u64,
 ) -> Result<Vec<bool>, nix::errno::Errno> {
-    match kernel::files::allocated_map(fd, offset, length, page) {
-        Err(nix::errno::Errno::EOPNOTSUPP) => {
-            kernel::files::hugetlb_allocated_map(fd, mapping.len(), offset, length, page)
-        }
-        r => r,
-    }
+    kernel::residency::allocated(fd, mapping.len(), offset, length, page)
 }
 
-/// Counts the placement of one range.
+/// Counts the placement of one range of a file of `file_len` bytes: its allocated pages are
+/// read-faulted into a window of exactly the range and counted by the kernel
+/// ([`kernel::residency::count_nodes`]); the agent's own mapping is left alone.
 fn count_range(
     fd: BorrowedFd<'_>,
-    mapping: &Mapping,
+    file_len: u64,
     r: &RangeIntent,
     page: u64,
 ) -> RangePlacementView {
-    let nodes = map_resident(fd, mapping, r.offset, r.length, page);
-    let _ = mapping.unmap_pages(r.offset, r.length);
-    range_view(r, nodes.into_iter().map(|n| (n, 1)))
+    match kernel::residency::count_nodes(fd, file_len, r.offset, r.length, page) {
+        Ok(c) => range_view(
+            r,
+            c.nodes
+                .into_iter()
+                .map(|(n, pages)| (n as i32, pages))
+                .chain([
+                    (ENOENT, c.not_present),
+                    (-(nix::errno::Errno::EIO as i32), c.unknown),
+                ]),
+        ),
+        Err(e) => range_view(r, [(-(e as i32), r.length / page)]),
+    }
 }
 
 /// The placement of one range from `(status, pages)` pairs, where a status is what
@@ -216,12 +224,7 @@ pub(crate) fn check_range(
     r: &RangeIntent,
     page: u64,
 ) -> Result<RangeCheck, nix::errno::Errno> {
-    let map = match kernel::files::allocated_map(fd, r.offset, r.length, page) {
-        Err(nix::errno::Errno::EOPNOTSUPP) => {
-            kernel::files::hugetlb_allocated_map(fd, file_len, r.offset, r.length, page)
-        }
-        m => m,
-    }?;
+    let map = kernel::residency::allocated(fd, file_len, r.offset, r.length, page)?;
     let pages = map.len() as u64;
     let stride = pages.div_ceil(CHECK_SAMPLES).max(1);
     // The first allocated page of each stride.
@@ -269,26 +272,35 @@ impl Agent {
     ) -> Result<Placement, AgentError> {
         validate_name("vm_id", &key.vm_id)?;
         validate_name("name", &key.name)?;
-        let slot = self.slot(key)?;
-        let live = slot.read().await;
+        let live = self.slot(key)?.read_owned().await;
         let page = live.intent.page_size(self.page);
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
-        let Some((fd, mapping)) = live
+        if live
             .file
             .as_ref()
-            .and_then(|f| Some((f.fd.as_fd(), f.mapping.as_ref()?)))
-        else {
+            .and_then(|f| f.mapping.as_ref())
+            .is_none()
+        {
             return Err(AgentError::FailedPrecondition(format!(
                 "region {key} has no mapping in the agent (lost, or a guest_memfd without MMAP), so its placement cannot be read"
             )));
-        };
-        let ranges = live.intent.ranges.clipped(offset, offset + length);
-        let ranges = tokio::task::block_in_place(|| {
-            ranges
+        }
+        let ranges = Agent::blocking(move || {
+            let Some((fd, mapping)) = live
+                .file
+                .as_ref()
+                .and_then(|f| Some((f.fd.as_fd(), f.mapping.as_ref()?)))
+            else {
+                return Vec::new();
+            };
+            live.intent
+                .ranges
+                .clipped(offset, offset + length)
                 .iter()
-                .map(|r| count_range(fd, mapping, r, page))
+                .map(|r| count_range(fd, mapping.len(), r, page))
                 .collect()
-        });
+        })
+        .await?;
         Ok(Placement {
             ranges,
             page_size: page,

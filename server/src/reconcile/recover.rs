@@ -15,9 +15,15 @@
 //! No KVM VM fd is taken back: KVM refuses every VM ioctl from a process other than the VM's
 //! creator, so a VM fd from a holder (or the dead agent's own VM) would be of no use here.
 
-use super::{Agent, AgentError, LiveRegion, RegionFile, find_drift};
-use crate::domain::{Event, EventKind, Holder, RangeIntent, RegionIntent, RegionStatus, Strategy};
-use crate::kernel::{self, Mapping, pidfd};
+use super::agent::event;
+use super::plan::{FileKernel, Recovery, find_drift, plan_recovery};
+use super::policy::apply_all;
+use super::regions::create_file;
+use super::{Agent, AgentError, LiveRegion, RegionFile};
+use crate::domain::{
+    Backend, Event, EventKind, Holder, RangeIntent, RangeMap, RegionIntent, RegionStatus, Strategy,
+};
+use crate::kernel::{self, GuestMemfdVm, Mapping, pidfd};
 use crate::store::WriteOp;
 use nix::errno::Errno;
 use std::collections::HashMap;
@@ -28,245 +34,321 @@ use tokio::sync::RwLock;
 
 const ACTOR: &str = super::AGENT_ACTOR;
 
+/// What recovery writes: ops and events, committed together once every region is back.
+#[derive(Default)]
+struct Writes {
+    ops: Vec<WriteOp>,
+    events: Vec<Event>,
+}
+
+impl Writes {
+    fn event(&mut self, kind: EventKind, intent: &RegionIntent, message: String) {
+        self.events
+            .push(event(kind, Some(&intent.key), message, ACTOR));
+    }
+}
+
+/// A stored region's file found again (or made anew), or the region without one.
+enum FileBack {
+    Found(RegionIntent, RegionFile),
+    Without(LiveRegion),
+}
+
+/// Where files are looked for: the recorded holders, and (read only if some holder is gone)
+/// every other process's open files.
+#[derive(Default)]
+struct Holders {
+    recorded: pidfd::HolderFds,
+    others: Option<pidfd::OpenFiles>,
+}
+
 impl Agent {
     /// Loads every stored region and brings it back (see the module docs).
-    pub(crate) async fn recover(&self) -> Result<(), AgentError> {
+    pub(crate) async fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
         let stored = self.store.load_regions().await?;
-        let mut ops = Vec::new();
-        let mut events = Vec::new();
-        // Read from /proc only if some recorded holder is gone.
-        let mut others = None;
-        let mut holders = pidfd::HolderFds::default();
+        // A recreated guest_memfd needs its VM; creating one is the only async step.
+        let mut regions = Vec::with_capacity(stored.len());
         for intent in stored {
-            let (live, mut o, mut e) =
-                tokio::task::block_in_place(|| self.recover_one(intent, &mut holders, &mut others));
-            ops.append(&mut o);
-            events.append(&mut e);
-            self.regions
-                .lock()
-                .expect("region map lock")
-                .insert(live.intent.key.clone(), Arc::new(RwLock::new(live)));
+            let vm = match (plan_recovery(&intent), intent.backend) {
+                (Recovery::Recreate, Backend::GuestMemfd) => {
+                    Some(self.vm_for(&intent.key.vm_id).await)
+                }
+                _ => None,
+            };
+            regions.push((intent, vm));
         }
-        self.commit(ops, events).await?;
+        let agent = self.clone();
+        let (lives, writes) = Agent::blocking(move || {
+            let mut writes = Writes::default();
+            let mut holders = Holders::default();
+            let lives: Vec<LiveRegion> = regions
+                .into_iter()
+                .map(|(intent, vm)| agent.recover_one(intent, vm, &mut holders, &mut writes))
+                .collect();
+            (lives, writes)
+        })
+        .await?;
+        {
+            let mut map = self.regions.lock();
+            for live in lives {
+                map.insert(live.intent.key.clone(), Arc::new(RwLock::new(live)));
+            }
+        }
+        self.commit(writes.ops, writes.events).await?;
         // The stored rows and the recovery's ops are gone now; give their heap back.
         kernel::release_free_heap();
         Ok(())
     }
 
+    /// Brings one region back: finds or recreates its file (see [`plan_recovery`]), then re-binds
+    /// and verifies its ranges. Blocking.
     fn recover_one(
         &self,
-        mut intent: RegionIntent,
-        holders: &mut pidfd::HolderFds,
-        others: &mut Option<pidfd::OpenFiles>,
-    ) -> (LiveRegion, Vec<WriteOp>, Vec<Event>) {
-        let key = intent.key.clone();
-        let mut ops = Vec::new();
-        let mut events = Vec::new();
-        if intent.status == RegionStatus::Lost {
-            return (lost(intent), ops, events);
-        }
-        let taken = match (intent.holder, intent.file_id) {
-            (Some(h), Some(id)) => Some(take_back(h, id, holders, others)),
-            (Some(h), None) => {
-                // Handed off, but with no recorded identity the file cannot be found in any
-                // process, and a VMM may still hold and use it: recreating it would give the
-                // region a second, empty file. The region is lost to the agent instead.
-                intent.status = RegionStatus::Lost;
-                ops.push(WriteOp::SaveStatus(key.clone(), RegionStatus::Lost));
-                events.push(self.event(
-                    EventKind::RegionLost,
-                    Some(&key),
-                    format!(
-                        "region lost: it was handed to pid {} but its file's identity was not recorded, so the file cannot be found and taken back (a VMM may still hold it); the intent is kept until the region is deleted",
-                        h.pid
-                    ),
-                    ACTOR,
-                ));
-                self.counters.regions_lost.fetch_add(1, Ordering::Relaxed);
-                return (lost(intent), ops, events);
-            }
-            (None, _) => None,
-        };
-        let file = match taken {
-            Some(Ok((holder, fd))) => {
-                let recorded = intent.holder.map_or(0, |h| h.pid);
-                let message = if holder.pid == recorded {
-                    format!("fd taken back from holder pid {}", holder.pid)
-                } else {
-                    // Record who holds it now, so the next restart looks there first.
-                    intent.holder = Some(holder);
-                    ops.push(WriteOp::SaveHolder {
-                        key: key.clone(),
-                        holder: Some(holder),
-                        file_id: intent.file_id,
-                    });
-                    format!(
-                        "fd taken back from pid {}, which holds the file; the recorded holder pid {recorded} is gone",
-                        holder.pid
-                    )
-                };
-                let mapping = Mapping::new(fd.as_fd(), intent.size_bytes).ok();
-                events.push(self.event(EventKind::FdRecovered, Some(&key), message, ACTOR));
-                // No VM fd comes back: one taken from another process would refuse every VM
-                // ioctl here (KVM answers only its creator), and the file itself keeps its VM
-                // alive.
-                RegionFile {
-                    fd,
-                    mapping,
-                    vm: None,
-                }
-            }
-            Some(Err(e)) => {
-                let pid = intent.holder.map_or(0, |h| h.pid);
-                intent.status = RegionStatus::Lost;
-                ops.push(WriteOp::SaveStatus(key.clone(), RegionStatus::Lost));
-                events.push(self.event(
-                    EventKind::HolderLost,
-                    Some(&key),
-                    format!(
-                        "holder pid {pid} is gone or no longer holds the file, and no other process has it ({})",
-                        e.desc()
-                    ),
-                    ACTOR,
-                ));
-                events.push(self.event(
-                    EventKind::RegionLost,
-                    Some(&key),
-                    "region lost: its memory did not survive; the intent is kept until the region is deleted".into(),
-                    ACTOR,
-                ));
-                self.counters.regions_lost.fetch_add(1, Ordering::Relaxed);
-                return (lost(intent), ops, events);
-            }
-            None => {
-                // Never handed off: nothing but the agent held it, so no guest data existed.
-                // Its ranges are stored again only if some were placed (task-policy populate):
-                // a new empty file has none placed.
-                let was_placed = intent.ranges.ranges().iter().any(|r| r.placed);
-                let fresh: Vec<_> = intent
-                    .ranges
-                    .ranges()
-                    .iter()
-                    .map(|r| crate::domain::RangeIntent {
-                        placed: false,
-                        ..*r
-                    })
-                    .collect();
-                if let Some(m) = crate::domain::RangeMap::from_ranges(intent.size_bytes, fresh) {
-                    intent.ranges = m;
-                }
-                match self.create_file(&intent) {
-                    Ok(f) => {
-                        // Without its identity a later handoff could not be taken back; fstat
-                        // on a file just made fails only on a broken kernel, and then the
-                        // region waits for deletion rather than risk that.
-                        let id = match kernel::fd_file_id(f.fd.as_fd()) {
-                            Ok(id) => id,
-                            Err(e) => {
-                                let mut live = lost(intent);
-                                live.intent.status = RegionStatus::Active;
-                                for r in live.intent.ranges.ranges() {
-                                    live.errors.insert(
-                                        r.offset,
-                                        format!("recreating the file: fstat: {}", e.desc()),
-                                    );
-                                }
-                                return (live, ops, events);
-                            }
-                        };
-                        intent.file_id = Some(id);
-                        ops.push(WriteOp::SaveHolder {
-                            key: key.clone(),
-                            holder: None,
-                            file_id: intent.file_id,
-                        });
-                        if was_placed {
-                            ops.push(WriteOp::SaveRanges {
-                                key: key.clone(),
-                                generation: intent.generation,
-                                ranges: intent.ranges.clone(),
-                            });
-                        }
-                        events.push(self.event(
-                            EventKind::Reapplied,
-                            Some(&key),
-                            "file recreated empty: it had not been handed to a VMM, so no process kept it while the agent was down".into(),
-                            ACTOR,
-                        ));
-                        f
-                    }
-                    Err(e) => {
-                        let mut live = lost(intent);
-                        live.intent.status = RegionStatus::Active;
-                        for r in live.intent.ranges.ranges() {
-                            live.errors
-                                .insert(r.offset, format!("recreating the file: {e}"));
-                        }
-                        return (live, ops, events);
-                    }
-                }
-            }
+        intent: RegionIntent,
+        vm: Option<Result<Arc<GuestMemfdVm>, AgentError>>,
+        holders: &mut Holders,
+        out: &mut Writes,
+    ) -> LiveRegion {
+        let (intent, file) = match plan_recovery(&intent) {
+            Recovery::StillLost => return lost(intent),
+            Recovery::MarkLostNoIdentity => return self.lost_without_identity(intent, out),
+            Recovery::TakeBack => match self.take_back(intent, holders, out) {
+                FileBack::Found(intent, file) => (intent, file),
+                FileBack::Without(live) => return live,
+            },
+            Recovery::Recreate => match recreate(intent, vm, self.caps.guest_memfd_flags, out) {
+                FileBack::Found(intent, file) => (intent, file),
+                FileBack::Without(live) => return live,
+            },
         };
         let mut live = LiveRegion {
             intent,
             file: Some(file),
             errors: HashMap::new(),
         };
-        let applied = self.apply_all(&mut live);
+        self.rebind_recovered(&mut live, out);
+        live
+    }
+
+    /// Handed off, but with no recorded identity the file cannot be found in any process, and a
+    /// VMM may still hold and use it: recreating it would give the region a second, empty file.
+    /// The region is lost to the agent instead.
+    fn lost_without_identity(&self, mut intent: RegionIntent, out: &mut Writes) -> LiveRegion {
+        let pid = intent.holder.map_or(0, |h| h.pid);
+        intent.status = RegionStatus::Lost;
+        out.ops
+            .push(WriteOp::SaveStatus(intent.key.clone(), RegionStatus::Lost));
+        out.event(
+            EventKind::RegionLost,
+            &intent,
+            format!(
+                "region lost: it was handed to pid {pid} but its file's identity was not recorded, so the file cannot be found and taken back (a VMM may still hold it); the intent is kept until the region is deleted"
+            ),
+        );
+        self.counters.regions_lost.fetch_add(1, Ordering::Relaxed);
+        lost(intent)
+    }
+
+    /// Takes the file back from whoever holds it; when nobody does, the memory is gone and the
+    /// region is marked lost.
+    fn take_back(
+        &self,
+        mut intent: RegionIntent,
+        holders: &mut Holders,
+        out: &mut Writes,
+    ) -> FileBack {
+        let (Some(recorded), Some(file_id)) = (intent.holder, intent.file_id) else {
+            return FileBack::Without(lost(intent));
+        };
+        let (holder, fd) = match take_back(recorded, file_id, holders) {
+            Ok(found) => found,
+            Err(e) => return FileBack::Without(self.holder_gone(intent, e, out)),
+        };
+        let message = if holder.pid == recorded.pid {
+            format!("fd taken back from holder pid {}", holder.pid)
+        } else {
+            // Record who holds it now, so the next restart looks there first.
+            intent.holder = Some(holder);
+            out.ops.push(WriteOp::SaveHolder {
+                key: intent.key.clone(),
+                holder: Some(holder),
+                file_id: intent.file_id,
+            });
+            format!(
+                "fd taken back from pid {}, which holds the file; the recorded holder pid {} is gone",
+                holder.pid, recorded.pid
+            )
+        };
+        let mapping = Mapping::new(fd.as_fd(), intent.size_bytes).ok();
+        out.event(EventKind::FdRecovered, &intent, message);
+        // No VM fd comes back: one taken from another process would refuse every VM ioctl here
+        // (KVM answers only its creator), and the file itself keeps its VM alive.
+        let file = RegionFile {
+            fd,
+            mapping,
+            vm: None,
+        };
+        FileBack::Found(intent, file)
+    }
+
+    /// Nobody holds the handed-off file any more: its memory is gone, and the region is lost.
+    fn holder_gone(&self, mut intent: RegionIntent, e: Errno, out: &mut Writes) -> LiveRegion {
+        let pid = intent.holder.map_or(0, |h| h.pid);
+        intent.status = RegionStatus::Lost;
+        out.ops
+            .push(WriteOp::SaveStatus(intent.key.clone(), RegionStatus::Lost));
+        out.event(
+            EventKind::HolderLost,
+            &intent,
+            format!(
+                "holder pid {pid} is gone or no longer holds the file, and no other process has it ({})",
+                e.desc()
+            ),
+        );
+        out.event(
+            EventKind::RegionLost,
+            &intent,
+            "region lost: its memory did not survive; the intent is kept until the region is deleted".into(),
+        );
+        self.counters.regions_lost.fetch_add(1, Ordering::Relaxed);
+        lost(intent)
+    }
+
+    /// Re-binds every range of a recovered region on its new mapping and verifies the binding
+    /// through a second, fresh mapping.
+    fn rebind_recovered(&self, live: &mut LiveRegion, out: &mut Writes) {
+        let applied = apply_all(live);
         let total = live.intent.ranges.ranges().len() as u32;
-        if live.intent.strategy == Strategy::SharedPolicy && applied < total {
-            events.push(self.event(
+        if live.intent.strategy != Strategy::SharedPolicy {
+            return;
+        }
+        if applied < total {
+            out.event(
                 EventKind::VerifyFailed,
-                Some(&key),
+                &live.intent,
                 format!(
                     "{} of {total} ranges could not be re-bound on the new mapping; see each range's last_error",
                     total - applied
                 ),
-                ACTOR,
+            );
+        }
+        if applied == 0 {
+            return;
+        }
+        let page = live.intent.page_size(self.page);
+        let checked = verify_fresh(
+            live.file.as_ref(),
+            live.intent.size_bytes,
+            live.intent.ranges.ranges(),
+            page,
+        );
+        let (kind, message) = match checked {
+            Ok(bad) if bad.is_empty() => (
+                EventKind::Reapplied,
+                format!(
+                    "{applied} ranges re-bound on a new mapping; all verified through a second mapping"
+                ),
+            ),
+            Ok(bad) => {
+                let n = bad.len();
+                live.errors.extend(bad);
+                (
+                    EventKind::VerifyFailed,
+                    format!(
+                        "{applied} ranges re-bound on a new mapping; {n} did not read back as intended through a second mapping"
+                    ),
+                )
+            }
+            Err(why) => {
+                for r in live.intent.ranges.ranges() {
+                    live.errors
+                        .insert(r.offset, format!("binding not verified: {why}"));
+                }
+                (
+                    EventKind::VerifyFailed,
+                    format!(
+                        "{applied} ranges re-bound on a new mapping, but none could be verified: {why}"
+                    ),
+                )
+            }
+        };
+        out.event(kind, &live.intent, message);
+    }
+}
+
+/// Never handed off: nothing but the agent held the file, so no guest data existed. The file is
+/// recreated, empty; its ranges are stored again only if some were placed (task-policy
+/// populate): a new empty file has none placed. When the file cannot be made, the region stays,
+/// without a file, every range naming why.
+fn recreate(
+    mut intent: RegionIntent,
+    vm: Option<Result<Arc<GuestMemfdVm>, AgentError>>,
+    gmem_flags: u64,
+    out: &mut Writes,
+) -> FileBack {
+    let was_placed = intent.ranges.ranges().iter().any(|r| r.placed);
+    let fresh: Vec<_> = intent
+        .ranges
+        .ranges()
+        .iter()
+        .map(|r| RangeIntent {
+            placed: false,
+            ..*r
+        })
+        .collect();
+    if let Some(m) = RangeMap::from_ranges(intent.size_bytes, fresh) {
+        intent.ranges = m;
+    }
+    let made = vm
+        .transpose()
+        .and_then(|vm| create_file(&intent, vm, gmem_flags));
+    let f = match made {
+        Ok(f) => f,
+        Err(e) => {
+            return FileBack::Without(fileless(intent, &format!("recreating the file: {e}")));
+        }
+    };
+    // Without its identity a later handoff could not be taken back; fstat on a file just made
+    // fails only on a broken kernel, and then the region waits for deletion rather than risk
+    // that.
+    let id = match kernel::fd_file_id(f.fd.as_fd()) {
+        Ok(id) => id,
+        Err(e) => {
+            return FileBack::Without(fileless(
+                intent,
+                &format!("recreating the file: fstat: {}", e.desc()),
             ));
         }
-        if live.intent.strategy == Strategy::SharedPolicy && applied > 0 {
-            let page = live.intent.page_size(self.page);
-            let checked = verify_fresh(
-                live.file.as_ref(),
-                live.intent.size_bytes,
-                live.intent.ranges.ranges(),
-                page,
-            );
-            let (kind, message) = match checked {
-                Ok(bad) if bad.is_empty() => (
-                    EventKind::Reapplied,
-                    format!(
-                        "{applied} ranges re-bound on a new mapping; all verified through a second mapping"
-                    ),
-                ),
-                Ok(bad) => {
-                    let n = bad.len();
-                    live.errors.extend(bad);
-                    (
-                        EventKind::VerifyFailed,
-                        format!(
-                            "{applied} ranges re-bound on a new mapping; {n} did not read back as intended through a second mapping"
-                        ),
-                    )
-                }
-                Err(why) => {
-                    for r in live.intent.ranges.ranges() {
-                        live.errors
-                            .insert(r.offset, format!("binding not verified: {why}"));
-                    }
-                    (
-                        EventKind::VerifyFailed,
-                        format!(
-                            "{applied} ranges re-bound on a new mapping, but none could be verified: {why}"
-                        ),
-                    )
-                }
-            };
-            events.push(self.event(kind, Some(&key), message, ACTOR));
-        }
-        (live, ops, events)
+    };
+    intent.file_id = Some(id);
+    out.ops.push(WriteOp::SaveHolder {
+        key: intent.key.clone(),
+        holder: None,
+        file_id: intent.file_id,
+    });
+    if was_placed {
+        out.ops.push(WriteOp::SaveRanges {
+            key: intent.key.clone(),
+            generation: intent.generation,
+            ranges: intent.ranges.clone(),
+        });
     }
+    out.event(
+        EventKind::Reapplied,
+        &intent,
+        "file recreated empty: it had not been handed to a VMM, so no process kept it while the agent was down".into(),
+    );
+    FileBack::Found(intent, f)
+}
+
+/// An active region without a file, every range naming `why`.
+fn fileless(intent: RegionIntent, why: &str) -> LiveRegion {
+    let mut live = lost(intent);
+    live.intent.status = RegionStatus::Active;
+    for r in live.intent.ranges.ranges() {
+        live.errors.insert(r.offset, why.to_string());
+    }
+    live
 }
 
 /// Reads every range's policy back through a new, separate mapping of the file. Returns each
@@ -283,7 +365,12 @@ fn verify_fresh(
     Ok(ranges
         .iter()
         .filter_map(|r| {
-            let d = find_drift(&fresh, r, page)?;
+            let k = FileKernel {
+                fd: file.fd.as_fd(),
+                mapping: Some(&fresh),
+                page,
+            };
+            let d = find_drift(&k, r, page)?;
             Some((
                 r.offset,
                 format!(
@@ -301,12 +388,15 @@ fn verify_fresh(
 fn take_back(
     recorded: Holder,
     file_id: (u64, u64),
-    holders: &mut pidfd::HolderFds,
-    others: &mut Option<pidfd::OpenFiles>,
+    holders: &mut Holders,
 ) -> Result<(Holder, OwnedFd), Errno> {
-    match holders.take(recorded.pid, recorded.start_time, file_id) {
+    match holders
+        .recorded
+        .take(recorded.pid, recorded.start_time, file_id)
+    {
         Ok(fd) => Ok((recorded, fd)),
-        Err(e) => others
+        Err(e) => holders
+            .others
             .get_or_insert_with(pidfd::OpenFiles::scan)
             .take(file_id)
             .map(|(pid, start_time, fd)| (Holder { pid, start_time }, fd))

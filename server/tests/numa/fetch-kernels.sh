@@ -29,12 +29,15 @@ LTS_SERIES=${MEMPLACE_LTS_SERIES:-6.12}
 LTS_SUITES=${MEMPLACE_LTS_SUITES:-trixie bookworm-backports}
 NEW_SUITES=${MEMPLACE_NEW_SUITES:-sid forky}
 NEW_MIN=${MEMPLACE_NEW_MIN:-6.19}
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # The KVM module for the AMD-V that QEMU's TCG emulates with `-cpu max`; its dependencies come along.
 KVM_ROOT_MODULE=kvm-amd
 
 log() { echo "fetch-kernels: $*" >&2; }
 die() { echo "fetch-kernels: ERROR: $*" >&2; exit 1; }
+
+# debian_mirror, apt_root, apt_update, version_ge and KEYRING.
+# shellcheck source=../../../.ci/private-apt.sh
+source "$(dirname "$0")/../../../.ci/private-apt.sh"
 
 # --- host tools ---------------------------------------------------------------------------------
 
@@ -66,48 +69,8 @@ ensure_host_packages() {
 
 # --- private apt --------------------------------------------------------------------------------
 
-# The Debian archive URL that the system's apt sources use (not the security archive).
-debian_mirror() {
-    if [ -n "${MEMPLACE_DEBIAN_MIRROR:-}" ]; then echo "${MEMPLACE_DEBIAN_MIRROR%/}"; return; fi
-    local uri
-    uri=$(
-        {
-            sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | tr ' ' '\n'
-            cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-                sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]\+\).*/\2/p'
-        } | grep -E '^https?://.*/debian/?$' | head -n1
-    ) || true
-    [ -n "$uri" ] || die "no Debian archive in /etc/apt sources; set MEMPLACE_DEBIAN_MIRROR to one"
-    echo "${uri%/}"
-}
-
-# apt_root NAME SUITES...: prepares $CACHE/apt-NAME and sets APT to the options that use it.
-apt_root() {
-    local name=$1 suite mirror
-    shift
-    local dir
-    dir=$CACHE/apt-$name
-    mirror=$(debian_mirror)
-    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
-    : >"$dir/sources.list"
-    for suite in "$@"; do
-        echo "deb [signed-by=$KEYRING target=Packages] $mirror $suite main" >>"$dir/sources.list"
-    done
-    APT=(-o "Dir::Etc::sourcelist=$dir/sources.list" -o Dir::Etc::sourceparts=-
-        -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache"
-        -o APT::Sandbox::User=root -o Acquire::Languages=none)
-}
-
-apt_update() {
-    log "updating private apt lists ($1)"
-    apt-get "${APT[@]}" --error-on=any update >&2
-}
-
 # Prints the real package names known to the private lists that start with $1.
 pkgnames() { apt-cache "${APT[@]}" pkgnames "$1" 2>/dev/null | sort -u; }
-
-# version_ge A B: A >= B by version order.
-version_ge() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" = "$2" ]; }
 
 # --- unpacking ----------------------------------------------------------------------------------
 
@@ -236,7 +199,7 @@ select_kernel() {
         return
     fi
     # shellcheck disable=SC2086
-    apt_root "$kind" $suites
+    apt_root "$CACHE/apt-$kind" $suites
     if ! apt_update "$suites"; then
         [ -n "$cached" ] || die "apt-get update of $suites failed and no $kind kernel is cached"
         log "WARNING: apt-get update failed; keeping cached $kind kernel $cached"

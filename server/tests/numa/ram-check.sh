@@ -1,7 +1,7 @@
 #!/bin/sh
-# The guest of server/tests/vmm_exec.rs (run as /scenario.sh by init.sh): writes random data into
-# the guest's RAM (a tmpfs file) and checks it every few seconds, until QEMU is killed. Its console
-# lines:
+# The guest of server/tests/vmm_exec.rs and vmm_attach.rs (run as /scenario.sh by init.sh): writes
+# random data into the guest's RAM (a tmpfs file) and checks it every few seconds, until QEMU is
+# killed. Its console lines:
 #   RAMCHECK MARKER <text>       <text> is also written into RAM, for the host to find in the file
 #   RAMCHECK WROTE <MiB> <md5>   the data is written; <md5> is its checksum
 #   RAMCHECK OK <n> <md5>        check number <n> read the data back intact

@@ -1,0 +1,455 @@
+//! The gRPC edge: each handler converts its request ([`crate::convert`]), runs mutations through
+//! [`idempotency`], calls the engine, and maps errors to `tonic::Status` in one function,
+//! [`status_of`]. It never calls the kernel module; the engine does.
+
+mod events;
+mod idempotency;
+
+use crate::convert::{
+    backend_from_pb, node_info_to_pb, node_pages, placement_to_pb, policy_from_pb, region_to_pb,
+};
+use crate::domain::{DomainError, RegionKey};
+use crate::reconcile::{
+    Agent, AgentError, CreateRequest, PopulateProgress, PopulateRequest, RegionView,
+};
+use events::EventWatch;
+use idempotency::idempotent;
+use memplace_proto::v1 as pb;
+use memplace_proto::v1::node_agent_service_server::NodeAgentService;
+use nix::errno::Errno;
+use prost::Message;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status};
+
+/// The agent's version, reported by GetNodeInfo.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The gRPC service.
+#[derive(Clone, Debug)]
+pub struct NodeAgent {
+    agent: Arc<Agent>,
+}
+
+impl NodeAgent {
+    /// Serves `agent`.
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self { agent }
+    }
+}
+
+/// Who is calling, for audit: set by the auth layer as a request extension.
+#[derive(Clone, Debug)]
+pub struct Caller(pub String);
+
+fn caller<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<Caller>()
+        .map(|c| c.0.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Engine errors to gRPC status: the code is [`AgentError::code`], the one mapping both edges use.
+pub fn status_of(e: AgentError) -> Status {
+    Status::new(e.code().grpc(), e.to_string())
+}
+
+/// Kernel errno to gRPC code (see [`crate::reconcile::ErrorCode::of_errno`]).
+pub fn code_of_errno(errno: Errno) -> Code {
+    crate::reconcile::ErrorCode::of_errno(errno).grpc()
+}
+
+fn invalid(e: impl Into<DomainError>) -> Status {
+    status_of(AgentError::Invalid(e.into()))
+}
+
+/// A region key from a request, checked once here.
+fn key(vm_id: &str, name: &str) -> Result<RegionKey, Status> {
+    RegionKey::parse(vm_id, name).map_err(invalid)
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How often Populate reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+#[tonic::async_trait]
+impl NodeAgentService for NodeAgent {
+    async fn get_node_info(
+        &self,
+        _req: Request<pb::GetNodeInfoRequest>,
+    ) -> Result<Response<pb::GetNodeInfoResponse>, Status> {
+        let agent = self.agent.clone();
+        let topo = tokio::task::spawn_blocking(move || agent.topology())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(node_info_to_pb(
+            &topo,
+            self.agent.capabilities(),
+            VERSION,
+            self.agent.page_size(),
+        )))
+    }
+
+    async fn create_region(
+        &self,
+        req: Request<pb::CreateRegionRequest>,
+    ) -> Result<Response<pb::CreateRegionResponse>, Status> {
+        let who = caller(&req);
+        let agent = self.agent.clone();
+        idempotent(&self.agent, req.into_inner(), |r, record| async move {
+            let backend = backend_from_pb(r.backend)?;
+            let mut policies = Vec::with_capacity(r.policies.len());
+            for p in &r.policies {
+                policies.push((p.offset, p.length, policy_from_pb(p.policy.as_ref())?));
+            }
+            let token = agent.vm_token(&r.vm_id);
+            let stored_token = token.clone();
+            let idem = record.map(|rec| {
+                rec.answer(Box::new(move |v: &RegionView| {
+                    pb::CreateRegionResponse {
+                        region: Some(region_to_pb(v)),
+                        handoff_token: stored_token.clone(),
+                    }
+                    .encode_to_vec()
+                }))
+            });
+            tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, size = r.size_bytes, "CreateRegion");
+            let key = RegionKey::parse(&r.vm_id, &r.name)?;
+            let create = CreateRequest {
+                key,
+                size_bytes: r.size_bytes,
+                backend,
+                hugepage_size_bytes: r.hugepage_size_bytes,
+                policies,
+            };
+            let view = agent.create_region(create, &who, idem).await?;
+            Ok(pb::CreateRegionResponse {
+                region: Some(region_to_pb(&view)),
+                handoff_token: token,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_region(
+        &self,
+        req: Request<pb::GetRegionRequest>,
+    ) -> Result<Response<pb::GetRegionResponse>, Status> {
+        let r = req.into_inner();
+        let v = self
+            .agent
+            .get_region(&key(&r.vm_id, &r.name)?)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::GetRegionResponse {
+            region: Some(region_to_pb(&v)),
+        }))
+    }
+
+    async fn list_regions(
+        &self,
+        req: Request<pb::ListRegionsRequest>,
+    ) -> Result<Response<pb::ListRegionsResponse>, Status> {
+        let r = req.into_inner();
+        let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
+        let v = self.agent.list_regions(vm).await.map_err(status_of)?;
+        Ok(Response::new(pb::ListRegionsResponse {
+            regions: v.iter().map(region_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_region(
+        &self,
+        req: Request<pb::DeleteRegionRequest>,
+    ) -> Result<Response<pb::DeleteRegionResponse>, Status> {
+        let who = caller(&req);
+        let agent = self.agent.clone();
+        idempotent(&self.agent, req.into_inner(), |r, record| async move {
+            let idem = record.map(|rec| {
+                rec.answer(Box::new(|v: &RegionView| {
+                    pb::DeleteRegionResponse {
+                        region: Some(region_to_pb(v)),
+                    }
+                    .encode_to_vec()
+                }))
+            });
+            tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, "DeleteRegion");
+            let key = RegionKey::parse(&r.vm_id, &r.name)?;
+            let v = agent.delete_region(&key, &who, idem).await?;
+            Ok(pb::DeleteRegionResponse {
+                region: Some(region_to_pb(&v)),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn set_policy(
+        &self,
+        req: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let who = caller(&req);
+        let agent = self.agent.clone();
+        idempotent(&self.agent, req.into_inner(), |r, record| async move {
+            let policy = policy_from_pb(r.policy.as_ref())?;
+            let caps = agent.capabilities().clone();
+            let answered = policy.clone();
+            let idem = record.map(|rec| {
+                rec.answer(Box::new(move |v: &RegionView| {
+                    pb::SetPolicyResponse {
+                        region: Some(region_to_pb(v)),
+                        pages_migrated: 0,
+                        pages_migrate_failed: 0,
+                        warnings: crate::reconcile::policy_warning(
+                            v.intent.backend,
+                            v.intent.strategy,
+                            &answered,
+                            &caps,
+                        )
+                        .into_iter()
+                        .collect(),
+                    }
+                    .encode_to_vec()
+                }))
+            });
+            tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, %policy, offset = r.offset, length = r.length, migrate = r.migrate, "SetPolicy");
+            let key = RegionKey::parse(&r.vm_id, &r.name)?;
+            let o = agent
+                .set_policy(
+                    &key,
+                    r.offset,
+                    r.length,
+                    policy,
+                    r.migrate,
+                    r.expected_generation,
+                    &who,
+                    idem,
+                )
+                .await?;
+            Ok(pb::SetPolicyResponse {
+                region: Some(region_to_pb(&o.region)),
+                pages_migrated: o.pages_migrated,
+                pages_migrate_failed: o.pages_migrate_failed,
+                warnings: o.warnings,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    type PopulateStream = BoxStream<pb::PopulateResponse>;
+
+    async fn populate(
+        &self,
+        req: Request<pb::PopulateRequest>,
+    ) -> Result<Response<Self::PopulateStream>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        tracing::info!(vm_id = %r.vm_id, name = %r.name, caller = %who, offset = r.offset, length = r.length, threads = r.threads, cgroup = %r.cgroup, "Populate");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // A bad name is reported on the stream, like every other refusal of a populate.
+        match RegionKey::parse(&r.vm_id, &r.name) {
+            Ok(key) => {
+                let request = PopulateRequest {
+                    key,
+                    offset: r.offset,
+                    length: r.length,
+                    threads: r.threads,
+                    cgroup: (!r.cgroup.is_empty()).then(|| r.cgroup.clone().into()),
+                    verify: r.verify,
+                };
+                tokio::spawn(populate_stream(self.agent.clone(), request, who, tx));
+            }
+            Err(e) => {
+                let _ = tx.send(Err(invalid(e))).await;
+            }
+        }
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_placement(
+        &self,
+        req: Request<pb::GetPlacementRequest>,
+    ) -> Result<Response<pb::GetPlacementResponse>, Status> {
+        let r = req.into_inner();
+        let p = self
+            .agent
+            .placement(&key(&r.vm_id, &r.name)?, r.offset, r.length)
+            .await
+            .map_err(status_of)?;
+        let whole_region = r.offset == 0 && r.length == 0;
+        if whole_region {
+            let nodes = p.nodes().into_iter().map(|n| (n.node, n.pages));
+            crate::metrics::observe_placement(&r.vm_id, &r.name, p.page_size, nodes);
+        }
+        Ok(Response::new(placement_to_pb(&p)))
+    }
+
+    async fn reconcile(
+        &self,
+        req: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
+        tracing::info!(vm_id = %r.vm_id, caller = %who, "Reconcile");
+        let start = std::time::Instant::now();
+        let rep = self.agent.reconcile(vm, &who).await.map_err(status_of)?;
+        crate::metrics::observe_reconcile(start.elapsed());
+        Ok(Response::new(pb::ReconcileResponse {
+            ranges_checked: rep.checked,
+            ranges_reapplied: rep.reapplied,
+            ranges_drifted: rep.drifted,
+            ranges_failed: rep.failed,
+            regions_checked: rep.regions,
+            ranges_task_policy: rep.task_policy,
+            ranges_lost: rep.lost,
+            ranges_unmapped: rep.unmapped,
+        }))
+    }
+
+    async fn issue_handoff_token(
+        &self,
+        req: Request<pb::IssueHandoffTokenRequest>,
+    ) -> Result<Response<pb::IssueHandoffTokenResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        crate::domain::validate_name("vm_id", &r.vm_id).map_err(invalid)?;
+        tracing::info!(vm_id = %r.vm_id, caller = %who, "IssueHandoffToken");
+        Ok(Response::new(pb::IssueHandoffTokenResponse {
+            handoff_token: self.agent.vm_token(&r.vm_id),
+        }))
+    }
+
+    async fn attach_process(
+        &self,
+        req: Request<pb::AttachProcessRequest>,
+    ) -> Result<Response<pb::AttachProcessResponse>, Status> {
+        let who = caller(&req);
+        let agent = self.agent.clone();
+        idempotent(&self.agent, req.into_inner(), |r, record| async move {
+            let idem = record.map(|rec| {
+                rec.answer_regions(Box::new(|v: &[RegionView]| {
+                    pb::AttachProcessResponse {
+                        regions: v.iter().map(region_to_pb).collect(),
+                    }
+                    .encode_to_vec()
+                }))
+            });
+            tracing::info!(vm_id = %r.vm_id, pid = r.pid, request_id = %r.request_id, caller = %who, "AttachProcess");
+            let v = agent.attach_process(&r.vm_id, r.pid, &who, idem).await?;
+            Ok(pb::AttachProcessResponse {
+                regions: v.iter().map(region_to_pb).collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    type WatchEventsStream = BoxStream<pb::WatchEventsResponse>;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let r = req.into_inner();
+        if !r.vm_id.is_empty() {
+            crate::domain::validate_name("vm_id", &r.vm_id).map_err(invalid)?;
+        }
+        // Subscribe before reading the log, so nothing falls between replay and follow.
+        let live = self.agent.subscribe();
+        let agent = self.agent.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let vm = (!r.vm_id.is_empty()).then_some(r.vm_id);
+            let watch = EventWatch {
+                agent,
+                vm,
+                tx,
+                cursor: r.after_sequence,
+            };
+            watch.run(live, r.no_follow).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Runs one populate and streams its progress, then its summary or error, to `tx`.
+async fn populate_stream(
+    agent: Arc<Agent>,
+    request: PopulateRequest,
+    who: String,
+    tx: tokio::sync::mpsc::Sender<Result<pb::PopulateResponse, Status>>,
+) {
+    // A populate of the whole region reads where all its pages are: keep that for metrics.
+    let whole_region = (request.offset == 0 && request.length == 0)
+        .then(|| (request.key.vm_id.clone(), request.key.name.clone()));
+    let progress = Arc::new(PopulateProgress::default());
+    let p = progress.clone();
+    let mut work = tokio::spawn(async move { agent.populate(request, &p, &who).await });
+    let progress_msg = |p: &PopulateProgress| pb::PopulateResponse {
+        event: Some(pb::populate_response::Event::Progress(
+            pb::PopulateProgress {
+                bytes_done: p.done.load(Ordering::Relaxed),
+                bytes_total: p.total.load(Ordering::Relaxed),
+            },
+        )),
+    };
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.tick().await;
+    let mut reported = false;
+    let outcome = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            // The first chunk is reported at once: a fast populate may end before a tick.
+            _ = progress.advanced.notified(), if !reported => {
+                reported = true;
+                if tx.send(Ok(progress_msg(&progress))).await.is_err() {
+                    progress.cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            _ = tick.tick() => {
+                reported = true;
+                if tx.send(Ok(progress_msg(&progress))).await.is_err() {
+                    progress.cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            _ = tx.closed() => {
+                progress.cancel.store(true, Ordering::Relaxed);
+                // Nobody listens any more (closed() stays ready): just wait for the end.
+                break (&mut work).await;
+            }
+        }
+    };
+    if let (Some((vm_id, name)), Ok(Ok(o))) = (&whole_region, &outcome)
+        && o.verified
+    {
+        let nodes = o.placement.nodes().into_iter().map(|n| (n.node, n.pages));
+        crate::metrics::observe_placement(vm_id, name, o.placement.page_size, nodes);
+    }
+    let msg = match outcome {
+        Ok(Ok(o)) => Ok(pb::PopulateResponse {
+            event: Some(pb::populate_response::Event::Summary(pb::PopulateSummary {
+                bytes_done: o.bytes_done,
+                bytes_total: o.bytes_total,
+                nodes: node_pages(&o.placement.nodes()),
+                elapsed_seconds: o.elapsed_seconds,
+                cancelled: o.cancelled,
+                threads: o.threads,
+                verified: o.verified,
+            })),
+        }),
+        Ok(Err(e)) => Err(status_of(e)),
+        Err(e) => Err(Status::internal(format!("populate task: {e}"))),
+    };
+    let _ = tx.send(msg).await;
+}

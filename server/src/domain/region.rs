@@ -1,0 +1,157 @@
+//! Regions: their keys, backends, placement strategies, holders and intent.
+
+use super::*;
+use std::fmt;
+
+/// What kind of file holds a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// KVM guest_memfd.
+    GuestMemfd,
+    /// memfd (shmem).
+    Memfd,
+    /// memfd on hugetlbfs.
+    MemfdHugetlb,
+}
+
+impl Backend {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GuestMemfd => "guest_memfd",
+            Self::Memfd => "memfd",
+            Self::MemfdHugetlb => "memfd_hugetlb",
+        }
+    }
+
+    /// Parses [`Backend::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::GuestMemfd, Self::Memfd, Self::MemfdHugetlb]
+            .into_iter()
+            .find(|b| b.as_str() == s)
+    }
+}
+
+/// How pages are made to follow a range's policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// mbind through the agent's mapping sets the file's shared policy.
+    SharedPolicy,
+    /// The agent allocates pages from a thread whose task policy is the range's policy.
+    TaskPolicy,
+}
+
+impl Strategy {
+    /// The database and report spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SharedPolicy => "shared-policy",
+            Self::TaskPolicy => "task-policy",
+        }
+    }
+
+    /// Parses [`Strategy::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::SharedPolicy, Self::TaskPolicy]
+            .into_iter()
+            .find(|b| b.as_str() == s)
+    }
+}
+
+/// Identifies a region.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionKey {
+    /// The VM.
+    pub vm_id: String,
+    /// The region within the VM.
+    pub name: String,
+}
+
+impl RegionKey {
+    /// A key from caller input: both names are checked here, once, at the edge.
+    pub fn parse(vm_id: &str, name: &str) -> Result<Self, DomainError> {
+        validate_name("vm_id", vm_id)?;
+        validate_name("name", name)?;
+        Ok(Self {
+            vm_id: vm_id.to_string(),
+            name: name.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for RegionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.vm_id, self.name)
+    }
+}
+
+/// Whether the agent holds a region's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionStatus {
+    /// Held and mapped.
+    Active,
+    /// Gone after a restart with no holder; intent kept until deleted.
+    Lost,
+}
+
+impl RegionStatus {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+/// Who holds a region's fd besides the agent, recorded at handoff so the agent can take the fd
+/// back after its own restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The process id.
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat, so a reused pid is not mistaken for the holder.
+    pub start_time: u64,
+}
+
+/// The durable intent of one region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionIntent {
+    /// Identity.
+    pub key: RegionKey,
+    /// A unique id.
+    pub uid: String,
+    /// File kind.
+    pub backend: Backend,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Huge page size, or 0.
+    pub hugepage_size_bytes: u64,
+    /// Bumped by each change of intent.
+    pub generation: u64,
+    /// Placement strategy, chosen at creation from probed capabilities.
+    pub strategy: Strategy,
+    /// Per-range policies.
+    pub ranges: RangeMap,
+    /// Creation time, Unix seconds.
+    pub created_unix: i64,
+    /// Held or lost.
+    pub status: RegionStatus,
+    /// The last process that acquired the fd.
+    pub holder: Option<Holder>,
+    /// (st_dev, st_ino) of the file, to find it in a holder after a restart.
+    pub file_id: Option<(u64, u64)>,
+    /// Whether the file was handed in by a VMM (adopt) rather than created by the agent.
+    pub adopted: bool,
+}
+
+impl RegionIntent {
+    /// The file's page size.
+    pub fn page_size(&self, base_page: u64) -> u64 {
+        if self.backend == Backend::MemfdHugetlb {
+            self.hugepage_size_bytes
+        } else {
+            base_page
+        }
+    }
+}

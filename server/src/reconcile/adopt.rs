@@ -1,0 +1,106 @@
+//! Adopt: a file a VMM made (a guest_memfd of its own VM, or a memfd) becomes a region, durable
+//! first, then mapped.
+
+use super::agent::{Agent, new_uid};
+use super::error::{AgentError, kerr};
+use super::live::{LiveRegion, RegionFile, RegionView};
+use crate::domain::{
+    Backend, DomainError, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus,
+    Strategy, validate_name,
+};
+use crate::kernel::Mapping;
+use crate::store::{WriteOp, unix_now};
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use tokio::sync::RwLock;
+
+impl Agent {
+    /// Takes a file a VMM made and makes it a region: durable first, then mapped and bound.
+    pub(crate) async fn adopt(
+        &self,
+        key: RegionKey,
+        backend: Backend,
+        size_bytes: u64,
+        fd: OwnedFd,
+        holder: Holder,
+        actor: &str,
+    ) -> Result<RegionView, AgentError> {
+        validate_name("vm_id", &key.vm_id)?;
+        validate_name("name", &key.name)?;
+        let st = nix::sys::stat::fstat(&fd).map_err(kerr("fstat"))?;
+        // guest_memfd reports its size too; a region larger than its file would fault SIGBUS.
+        let file_size = st.st_size as u64;
+        if file_size != size_bytes {
+            return Err(AgentError::InvalidArgument(format!(
+                "size_bytes {size_bytes} does not match the file's size {file_size}"
+            )));
+        }
+        if size_bytes == 0
+            || !size_bytes.is_multiple_of(self.page)
+            || size_bytes > self.limits.max_region_bytes
+        {
+            return Err(DomainError::BadSize {
+                size: size_bytes,
+                max: self.limits.max_region_bytes,
+            }
+            .into());
+        }
+        let _m = self.membership.lock().await;
+        if self.regions.lock().contains_key(&key) {
+            return Err(AgentError::AlreadyExists(key));
+        }
+        let mapping = Mapping::new(fd.as_fd(), size_bytes).map_err(|e| {
+            AgentError::InvalidArgument(format!(
+                "the fd handed in cannot be mapped shared for {size_bytes} bytes: {}",
+                e.desc()
+            ))
+        })?;
+        let strategy = match backend {
+            Backend::GuestMemfd if self.caps.guest_memfd_shared_policy => Strategy::SharedPolicy,
+            Backend::GuestMemfd => Strategy::TaskPolicy,
+            b => self.strategy_for(b),
+        };
+        let intent = RegionIntent {
+            key: key.clone(),
+            uid: new_uid(),
+            backend,
+            size_bytes,
+            hugepage_size_bytes: 0,
+            generation: 1,
+            strategy,
+            ranges: RangeMap::new(size_bytes),
+            created_unix: unix_now(),
+            status: RegionStatus::Active,
+            holder: Some(holder),
+            file_id: Some((st.st_dev, st.st_ino)),
+            adopted: true,
+        };
+        let ev = self.event(
+            EventKind::RegionAdopted,
+            Some(&key),
+            format!(
+                "adopted a {} file of {size_bytes} bytes from pid {}",
+                backend.as_str(),
+                holder.pid
+            ),
+            actor,
+        );
+        self.commit(vec![WriteOp::InsertRegion(intent.clone())], vec![ev])
+            .await?;
+        let live = Box::new(LiveRegion {
+            intent,
+            file: Some(RegionFile {
+                fd,
+                mapping: Some(mapping),
+                vm: None,
+            }),
+            errors: HashMap::new(),
+        });
+        let (live, view) = self.view_of(live).await?;
+        self.regions
+            .lock()
+            .insert(key, Arc::new(RwLock::new(*live)));
+        Ok(view)
+    }
+}

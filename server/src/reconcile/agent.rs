@@ -1,0 +1,402 @@
+//! The engine's core: the [`Agent`] with its region map, VM registry, event bus and store, and the
+//! plumbing every operation shares: lookups, durable events, commits, and [`Agent::blocking`],
+//! which runs kernel work on a blocking thread.
+//!
+//! Locks: the region and VM maps are `parking_lot` mutexes, held only to look up or insert (never
+//! across an await or a syscall), and they do not poison: a panic elsewhere cannot wedge every
+//! later request. Each region is a tokio `RwLock`, held across its kernel work.
+
+use super::error::{AgentError, kerr};
+use super::live::Slot;
+use crate::domain::{Event, EventKind, RegionKey, Strategy};
+use crate::handoff::token::TokenKey;
+use crate::kernel::{self, GuestMemfdVm, probe::Capabilities};
+use crate::store::{Store, WriteOp, unix_now_ms};
+use crate::topology::{Topology, TopologyCache, TopologyReader};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// Limits on what callers may ask for.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Regions at most.
+    pub max_regions: usize,
+    /// Ranges per region at most (each can split a kernel VMA; vm.max_map_count is finite).
+    pub max_ranges_per_region: usize,
+    /// Bytes per region at most.
+    pub max_region_bytes: u64,
+    /// The strategy of every new region, when the configuration forces one (`force_strategy`);
+    /// `None` picks per backend from the probed capabilities.
+    pub force_strategy: Option<Strategy>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_regions: 4096,
+            max_ranges_per_region: 256,
+            max_region_bytes: 1 << 40,
+            force_strategy: None,
+        }
+    }
+}
+
+/// Counters the metrics endpoint reads.
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    /// Ranges found drifted.
+    pub drifted: std::sync::atomic::AtomicU64,
+    /// Ranges re-applied.
+    pub reapplied: std::sync::atomic::AtomicU64,
+    /// Regions lost.
+    pub regions_lost: std::sync::atomic::AtomicU64,
+    /// Handoffs served.
+    pub handoffs: std::sync::atomic::AtomicU64,
+}
+
+/// The engine.
+pub struct Agent {
+    pub(crate) store: Store,
+    pub(crate) caps: Capabilities,
+    pub(crate) topology: TopologyCache,
+    pub(crate) page: u64,
+    pub(crate) limits: Limits,
+    pub(crate) regions: Mutex<BTreeMap<RegionKey, Slot>>,
+    /// Serializes creates and deletes, so region counts and names stay consistent.
+    pub(crate) membership: tokio::sync::Mutex<()>,
+    pub(crate) vms: Mutex<HashMap<String, Arc<GuestMemfdVm>>>,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) tokens: TokenKey,
+    /// Counters for metrics.
+    pub counters: AgentCounters,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").finish_non_exhaustive()
+    }
+}
+
+/// The actor recorded for the agent's own actions.
+pub const AGENT_ACTOR: &str = "agent";
+
+impl Agent {
+    /// Builds the engine from an open store and probed capabilities, then recovers every stored
+    /// region (see [`Agent::recover`]).
+    pub async fn start(
+        store: Store,
+        caps: Capabilities,
+        topology: TopologyReader,
+        limits: Limits,
+    ) -> Result<Arc<Self>, AgentError> {
+        let secret = store
+            .meta_or_init("handoff_token_key", || {
+                let mut k = vec![0u8; 32];
+                rand::fill(&mut k[..]);
+                k
+            })
+            .await?;
+        let (events, _) = broadcast::channel(4096);
+        let agent = Arc::new(Self {
+            store,
+            caps,
+            topology: TopologyCache::new(topology),
+            page: kernel::page_size(),
+            limits,
+            regions: Mutex::new(BTreeMap::new()),
+            membership: tokio::sync::Mutex::new(()),
+            vms: Mutex::new(HashMap::new()),
+            events,
+            tokens: TokenKey::new(&secret),
+            counters: AgentCounters::default(),
+        });
+        agent.recover().await?;
+        agent
+            .emit(
+                EventKind::AgentStarted,
+                None,
+                "agent started".into(),
+                AGENT_ACTOR,
+            )
+            .await?;
+        Ok(agent)
+    }
+
+    /// Probed capabilities.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Base page size.
+    pub fn page_size(&self) -> u64 {
+        self.page
+    }
+
+    /// Reads the topology now (free memory and huge pages as they are; this also refreshes the
+    /// cached shape that policy checks use, see [`TopologyCache`]).
+    pub fn topology(&self) -> Topology {
+        self.topology.read_now()
+    }
+
+    /// The handoff token secret.
+    pub(crate) fn tokens(&self) -> &TokenKey {
+        &self.tokens
+    }
+
+    /// Runs kernel work on tokio's blocking pool and waits for it without blocking the runtime
+    /// (on any runtime flavour; `block_in_place` panics on a current-thread runtime). The closure
+    /// owns what it touches: a region is passed in as an owned guard and handed back with the
+    /// result. A panic in the work is answered as [`AgentError::Internal`], not propagated.
+    pub(crate) async fn blocking<T, F>(f: F) -> Result<T, AgentError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        tokio::task::spawn_blocking(f).await.map_err(|e| {
+            AgentError::Internal(format!("kernel work on a blocking thread failed: {e}"))
+        })
+    }
+
+    /// Subscribes to live events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn slot(&self, key: &RegionKey) -> Result<Slot, AgentError> {
+        self.regions
+            .lock()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(key.clone()))
+    }
+
+    pub(crate) fn slots(&self, vm_id: Option<&str>) -> Vec<Slot> {
+        self.regions
+            .lock()
+            .iter()
+            .filter(|(k, _)| vm_id.is_none_or(|v| k.vm_id == v))
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// Appends an event durably and broadcasts it.
+    pub async fn emit(
+        &self,
+        kind: EventKind,
+        key: Option<&RegionKey>,
+        message: String,
+        actor: &str,
+    ) -> Result<(), AgentError> {
+        let mut event = event(kind, key, message, actor);
+        let seqs = self
+            .store
+            .write(vec![WriteOp::AppendEvent(event.clone())])
+            .await?;
+        event.sequence = seqs.first().copied().unwrap_or(0);
+        let _ = self.events.send(event);
+        Ok(())
+    }
+
+    /// An event to commit (its sequence is set when it is written).
+    pub(crate) fn event(
+        &self,
+        kind: EventKind,
+        key: Option<&RegionKey>,
+        message: String,
+        actor: &str,
+    ) -> Event {
+        event(kind, key, message, actor)
+    }
+
+    /// Commits `ops` plus events, then broadcasts the events with their sequence numbers.
+    pub(crate) async fn commit(
+        &self,
+        mut ops: Vec<WriteOp>,
+        events: Vec<Event>,
+    ) -> Result<(), AgentError> {
+        let n = events.len();
+        ops.extend(events.iter().cloned().map(WriteOp::AppendEvent));
+        let seqs = self.store.write(ops).await?;
+        for (mut e, seq) in events.into_iter().zip(seqs).take(n) {
+            e.sequence = seq;
+            let _ = self.events.send(e);
+        }
+        Ok(())
+    }
+
+    /// The VM this vm_id's guest_memfd files are made on: the one a VMM attached, else one the
+    /// agent creates. The VM is created without holding the map's lock (creating a KVM VM takes
+    /// milliseconds); when two calls race, the first inserted wins and the other's VM is dropped.
+    pub(crate) async fn vm_for(&self, vm_id: &str) -> Result<Arc<GuestMemfdVm>, AgentError> {
+        if let Some(vm) = self.vms.lock().get(vm_id).cloned() {
+            return Ok(vm);
+        }
+        let vm = Agent::blocking(GuestMemfdVm::create)
+            .await?
+            .map_err(kerr("creating a KVM VM"))?;
+        Ok(self
+            .vms
+            .lock()
+            .entry(vm_id.to_string())
+            .or_insert(Arc::new(vm))
+            .clone())
+    }
+
+    /// Forgets a vm_id's VM once no region of that VM is left.
+    pub(crate) fn release_vm_if_unused(&self, vm_id: &str) {
+        let regions = self.regions.lock();
+        if !regions.keys().any(|k| k.vm_id == vm_id) {
+            self.vms.lock().remove(vm_id);
+        }
+    }
+
+    /// Uses a VMM's VM fd for this vm_id's later guest_memfd regions, with its audit event: the
+    /// event is durable before the VM is used, and when it cannot be written nothing is attached
+    /// and the error is returned.
+    pub async fn attach_vm_audited(
+        &self,
+        vm_id: &str,
+        fd: OwnedFd,
+        message: String,
+        actor: &str,
+    ) -> Result<(), AgentError> {
+        let vm = vm_of_fd(fd)?;
+        let key = RegionKey {
+            vm_id: vm_id.to_string(),
+            name: String::new(),
+        };
+        self.emit(EventKind::VmAttached, Some(&key), message, actor)
+            .await?;
+        self.vms.lock().insert(vm_id.to_string(), Arc::new(vm));
+        Ok(())
+    }
+}
+
+/// An event to commit (its sequence is set when it is written).
+pub(crate) fn event(
+    kind: EventKind,
+    key: Option<&RegionKey>,
+    message: String,
+    actor: &str,
+) -> Event {
+    Event {
+        sequence: 0,
+        time_unix_ms: unix_now_ms(),
+        kind,
+        vm_id: key.map(|k| k.vm_id.clone()).unwrap_or_default(),
+        name: key.map(|k| k.name.clone()).unwrap_or_default(),
+        message,
+        actor: actor.to_string(),
+    }
+}
+
+fn vm_of_fd(fd: OwnedFd) -> Result<GuestMemfdVm, AgentError> {
+    GuestMemfdVm::from_fd(fd)
+        .map_err(|_| AgentError::InvalidArgument("the fd handed in is not a KVM VM fd".into()))
+}
+
+/// A random (version 4) UUID for a new region.
+pub(crate) fn new_uid() -> String {
+    let mut b = [0u8; 16];
+    rand::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Backend, NodeSet, Policy, PolicyMode};
+    use crate::reconcile::CreateRequest;
+    use std::time::Duration;
+
+    /// The engine runs on a current-thread runtime (`#[tokio::test]`'s default): kernel work goes
+    /// through `spawn_blocking`, where `block_in_place` would panic. Every operation that reads
+    /// or changes the kernel is called once, on a memfd region bound to node 0, and a restart of
+    /// the agent recovers the region.
+    #[tokio::test]
+    async fn the_engine_runs_on_a_current_thread_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        let usable: Vec<u32> = TopologyReader::host().read().usable.iter().collect();
+        let caps = kernel::probe::probe(&usable);
+        let open = || Store::open(&db, Duration::from_secs(5));
+        let agent = Agent::start(
+            open().await.unwrap(),
+            caps.clone(),
+            TopologyReader::host(),
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let page = agent.page_size();
+        let key = RegionKey {
+            vm_id: "vm".into(),
+            name: "r".into(),
+        };
+        let bind0 = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+        let req = CreateRequest {
+            key: key.clone(),
+            size_bytes: 4 * page,
+            backend: Backend::Memfd,
+            hugepage_size_bytes: 0,
+            policies: vec![(0, 0, bind0)],
+        };
+        let v = agent.create_region(req, "test", None).await.unwrap();
+        assert_eq!(v.ranges.len(), 1);
+        assert_eq!(v.ranges[0].observed, Some(bind0));
+        let out = agent
+            .set_policy(&key, page, page, Policy::DEFAULT, true, 0, "test", None)
+            .await
+            .unwrap();
+        assert_eq!(out.region.ranges.len(), 3);
+        assert_eq!(agent.get_region(&key).await.unwrap().ranges.len(), 3);
+        let report = agent.reconcile(None, "test").await.unwrap();
+        assert_eq!((report.checked, report.reapplied), (3, 3), "{report:?}");
+        let progress = Arc::new(crate::reconcile::PopulateProgress::default());
+        let req = crate::reconcile::PopulateRequest {
+            key: key.clone(),
+            offset: 0,
+            length: 0,
+            threads: 1,
+            cgroup: None,
+            verify: true,
+        };
+        let done = agent.populate(req, &progress, "test").await.unwrap();
+        assert_eq!(done.bytes_done, 4 * page);
+        let placed = agent.placement(&key, 0, 0).await.unwrap();
+        assert_eq!(placed.total(|r| r.not_present), 0);
+        drop(agent);
+        // Never handed off: the restart recreates the file (empty) and re-binds every range.
+        let agent = Agent::start(
+            open().await.unwrap(),
+            caps,
+            TopologyReader::host(),
+            Limits::default(),
+        )
+        .await
+        .unwrap();
+        let v = agent.list_regions(Some("vm")).await.unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].ranges[0].observed, Some(bind0));
+        agent.delete_region(&key, "test", None).await.unwrap();
+        assert!(agent.list_regions(None).await.unwrap().is_empty());
+    }
+}

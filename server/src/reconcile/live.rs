@@ -1,0 +1,337 @@
+//! What the agent holds of a region (file, mapping, intent, per-range errors) and the views the
+//! API returns, read from the kernel.
+
+use super::agent::Agent;
+use super::error::AgentError;
+use super::placement;
+use super::plan::{FileKernel, policy_seen};
+use crate::domain::{Policy, RangeIntent, RegionIntent, Strategy};
+use crate::kernel::{GuestMemfdVm, Mapping};
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use tokio::sync::RwLock;
+
+/// The agent's open file of a region.
+#[derive(Debug)]
+pub(crate) struct RegionFile {
+    pub(crate) fd: OwnedFd,
+    /// The agent's own shared mapping; None where the file cannot be mapped.
+    pub(crate) mapping: Option<Mapping>,
+    /// The VM a guest_memfd belongs to, when the agent has its fd.
+    pub(crate) vm: Option<Arc<GuestMemfdVm>>,
+}
+
+/// One live region: durable intent plus the agent's handles, and per-range apply errors.
+#[derive(Debug)]
+pub(crate) struct LiveRegion {
+    pub(crate) intent: RegionIntent,
+    pub(crate) file: Option<RegionFile>,
+    /// Last apply error by range offset; cleared on success.
+    pub(crate) errors: HashMap<u64, String>,
+}
+
+/// A live region's lock. Owned guards (`read_owned`, `write_owned`) carry a region into
+/// [`Agent::blocking`] and back.
+pub(crate) type Slot = Arc<RwLock<LiveRegion>>;
+
+/// Where a range stands against the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeState {
+    /// The kernel reports the intent.
+    Applied,
+    /// Not in force yet.
+    Pending,
+    /// The last apply failed.
+    Failed,
+    /// The kernel reports something else.
+    Drifted,
+    /// A task-policy range Populate placed, whose pages' nodes the kernel could not show (no
+    /// mapping, or the read failed).
+    Unverified,
+}
+
+/// A range with what the kernel reports.
+#[derive(Clone, Debug)]
+pub struct RangeView {
+    /// Intent.
+    pub intent: RangeIntent,
+    /// Observed from the kernel.
+    pub observed: Option<Policy>,
+    /// State.
+    pub state: RangeState,
+    /// Last error.
+    pub last_error: String,
+    /// What the kernel showed of a task-policy range's pages when this view was made.
+    pub check: Option<placement::RangeCheck>,
+}
+
+/// A region with observed state, as the API returns it.
+#[derive(Clone, Debug)]
+pub struct RegionView {
+    /// Durable intent.
+    pub intent: RegionIntent,
+    /// Ranges with observed policies.
+    pub ranges: Vec<RangeView>,
+    /// Page size of the file.
+    pub page_size: u64,
+}
+
+impl LiveRegion {
+    /// A view without reading the kernel: every range pending. Used for stored first answers.
+    pub(crate) fn view_without_kernel(&self, base_page: u64) -> RegionView {
+        let live = self;
+        RegionView {
+            ranges: live
+                .intent
+                .ranges
+                .ranges()
+                .iter()
+                .map(|r| RangeView {
+                    intent: *r,
+                    observed: None,
+                    state: RangeState::Pending,
+                    last_error: String::new(),
+                    check: None,
+                })
+                .collect(),
+            page_size: live.intent.page_size(base_page),
+            intent: live.intent.clone(),
+        }
+    }
+
+    /// A view with each range's policy read from the kernel now. Blocking.
+    pub(crate) fn view(&self, base_page: u64) -> RegionView {
+        let live = self;
+        let mapping = live.file.as_ref().and_then(|f| f.mapping.as_ref());
+        let page = live.intent.page_size(base_page);
+        let shared = live.intent.strategy == Strategy::SharedPolicy;
+        let ranges = live
+            .intent
+            .ranges
+            .ranges()
+            .iter()
+            .map(|r| {
+                let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
+                let observed =
+                    live.file
+                        .as_ref()
+                        .zip(mapping)
+                        .filter(|_| shared)
+                        .and_then(|(f, m)| {
+                            let k = FileKernel {
+                                fd: f.fd.as_fd(),
+                                mapping: Some(m),
+                                page,
+                            };
+                            policy_seen(&k, r, page)
+                        });
+                // A task-policy range's only effect is where its pages are: read it now.
+                let check = live.file.as_ref().filter(|_| !shared).and_then(|f| {
+                    placement::check_range(f.fd.as_fd(), live.intent.size_bytes, r, page).ok()
+                });
+                let state = match live.intent.strategy {
+                    _ if live.file.is_none() => RangeState::Failed,
+                    Strategy::SharedPolicy => match observed {
+                        Some(p) if p == r.policy => RangeState::Applied,
+                        _ if !last_error.is_empty() => RangeState::Failed,
+                        Some(_) => RangeState::Drifted,
+                        None => RangeState::Pending,
+                    },
+                    Strategy::TaskPolicy if !last_error.is_empty() => RangeState::Failed,
+                    Strategy::TaskPolicy => task_state(r, check),
+                };
+                let last_error = if live.file.is_none() && last_error.is_empty() {
+                    "region lost: no process held its file while the agent was down".to_string()
+                } else {
+                    last_error
+                };
+                RangeView {
+                    intent: *r,
+                    observed,
+                    state,
+                    last_error,
+                    check,
+                }
+            })
+            .collect();
+        RegionView {
+            intent: live.intent.clone(),
+            ranges,
+            page_size: page,
+        }
+    }
+}
+
+impl Agent {
+    /// A view without reading the kernel: every range pending. Used for stored first answers.
+    pub(crate) fn view_without_kernel(&self, live: &LiveRegion) -> RegionView {
+        live.view_without_kernel(self.page)
+    }
+
+    /// [`LiveRegion::view`] on a blocking thread; the region (an owned guard, or a boxed region
+    /// not yet in the map) is handed back with its view.
+    pub(crate) async fn view_of<G>(&self, live: G) -> Result<(G, RegionView), AgentError>
+    where
+        G: Deref<Target = LiveRegion> + Send + 'static,
+    {
+        let page = self.page;
+        Agent::blocking(move || {
+            let view = live.view(page);
+            (live, view)
+        })
+        .await
+    }
+}
+
+/// The state of a task-policy range from what the kernel shows now (`check`, `None` when it
+/// could not be read), never from the database alone: the stored `placed` says only that
+/// Populate allocated the range under its policy once; pages punched since and faulted again by
+/// someone else followed that someone's policy.
+/// - Drifted: an allocated page sits on a node the policy does not allow.
+/// - Pending: never placed, or not every page is allocated any more.
+/// - Unverified: placed, but the kernel could not show where (some) pages are.
+/// - Applied: placed, every page allocated, every sampled page on an allowed node (a DEFAULT
+///   range asks for nothing, so it is always applied).
+pub(crate) fn task_state(r: &RangeIntent, check: Option<placement::RangeCheck>) -> RangeState {
+    if r.policy == Policy::DEFAULT {
+        return RangeState::Applied;
+    }
+    match check {
+        Some(c) if c.pages_sampled_misplaced > 0 => RangeState::Drifted,
+        _ if !r.placed => RangeState::Pending,
+        Some(c) if c.pages_allocated < c.pages_total => RangeState::Pending,
+        Some(c) if c.pages_sampled_unknown == 0 => RangeState::Applied,
+        _ => RangeState::Unverified,
+    }
+}
+
+impl LiveRegion {
+    /// The region's file as the planner sees it (`None` without a file). Its `allocated_pages`
+    /// is an error when the kernel cannot tell: a caller that must refuse on allocated pages must
+    /// not read that as "none".
+    pub(crate) fn kernel(&self, page: u64) -> Option<FileKernel<'_>> {
+        self.file.as_ref().map(|f| FileKernel {
+            fd: f.fd.as_fd(),
+            mapping: f.mapping.as_ref(),
+            page,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::plan::RangeKernel;
+    use super::*;
+    use crate::domain::{Backend, PolicyMode, RangeMap, RegionKey, RegionStatus};
+    use crate::kernel;
+    use nix::errno::Errno;
+
+    fn live_with(fd: OwnedFd, size: u64) -> LiveRegion {
+        let key = RegionKey {
+            vm_id: "vm".into(),
+            name: "r".into(),
+        };
+        LiveRegion {
+            intent: RegionIntent {
+                key,
+                uid: super::super::new_uid(),
+                backend: Backend::GuestMemfd,
+                size_bytes: size,
+                hugepage_size_bytes: 0,
+                generation: 1,
+                strategy: Strategy::TaskPolicy,
+                ranges: RangeMap::new(size),
+                created_unix: 0,
+                status: RegionStatus::Active,
+                holder: None,
+                file_id: None,
+                adopted: false,
+            },
+            file: Some(RegionFile {
+                fd,
+                mapping: None,
+                vm: None,
+            }),
+            errors: HashMap::new(),
+        }
+    }
+
+    /// When the kernel cannot say which pages are allocated, the count is an error, not 0 (0
+    /// would let a guest_memfd migrate through, whose pages cannot move).
+    #[test]
+    fn resident_pages_fails_when_the_kernel_cannot_tell() {
+        let resident_pages = |live: &LiveRegion, offset, length, page| {
+            live.kernel(page)
+                .ok_or(Errno::EBADF)?
+                .allocated_pages(offset, length)
+        };
+        let page = kernel::page_size();
+        // An O_PATH descriptor: cachestat refuses it (EBADF).
+        let fd: OwnedFd = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open("/")
+            .unwrap()
+            .into();
+        let live = live_with(fd, page);
+        assert!(
+            resident_pages(&live, 0, page, page).is_err(),
+            "an unreadable allocation map must not count as no pages"
+        );
+        // A real file counts: nothing allocated, then one page.
+        let fd = kernel::create_memfd("resident-test", 2 * page, None).unwrap();
+        kernel::fallocate(fd.as_fd(), page, page, false).unwrap();
+        let live = live_with(fd, 2 * page);
+        assert_eq!(resident_pages(&live, 0, 2 * page, page), Ok(1));
+    }
+
+    use std::os::unix::fs::OpenOptionsExt;
+
+    /// A task-policy range's state comes from the kernel's answer, not from `placed` alone.
+    #[test]
+    fn task_state_follows_the_kernel() {
+        use placement::RangeCheck;
+        let bind = Policy::new(
+            PolicyMode::Bind,
+            crate::domain::NodeSet::from_ids([1]).unwrap(),
+        );
+        let r = |placed| RangeIntent {
+            offset: 0,
+            length: 8 * 4096,
+            policy: bind,
+            placed,
+        };
+        let full = RangeCheck {
+            pages_total: 8,
+            pages_allocated: 8,
+            pages_sampled: 8,
+            ..Default::default()
+        };
+        assert_eq!(task_state(&r(true), Some(full)), RangeState::Applied);
+        assert_eq!(task_state(&r(false), Some(full)), RangeState::Pending);
+        assert_eq!(task_state(&r(true), None), RangeState::Unverified);
+        let punched = RangeCheck {
+            pages_allocated: 7,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(punched)), RangeState::Pending);
+        let elsewhere = RangeCheck {
+            pages_sampled_misplaced: 1,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(elsewhere)), RangeState::Drifted);
+        assert_eq!(task_state(&r(false), Some(elsewhere)), RangeState::Drifted);
+        let unknown = RangeCheck {
+            pages_sampled_unknown: 1,
+            ..full
+        };
+        assert_eq!(task_state(&r(true), Some(unknown)), RangeState::Unverified);
+        let default = RangeIntent {
+            policy: Policy::DEFAULT,
+            ..r(false)
+        };
+        assert_eq!(task_state(&default, None), RangeState::Applied);
+    }
+}

@@ -1,0 +1,533 @@
+//! What to do to a region, decided from its intent and what the kernel shows.
+//!
+//! The decisions are pure functions: [`plan`] (Reconcile: which ranges to report as drifted and
+//! re-bind, which regions to skip), [`plan_recovery`] (a restart: take the file back, recreate
+//! it, or mark the region lost) and [`plan_migrate`] (SetPolicy with migrate on guest_memfd).
+//! What they decide from is read through [`RangeKernel`], the few kernel calls they need, so the
+//! same cases run against a fake kernel (unit tests below) and the real one
+//! (`server/tests/engine_contract.rs`), and [`execute`] carries a plan out through the same trait.
+
+use crate::domain::{Backend, Policy, RangeIntent, RegionIntent, RegionStatus, Strategy};
+use nix::errno::Errno;
+
+/// The kernel calls the planner needs, over one region's file.
+pub trait RangeKernel {
+    /// The file's shared policy at `offset` as the kernel reports it; `None` when unreadable.
+    fn policy_at(&self, offset: u64) -> Option<Policy>;
+    /// Binds `[offset, offset+length)` of the file to `policy` (replacing whatever any mapping
+    /// set there before).
+    fn bind(&self, offset: u64, length: u64, policy: &Policy) -> Result<(), Errno>;
+    /// Pages of `[offset, offset+length)` allocated in the file.
+    fn allocated_pages(&self, offset: u64, length: u64) -> Result<u64, Errno>;
+}
+
+/// Sample points per range for drift detection, besides its first and last page.
+pub const DRIFT_SAMPLES: u64 = 512;
+
+/// The offsets at which a range's shared policy is read: its first page, every `stride` bytes
+/// after it, and its last page. The stride is the range's length over [`DRIFT_SAMPLES`], rounded
+/// up to whole pages, so a range of up to that many pages is read at every page and any foreign
+/// sub-range at least one stride long contains a sample.
+pub fn sample_offsets(r: &RangeIntent, page: u64) -> impl Iterator<Item = u64> {
+    let pages = (r.length / page).max(1);
+    let stride = pages.div_ceil(DRIFT_SAMPLES) * page;
+    let last = r.end().saturating_sub(page).max(r.offset);
+    (r.offset..r.end())
+        .step_by(stride as usize)
+        .chain((!(last - r.offset).is_multiple_of(stride)).then_some(last))
+}
+
+/// Where a range's policy was found not to be its intent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drift {
+    /// The first sampled offset that differs.
+    pub offset: u64,
+    /// What the kernel reports there; `None` when it cannot be read.
+    pub found: Option<Policy>,
+}
+
+impl Drift {
+    /// What was found, for messages.
+    pub fn found_text(&self) -> String {
+        self.found
+            .map_or("nothing readable".into(), |p| p.to_string())
+    }
+}
+
+/// The first sample of a range whose policy, as the kernel reports it, is not the range's
+/// intent; `None` when every sample matches.
+pub fn find_drift(k: &impl RangeKernel, r: &RangeIntent, page: u64) -> Option<Drift> {
+    first_drift(k, r, sample_offsets(r, page))
+}
+
+/// [`find_drift`] at the range's first and last page only.
+pub fn find_drift_at_ends(k: &impl RangeKernel, r: &RangeIntent, page: u64) -> Option<Drift> {
+    let last = r.end().saturating_sub(page).max(r.offset);
+    first_drift(k, r, [r.offset, last].into_iter())
+}
+
+fn first_drift(
+    k: &impl RangeKernel,
+    r: &RangeIntent,
+    mut offsets: impl Iterator<Item = u64>,
+) -> Option<Drift> {
+    offsets.find_map(|offset| {
+        let found = k.policy_at(offset);
+        (found != Some(r.policy)).then_some(Drift { offset, found })
+    })
+}
+
+/// The policy the kernel holds over a range as far as its samples tell: the intent when every
+/// sample matches, else what the first differing sample reports (`None` when unreadable).
+pub fn policy_seen(k: &impl RangeKernel, r: &RangeIntent, page: u64) -> Option<Policy> {
+    match find_drift(k, r, page) {
+        None => Some(r.policy),
+        Some(d) => d.found,
+    }
+}
+
+/// What the agent holds of a region's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileState {
+    /// No file (lost, or it could not be recreated).
+    Missing,
+    /// A file the agent cannot map (a guest_memfd without MMAP): no policy can be read.
+    Unmapped,
+    /// A file with the agent's mapping.
+    Mapped,
+}
+
+/// What the kernel showed of a region, read before planning ([`observe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// The agent's file.
+    pub file: FileState,
+    /// For a mapped shared-policy region, per range of the intent in order, the first sample
+    /// that differs from it; empty otherwise.
+    pub drift: Vec<Option<Drift>>,
+}
+
+/// Reads what [`plan`] decides from: the drift of every range, where the region has a mapped
+/// file placed through the kernel's shared policy.
+pub fn observe(
+    k: Option<&impl RangeKernel>,
+    intent: &RegionIntent,
+    file: FileState,
+    page: u64,
+) -> Observed {
+    let drift = match k {
+        Some(k)
+            if file == FileState::Mapped
+                && intent.status != RegionStatus::Lost
+                && intent.strategy == Strategy::SharedPolicy =>
+        {
+            intent
+                .ranges
+                .ranges()
+                .iter()
+                .map(|r| find_drift(k, r, page))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    Observed { file, drift }
+}
+
+/// Why a region's ranges were not checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// The region is lost: no file, nothing to check.
+    Lost,
+    /// The agent holds no mapping of the file, so no policy can be read.
+    Unmapped,
+    /// Placed by task policy: the file holds no policy to compare.
+    TaskPolicy,
+}
+
+/// How a re-bound range is verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// At every sample: a drift was seen, and its repair must show.
+    Samples,
+    /// At the range's first and last page: the bind replaced the whole span or failed.
+    Ends,
+}
+
+/// One step of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing in this region is checked; its `ranges` are counted under `why`.
+    Skip {
+        /// Why.
+        why: Skip,
+        /// How many ranges.
+        ranges: u32,
+    },
+    /// Report that the range's policy is not its intent.
+    ReportDrift {
+        /// The range.
+        range: RangeIntent,
+        /// Where and what.
+        drift: Drift,
+    },
+    /// Re-bind the whole range to its intent, then verify it.
+    Rebind {
+        /// The range.
+        range: RangeIntent,
+        /// How to verify.
+        verify: Verify,
+    },
+}
+
+/// Reconcile's decision for one region.
+///
+/// A shmem file's shared policy is a tree of sub-ranges, and anyone who maps the file (a VMM
+/// through /proc/PID/fd/N, QEMU's `host-nodes`) can mbind any page-aligned part of it. No
+/// interface lists that tree: get_mempolicy reads one address. So drift is *detected* at sample
+/// points ([`sample_offsets`]), and every range is *repaired* regardless, by re-binding its whole
+/// span on every pass, which replaces every sub-range of the tree in it. A change too small to be
+/// sampled is thus undone by the next pass without a drift report.
+pub fn plan(intent: &RegionIntent, observed: &Observed) -> Vec<Action> {
+    let ranges = intent.ranges.ranges();
+    let n = ranges.len() as u32;
+    let skip = |why| vec![Action::Skip { why, ranges: n }];
+    if intent.status == RegionStatus::Lost {
+        return skip(Skip::Lost);
+    }
+    match observed.file {
+        FileState::Missing => return skip(Skip::Unmapped),
+        _ if intent.strategy != Strategy::SharedPolicy => return skip(Skip::TaskPolicy),
+        FileState::Unmapped => return skip(Skip::Unmapped),
+        FileState::Mapped => {}
+    }
+    let mut actions = Vec::new();
+    for (i, range) in ranges.iter().enumerate() {
+        let drift = observed.drift.get(i).copied().flatten();
+        if let Some(drift) = drift {
+            actions.push(Action::ReportDrift {
+                range: *range,
+                drift,
+            });
+        }
+        actions.push(Action::Rebind {
+            range: *range,
+            verify: if drift.is_some() {
+                Verify::Samples
+            } else {
+                Verify::Ends
+            },
+        });
+    }
+    actions
+}
+
+/// Carries out one re-bind: bind the whole range, then read it back as `verify` says. `Ok` when
+/// the kernel reports the intent afterwards, else why not.
+pub fn rebind(
+    k: &impl RangeKernel,
+    range: &RangeIntent,
+    verify: Verify,
+    page: u64,
+) -> Result<(), String> {
+    let bound = k.bind(range.offset, range.length, &range.policy);
+    let after = match verify {
+        Verify::Samples => find_drift(k, range, page),
+        Verify::Ends => find_drift_at_ends(k, range, page),
+    };
+    match (bound, after) {
+        (Ok(()), None) => Ok(()),
+        (Err(e), _) => Err(format!("re-applying the policy failed: {}", e.desc())),
+        (Ok(()), Some(d)) => Err(format!(
+            "re-applied the policy, but the kernel reports {} at offset {:#x}",
+            d.found_text(),
+            d.offset
+        )),
+    }
+}
+
+/// What a plan did, step by step (the result of [`execute`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Done {
+    /// Ranges skipped.
+    Skipped(Skip, u32),
+    /// A drift reported.
+    Drifted(RangeIntent, Drift),
+    /// A range re-bound and verified (at every sample when a drift had been reported).
+    Rebound(RangeIntent, Verify),
+    /// A range whose re-bind failed or did not read back.
+    Failed(RangeIntent, String),
+}
+
+/// Carries a plan out against a kernel.
+pub fn execute(k: Option<&impl RangeKernel>, actions: &[Action], page: u64) -> Vec<Done> {
+    actions
+        .iter()
+        .map(|a| match (a, k) {
+            (Action::Skip { why, ranges }, _) => Done::Skipped(*why, *ranges),
+            (Action::ReportDrift { range, drift }, _) => Done::Drifted(*range, *drift),
+            (Action::Rebind { range, verify }, Some(k)) => match rebind(k, range, *verify, page) {
+                Ok(()) => Done::Rebound(*range, *verify),
+                Err(why) => Done::Failed(*range, why),
+            },
+            (Action::Rebind { range, .. }, None) => {
+                Done::Failed(*range, "the region has no file to bind".into())
+            }
+        })
+        .collect()
+}
+
+/// What a restart does with a stored region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// Lost before this restart: kept as it is until deleted.
+    StillLost,
+    /// Handed off without a recorded file identity: the file cannot be found in any process, and
+    /// a VMM may still use it, so recreating it would give the region a second, empty file. Mark
+    /// it lost.
+    MarkLostNoIdentity,
+    /// Handed off with its identity: take the file back from its holder (or any process that
+    /// has it); if nobody has it, the memory is gone and the region is marked lost.
+    TakeBack,
+    /// Never handed off: no guest data can have been written; recreate the file, empty.
+    Recreate,
+}
+
+/// [`Recovery`] for a stored region.
+pub fn plan_recovery(intent: &RegionIntent) -> Recovery {
+    match (intent.status, intent.holder, intent.file_id) {
+        (RegionStatus::Lost, _, _) => Recovery::StillLost,
+        (_, Some(_), Some(_)) => Recovery::TakeBack,
+        (_, Some(_), None) => Recovery::MarkLostNoIdentity,
+        (_, None, _) => Recovery::Recreate,
+    }
+}
+
+/// Whether a SetPolicy with migrate may go on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Migrate {
+    /// Migrate (memfd pages move; a guest_memfd range with no allocated page has none to move).
+    Go,
+    /// guest_memfd pages cannot move between nodes, and this many are allocated.
+    RefuseAllocated(u64),
+    /// guest_memfd, and the kernel cannot tell which pages are allocated.
+    RefuseUnknown(Errno),
+}
+
+/// [`Migrate`] for a range of a region of `backend`.
+pub fn plan_migrate(backend: Backend, k: &impl RangeKernel, offset: u64, length: u64) -> Migrate {
+    if backend != Backend::GuestMemfd {
+        return Migrate::Go;
+    }
+    match k.allocated_pages(offset, length) {
+        Ok(0) => Migrate::Go,
+        Ok(n) => Migrate::RefuseAllocated(n),
+        Err(e) => Migrate::RefuseUnknown(e),
+    }
+}
+
+#[cfg(test)]
+mod contract;
+#[cfg(test)]
+pub(crate) mod fake;
+mod file;
+pub(crate) use file::FileKernel;
+
+#[cfg(test)]
+mod tests {
+    use super::fake::FakeKernel;
+    use super::*;
+    use crate::domain::{Holder, NodeSet, PolicyMode, RangeMap, RegionKey};
+
+    const PAGE: u64 = 4096;
+
+    fn region(pages: u64, strategy: Strategy, ranges: &[(u64, u64, Policy)]) -> RegionIntent {
+        let mut map = RangeMap::new(pages * PAGE);
+        for (o, l, p) in ranges {
+            map.apply(o * PAGE, l * PAGE, *p);
+        }
+        RegionIntent {
+            key: RegionKey {
+                vm_id: "vm".into(),
+                name: "r".into(),
+            },
+            uid: String::new(),
+            backend: Backend::Memfd,
+            size_bytes: pages * PAGE,
+            hugepage_size_bytes: 0,
+            generation: 1,
+            strategy,
+            ranges: map,
+            created_unix: 0,
+            status: RegionStatus::Active,
+            holder: None,
+            file_id: None,
+            adopted: false,
+        }
+    }
+
+    fn bind0() -> Policy {
+        Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap())
+    }
+
+    /// Regions that are lost, fileless, unmapped or task-placed are skipped whole, whatever the
+    /// kernel would say.
+    #[test]
+    fn regions_without_a_readable_shared_policy_are_skipped() {
+        let k = FakeKernel::new(4, PAGE);
+        let shared = region(4, Strategy::SharedPolicy, &[(0, 2, bind0())]);
+        let task = region(4, Strategy::TaskPolicy, &[(0, 2, bind0())]);
+        let mut lost = shared.clone();
+        lost.status = RegionStatus::Lost;
+        let cases = [
+            (&lost, FileState::Missing, Skip::Lost),
+            (&lost, FileState::Mapped, Skip::Lost),
+            (&shared, FileState::Missing, Skip::Unmapped),
+            (&shared, FileState::Unmapped, Skip::Unmapped),
+            (&task, FileState::Mapped, Skip::TaskPolicy),
+            (&task, FileState::Unmapped, Skip::TaskPolicy),
+        ];
+        for (intent, file, why) in cases {
+            let observed = observe(Some(&k), intent, file, PAGE);
+            assert!(observed.drift.is_empty(), "{why:?}: nothing read");
+            assert_eq!(
+                plan(intent, &observed),
+                [Action::Skip { why, ranges: 2 }],
+                "{why:?} {file:?}"
+            );
+        }
+    }
+
+    /// Drift found on the fake kernel is reported, re-bound and verified at every sample; a range
+    /// that did not drift is re-bound and verified at its ends. After execution the fake kernel
+    /// holds the intent everywhere.
+    #[test]
+    fn drift_is_reported_and_every_range_rebound() {
+        let k = FakeKernel::new(8, PAGE);
+        let intent = region(8, Strategy::SharedPolicy, &[(0, 4, bind0())]);
+        // The first range (BIND) was never bound: the kernel shows DEFAULT there. The second
+        // (DEFAULT) reads DEFAULT: no drift.
+        let observed = observe(Some(&k), &intent, FileState::Mapped, PAGE);
+        let r = intent.ranges.ranges();
+        assert_eq!(
+            observed.drift,
+            [
+                Some(Drift {
+                    offset: 0,
+                    found: Some(Policy::DEFAULT)
+                }),
+                None
+            ]
+        );
+        let actions = plan(&intent, &observed);
+        assert_eq!(
+            actions,
+            [
+                Action::ReportDrift {
+                    range: r[0],
+                    drift: observed.drift[0].unwrap()
+                },
+                Action::Rebind {
+                    range: r[0],
+                    verify: Verify::Samples
+                },
+                Action::Rebind {
+                    range: r[1],
+                    verify: Verify::Ends
+                },
+            ]
+        );
+        let done = execute(Some(&k), &actions, PAGE);
+        assert!(
+            matches!(done[1], Done::Rebound(_, Verify::Samples)),
+            "{done:?}"
+        );
+        assert!(
+            matches!(done[2], Done::Rebound(_, Verify::Ends)),
+            "{done:?}"
+        );
+        let again = observe(Some(&k), &intent, FileState::Mapped, PAGE);
+        assert_eq!(again.drift, [None, None], "the repair reads back");
+    }
+
+    /// A failing bind, or a policy that does not read back, is a failure with its reason.
+    #[test]
+    fn failed_rebinds_say_why() {
+        let intent = region(4, Strategy::SharedPolicy, &[(0, 4, bind0())]);
+        let mut k = FakeKernel::new(4, PAGE);
+        k.bind_error = Some(Errno::ENOMEM);
+        let actions = plan(
+            &intent,
+            &observe(Some(&k), &intent, FileState::Mapped, PAGE),
+        );
+        let done = execute(Some(&k), &actions, PAGE);
+        assert!(
+            matches!(&done[1], Done::Failed(_, why) if why.contains("re-applying the policy failed")),
+            "{done:?}"
+        );
+        let k = FakeKernel::new(4, PAGE);
+        k.unreadable.borrow_mut().push(3 * PAGE);
+        let done = execute(Some(&k), &actions, PAGE);
+        assert!(
+            matches!(&done[1], Done::Failed(_, why) if why.contains("nothing readable at offset 0x3000")),
+            "{done:?}"
+        );
+    }
+
+    /// Recovery: what a restart does with each kind of stored region.
+    #[test]
+    fn recovery_takes_back_recreates_or_marks_lost() {
+        let base = region(1, Strategy::SharedPolicy, &[]);
+        let holder = Holder {
+            pid: 1,
+            start_time: 1,
+        };
+        let with = |status, holder, file_id| RegionIntent {
+            status,
+            holder,
+            file_id,
+            ..base.clone()
+        };
+        let active = RegionStatus::Active;
+        for (intent, want) in [
+            (
+                with(RegionStatus::Lost, Some(holder), Some((1, 2))),
+                Recovery::StillLost,
+            ),
+            (with(active, Some(holder), Some((1, 2))), Recovery::TakeBack),
+            (
+                with(active, Some(holder), None),
+                Recovery::MarkLostNoIdentity,
+            ),
+            (with(active, None, Some((1, 2))), Recovery::Recreate),
+            (with(active, None, None), Recovery::Recreate),
+        ] {
+            assert_eq!(plan_recovery(&intent), want, "{intent:?}");
+        }
+    }
+
+    /// Migrate on guest_memfd is refused over allocated pages, or when the kernel cannot tell.
+    #[test]
+    fn guest_memfd_migrate_needs_no_allocated_page() {
+        let k = FakeKernel::new(4, PAGE);
+        assert_eq!(
+            plan_migrate(Backend::GuestMemfd, &k, 0, 4 * PAGE),
+            Migrate::Go
+        );
+        k.allocated.borrow_mut().insert(2 * PAGE, true);
+        assert_eq!(
+            plan_migrate(Backend::GuestMemfd, &k, 0, 4 * PAGE),
+            Migrate::RefuseAllocated(1)
+        );
+        assert_eq!(
+            plan_migrate(Backend::GuestMemfd, &k, 0, 2 * PAGE),
+            Migrate::Go
+        );
+        assert_eq!(plan_migrate(Backend::Memfd, &k, 0, 4 * PAGE), Migrate::Go);
+        let mut k = FakeKernel::new(4, PAGE);
+        k.residency_error = Some(Errno::EBADF);
+        assert_eq!(
+            plan_migrate(Backend::GuestMemfd, &k, 0, 4 * PAGE),
+            Migrate::RefuseUnknown(Errno::EBADF)
+        );
+    }
+}

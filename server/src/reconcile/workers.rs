@@ -1,0 +1,175 @@
+//! Populate's workers: the span is split into chunks, and each worker thread takes chunks from a
+//! shared queue and fallocate(KEEP_SIZE)s them, first setting its own task policy where the
+//! region is placed by task policy. Asked to verify, a worker reads each chunk's pages back right
+//! after allocating them.
+
+use super::placement;
+use super::populate::PopulateProgress;
+use crate::domain::Policy;
+use crate::kernel::{self, Mapping, mempolicy};
+use nix::errno::Errno;
+use std::collections::BTreeMap;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Bytes one worker allocates per step: large enough to amortize the syscall, small enough for
+/// even load between workers and timely progress and cancellation.
+const CHUNK: u64 = 32 << 20;
+
+/// One unit of work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset.
+    pub offset: u64,
+    /// Length.
+    pub length: u64,
+    /// Policy to allocate under (task-policy), or `None` to rely on the file's policy.
+    pub policy: Option<Policy>,
+}
+
+/// Splits ranges into chunks.
+pub fn plan(ranges: &[(u64, u64, Option<Policy>)], page: u64) -> Vec<Chunk> {
+    let step = CHUNK.max(page) / page * page;
+    let mut out = Vec::new();
+    for &(offset, length, policy) in ranges {
+        let mut at = offset;
+        while at < offset + length {
+            let l = step.min(offset + length - at);
+            out.push(Chunk {
+                offset: at,
+                length: l,
+                policy,
+            });
+            at += l;
+        }
+    }
+    out
+}
+
+/// Pages of one chunk per kernel status, as [`placement::map_resident`] reports a page: a node
+/// id, -ENOENT for a page not allocated, or another negative errno.
+pub type ChunkStatus = BTreeMap<i32, u64>;
+
+/// Reads back where the pages of a chunk that was just allocated are: read-faults them into
+/// `mapping` (every page is allocated, so this allocates nothing), asks move_pages, and drops the
+/// page-table entries again.
+fn read_back(mapping: &Mapping, c: &Chunk, page: u64) -> ChunkStatus {
+    let mut status = ChunkStatus::new();
+    match mapping.populate_read(c.offset, c.length) {
+        Ok(()) => {
+            for n in placement::nodes_of(mapping, c.offset, c.length, page) {
+                *status.entry(n).or_default() += 1;
+            }
+        }
+        Err(e) => {
+            status.insert(-(e as i32), c.length / page);
+        }
+    }
+    let _ = mapping.unmap_pages(c.offset, c.length);
+    status
+}
+
+/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any, or else each
+/// chunk's status, read back through `verify` (the mapping and page size) right after the chunk
+/// was allocated; empty without `verify`. Each worker is a fresh thread, so a task policy it sets
+/// for its chunks dies with it.
+pub fn run_workers(
+    fd: BorrowedFd<'_>,
+    chunks: &[Chunk],
+    threads: usize,
+    progress: &PopulateProgress,
+    verify: Option<(&Mapping, u64)>,
+) -> Result<Vec<ChunkStatus>, Errno> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error = std::sync::Mutex::new(None);
+    let statuses = std::sync::Mutex::new(vec![ChunkStatus::new(); chunks.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut current: Option<Policy> = None;
+                loop {
+                    if progress.cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(c) = chunks.get(i) else { break };
+                    let r = (|| {
+                        if let Some(p) = c.policy
+                            && current != Some(p)
+                        {
+                            mempolicy::set_thread_policy(&p)?;
+                            current = Some(p);
+                        }
+                        kernel::fallocate(fd, c.offset, c.length, false)
+                    })();
+                    match r {
+                        Ok(()) => {
+                            progress.advance_by(c.length);
+                            if let Some((mapping, page)) = verify {
+                                let status = read_back(mapping, c, page);
+                                if let Some(slot) = statuses
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_mut(i)
+                                {
+                                    *slot = status;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+                // Scoped threads exit here, so their task policy goes with them.
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(statuses.into_inner().unwrap_or_else(|p| p.into_inner())),
+    }
+}
+
+/// Bytes of a span allocated, from the page cache (a probe through a mapping on hugetlbfs, which
+/// has none); `None` where the kernel cannot tell.
+pub(super) fn allocated_bytes(
+    fd: BorrowedFd<'_>,
+    mapping: Option<&Mapping>,
+    offset: u64,
+    length: u64,
+    page: u64,
+) -> Option<u64> {
+    let map = match mapping {
+        Some(m) => placement::allocated(fd, m, offset, length, page),
+        None => kernel::files::allocated_map(fd, offset, length, page),
+    };
+    map.ok()
+        .map(|v| v.iter().filter(|allocated| **allocated).count() as u64 * page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{NodeSet, PolicyMode};
+
+    #[test]
+    fn plan_splits_at_chunk_size() {
+        let p = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+        let chunks = plan(
+            &[(0, CHUNK * 2 + 4096, Some(p)), (CHUNK * 3, 4096, None)],
+            4096,
+        );
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(chunks[2].length, 4096);
+        assert_eq!(chunks[3].policy, None);
+        let total: u64 = chunks.iter().map(|c| c.length).sum();
+        assert_eq!(total, CHUNK * 2 + 8192);
+    }
+}

@@ -1,0 +1,231 @@
+//! Which pages of a file are allocated, and on which node, read without allocating any.
+//!
+//! The page cache (cachestat) tells which pages are allocated, whoever maps them and whether or
+//! not anyone touched them (hugetlbfs, which lacks it, is probed page by page instead). The node
+//! of a page can be read only through a mapping of this process, so [`count_nodes`] read-faults
+//! just the allocated runs into a window mapping of exactly the range (a read fault on an
+//! allocated page allocates nothing) and lets the kernel count them: the window's line in
+//! `/proc/self/numa_maps` is one page-table walk with per-node totals, much cheaper than asking
+//! move_pages about every page. The window goes, with its page-table entries, when the count
+//! returns.
+
+use super::Mapping;
+use nix::errno::Errno;
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::os::fd::BorrowedFd;
+
+/// Which pages of `[offset, offset+len)` of a file of `file_len` bytes are allocated, one bool per
+/// page of `page` bytes: from the page cache (cachestat), or for hugetlbfs, which has none, by
+/// probing each huge page through a mapping whose holes fail instead of allocating.
+pub fn allocated(
+    fd: BorrowedFd<'_>,
+    file_len: u64,
+    offset: u64,
+    len: u64,
+    page: u64,
+) -> Result<Vec<bool>, Errno> {
+    match super::files::allocated_map(fd, offset, len, page) {
+        Err(Errno::EOPNOTSUPP) => {
+            super::files::hugetlb_allocated_map(fd, file_len, offset, len, page)
+        }
+        r => r,
+    }
+}
+
+/// Where the pages of a range are, in pages of the size asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounts {
+    /// Allocated pages per node.
+    pub nodes: BTreeMap<u32, u64>,
+    /// Pages not allocated.
+    pub not_present: u64,
+    /// Allocated pages whose node could not be read (their read fault failed).
+    pub unknown: u64,
+}
+
+/// Runs of allocated pages larger than this are faulted in pieces of this size, spread over
+/// threads when the range is large.
+const FAULT_CHUNK: u64 = 32 << 20;
+/// Below this many allocated bytes one thread faults everything.
+const PARALLEL_MIN: u64 = 128 << 20;
+/// At most this many threads fault one range.
+const MAX_THREADS: usize = 4;
+
+/// Counts the pages of `[offset, offset+len)` of a file of `file_len` bytes per node, exactly,
+/// without allocating: pages not allocated are never touched. `offset` must be aligned as
+/// [`Mapping::window`] requires.
+pub fn count_nodes(
+    fd: BorrowedFd<'_>,
+    file_len: u64,
+    offset: u64,
+    len: u64,
+    page: u64,
+) -> Result<NodeCounts, Errno> {
+    let map = allocated(fd, file_len, offset, len, page)?;
+    let allocated_pages = map.iter().filter(|a| **a).count() as u64;
+    let mut counts = NodeCounts {
+        not_present: map.len() as u64 - allocated_pages,
+        ..Default::default()
+    };
+    if allocated_pages == 0 {
+        return Ok(counts);
+    }
+    let runs = runs(&map, offset, page);
+    let window = Mapping::window(fd, offset, len)?;
+    fault_in(&window, &runs, allocated_pages * page);
+    // A page punched between the allocation check and its read fault is allocated again by the
+    // fault; that race needs a concurrent hole punch and costs one zero page.
+    let mapped = match numa_maps_nodes(window.guest_address()) {
+        Some(nodes) => nodes,
+        // No numa_maps (no /proc, or a kernel without NUMA): ask move_pages page by page.
+        None => move_pages_nodes(&window, &runs, page)?,
+    };
+    let mapped_total: u64 = mapped.values().sum();
+    counts.unknown = allocated_pages.saturating_sub(mapped_total);
+    counts.nodes = mapped;
+    Ok(counts)
+}
+
+/// The runs of allocated pages as `(offset, len)` in the file.
+fn runs(map: &[bool], offset: u64, page: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < map.len() {
+        if !map[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < map.len() && map[i] {
+            i += 1;
+        }
+        out.push((offset + start as u64 * page, (i - start) as u64 * page));
+    }
+    out
+}
+
+/// Read-faults every run into `window`, on several threads when there is a lot of it. A failed
+/// fault leaves pages unmapped, which the count then reports as unknown.
+fn fault_in(window: &Mapping, runs: &[(u64, u64)], bytes: u64) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_THREADS);
+    if threads < 2 || bytes < PARALLEL_MIN {
+        for (at, len) in runs {
+            let _ = window.populate_read(*at, *len);
+        }
+        return;
+    }
+    let mut pieces = Vec::new();
+    for &(at, len) in runs {
+        let mut o = 0;
+        while o < len {
+            let l = FAULT_CHUNK.min(len - o);
+            pieces.push((at + o, l));
+            o += l;
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((at, len)) = pieces.get(i) else {
+                        break;
+                    };
+                    let _ = window.populate_read(*at, *len);
+                }
+            });
+        }
+    });
+}
+
+/// Pages per node mapped in the mapping that starts at `addr`, from its line in
+/// `/proc/self/numa_maps` (the kernel walks the mapping's page tables). For a hugetlbfs mapping
+/// the kernel counts huge pages, for any other one base pages, as [`count_nodes`] counts.
+/// `None` when the line cannot be found or read.
+fn numa_maps_nodes(addr: u64) -> Option<BTreeMap<u32, u64>> {
+    let file = std::fs::File::open("/proc/self/numa_maps").ok()?;
+    let prefix = format!("{addr:08x} ");
+    // Lines come in address order; stop at ours so the kernel walks no further mappings.
+    let reader = std::io::BufReader::with_capacity(64 << 10, file);
+    let line = reader
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with(&prefix))?;
+    Some(parse_numa_maps_line(&line))
+}
+
+/// The `N<node>=<pages>` fields of one numa_maps line.
+fn parse_numa_maps_line(line: &str) -> BTreeMap<u32, u64> {
+    line.split_ascii_whitespace()
+        .filter_map(|f| {
+            let (k, v) = f.strip_prefix('N')?.split_once('=')?;
+            Some((k.parse().ok()?, v.parse().ok()?))
+        })
+        .filter(|(_, pages)| *pages > 0)
+        .collect()
+}
+
+/// Pages per node of the runs as move_pages reports them for this process.
+fn move_pages_nodes(
+    window: &Mapping,
+    runs: &[(u64, u64)],
+    page: u64,
+) -> Result<BTreeMap<u32, u64>, Errno> {
+    let mut nodes = BTreeMap::new();
+    for &(at, len) in runs {
+        for n in window.page_nodes(at, len, page)? {
+            if let Ok(n) = u32::try_from(n) {
+                *nodes.entry(n).or_default() += 1;
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn numa_maps_fields_are_parsed() {
+        let l =
+            "7f0000000000 bind:0 file=/memfd:x\\040(deleted) dirty=3 N0=2 N1=1 kernelpagesize_kB=4";
+        assert_eq!(
+            parse_numa_maps_line(l),
+            BTreeMap::from([(0u32, 2u64), (1, 1)])
+        );
+    }
+
+    /// Allocated pages are counted exactly, holes are counted as not present and stay holes, and
+    /// the agent-side count matches what move_pages reports.
+    #[test]
+    fn counts_allocated_pages_and_allocates_none() {
+        let page = super::super::page_size();
+        let size = 64 * page;
+        let fd = super::super::create_memfd("residency-test", size, None).unwrap();
+        super::super::fallocate(fd.as_fd(), page, 3 * page, false).unwrap();
+        super::super::fallocate(fd.as_fd(), 40 * page, 10 * page, false).unwrap();
+        let c = count_nodes(fd.as_fd(), size, 0, size, page).unwrap();
+        assert_eq!(c.nodes.values().sum::<u64>(), 13, "{c:?}");
+        assert_eq!((c.not_present, c.unknown), (51, 0), "{c:?}");
+        assert_eq!(
+            super::super::files::cached_pages(fd.as_fd(), 0, size).unwrap(),
+            13,
+            "counting allocated nothing"
+        );
+        // A sub-range, starting inside a run.
+        let c = count_nodes(fd.as_fd(), size, 2 * page, 40 * page, page).unwrap();
+        assert_eq!(c.nodes.values().sum::<u64>(), 2 + 2, "{c:?}");
+        assert_eq!(c.not_present, 36, "{c:?}");
+        let w = Mapping::window(fd.as_fd(), 0, size).unwrap();
+        w.populate_read(40 * page, 10 * page).unwrap();
+        let by_move_pages = move_pages_nodes(&w, &[(40 * page, 10 * page)], page).unwrap();
+        let by_numa_maps = numa_maps_nodes(w.guest_address()).unwrap();
+        assert_eq!(by_move_pages, by_numa_maps);
+    }
+}
