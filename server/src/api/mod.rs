@@ -225,7 +225,6 @@ impl NodeAgentService for NodeAgent {
         idempotent(&self.agent, req.into_inner(), |r, record| async move {
             let policy = policy_from_pb(r.policy.as_ref())?;
             let caps = agent.capabilities().clone();
-            let answered = policy.clone();
             let idem = record.map(|rec| {
                 rec.answer(Box::new(move |v: &RegionView| {
                     pb::SetPolicyResponse {
@@ -235,7 +234,7 @@ impl NodeAgentService for NodeAgent {
                         warnings: crate::reconcile::policy_warning(
                             v.intent.backend,
                             v.intent.strategy,
-                            &answered,
+                            &policy,
                             &caps,
                         )
                         .into_iter()
