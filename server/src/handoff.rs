@@ -3,8 +3,9 @@
 //! SCM_RIGHTS on the same packet. Peers are checked by SO_PEERCRED uid, and tokens compare in
 //! constant time.
 //!
-//! Connections are few and short, so each gets a plain thread that blocks on its socket and
-//! calls into the engine through the runtime handle.
+//! Connections are few and short, so each gets a plain thread that waits on its socket (and on
+//! the stop pipe that the shutdown signal closes) and calls into the engine through the runtime
+//! handle. `request` decodes and answers one request.
 //!
 //! What KVM allows shapes the requests: a VM fd answers only in the process that created it, and a
 //! guest_memfd binds only to the VM it was created on. So acquire sends the region's file alone

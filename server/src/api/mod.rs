@@ -1,5 +1,5 @@
 //! The gRPC edge: each handler converts its request ([`crate::convert`]), runs mutations through
-//! [`idempotency`], calls the engine, and maps errors to `tonic::Status` in one function,
+//! `idempotency`, calls the engine, and maps errors to `tonic::Status` in one function,
 //! [`status_of`]. It never calls the kernel module; the engine does.
 
 mod events;
