@@ -2,8 +2,9 @@
 //!
 //! Modules, in dependency order: [`domain`] (vocabulary, no I/O), [`kernel`] (every syscall and
 //! all unsafe code), [`topology`] (sysfs), [`store`] (SQLite), [`reconcile`] (the engine),
-//! [`handoff`] (the VMM fd socket), [`api`] (gRPC edge), and [`auth`], [`config`], [`metrics`],
-//! [`app`] (wiring). [`failpoint`] holds the crash test's kill points (feature `failpoints`).
+//! [`convert`] (proto ↔ domain, for both edges), [`handoff`] (the VMM fd socket), [`api`] (gRPC
+//! edge), and [`auth`], [`config`], [`metrics`], [`app`] (wiring). [`failpoint`] holds the crash
+//! test's kill points (feature `failpoints`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
