@@ -3,8 +3,9 @@
 //! SCM_RIGHTS on the same packet. Peers are checked by SO_PEERCRED uid, and tokens compare in
 //! constant time.
 //!
-//! Connections are few and short, so each gets a plain thread that blocks on its socket and
-//! calls into the engine through the runtime handle.
+//! Connections are few and short, so each gets a plain thread that waits on its socket (and on
+//! the stop pipe that the shutdown signal closes) and calls into the engine through the runtime
+//! handle. `request` decodes and answers one request.
 //!
 //! What KVM allows shapes the requests: a VM fd answers only in the process that created it, and a
 //! guest_memfd binds only to the VM it was created on. So acquire sends the region's file alone
@@ -22,7 +23,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, listen, socket};
 use prost::Message;
 use std::collections::HashSet;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -50,20 +51,20 @@ pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// Serves the handoff socket until `stop` changes (or its sender is gone): the same signal the
-/// gRPC listeners follow. The returned task ends once the accept thread has returned and closed
-/// the listener. Each connection gets a plain thread of its own, which ends when its peer hangs
-/// up.
+/// gRPC listeners follow. Each connection gets a plain thread of its own. At the signal the
+/// listener closes, and each connection closes once its current request is answered; the
+/// returned task ends when every handoff thread has.
 pub fn serve(
     listener: OwnedFd,
     agent: Arc<Agent>,
     allowed_uids: HashSet<u32>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    // Dropping the write end wakes the accept thread (POLLHUP on the read end).
+    // Dropping the write end wakes every handoff thread (POLLHUP on the read end).
     let (wake, woken) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let accept = Accept {
         listener,
-        woken,
+        woken: Arc::new(woken),
         agent,
         allowed: Arc::new(allowed_uids),
         rt: tokio::runtime::Handle::current(),
@@ -78,35 +79,49 @@ pub fn serve(
     }))
 }
 
+/// What a handoff thread's wait ended with.
+enum Wait {
+    /// The socket has something to read.
+    Ready,
+    /// The stop pipe closed, or polling failed: the thread returns.
+    Stop,
+}
+
+/// Waits until `fd` is readable or the stop pipe `woken` closes.
+fn wait(fd: BorrowedFd<'_>, woken: BorrowedFd<'_>) -> Wait {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    loop {
+        let mut fds = [
+            PollFd::new(fd, PollFlags::POLLIN),
+            PollFd::new(woken, PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if fds[1].any().unwrap_or(true) => return Wait::Stop,
+            Ok(_) => return Wait::Ready,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "handoff socket: poll failed");
+                return Wait::Stop;
+            }
+        }
+    }
+}
+
 /// The accept loop's state: the listener, the stop pipe, and what connections need.
 struct Accept {
     listener: OwnedFd,
-    woken: OwnedFd,
+    woken: Arc<OwnedFd>,
     agent: Arc<Agent>,
     allowed: Arc<HashSet<u32>>,
     rt: tokio::runtime::Handle,
 }
 
 impl Accept {
-    /// Accepts connections until the stop pipe closes; the listener closes on return.
+    /// Accepts connections until the stop pipe closes, then waits for every connection's
+    /// thread; the listener closes on return.
     fn run(self) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        loop {
-            let mut fds = [
-                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "handoff socket: poll failed, no longer serving");
-                    return;
-                }
-            }
-            if fds[1].any().unwrap_or(true) {
-                return;
-            }
+        let mut conns: Vec<std::thread::JoinHandle<()>> = Vec::new();
+        while let Wait::Ready = wait(self.listener.as_fd(), self.woken.as_fd()) {
             // The listener does not block; accepted sockets do not inherit O_NONBLOCK.
             let conn = match fdpass::accept(self.listener.as_fd()) {
                 Ok(fd) => fd,
@@ -117,56 +132,83 @@ impl Accept {
                     continue;
                 }
             };
-            let (agent, allowed, rt) = (self.agent.clone(), self.allowed.clone(), self.rt.clone());
-            let spawned = std::thread::Builder::new()
+            conns.retain(|c| !c.is_finished());
+            let conn = Conn {
+                fd: conn,
+                woken: self.woken.clone(),
+                agent: self.agent.clone(),
+                allowed: self.allowed.clone(),
+                rt: self.rt.clone(),
+            };
+            match std::thread::Builder::new()
                 .name("handoff-conn".into())
-                .spawn(move || serve_conn(conn, &agent, &allowed, &rt));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "handoff connection dropped: no thread for it");
+                .spawn(move || conn.serve())
+            {
+                Ok(c) => conns.push(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "handoff connection dropped: no thread for it")
+                }
             }
+        }
+        drop(self.listener);
+        for c in conns {
+            let _ = c.join();
         }
     }
 }
 
-fn serve_conn(conn: OwnedFd, agent: &Agent, allowed: &HashSet<u32>, rt: &tokio::runtime::Handle) {
-    let cred = match fdpass::peer_credentials(conn.as_fd()) {
-        Ok(c) => c,
-        Err(_) => return,
-    };
-    let actor = format!("uid:{} pid:{}", cred.uid(), cred.pid());
-    loop {
-        let packet = match fdpass::recv(conn.as_fd()) {
-            Ok(Some(p)) => p,
-            Ok(None) | Err(_) => return,
+/// One connection and what its thread needs.
+struct Conn {
+    fd: OwnedFd,
+    woken: Arc<OwnedFd>,
+    agent: Arc<Agent>,
+    allowed: Arc<HashSet<u32>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Conn {
+    /// Answers requests until the peer hangs up or the stop pipe closes.
+    fn serve(self) {
+        let (conn, agent, allowed, rt) = (&self.fd, &*self.agent, &*self.allowed, &self.rt);
+        let cred = match fdpass::peer_credentials(conn.as_fd()) {
+            Ok(c) => c,
+            Err(_) => return,
         };
-        let (kind, vm_id, name) = describe(&packet.data);
-        let (resp, fds) = if !allowed.contains(&cred.uid()) {
-            (
-                error(
-                    pb::HandoffCode::PermissionDenied,
-                    format!("uid {} may not use the handoff socket", cred.uid()),
-                ),
-                vec![],
-            )
-        } else {
-            request::handle(agent, rt, packet, cred.pid(), &actor)
-        };
-        let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
-        crate::metrics::metrics()
-            .handoffs
-            .get_or_create(&crate::metrics::MethodCode {
-                method: kind.into(),
-                code: code.as_str_name().to_string(),
-            })
-            .inc();
-        tracing::info!(%vm_id, %name, caller = %actor, code = code.as_str_name(), detail = %resp.message, "handoff {kind}");
-        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        let resp = pb::HandoffResponse {
-            fd_count: borrowed.len() as u32,
-            ..resp
-        };
-        if fdpass::send(conn.as_fd(), &resp.encode_to_vec(), &borrowed).is_err() {
-            return;
+        let actor = format!("uid:{} pid:{}", cred.uid(), cred.pid());
+        while let Wait::Ready = wait(conn.as_fd(), self.woken.as_fd()) {
+            let packet = match fdpass::recv(conn.as_fd()) {
+                Ok(Some(p)) => p,
+                Ok(None) | Err(_) => return,
+            };
+            let (kind, vm_id, name) = describe(&packet.data);
+            let (resp, fds) = if !allowed.contains(&cred.uid()) {
+                (
+                    error(
+                        pb::HandoffCode::PermissionDenied,
+                        format!("uid {} may not use the handoff socket", cred.uid()),
+                    ),
+                    vec![],
+                )
+            } else {
+                request::handle(agent, rt, packet, cred.pid(), &actor)
+            };
+            let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
+            crate::metrics::metrics()
+                .handoffs
+                .get_or_create(&crate::metrics::MethodCode {
+                    method: kind.into(),
+                    code: code.as_str_name().to_string(),
+                })
+                .inc();
+            tracing::info!(%vm_id, %name, caller = %actor, code = code.as_str_name(), detail = %resp.message, "handoff {kind}");
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            let resp = pb::HandoffResponse {
+                fd_count: borrowed.len() as u32,
+                ..resp
+            };
+            if fdpass::send(conn.as_fd(), &resp.encode_to_vec(), &borrowed).is_err() {
+                return;
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! memplace's agent library: `memplaced` is a thin binary over [`app::run`].
 //!
 //! Modules, in dependency order: [`domain`] (vocabulary, no I/O), [`kernel`] (the `memplace-sys`
-//! crate: every syscall and all unsafe code; this crate forbids it), [`topology`] (sysfs), [`store`] (SQLite), [`reconcile`] (the engine),
+//! crate: every syscall and all unsafe code; this crate forbids it), [`topology`] (sysfs),
+//! [`store`] (SQLite), [`reconcile`] (the engine), [`convert`] (proto ↔ domain, for both edges),
 //! [`handoff`] (the VMM fd socket), [`api`] (gRPC edge), and [`auth`], [`config`], [`metrics`],
 //! [`app`] (wiring). [`failpoint`] holds the crash test's kill points (feature `failpoints`).
 #![forbid(unsafe_code)]

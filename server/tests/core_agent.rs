@@ -977,6 +977,62 @@ async fn concurrent_retries_of_one_set_policy_apply_it_once() {
     }
 }
 
+/// The same CreateRegion, then the same DeleteRegion, each sent 16 times at once with one
+/// request id, without the client's retries: every call gets the first call's answer (a call
+/// that loses the race reads the winner's record), and each happened once.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_retries_of_one_create_and_one_delete_answer_as_the_first() {
+    let agent = AgentProc::start();
+    let c = agent.client().await;
+    let create = pb::CreateRegionRequest {
+        vm_id: "vm".into(),
+        name: "r".into(),
+        size_bytes: 4 * MIB,
+        backend: pb::Backend::Memfd as i32,
+        request_id: "dup-create".into(),
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (mut c, create) = (c.clone(), create.clone());
+        tasks.push(tokio::spawn(async move {
+            c.raw()
+                .create_region(create)
+                .await
+                .map(|r| r.into_inner().region.unwrap().uid)
+        }));
+    }
+    let mut uids = Vec::new();
+    for t in tasks {
+        uids.push(t.await.unwrap().unwrap_or_else(|e| panic!("create: {e}")));
+    }
+    assert!(uids.iter().all(|u| *u == uids[0]), "one region: {uids:?}");
+    let delete = pb::DeleteRegionRequest {
+        vm_id: "vm".into(),
+        name: "r".into(),
+        request_id: "dup-delete".into(),
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (mut c, delete) = (c.clone(), delete.clone());
+        tasks.push(tokio::spawn(async move {
+            c.raw()
+                .delete_region(delete)
+                .await
+                .map(|r| r.into_inner().region.unwrap().uid)
+        }));
+    }
+    for t in tasks {
+        let uid = t.await.unwrap().unwrap_or_else(|e| panic!("delete: {e}"));
+        assert_eq!(uid, uids[0], "every answer is the first");
+    }
+    let mut c = c.clone();
+    assert!(
+        c.list_regions("vm").await.unwrap().is_empty(),
+        "deleted once"
+    );
+}
+
 /// Clients that give up at once (a deadline shorter than the call) never leave a committed
 /// intent unapplied: each SetPolicy either did not happen or is in the kernel too.
 #[tokio::test(flavor = "multi_thread")]

@@ -14,6 +14,9 @@ use sha2::Digest;
 use std::future::Future;
 use tonic::Status;
 
+/// Encodes AttachProcess's answer from the regions it took over.
+type EncodeRegions = Box<dyn Fn(&[RegionView]) -> Vec<u8> + Send + Sync>;
+
 /// Longest request_id accepted.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -102,10 +105,7 @@ impl Record {
     }
 
     /// The record for AttachProcess, answered by `encode` from the regions it took over.
-    pub fn answer_regions(
-        self,
-        encode: Box<dyn Fn(&[RegionView]) -> Vec<u8> + Send + Sync>,
-    ) -> AttachIdempotency {
+    pub fn answer_regions(self, encode: EncodeRegions) -> AttachIdempotency {
         AttachIdempotency {
             request_id: self.request_id,
             fingerprint: self.fingerprint,

@@ -1,5 +1,5 @@
 //! The gRPC edge: each handler converts its request ([`crate::convert`]), runs mutations through
-//! [`idempotency`], calls the engine, and maps errors to `tonic::Status` in one function,
+//! `idempotency`, calls the engine, and maps errors to `tonic::Status` in one function,
 //! [`status_of`]. It never calls the kernel module; the engine does.
 
 mod events;
@@ -198,7 +198,6 @@ impl NodeAgentService for NodeAgent {
         idempotent(&self.agent, req.into_inner(), |r, record| async move {
             let policy = policy_from_pb(r.policy.as_ref())?;
             let caps = agent.capabilities().clone();
-            let answered = policy.clone();
             let idem = record.map(|rec| {
                 rec.answer(Box::new(move |v: &RegionView| {
                     pb::SetPolicyResponse {
@@ -208,7 +207,7 @@ impl NodeAgentService for NodeAgent {
                         warnings: crate::reconcile::policy_warning(
                             v.intent.backend,
                             v.intent.strategy,
-                            &answered,
+                            &policy,
                             &caps,
                         )
                         .into_iter()

@@ -253,7 +253,7 @@ mod tests {
         })
     }
 
-    fn connect_seqpacket(path: &Path) -> nix::Result<()> {
+    fn connect_seqpacket(path: &Path) -> nix::Result<std::os::fd::OwnedFd> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
         use std::os::fd::AsRawFd;
         let fd = socket(
@@ -262,12 +262,14 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
-        connect(fd.as_raw_fd(), &UnixAddr::new(path)?)
+        connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        Ok(fd)
     }
 
     /// The handoff socket follows the same shutdown signal as the gRPC socket: once `run`
     /// returns, neither listener takes a connection (reached through hard links, since `run`
-    /// removes the socket files) and the handoff accept thread is gone.
+    /// removes the socket files), an idle handoff connection was closed by the agent, and no
+    /// handoff thread is left.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_listener_follows_the_shutdown_signal() {
         let dir = tempfile::tempdir().unwrap();
@@ -298,18 +300,31 @@ mod tests {
         std::fs::hard_link(&grpc, &grpc_link).unwrap();
         std::fs::hard_link(&handoff, &handoff_link).unwrap();
         UnixStream::connect(&grpc_link).expect("the gRPC socket takes connections");
-        connect_seqpacket(&handoff_link).expect("the handoff socket takes connections");
+        let idle = connect_seqpacket(&handoff_link).expect("the handoff socket takes connections");
+        // A request answered on it shows that its thread runs.
+        use nix::sys::socket::{MsgFlags, recv, send};
+        use std::os::fd::AsRawFd;
+        send(idle.as_raw_fd(), b"\xff", MsgFlags::empty()).unwrap();
+        let mut buf = [0u8; 4096];
+        assert!(recv(idle.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap() > 0);
         assert!(thread_named("handoff-accept"));
+        assert!(thread_named("handoff-conn"));
 
         stop.send(()).unwrap();
         agent.await.expect("run ends cleanly");
         let e = UnixStream::connect(&grpc_link).expect_err("gRPC socket still open");
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
         assert_eq!(
-            connect_seqpacket(&handoff_link),
-            Err(nix::errno::Errno::ECONNREFUSED),
+            connect_seqpacket(&handoff_link).err(),
+            Some(nix::errno::Errno::ECONNREFUSED),
             "the handoff socket must close at the shutdown signal"
         );
+        assert_eq!(
+            recv(idle.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT),
+            Ok(0),
+            "the agent must close an idle handoff connection at the shutdown signal"
+        );
         assert!(!thread_named("handoff-accept"));
+        assert!(!thread_named("handoff-conn"));
     }
 }
