@@ -16,6 +16,7 @@
 mod request;
 pub mod token;
 
+use crate::domain::VmId;
 use crate::kernel::fdpass;
 use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
@@ -236,15 +237,12 @@ fn error(code: pb::HandoffCode, message: String) -> pb::HandoffResponse {
 /// A refusal: the response, sent without fds.
 type Refusal = Box<pb::HandoffResponse>;
 
-/// Checks a request's vm_id and that its token is that VM's.
-fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Refusal> {
-    if let Err(e) = crate::domain::validate_name("vm_id", vm_id) {
-        return Err(Box::new(error(
-            pb::HandoffCode::InvalidArgument,
-            e.to_string(),
-        )));
-    }
-    authorize(agent, vm_id, token)
+/// Checks a request's vm_id and that its token is that VM's; the checked id.
+fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<VmId, Refusal> {
+    let vm = VmId::parse(vm_id)
+        .map_err(|e| Box::new(error(pb::HandoffCode::InvalidArgument, e.to_string())))?;
+    authorize(agent, vm_id, token)?;
+    Ok(vm)
 }
 
 /// Checks that a token is VM `vm_id`'s (in constant time); the vm_id is already checked.

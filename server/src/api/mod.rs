@@ -8,9 +8,10 @@ mod idempotency;
 use crate::convert::{
     backend_from_pb, node_info_to_pb, node_pages, placement_to_pb, policy_from_pb, region_to_pb,
 };
-use crate::domain::{DomainError, RegionKey};
+use crate::domain::{DomainError, RegionKey, VmId};
 use crate::reconcile::{
     Agent, AgentError, CreateRequest, PopulateProgress, PopulateRequest, RegionView,
+    SetPolicyRequest,
 };
 use events::EventWatch;
 use idempotency::idempotent;
@@ -156,8 +157,12 @@ impl NodeAgentService for NodeAgent {
         req: Request<pb::ListRegionsRequest>,
     ) -> Result<Response<pb::ListRegionsResponse>, Status> {
         let r = req.into_inner();
-        let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
-        let v = self.agent.list_regions(vm).await.map_err(status_of)?;
+        let vm = vm_filter(&r.vm_id)?;
+        let v = self
+            .agent
+            .list_regions(vm.as_ref())
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(pb::ListRegionsResponse {
             regions: v.iter().map(region_to_pb).collect(),
         }))
@@ -217,19 +222,15 @@ impl NodeAgentService for NodeAgent {
                 }))
             });
             tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, %policy, offset = r.offset, length = r.length, migrate = r.migrate, "SetPolicy");
-            let key = RegionKey::parse(&r.vm_id, &r.name)?;
-            let o = agent
-                .set_policy(
-                    &key,
-                    r.offset,
-                    r.length,
-                    policy,
-                    r.migrate,
-                    r.expected_generation,
-                    &who,
-                    idem,
-                )
-                .await?;
+            let req = SetPolicyRequest {
+                key: RegionKey::parse(&r.vm_id, &r.name)?,
+                offset: r.offset,
+                length: r.length,
+                policy,
+                migrate: r.migrate,
+                expected_generation: r.expected_generation,
+            };
+            let o = agent.set_policy(req, &who, idem).await?;
             Ok(pb::SetPolicyResponse {
                 region: Some(region_to_pb(&o.region)),
                 pages_migrated: o.pages_migrated,
@@ -297,10 +298,14 @@ impl NodeAgentService for NodeAgent {
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
         let who = caller(&req);
         let r = req.into_inner();
-        let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
         tracing::info!(vm_id = %r.vm_id, caller = %who, "Reconcile");
+        let vm = vm_filter(&r.vm_id)?;
         let start = std::time::Instant::now();
-        let rep = self.agent.reconcile(vm, &who).await.map_err(status_of)?;
+        let rep = self
+            .agent
+            .reconcile(vm.as_ref(), &who)
+            .await
+            .map_err(status_of)?;
         crate::metrics::observe_reconcile(start.elapsed());
         Ok(Response::new(pb::ReconcileResponse {
             ranges_checked: rep.checked,
@@ -343,7 +348,8 @@ impl NodeAgentService for NodeAgent {
                 }))
             });
             tracing::info!(vm_id = %r.vm_id, pid = r.pid, request_id = %r.request_id, caller = %who, "AttachProcess");
-            let v = agent.attach_process(&r.vm_id, r.pid, &who, idem).await?;
+            let vm = VmId::parse(&r.vm_id)?;
+            let v = agent.attach_process(&vm, r.pid, &who, idem).await?;
             Ok(pb::AttachProcessResponse {
                 regions: v.iter().map(region_to_pb).collect(),
             })
@@ -451,4 +457,12 @@ async fn populate_stream(
         Err(e) => Err(Status::internal(format!("populate task: {e}"))),
     };
     let _ = tx.send(msg).await;
+}
+
+/// The VM a list or reconcile is limited to: none when `vm_id` is empty, else the checked id.
+fn vm_filter(vm_id: &str) -> Result<Option<VmId>, Status> {
+    if vm_id.is_empty() {
+        return Ok(None);
+    }
+    VmId::parse(vm_id).map(Some).map_err(invalid)
 }

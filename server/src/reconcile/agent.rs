@@ -8,7 +8,7 @@
 
 use super::error::{AgentError, kerr};
 use super::live::Slot;
-use crate::domain::{Event, EventKind, RegionKey, Strategy};
+use crate::domain::{Event, EventKind, RegionKey, Strategy, VmId};
 use crate::handoff::token::TokenKey;
 use crate::kernel::{self, GuestMemfdVm, probe::Capabilities};
 use crate::store::{Store, WriteOp, unix_now_ms};
@@ -195,7 +195,11 @@ impl Agent {
         message: String,
         actor: &str,
     ) -> Result<(), AgentError> {
-        let mut event = event(kind, key, message, actor);
+        self.emit_event(event(kind, key, message, actor)).await
+    }
+
+    /// Appends a built event durably and broadcasts it.
+    async fn emit_event(&self, mut event: Event) -> Result<(), AgentError> {
         let seqs = self
             .store
             .write(vec![WriteOp::AppendEvent(event.clone())])
@@ -263,18 +267,15 @@ impl Agent {
     /// and the error is returned.
     pub async fn attach_vm_audited(
         &self,
-        vm_id: &str,
+        vm_id: &VmId,
         fd: OwnedFd,
         message: String,
         actor: &str,
     ) -> Result<(), AgentError> {
         let vm = vm_of_fd(fd)?;
-        let key = RegionKey {
-            vm_id: vm_id.to_string(),
-            name: String::new(),
-        };
-        self.emit(EventKind::VmAttached, Some(&key), message, actor)
-            .await?;
+        let mut ev = event(EventKind::VmAttached, None, message, actor);
+        ev.vm_id = vm_id.to_string();
+        self.emit_event(ev).await?;
         self.vms.lock().insert(vm_id.to_string(), Arc::new(vm));
         Ok(())
     }
@@ -347,10 +348,7 @@ mod tests {
         .await
         .unwrap();
         let page = agent.page_size();
-        let key = RegionKey {
-            vm_id: "vm".into(),
-            name: "r".into(),
-        };
+        let key = RegionKey::parse("vm", "r").unwrap();
         let bind0 = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
         let req = CreateRequest {
             key: key.clone(),
@@ -363,7 +361,18 @@ mod tests {
         assert_eq!(v.ranges.len(), 1);
         assert_eq!(v.ranges[0].observed, Some(bind0));
         let out = agent
-            .set_policy(&key, page, page, Policy::DEFAULT, true, 0, "test", None)
+            .set_policy(
+                crate::reconcile::SetPolicyRequest {
+                    key: key.clone(),
+                    offset: page,
+                    length: page,
+                    policy: Policy::DEFAULT,
+                    migrate: true,
+                    expected_generation: 0,
+                },
+                "test",
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(out.region.ranges.len(), 3);
@@ -393,7 +402,10 @@ mod tests {
         )
         .await
         .unwrap();
-        let v = agent.list_regions(Some("vm")).await.unwrap();
+        let v = agent
+            .list_regions(Some(&VmId::parse("vm").unwrap()))
+            .await
+            .unwrap();
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].ranges[0].observed, Some(bind0));
         agent.delete_region(&key, "test", None).await.unwrap();

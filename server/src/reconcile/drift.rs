@@ -6,7 +6,7 @@ use super::agent::{Agent, event};
 use super::error::AgentError;
 use super::live::LiveRegion;
 use super::plan::{self, Done, FileKernel, FileState, Skip};
-use crate::domain::{Event, EventKind, RegionKey, validate_name};
+use crate::domain::{Event, EventKind, RegionKey, VmId};
 use std::os::fd::AsFd;
 
 /// Totals of a reconcile pass. Every range of every region visited lands in exactly one of
@@ -38,14 +38,11 @@ impl Agent {
     /// every shared-policy range (see [`plan::plan`]).
     pub async fn reconcile(
         &self,
-        vm_id: Option<&str>,
+        vm_id: Option<&VmId>,
         actor: &str,
     ) -> Result<ReconcileReport, AgentError> {
-        if let Some(v) = vm_id {
-            validate_name("vm_id", v)?;
-        }
         let mut report = ReconcileReport::default();
-        for slot in self.slots(vm_id) {
+        for slot in self.slots(vm_id.map(VmId::as_str)) {
             report.regions += 1;
             let live = slot.write_owned().await;
             let (base_page, who) = (self.page, actor.to_string());

@@ -272,10 +272,9 @@ impl Store {
         .await?;
         rows.iter()
             .map(|row| {
-                let key = RegionKey {
-                    vm_id: row.try_get("vm_id")?,
-                    name: row.try_get("name")?,
-                };
+                let (vm_id, name): (String, String) = (row.try_get("vm_id")?, row.try_get("name")?);
+                let key = RegionKey::parse(&vm_id, &name)
+                    .map_err(|e| StoreError::Corrupt(format!("region {vm_id}/{name}: {e}")))?;
                 let json: String = row.try_get("ranges_json")?;
                 let ranges = ranges_from_json(&json)
                     .map_err(|e| StoreError::Corrupt(format!("region {key}: ranges: {e}")))?;
