@@ -18,6 +18,7 @@ pub mod token;
 
 use crate::domain::VmId;
 use crate::kernel::fdpass;
+use crate::metrics::Metrics;
 use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
 use nix::errno::Errno;
@@ -58,6 +59,7 @@ pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
 pub fn serve(
     listener: OwnedFd,
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     allowed_uids: HashSet<u32>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
@@ -67,6 +69,7 @@ pub fn serve(
         listener,
         woken: Arc::new(woken),
         agent,
+        metrics,
         allowed: Arc::new(allowed_uids),
         rt: tokio::runtime::Handle::current(),
     };
@@ -113,6 +116,7 @@ struct Accept {
     listener: OwnedFd,
     woken: Arc<OwnedFd>,
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     allowed: Arc<HashSet<u32>>,
     rt: tokio::runtime::Handle,
 }
@@ -138,6 +142,7 @@ impl Accept {
                 fd: conn,
                 woken: self.woken.clone(),
                 agent: self.agent.clone(),
+                metrics: self.metrics.clone(),
                 allowed: self.allowed.clone(),
                 rt: self.rt.clone(),
             };
@@ -163,6 +168,7 @@ struct Conn {
     fd: OwnedFd,
     woken: Arc<OwnedFd>,
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     allowed: Arc<HashSet<u32>>,
     rt: tokio::runtime::Handle,
 }
@@ -194,13 +200,7 @@ impl Conn {
                 request::handle(agent, rt, packet, cred.pid(), &actor)
             };
             let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
-            crate::metrics::metrics()
-                .handoffs
-                .get_or_create(&crate::metrics::MethodCode {
-                    method: kind.into(),
-                    code: code.as_str_name().to_string(),
-                })
-                .inc();
+            self.metrics.count_handoff(kind, code.as_str_name());
             tracing::info!(%vm_id, %name, caller = %actor, code = code.as_str_name(), detail = %resp.message, "handoff {kind}");
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
             let resp = pb::HandoffResponse {

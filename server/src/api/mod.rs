@@ -9,6 +9,7 @@ use crate::convert::{
     backend_from_pb, node_info_to_pb, node_pages, placement_to_pb, policy_from_pb, region_to_pb,
 };
 use crate::domain::{DomainError, RegionKey, VmId};
+use crate::metrics::Metrics;
 use crate::reconcile::{
     Agent, AgentError, CreateRequest, PopulateProgress, PopulateRequest, RegionView,
     SetPolicyRequest,
@@ -33,12 +34,13 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Clone, Debug)]
 pub struct NodeAgent {
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
 }
 
 impl NodeAgent {
-    /// Serves `agent`.
-    pub fn new(agent: Arc<Agent>) -> Self {
-        Self { agent }
+    /// Serves `agent`, recording placement reads and reconcile passes in `metrics`.
+    pub fn new(agent: Arc<Agent>, metrics: Arc<Metrics>) -> Self {
+        Self { agent, metrics }
     }
 }
 
@@ -263,7 +265,13 @@ impl NodeAgentService for NodeAgent {
                     cgroup: (!r.cgroup.is_empty()).then(|| r.cgroup.clone().into()),
                     verify: r.verify,
                 };
-                tokio::spawn(populate_stream(self.agent.clone(), request, who, tx));
+                tokio::spawn(populate_stream(
+                    self.agent.clone(),
+                    self.metrics.clone(),
+                    request,
+                    who,
+                    tx,
+                ));
             }
             Err(e) => {
                 let _ = tx.send(Err(invalid(e))).await;
@@ -287,7 +295,8 @@ impl NodeAgentService for NodeAgent {
         let whole_region = r.offset == 0 && r.length == 0;
         if whole_region {
             let nodes = p.nodes().into_iter().map(|n| (n.node, n.pages));
-            crate::metrics::observe_placement(&r.vm_id, &r.name, p.page_size, nodes);
+            self.metrics
+                .observe_placement(&r.vm_id, &r.name, p.page_size, nodes);
         }
         Ok(Response::new(placement_to_pb(&p)))
     }
@@ -306,7 +315,7 @@ impl NodeAgentService for NodeAgent {
             .reconcile(vm.as_ref(), &who)
             .await
             .map_err(status_of)?;
-        crate::metrics::observe_reconcile(start.elapsed());
+        self.metrics.observe_reconcile(start.elapsed());
         Ok(Response::new(pb::ReconcileResponse {
             ranges_checked: rep.checked,
             ranges_reapplied: rep.reapplied,
@@ -391,6 +400,7 @@ impl NodeAgentService for NodeAgent {
 /// Runs one populate and streams its progress, then its summary or error, to `tx`.
 async fn populate_stream(
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     request: PopulateRequest,
     who: String,
     tx: tokio::sync::mpsc::Sender<Result<pb::PopulateResponse, Status>>,
@@ -439,7 +449,7 @@ async fn populate_stream(
         && o.verified
     {
         let nodes = o.placement.nodes().into_iter().map(|n| (n.node, n.pages));
-        crate::metrics::observe_placement(vm_id, name, o.placement.page_size, nodes);
+        metrics.observe_placement(vm_id, name, o.placement.page_size, nodes);
     }
     let msg = match outcome {
         Ok(Ok(o)) => Ok(pb::PopulateResponse {

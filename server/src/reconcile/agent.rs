@@ -55,6 +55,30 @@ pub struct AgentCounters {
     pub regions_lost: std::sync::atomic::AtomicU64,
     /// Handoffs served.
     pub handoffs: std::sync::atomic::AtomicU64,
+    /// Drifts found per range: (region, range offset) to count.
+    range_drifts: Mutex<BTreeMap<(RegionKey, u64), u64>>,
+}
+
+impl AgentCounters {
+    /// Counts one drift on each range of region `key` at the given offsets.
+    pub(crate) fn count_range_drifts(&self, key: &RegionKey, offsets: &[u64]) {
+        if offsets.is_empty() {
+            return;
+        }
+        let mut m = self.range_drifts.lock();
+        for &o in offsets {
+            *m.entry((key.clone(), o)).or_default() += 1;
+        }
+    }
+
+    /// Drifts found so far per (region, range offset), for the metrics to read.
+    pub fn range_drifts(&self) -> Vec<((RegionKey, u64), u64)> {
+        self.range_drifts
+            .lock()
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
+    }
 }
 
 /// The engine.

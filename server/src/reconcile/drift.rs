@@ -46,14 +46,16 @@ impl Agent {
             report.regions += 1;
             let live = slot.write_owned().await;
             let (base_page, who) = (self.page, actor.to_string());
-            let (events, r) = Agent::blocking(move || {
+            let (events, r, key, drifts) = Agent::blocking(move || {
                 let mut live = live;
                 let mut r = ReconcileReport::default();
-                let events = reconcile_region(&mut live, &mut r, base_page, &who);
-                (events, r)
+                let mut drifts = Vec::new();
+                let events = reconcile_region(&mut live, &mut r, &mut drifts, base_page, &who);
+                (events, r, live.intent.key.clone(), drifts)
             })
             .await?;
             report.add(&r);
+            self.counters.count_range_drifts(&key, &drifts);
             if !events.is_empty() {
                 self.commit(vec![], events).await?;
             }
@@ -82,7 +84,7 @@ impl ReconcileReport {
 }
 
 /// Reconciles one region: observe, plan, execute (see [`plan::plan`]), then record what happened
-/// as events, counts and per-range errors. Blocking.
+/// as events, counts (the offsets of drifted ranges into `drifts`) and per-range errors. Blocking.
 ///
 /// Detecting drift at samples rather than every page keeps a pass cheap (a get_mempolicy per
 /// sample, and about 2 µs of mbind through a fresh window per range; verifying a range that did
@@ -91,6 +93,7 @@ impl ReconcileReport {
 fn reconcile_region(
     live: &mut LiveRegion,
     report: &mut ReconcileReport,
+    drifts: &mut Vec<u64>,
     base_page: u64,
     actor: &str,
 ) -> Vec<Event> {
@@ -121,7 +124,7 @@ fn reconcile_region(
             },
             Done::Drifted(r, d) => {
                 report.drifted += 1;
-                crate::metrics::count_range_drift(&key.vm_id, &key.name, r.offset);
+                drifts.push(r.offset);
                 events.push(event(
                     EventKind::DriftFound,
                     Some(&key),
