@@ -85,7 +85,7 @@ impl fmt::Display for VmId {
 /// Identifies a region. Built only by [`RegionKey::parse`] (or [`RegionKey::in_vm`] from a
 /// checked [`VmId`]), so both names are always valid and the engine, which takes keys, never
 /// checks them again. The fields are public to read; code must not assign them.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegionKey {
     /// The VM.
     pub vm_id: String,
@@ -96,7 +96,7 @@ pub struct RegionKey {
 }
 
 /// Proof that a [`RegionKey`]'s names were checked; only this module can make one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Checked;
 
 impl RegionKey {
@@ -119,6 +119,15 @@ impl RegionKey {
             name: name.to_string(),
             checked: Checked,
         })
+    }
+}
+
+impl fmt::Debug for RegionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionKey")
+            .field("vm_id", &self.vm_id)
+            .field("name", &self.name)
+            .finish()
     }
 }
 
