@@ -3,6 +3,7 @@
 //! request extension, so every mutation's event and log line names it.
 
 use crate::api::Caller;
+use crate::metrics::Metrics;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -101,13 +102,15 @@ pub fn allowed(role: Option<Role>, path: &str) -> bool {
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
     roles: Arc<Roles>,
+    metrics: Arc<Metrics>,
 }
 
 impl AuthLayer {
-    /// Enforces `roles`.
-    pub fn new(roles: Roles) -> Self {
+    /// Enforces `roles`; refusals are counted in `metrics`.
+    pub fn new(roles: Roles, metrics: Arc<Metrics>) -> Self {
         Self {
             roles: Arc::new(roles),
+            metrics,
         }
     }
 }
@@ -118,6 +121,7 @@ impl<S> Layer<S> for AuthLayer {
         Auth {
             inner,
             roles: self.roles.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -127,6 +131,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     roles: Arc<Roles>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: NamedService> NamedService for Auth<S> {
@@ -202,7 +207,7 @@ where
                 ),
                 Some(_) => format!("{who} has the viewer role, which may not call {path}"),
             };
-            crate::metrics::count_denied();
+            self.metrics.count_denied();
             return Box::pin(async move { Ok(tonic::Status::permission_denied(msg).into_http()) });
         }
         req.extensions_mut().insert(Caller(who));

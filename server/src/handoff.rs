@@ -16,7 +16,9 @@
 mod request;
 pub mod token;
 
+use crate::domain::VmId;
 use crate::kernel::fdpass;
+use crate::metrics::Metrics;
 use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
 use nix::errno::Errno;
@@ -57,6 +59,7 @@ pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
 pub fn serve(
     listener: OwnedFd,
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     allowed_uids: HashSet<u32>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
@@ -66,6 +69,7 @@ pub fn serve(
         listener,
         woken: Arc::new(woken),
         agent,
+        metrics,
         allowed: Arc::new(allowed_uids),
         rt: tokio::runtime::Handle::current(),
     };
@@ -112,6 +116,7 @@ struct Accept {
     listener: OwnedFd,
     woken: Arc<OwnedFd>,
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     allowed: Arc<HashSet<u32>>,
     rt: tokio::runtime::Handle,
 }
@@ -137,6 +142,7 @@ impl Accept {
                 fd: conn,
                 woken: self.woken.clone(),
                 agent: self.agent.clone(),
+                metrics: self.metrics.clone(),
                 allowed: self.allowed.clone(),
                 rt: self.rt.clone(),
             };
@@ -162,6 +168,7 @@ struct Conn {
     fd: OwnedFd,
     woken: Arc<OwnedFd>,
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     allowed: Arc<HashSet<u32>>,
     rt: tokio::runtime::Handle,
 }
@@ -193,13 +200,7 @@ impl Conn {
                 request::handle(agent, rt, packet, cred.pid(), &actor)
             };
             let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
-            crate::metrics::metrics()
-                .handoffs
-                .get_or_create(&crate::metrics::MethodCode {
-                    method: kind.into(),
-                    code: code.as_str_name().to_string(),
-                })
-                .inc();
+            self.metrics.count_handoff(kind, code.as_str_name());
             tracing::info!(%vm_id, %name, caller = %actor, code = code.as_str_name(), detail = %resp.message, "handoff {kind}");
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
             let resp = pb::HandoffResponse {
@@ -236,15 +237,12 @@ fn error(code: pb::HandoffCode, message: String) -> pb::HandoffResponse {
 /// A refusal: the response, sent without fds.
 type Refusal = Box<pb::HandoffResponse>;
 
-/// Checks a request's vm_id and that its token is that VM's.
-fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Refusal> {
-    if let Err(e) = crate::domain::validate_name("vm_id", vm_id) {
-        return Err(Box::new(error(
-            pb::HandoffCode::InvalidArgument,
-            e.to_string(),
-        )));
-    }
-    authorize(agent, vm_id, token)
+/// Checks a request's vm_id and that its token is that VM's; the checked id.
+fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<VmId, Refusal> {
+    let vm = VmId::parse(vm_id)
+        .map_err(|e| Box::new(error(pb::HandoffCode::InvalidArgument, e.to_string())))?;
+    authorize(agent, vm_id, token)?;
+    Ok(vm)
 }
 
 /// Checks that a token is VM `vm_id`'s (in constant time); the vm_id is already checked.

@@ -3,6 +3,7 @@
 //! flight" until its response body ends, so a streaming Populate holds its slot for as long as it
 //! runs, not only until its response headers are sent.
 
+use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::Semaphore;
@@ -14,14 +15,16 @@ use tower::{Layer, Service};
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
     max: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl ShedLayer {
-    /// At most `max` requests in flight.
-    pub fn new(max: usize) -> Self {
+    /// At most `max` requests in flight; refusals are counted in `metrics`.
+    pub fn new(max: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             max,
+            metrics,
         }
     }
 }
@@ -33,6 +36,7 @@ impl<S> Layer<S> for ShedLayer {
             inner,
             permits: self.permits.clone(),
             max: self.max,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -43,6 +47,7 @@ pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
     max: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: NamedService> NamedService for Shed<S> {
@@ -69,7 +74,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            crate::metrics::metrics().shed.inc();
+            self.metrics.count_shed();
             let max = self.max;
             return Box::pin(async move {
                 Ok(tonic::Status::unavailable(format!(

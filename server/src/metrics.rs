@@ -1,10 +1,12 @@
 //! Prometheus metrics, served as text at /metrics on a loopback listener by default.
 //!
-//! Requests are counted by [`RequestMetricsLayer`] at the edge of the gRPC server; the engine's
-//! counters are copied in at each scrape; per-node bytes come from the intent (intended) and from
+//! One [`Metrics`] per agent (no process globals). Requests are counted by
+//! [`RequestMetricsLayer`] at the edge of the gRPC server; the engine's counters (drift counts
+//! included) are copied in at each scrape; per-node bytes come from the intent (intended) and from
 //! the last whole-region placement read of each region (observed), so a scrape never walks guest
 //! memory.
 
+use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,7 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tonic::server::NamedService;
@@ -64,7 +66,9 @@ pub struct RangeLabels {
     pub offset: String,
 }
 
-/// Every metric of the agent.
+/// Every metric of one agent, owned: `app::run` makes one and hands an `Arc` of it to the gRPC
+/// layers, the handoff socket, the store's commit observer and the /metrics listener, so two
+/// agents in one process count apart.
 pub struct Metrics {
     registry: Registry,
     /// Requests by method and code.
@@ -97,16 +101,32 @@ pub struct Metrics {
     pub denied: Counter,
     /// Requests shed by the concurrency limit.
     pub shed: Counter,
+    /// Each region's bytes per node as last read from the kernel over the whole region.
+    observed: Mutex<ObservedBytes>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 fn latency_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
-/// The process-wide metrics.
-pub fn metrics() -> &'static Metrics {
-    static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(|| {
+/// Bytes per node of each region (by vm_id and name), as last read over the whole region.
+type ObservedBytes = HashMap<(String, String), Vec<(u32, u64)>>;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics, every counter at zero, with its own registry.
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("memplace");
         let m = Metrics {
             requests: Family::default(),
@@ -123,6 +143,7 @@ pub fn metrics() -> &'static Metrics {
             handoffs: Family::default(),
             denied: Counter::default(),
             shed: Counter::default(),
+            observed: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -196,147 +217,149 @@ pub fn metrics() -> &'static Metrics {
             m.shed.clone(),
         );
         Metrics { registry, ..m }
-    })
-}
-
-/// Counts a refused request.
-pub fn count_denied() {
-    metrics().denied.inc();
-}
-
-/// Counts a drift found on the range of a region at `offset`.
-pub fn count_range_drift(vm_id: &str, name: &str, offset: u64) {
-    metrics()
-        .range_drifts
-        .get_or_create(&RangeLabels {
-            vm_id: vm_id.to_string(),
-            name: name.to_string(),
-            offset: offset.to_string(),
-        })
-        .inc();
-}
-
-/// Records a commit latency.
-pub fn observe_commit(d: std::time::Duration, _jobs: usize) {
-    metrics().commit_seconds.observe(d.as_secs_f64());
-}
-
-/// The text exposition.
-pub fn render() -> String {
-    let mut out = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut out, &metrics().registry);
-    out
-}
-
-/// Bytes per node of each region (by vm_id and name), as last read over the whole region.
-type ObservedBytes = HashMap<(String, String), Vec<(u32, u64)>>;
-
-/// Each region's bytes per node as last read from the kernel over the whole region.
-fn observed() -> &'static Mutex<ObservedBytes> {
-    static O: OnceLock<Mutex<ObservedBytes>> = OnceLock::new();
-    O.get_or_init(Default::default)
-}
-
-/// Records where a whole region's pages are (`(node, pages)` of `page_size` bytes), as a
-/// GetPlacement or Populate over the whole region just read them from the kernel.
-pub fn observe_placement(
-    vm_id: &str,
-    name: &str,
-    page_size: u64,
-    nodes: impl IntoIterator<Item = (u32, u64)>,
-) {
-    let bytes = nodes
-        .into_iter()
-        .map(|(n, pages)| (n, pages.saturating_mul(page_size)))
-        .collect();
-    if let Ok(mut o) = observed().lock() {
-        o.insert((vm_id.to_string(), name.to_string()), bytes);
     }
-}
 
-/// Recomputes region gauges and per-node bytes from the engine's intent, and copies the
-/// engine's counters in.
-pub async fn refresh_regions(agent: &crate::reconcile::Agent) {
-    let Ok(regions) = agent.list_intents().await else {
-        return;
-    };
-    let m = metrics();
-    m.regions.clear();
-    m.bytes_intended.clear();
-    let mut per_node: HashMap<u32, i64> = HashMap::new();
-    for r in &regions {
-        m.regions
-            .get_or_create(&RegionLabels {
-                backend: r.backend.as_str().into(),
-                strategy: r.strategy.as_str().into(),
-                status: r.status.as_str().into(),
+    /// Counts a refused request.
+    pub fn count_denied(&self) {
+        self.denied.inc();
+    }
+
+    /// Counts a request shed by the concurrency limit.
+    pub fn count_shed(&self) {
+        self.shed.inc();
+    }
+
+    /// Counts a handoff request of `kind` answered with `code`.
+    pub fn count_handoff(&self, kind: &str, code: &str) {
+        self.handoffs
+            .get_or_create(&MethodCode {
+                method: kind.into(),
+                code: code.into(),
             })
             .inc();
-        for range in r.ranges.ranges() {
-            let n = range.policy.nodes.len() as i64;
-            if n == 0 {
-                continue;
-            }
-            for node in range.policy.nodes.iter() {
-                *per_node.entry(node).or_default() += range.length as i64 / n;
-            }
-        }
     }
-    for (node, bytes) in per_node {
-        m.bytes_intended
-            .get_or_create(&NodeLabel {
-                node: node.to_string(),
-            })
-            .set(bytes);
+
+    /// Records a commit latency.
+    pub fn observe_commit(&self, d: std::time::Duration, _jobs: usize) {
+        self.commit_seconds.observe(d.as_secs_f64());
     }
-    m.bytes_observed.clear();
-    if let Ok(mut o) = observed().lock() {
-        // Forget regions that are gone, so a deleted region stops counting.
-        let live: HashSet<(&str, &str)> = regions
-            .iter()
-            .map(|r| (r.key.vm_id.as_str(), r.key.name.as_str()))
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Records where a whole region's pages are (`(node, pages)` of `page_size` bytes), as a
+    /// GetPlacement or Populate over the whole region just read them from the kernel.
+    pub fn observe_placement(
+        &self,
+        vm_id: &str,
+        name: &str,
+        page_size: u64,
+        nodes: impl IntoIterator<Item = (u32, u64)>,
+    ) {
+        let bytes = nodes
+            .into_iter()
+            .map(|(n, pages)| (n, pages.saturating_mul(page_size)))
             .collect();
-        o.retain(|(vm, name), _| live.contains(&(vm.as_str(), name.as_str())));
-        let mut per_node: HashMap<u32, u64> = HashMap::new();
-        for (node, bytes) in o.values().flatten() {
-            *per_node.entry(*node).or_default() += bytes;
+        self.observed
+            .lock()
+            .insert((vm_id.to_string(), name.to_string()), bytes);
+    }
+
+    /// Recomputes region gauges and per-node bytes from the engine's intent, and copies the
+    /// engine's counters in.
+    pub async fn refresh_regions(&self, agent: &crate::reconcile::Agent) {
+        let Ok(regions) = agent.list_intents().await else {
+            return;
+        };
+        let m = self;
+        m.regions.clear();
+        m.bytes_intended.clear();
+        let mut per_node: HashMap<u32, i64> = HashMap::new();
+        for r in &regions {
+            m.regions
+                .get_or_create(&RegionLabels {
+                    backend: r.backend.as_str().into(),
+                    strategy: r.strategy.as_str().into(),
+                    status: r.status.as_str().into(),
+                })
+                .inc();
+            for range in r.ranges.ranges() {
+                let n = range.policy.nodes.len() as i64;
+                if n == 0 {
+                    continue;
+                }
+                for node in range.policy.nodes.iter() {
+                    *per_node.entry(node).or_default() += range.length as i64 / n;
+                }
+            }
         }
         for (node, bytes) in per_node {
-            m.bytes_observed
+            m.bytes_intended
                 .get_or_create(&NodeLabel {
                     node: node.to_string(),
                 })
-                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                .set(bytes);
+        }
+        m.bytes_observed.clear();
+        {
+            let mut o = self.observed.lock();
+            // Forget regions that are gone, so a deleted region stops counting.
+            let live: HashSet<(&str, &str)> = regions
+                .iter()
+                .map(|r| (r.key.vm_id.as_str(), r.key.name.as_str()))
+                .collect();
+            o.retain(|(vm, name), _| live.contains(&(vm.as_str(), name.as_str())));
+            let mut per_node: HashMap<u32, u64> = HashMap::new();
+            for (node, bytes) in o.values().flatten() {
+                *per_node.entry(*node).or_default() += bytes;
+            }
+            for (node, bytes) in per_node {
+                m.bytes_observed
+                    .get_or_create(&NodeLabel {
+                        node: node.to_string(),
+                    })
+                    .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
+        m.regions_lost.set(
+            regions
+                .iter()
+                .filter(|r| r.status == crate::domain::RegionStatus::Lost)
+                .count() as i64,
+        );
+        self.sync_counters(&agent.counters);
+    }
+
+    /// Brings the drift counters up to the engine's, which count every pass (periodic or
+    /// requested). The engine counts; these counters only follow, so each `Metrics` catches up
+    /// on its own.
+    fn sync_counters(&self, counters: &crate::reconcile::AgentCounters) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let follow = |c: &Counter, total: u64| {
+            c.inc_by(total.saturating_sub(c.get()));
+        };
+        follow(&self.ranges_drifted, counters.drifted.load(Relaxed));
+        follow(&self.ranges_reapplied, counters.reapplied.load(Relaxed));
+        for ((key, offset), n) in counters.range_drifts() {
+            let c = self.range_drifts.get_or_create(&RangeLabels {
+                vm_id: key.vm_id,
+                name: key.name,
+                offset: offset.to_string(),
+            });
+            follow(&c, n);
         }
     }
-    m.regions_lost.set(
-        regions
-            .iter()
-            .filter(|r| r.status == crate::domain::RegionStatus::Lost)
-            .count() as i64,
-    );
-    sync_counters(agent);
-}
 
-/// Brings the drift counters up to the engine's, which count every pass (periodic or requested).
-fn sync_counters(agent: &crate::reconcile::Agent) {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static SEEN_DRIFT: AtomicU64 = AtomicU64::new(0);
-    static SEEN_REAPPLIED: AtomicU64 = AtomicU64::new(0);
-    let m = metrics();
-    let d = agent.counters.drifted.load(Relaxed);
-    m.ranges_drifted
-        .inc_by(d.saturating_sub(SEEN_DRIFT.swap(d, Relaxed)));
-    let r = agent.counters.reapplied.load(Relaxed);
-    m.ranges_reapplied
-        .inc_by(r.saturating_sub(SEEN_REAPPLIED.swap(r, Relaxed)));
-}
-
-/// Records a reconcile pass, periodic or requested. The region gauges and drift counters are
-/// refreshed when scraped (copying every region's intent after each pass cost as much as the
-/// pass itself).
-pub fn observe_reconcile(took: std::time::Duration) {
-    metrics().reconcile_seconds.observe(took.as_secs_f64());
+    /// Records a reconcile pass, periodic or requested. The region gauges and drift counters are
+    /// refreshed when scraped (copying every region's intent after each pass cost as much as the
+    /// pass itself).
+    pub fn observe_reconcile(&self, took: std::time::Duration) {
+        self.reconcile_seconds.observe(took.as_secs_f64());
+    }
 }
 
 /// The `method` label of a request path: the known gRPC methods by name (`service/Method`), and
@@ -416,6 +439,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 /// One request being measured: recorded exactly once, when its status is known, or as
 /// CANCELLED if the response is dropped first (the client went away mid-stream).
 struct CallTimer {
+    metrics: Arc<Metrics>,
     method: String,
     start: Instant,
     done: bool,
@@ -426,7 +450,7 @@ impl CallTimer {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let m = metrics();
+        let m = &self.metrics;
         m.requests
             .get_or_create(&MethodCode {
                 method: self.method.clone(),
@@ -488,13 +512,25 @@ impl hyper::body::Body for MeteredBody {
 
 /// The tower layer that counts gRPC requests by method and status code and times them, from
 /// the first byte in to the status out (so a stream is timed to its end).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequestMetricsLayer;
+#[derive(Clone, Debug)]
+pub struct RequestMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RequestMetricsLayer {
+    /// Counts into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
 
 impl<S> Layer<S> for RequestMetricsLayer {
     type Service = RequestMetrics<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RequestMetrics { inner }
+        RequestMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -502,6 +538,7 @@ impl<S> Layer<S> for RequestMetricsLayer {
 #[derive(Clone, Debug)]
 pub struct RequestMetrics<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: NamedService> NamedService for RequestMetrics<S> {
@@ -527,6 +564,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let mut timer = CallTimer {
+            metrics: self.metrics.clone(),
             method: method_label(req.uri().path()),
             start: Instant::now(),
             done: false,
@@ -553,5 +591,75 @@ where
             let body = tonic::body::Body::new(MeteredBody { inner: body, timer });
             Ok(http::Response::from_parts(parts, body))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::RegionKey;
+    use crate::reconcile::AgentCounters;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    /// The value of the sample `name` in a text exposition (0 when absent).
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    #[test]
+    fn two_metrics_count_apart() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.count_denied();
+        a.count_denied();
+        b.count_shed();
+        a.count_handoff("acquire", "OK");
+        a.observe_commit(std::time::Duration::from_millis(1), 1);
+        let (ta, tb) = (a.render(), b.render());
+        assert_eq!(sample(&ta, "memplace_requests_denied_total"), 2.0, "{ta}");
+        assert_eq!(sample(&tb, "memplace_requests_denied_total"), 0.0, "{tb}");
+        assert_eq!(sample(&ta, "memplace_requests_shed_total"), 0.0, "{ta}");
+        assert_eq!(sample(&tb, "memplace_requests_shed_total"), 1.0, "{tb}");
+        let handoff = r#"memplace_handoffs_total{method="acquire",code="OK"}"#;
+        assert_eq!(sample(&ta, handoff), 1.0, "{ta}");
+        assert!(!tb.contains(handoff), "{tb}");
+        assert_eq!(
+            sample(&ta, "memplace_sqlite_commit_duration_seconds_count"),
+            1.0
+        );
+        assert_eq!(
+            sample(&tb, "memplace_sqlite_commit_duration_seconds_count"),
+            0.0
+        );
+    }
+
+    /// Each `Metrics` follows the engine's counters on its own: a second one catches up to the
+    /// same totals instead of seeing what the first already copied as nothing new.
+    #[test]
+    fn each_metrics_follows_the_engine_counters() {
+        let counters = AgentCounters::default();
+        counters.drifted.store(3, Relaxed);
+        counters.reapplied.store(5, Relaxed);
+        let key = RegionKey::parse("vm", "r").unwrap();
+        counters.count_range_drifts(&key, &[4096, 4096, 0]);
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.sync_counters(&counters);
+        a.sync_counters(&counters);
+        let drift = r#"memplace_range_drifts_total{vm_id="vm",name="r",offset="4096"}"#;
+        let ta = a.render();
+        assert_eq!(sample(&ta, "memplace_ranges_drifted_total"), 3.0, "{ta}");
+        assert_eq!(sample(&ta, "memplace_ranges_reapplied_total"), 5.0, "{ta}");
+        assert_eq!(sample(&ta, drift), 2.0, "{ta}");
+        let tb = b.render();
+        assert_eq!(sample(&tb, "memplace_ranges_drifted_total"), 0.0, "{tb}");
+        b.sync_counters(&counters);
+        let tb = b.render();
+        assert_eq!(sample(&tb, "memplace_ranges_drifted_total"), 3.0, "{tb}");
+        assert_eq!(sample(&tb, drift), 2.0, "{tb}");
+        counters.drifted.store(4, Relaxed);
+        b.sync_counters(&counters);
+        assert_eq!(sample(&b.render(), "memplace_ranges_drifted_total"), 4.0);
+        assert_eq!(sample(&a.render(), "memplace_ranges_drifted_total"), 3.0);
     }
 }

@@ -8,9 +8,11 @@ mod idempotency;
 use crate::convert::{
     backend_from_pb, node_info_to_pb, node_pages, placement_to_pb, policy_from_pb, region_to_pb,
 };
-use crate::domain::{DomainError, RegionKey};
+use crate::domain::{DomainError, RegionKey, VmId};
+use crate::metrics::Metrics;
 use crate::reconcile::{
     Agent, AgentError, CreateRequest, PopulateProgress, PopulateRequest, RegionView,
+    SetPolicyRequest,
 };
 use events::EventWatch;
 use idempotency::idempotent;
@@ -32,12 +34,13 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Clone, Debug)]
 pub struct NodeAgent {
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
 }
 
 impl NodeAgent {
-    /// Serves `agent`.
-    pub fn new(agent: Arc<Agent>) -> Self {
-        Self { agent }
+    /// Serves `agent`, recording placement reads and reconcile passes in `metrics`.
+    pub fn new(agent: Arc<Agent>, metrics: Arc<Metrics>) -> Self {
+        Self { agent, metrics }
     }
 }
 
@@ -156,8 +159,12 @@ impl NodeAgentService for NodeAgent {
         req: Request<pb::ListRegionsRequest>,
     ) -> Result<Response<pb::ListRegionsResponse>, Status> {
         let r = req.into_inner();
-        let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
-        let v = self.agent.list_regions(vm).await.map_err(status_of)?;
+        let vm = vm_filter(&r.vm_id)?;
+        let v = self
+            .agent
+            .list_regions(vm.as_ref())
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(pb::ListRegionsResponse {
             regions: v.iter().map(region_to_pb).collect(),
         }))
@@ -217,19 +224,15 @@ impl NodeAgentService for NodeAgent {
                 }))
             });
             tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, %policy, offset = r.offset, length = r.length, migrate = r.migrate, "SetPolicy");
-            let key = RegionKey::parse(&r.vm_id, &r.name)?;
-            let o = agent
-                .set_policy(
-                    &key,
-                    r.offset,
-                    r.length,
-                    policy,
-                    r.migrate,
-                    r.expected_generation,
-                    &who,
-                    idem,
-                )
-                .await?;
+            let req = SetPolicyRequest {
+                key: RegionKey::parse(&r.vm_id, &r.name)?,
+                offset: r.offset,
+                length: r.length,
+                policy,
+                migrate: r.migrate,
+                expected_generation: r.expected_generation,
+            };
+            let o = agent.set_policy(req, &who, idem).await?;
             Ok(pb::SetPolicyResponse {
                 region: Some(region_to_pb(&o.region)),
                 pages_migrated: o.pages_migrated,
@@ -262,7 +265,13 @@ impl NodeAgentService for NodeAgent {
                     cgroup: (!r.cgroup.is_empty()).then(|| r.cgroup.clone().into()),
                     verify: r.verify,
                 };
-                tokio::spawn(populate_stream(self.agent.clone(), request, who, tx));
+                tokio::spawn(populate_stream(
+                    self.agent.clone(),
+                    self.metrics.clone(),
+                    request,
+                    who,
+                    tx,
+                ));
             }
             Err(e) => {
                 let _ = tx.send(Err(invalid(e))).await;
@@ -286,7 +295,8 @@ impl NodeAgentService for NodeAgent {
         let whole_region = r.offset == 0 && r.length == 0;
         if whole_region {
             let nodes = p.nodes().into_iter().map(|n| (n.node, n.pages));
-            crate::metrics::observe_placement(&r.vm_id, &r.name, p.page_size, nodes);
+            self.metrics
+                .observe_placement(&r.vm_id, &r.name, p.page_size, nodes);
         }
         Ok(Response::new(placement_to_pb(&p)))
     }
@@ -297,11 +307,15 @@ impl NodeAgentService for NodeAgent {
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
         let who = caller(&req);
         let r = req.into_inner();
-        let vm = (!r.vm_id.is_empty()).then_some(r.vm_id.as_str());
         tracing::info!(vm_id = %r.vm_id, caller = %who, "Reconcile");
+        let vm = vm_filter(&r.vm_id)?;
         let start = std::time::Instant::now();
-        let rep = self.agent.reconcile(vm, &who).await.map_err(status_of)?;
-        crate::metrics::observe_reconcile(start.elapsed());
+        let rep = self
+            .agent
+            .reconcile(vm.as_ref(), &who)
+            .await
+            .map_err(status_of)?;
+        self.metrics.observe_reconcile(start.elapsed());
         Ok(Response::new(pb::ReconcileResponse {
             ranges_checked: rep.checked,
             ranges_reapplied: rep.reapplied,
@@ -343,7 +357,8 @@ impl NodeAgentService for NodeAgent {
                 }))
             });
             tracing::info!(vm_id = %r.vm_id, pid = r.pid, request_id = %r.request_id, caller = %who, "AttachProcess");
-            let v = agent.attach_process(&r.vm_id, r.pid, &who, idem).await?;
+            let vm = VmId::parse(&r.vm_id)?;
+            let v = agent.attach_process(&vm, r.pid, &who, idem).await?;
             Ok(pb::AttachProcessResponse {
                 regions: v.iter().map(region_to_pb).collect(),
             })
@@ -385,6 +400,7 @@ impl NodeAgentService for NodeAgent {
 /// Runs one populate and streams its progress, then its summary or error, to `tx`.
 async fn populate_stream(
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     request: PopulateRequest,
     who: String,
     tx: tokio::sync::mpsc::Sender<Result<pb::PopulateResponse, Status>>,
@@ -433,7 +449,7 @@ async fn populate_stream(
         && o.verified
     {
         let nodes = o.placement.nodes().into_iter().map(|n| (n.node, n.pages));
-        crate::metrics::observe_placement(vm_id, name, o.placement.page_size, nodes);
+        metrics.observe_placement(vm_id, name, o.placement.page_size, nodes);
     }
     let msg = match outcome {
         Ok(Ok(o)) => Ok(pb::PopulateResponse {
@@ -451,4 +467,12 @@ async fn populate_stream(
         Err(e) => Err(Status::internal(format!("populate task: {e}"))),
     };
     let _ = tx.send(msg).await;
+}
+
+/// The VM a list or reconcile is limited to: none when `vm_id` is empty, else the checked id.
+fn vm_filter(vm_id: &str) -> Result<Option<VmId>, Status> {
+    if vm_id.is_empty() {
+        return Ok(None);
+    }
+    VmId::parse(vm_id).map(Some).map_err(invalid)
 }

@@ -5,6 +5,7 @@ use super::AppError;
 use crate::api::NodeAgent;
 use crate::auth::{AuthLayer, Roles};
 use crate::config::Config;
+use crate::metrics::{Metrics, RequestMetricsLayer};
 use crate::reconcile::Agent;
 use memplace_proto::v1::node_agent_service_server::NodeAgentServiceServer;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ impl Serving {
 pub(super) async fn serve(
     cfg: &Config,
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     tls: Option<ServerTlsConfig>,
     bind_unix: impl FnOnce() -> Result<tokio::net::UnixListener, AppError>,
     stop: watch::Receiver<bool>,
@@ -61,19 +63,20 @@ pub(super) async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| AppError::Serve(e.to_string()))?;
-    let service = NodeAgentServiceServer::new(NodeAgent::new(agent))
+    let service = NodeAgentServiceServer::new(NodeAgent::new(agent, metrics.clone()))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
-    let auth = AuthLayer::new(roles(cfg));
+    let auth = AuthLayer::new(roles(cfg), metrics.clone());
     // One shedding budget shared by the Unix and TCP listeners.
-    let shed = crate::limits::ShedLayer::new(cfg.max_concurrent_requests);
+    let shed = crate::limits::ShedLayer::new(cfg.max_concurrent_requests, metrics.clone());
+    let metered = RequestMetricsLayer::new(metrics);
     let timeout = Duration::from_secs(cfg.request_timeout_secs);
     // The same stack serves the Unix socket (plain) and TCP (mTLS when configured).
     let build = |server: tonic::transport::Server| {
         server
             // Outside everything: count and time every request, so refusals by the auth and
             // load-shedding layers below show up in memplace_requests with their codes too.
-            .layer(crate::metrics::RequestMetricsLayer)
+            .layer(metered.clone())
             // Then refuse callers without a role before they use any capacity.
             .layer(auth.clone())
             // Then shed load: a bounded number of requests in flight (a stream counts until it

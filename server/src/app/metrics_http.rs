@@ -1,13 +1,15 @@
 //! The Prometheus /metrics listener: plain HTTP/1, one path, stopped by the shutdown signal.
 
+use crate::metrics::Metrics;
 use crate::reconcile::Agent;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// Serves /metrics on `listener` until `stop` changes.
+/// Serves `metrics` on /metrics of `listener` until `stop` changes.
 pub(super) async fn serve_metrics(
     listener: tokio::net::TcpListener,
     agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -16,16 +18,16 @@ pub(super) async fn serve_metrics(
             _ = stop.changed() => return,
         };
         let Ok((stream, _)) = conn else { continue };
-        let agent = agent.clone();
+        let (agent, metrics) = (agent.clone(), metrics.clone());
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let agent = agent.clone();
+                    let (agent, metrics) = (agent.clone(), metrics.clone());
                     async move {
                         let (status, body) = if req.uri().path() == "/metrics" {
-                            crate::metrics::refresh_regions(&agent).await;
-                            (200, crate::metrics::render())
+                            metrics.refresh_regions(&agent).await;
+                            (200, metrics.render())
                         } else {
                             (404, "not found: try /metrics\n".to_string())
                         };

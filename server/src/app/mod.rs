@@ -8,6 +8,7 @@ mod logging;
 mod metrics_http;
 
 use crate::config::{Config, Flags};
+use crate::metrics::Metrics;
 use crate::reconcile::{Agent, Limits};
 use crate::store::Store;
 use crate::topology::TopologyReader;
@@ -137,7 +138,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // VMMs of other uids connect to sockets here; the sockets' own modes and the uid lists decide.
     make_dir(&cfg.runtime_dir, 0o755)?;
     let db = cfg.state_dir.join("memplace.db");
-    let agent = start_agent(&cfg, &db).await?;
+    // The agent's metrics: one set per agent, handed to everything that counts.
+    let metrics = Arc::new(Metrics::new());
+    let agent = start_agent(&cfg, &db, &metrics).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mode = cfg.socket_mode.bits();
 
@@ -148,6 +151,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let handoff_task = crate::handoff::serve(
         handoff,
         agent.clone(),
+        metrics.clone(),
         cfg.handoff_uids.iter().copied().collect(),
         stop_rx.clone(),
     )
@@ -161,6 +165,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tokio::spawn(metrics_http::serve_metrics(
             listener,
             agent.clone(),
+            metrics.clone(),
             stop_rx.clone(),
         ));
     }
@@ -168,7 +173,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // Periodic reconcile.
     if cfg.reconcile_interval_secs > 0 {
         let period = Duration::from_secs(cfg.reconcile_interval_secs);
-        tokio::spawn(reconcile_every(period, agent.clone(), stop_rx.clone()));
+        tokio::spawn(reconcile_every(
+            period,
+            agent.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
     }
 
     // gRPC.
@@ -185,7 +195,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tracing::info!(socket = %sock_path.display(), handoff = %handoff_path.display(), db = %db.display(), "memplaced serving");
         Ok(uds)
     };
-    let serving = grpc::serve(&cfg, agent, tls, bind_unix, stop_rx).await?;
+    let serving = grpc::serve(&cfg, agent, metrics, tls, bind_unix, stop_rx).await?;
 
     shutdown.await;
     let _ = stop_tx.send(true);
@@ -202,9 +212,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
 /// Opens the state database, probes the kernel, and starts the engine, which recovers every
 /// region before anything listens.
-async fn start_agent(cfg: &Config, db: &Path) -> Result<Arc<Agent>, AppError> {
+async fn start_agent(
+    cfg: &Config,
+    db: &Path,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<Agent>, AppError> {
     let mut store = Store::open(db, Duration::from_secs(5)).await?;
-    store.set_commit_observer(crate::metrics::observe_commit);
+    let m = metrics.clone();
+    store.set_commit_observer(move |took, jobs| m.observe_commit(took, jobs));
     let topology = TopologyReader::host();
     let usable: Vec<u32> = topology.read().usable.iter().collect();
     let caps = caps::probe(usable).await?;
@@ -215,12 +230,17 @@ async fn start_agent(cfg: &Config, db: &Path) -> Result<Arc<Agent>, AppError> {
         force_strategy: cfg.forced_strategy()?,
     };
     let agent = Agent::start(store, caps, topology, limits).await?;
-    crate::metrics::refresh_regions(&agent).await;
+    metrics.refresh_regions(&agent).await;
     Ok(agent)
 }
 
 /// Reconciles every region every `period` until `stop` changes.
-async fn reconcile_every(period: Duration, agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+async fn reconcile_every(
+    period: Duration,
+    agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(period);
     tick.tick().await;
     loop {
@@ -233,7 +253,7 @@ async fn reconcile_every(period: Duration, agent: Arc<Agent>, mut stop: watch::R
             Ok(r) => tracing::debug!(?r, "periodic reconcile"),
             Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
         }
-        crate::metrics::observe_reconcile(start.elapsed());
+        metrics.observe_reconcile(start.elapsed());
     }
 }
 

@@ -58,14 +58,46 @@ impl Strategy {
     }
 }
 
-/// Identifies a region.
+/// A checked `vm_id`: the only way to build one is [`VmId::parse`], so the engine, which takes
+/// it, never checks the name again.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmId(String);
+
+impl VmId {
+    /// A vm_id from caller input, checked here, once, at the edge.
+    pub fn parse(vm_id: &str) -> Result<Self, DomainError> {
+        validate_name("vm_id", vm_id)?;
+        Ok(Self(vm_id.to_string()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Identifies a region. Built only by [`RegionKey::parse`] (or [`RegionKey::in_vm`] from a
+/// checked [`VmId`]), so both names are always valid and the engine, which takes keys, never
+/// checks them again. The fields are public to read; code must not assign them.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegionKey {
     /// The VM.
     pub vm_id: String,
     /// The region within the VM.
     pub name: String,
+    /// Keeps struct literals out: a key is made by a constructor that checks it.
+    checked: Checked,
 }
+
+/// Proof that a [`RegionKey`]'s names were checked; only this module can make one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Checked;
 
 impl RegionKey {
     /// A key from caller input: both names are checked here, once, at the edge.
@@ -75,7 +107,27 @@ impl RegionKey {
         Ok(Self {
             vm_id: vm_id.to_string(),
             name: name.to_string(),
+            checked: Checked,
         })
+    }
+
+    /// The key of region `name` in the checked VM `vm`.
+    pub fn in_vm(vm: &VmId, name: &str) -> Result<Self, DomainError> {
+        validate_name("name", name)?;
+        Ok(Self {
+            vm_id: vm.0.clone(),
+            name: name.to_string(),
+            checked: Checked,
+        })
+    }
+}
+
+impl fmt::Debug for RegionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionKey")
+            .field("vm_id", &self.vm_id)
+            .field("name", &self.name)
+            .finish()
     }
 }
 

@@ -110,3 +110,19 @@ fn clipped_cuts_at_bounds() {
     assert_eq!((c[0].offset, c[0].length), (p, p));
     assert_eq!((c[1].offset, c[1].length), (2 * p, p));
 }
+
+#[test]
+fn keys_and_vm_ids_are_only_built_checked() {
+    let vm = VmId::parse("vm-1").unwrap();
+    assert_eq!(vm.as_str(), "vm-1");
+    assert!(VmId::parse("a b").is_err());
+    assert!(VmId::parse("").is_err());
+    let k = RegionKey::in_vm(&vm, "ram").unwrap();
+    assert_eq!(k, RegionKey::parse("vm-1", "ram").unwrap());
+    assert!(RegionKey::in_vm(&vm, "a/b").is_err());
+    assert!(RegionKey::parse("", "ram").is_err());
+    assert_eq!(
+        format!("{k:?}"),
+        r#"RegionKey { vm_id: "vm-1", name: "ram" }"#
+    );
+}

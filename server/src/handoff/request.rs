@@ -169,12 +169,12 @@ impl Peer<'_> {
     /// Hands the agent the VMM's KVM VM fd (refused where the kernel refuses its use).
     fn attach_vm(&self, a: pb::AttachVmRequest, fds: Vec<OwnedFd>) -> Result<Answer, Refusal> {
         expect_fds(&fds, 1, "attach_vm")?;
-        admit(self.agent, &a.vm_id, &a.token)?;
+        let vm = admit(self.agent, &a.vm_id, &a.token)?;
         let fd = one_fd(fds)?;
         let is_vm = fdpass::link_of(fd.as_fd()).is_some_and(|l| l == KVM_VM_LINK);
         // The audit event is durable before the VM is used; without it nothing is attached.
         match self.rt.block_on(self.agent.attach_vm_audited(
-            &a.vm_id,
+            &vm,
             fd,
             format!("VM fd attached by pid {}", self.pid),
             self.actor,

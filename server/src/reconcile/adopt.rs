@@ -6,7 +6,7 @@ use super::error::{AgentError, kerr};
 use super::live::{LiveRegion, RegionFile, RegionView};
 use crate::domain::{
     Backend, DomainError, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus,
-    Strategy, validate_name,
+    Strategy,
 };
 use crate::kernel::Mapping;
 use crate::store::{WriteOp, unix_now};
@@ -26,8 +26,6 @@ impl Agent {
         holder: Holder,
         actor: &str,
     ) -> Result<RegionView, AgentError> {
-        validate_name("vm_id", &key.vm_id)?;
-        validate_name("name", &key.name)?;
         let st = nix::sys::stat::fstat(&fd).map_err(kerr("fstat"))?;
         // guest_memfd reports its size too; a region larger than its file would fault SIGBUS.
         let file_size = st.st_size as u64;

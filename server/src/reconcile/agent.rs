@@ -8,7 +8,7 @@
 
 use super::error::{AgentError, kerr};
 use super::live::Slot;
-use crate::domain::{Event, EventKind, RegionKey, Strategy};
+use crate::domain::{Event, EventKind, RegionKey, Strategy, VmId};
 use crate::handoff::token::TokenKey;
 use crate::kernel::{self, GuestMemfdVm, probe::Capabilities};
 use crate::store::{Store, WriteOp, unix_now_ms};
@@ -55,6 +55,30 @@ pub struct AgentCounters {
     pub regions_lost: std::sync::atomic::AtomicU64,
     /// Handoffs served.
     pub handoffs: std::sync::atomic::AtomicU64,
+    /// Drifts found per range: (region, range offset) to count.
+    range_drifts: Mutex<BTreeMap<(RegionKey, u64), u64>>,
+}
+
+impl AgentCounters {
+    /// Counts one drift on each range of region `key` at the given offsets.
+    pub(crate) fn count_range_drifts(&self, key: &RegionKey, offsets: &[u64]) {
+        if offsets.is_empty() {
+            return;
+        }
+        let mut m = self.range_drifts.lock();
+        for &o in offsets {
+            *m.entry((key.clone(), o)).or_default() += 1;
+        }
+    }
+
+    /// Drifts found so far per (region, range offset), for the metrics to read.
+    pub fn range_drifts(&self) -> Vec<((RegionKey, u64), u64)> {
+        self.range_drifts
+            .lock()
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
+    }
 }
 
 /// The engine.
@@ -195,7 +219,11 @@ impl Agent {
         message: String,
         actor: &str,
     ) -> Result<(), AgentError> {
-        let mut event = event(kind, key, message, actor);
+        self.emit_event(event(kind, key, message, actor)).await
+    }
+
+    /// Appends a built event durably and broadcasts it.
+    async fn emit_event(&self, mut event: Event) -> Result<(), AgentError> {
         let seqs = self
             .store
             .write(vec![WriteOp::AppendEvent(event.clone())])
@@ -263,18 +291,15 @@ impl Agent {
     /// and the error is returned.
     pub async fn attach_vm_audited(
         &self,
-        vm_id: &str,
+        vm_id: &VmId,
         fd: OwnedFd,
         message: String,
         actor: &str,
     ) -> Result<(), AgentError> {
         let vm = vm_of_fd(fd)?;
-        let key = RegionKey {
-            vm_id: vm_id.to_string(),
-            name: String::new(),
-        };
-        self.emit(EventKind::VmAttached, Some(&key), message, actor)
-            .await?;
+        let mut ev = event(EventKind::VmAttached, None, message, actor);
+        ev.vm_id = vm_id.to_string();
+        self.emit_event(ev).await?;
         self.vms.lock().insert(vm_id.to_string(), Arc::new(vm));
         Ok(())
     }
@@ -347,10 +372,7 @@ mod tests {
         .await
         .unwrap();
         let page = agent.page_size();
-        let key = RegionKey {
-            vm_id: "vm".into(),
-            name: "r".into(),
-        };
+        let key = RegionKey::parse("vm", "r").unwrap();
         let bind0 = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
         let req = CreateRequest {
             key: key.clone(),
@@ -363,7 +385,18 @@ mod tests {
         assert_eq!(v.ranges.len(), 1);
         assert_eq!(v.ranges[0].observed, Some(bind0));
         let out = agent
-            .set_policy(&key, page, page, Policy::DEFAULT, true, 0, "test", None)
+            .set_policy(
+                crate::reconcile::SetPolicyRequest {
+                    key: key.clone(),
+                    offset: page,
+                    length: page,
+                    policy: Policy::DEFAULT,
+                    migrate: true,
+                    expected_generation: 0,
+                },
+                "test",
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(out.region.ranges.len(), 3);
@@ -393,7 +426,10 @@ mod tests {
         )
         .await
         .unwrap();
-        let v = agent.list_regions(Some("vm")).await.unwrap();
+        let v = agent
+            .list_regions(Some(&VmId::parse("vm").unwrap()))
+            .await
+            .unwrap();
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].ranges[0].observed, Some(bind0));
         agent.delete_region(&key, "test", None).await.unwrap();

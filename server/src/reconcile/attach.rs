@@ -10,7 +10,7 @@
 use super::{Agent, AgentError, LiveRegion, RegionFile, RegionView, kerr, new_uid};
 use crate::domain::{
     Backend, DomainError, Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey,
-    RegionStatus, Strategy, validate_name,
+    RegionStatus, Strategy, VmId,
 };
 use crate::kernel::procmem::{self, FoundFile, MemKind, ProcessMemory};
 use crate::kernel::{Mapping, pidfd};
@@ -128,6 +128,15 @@ struct AttachPlan {
     new_count: usize,
 }
 
+/// Whose files an attach takes, and who asked.
+#[derive(Clone, Copy)]
+struct Who<'a> {
+    vm_id: &'a VmId,
+    holder: Holder,
+    comm: &'a str,
+    actor: &'a str,
+}
+
 /// The agent's regions by file identity, and the names the VM already uses.
 #[derive(Default)]
 struct Known {
@@ -141,12 +150,11 @@ impl Agent {
     /// docs). Returns the regions in the order their files were found.
     pub async fn attach_process(
         &self,
-        vm_id: &str,
+        vm_id: &VmId,
         pid: i32,
         actor: &str,
         idem: Option<AttachIdempotency>,
     ) -> Result<Vec<RegionView>, AgentError> {
-        validate_name("vm_id", vm_id)?;
         let start = check_pid(pid)?;
         let holder = Holder {
             pid,
@@ -155,11 +163,16 @@ impl Agent {
         // Creates and deletes wait, so names and the region count stay consistent.
         let _m = self.membership.lock().await;
         let found = scan_process(pid, start).await?;
-        let mut known = self.known_files(vm_id).await;
+        let mut known = self.known_files(vm_id.as_str()).await;
         let mut plan = AttachPlan::default();
-        let comm = found.comm.clone();
+        let who = Who {
+            vm_id,
+            holder,
+            comm: &found.comm,
+            actor,
+        };
         for f in found.files {
-            self.plan_file(&mut plan, &mut known, f, vm_id, holder, &comm, actor)?;
+            self.plan_file(&mut plan, &mut known, f, &who)?;
         }
         let existing = self.regions.lock().len();
         let max = self.limits.max_regions;
@@ -225,27 +238,29 @@ impl Agent {
 
     /// Plans one file of the process: an existing region of the VM (its holder recorded anew),
     /// or a new region.
-    #[allow(clippy::too_many_arguments)]
     fn plan_file(
         &self,
         plan: &mut AttachPlan,
         known: &mut Known,
         f: FoundFile,
-        vm_id: &str,
-        holder: Holder,
-        comm: &str,
-        actor: &str,
+        who: &Who<'_>,
     ) -> Result<(), AgentError> {
+        let Who {
+            vm_id,
+            holder,
+            actor,
+            ..
+        } = *who;
         let pid = holder.pid;
         let Some((key, recorded)) = known.by_file.get(&f.file_id) else {
-            let (live, event) = self.new_attached(known, f, vm_id, holder, comm, actor)?;
+            let (live, event) = self.new_attached(known, f, who)?;
             plan.ops.push(WriteOp::InsertRegion(live.intent.clone()));
             plan.events.push(event);
             plan.new_count += 1;
             plan.regions.push(Attached::New(Box::new(live)));
             return Ok(());
         };
-        if key.vm_id != vm_id {
+        if key.vm_id != vm_id.as_str() {
             return Err(AgentError::FailedPrecondition(format!(
                 "a file of pid {pid} already is region {key} of another VM; a file \
                  belongs to one VM"
@@ -273,11 +288,14 @@ impl Agent {
         &self,
         known: &mut Known,
         f: FoundFile,
-        vm_id: &str,
-        holder: Holder,
-        comm: &str,
-        actor: &str,
+        who: &Who<'_>,
     ) -> Result<(LiveRegion, Event), AgentError> {
+        let Who {
+            vm_id,
+            holder,
+            comm,
+            actor,
+        } = *who;
         let pid = holder.pid;
         let page = self.page;
         let (backend, file_page, hugepage) = match f.kind {
@@ -312,10 +330,7 @@ impl Agent {
         };
         let name = unique(&base, &known.taken);
         known.taken.insert(name.clone());
-        let key = RegionKey {
-            vm_id: vm_id.to_string(),
-            name,
-        };
+        let key = RegionKey::in_vm(vm_id, &name)?;
         // guest_memfd without MMAP cannot be mapped: such a region is placed by task policy.
         let mapping = Mapping::new(f.fd.as_fd(), f.size).ok();
         let strategy = match backend {
@@ -483,6 +498,6 @@ mod tests {
         let u = unique(&long, &taken);
         assert_eq!(u.len(), 63);
         assert!(u.ends_with("-1"));
-        assert!(validate_name("name", &u).is_ok());
+        assert!(crate::domain::validate_name("name", &u).is_ok());
     }
 }

@@ -6,7 +6,7 @@ use super::agent::{Agent, event};
 use super::error::AgentError;
 use super::live::LiveRegion;
 use super::plan::{self, Done, FileKernel, FileState, Skip};
-use crate::domain::{Event, EventKind, RegionKey, validate_name};
+use crate::domain::{Event, EventKind, RegionKey, VmId};
 use std::os::fd::AsFd;
 
 /// Totals of a reconcile pass. Every range of every region visited lands in exactly one of
@@ -38,25 +38,24 @@ impl Agent {
     /// every shared-policy range (see [`plan::plan`]).
     pub async fn reconcile(
         &self,
-        vm_id: Option<&str>,
+        vm_id: Option<&VmId>,
         actor: &str,
     ) -> Result<ReconcileReport, AgentError> {
-        if let Some(v) = vm_id {
-            validate_name("vm_id", v)?;
-        }
         let mut report = ReconcileReport::default();
-        for slot in self.slots(vm_id) {
+        for slot in self.slots(vm_id.map(VmId::as_str)) {
             report.regions += 1;
             let live = slot.write_owned().await;
             let (base_page, who) = (self.page, actor.to_string());
-            let (events, r) = Agent::blocking(move || {
+            let (events, r, key, drifts) = Agent::blocking(move || {
                 let mut live = live;
                 let mut r = ReconcileReport::default();
-                let events = reconcile_region(&mut live, &mut r, base_page, &who);
-                (events, r)
+                let mut drifts = Vec::new();
+                let events = reconcile_region(&mut live, &mut r, &mut drifts, base_page, &who);
+                (events, r, live.intent.key.clone(), drifts)
             })
             .await?;
             report.add(&r);
+            self.counters.count_range_drifts(&key, &drifts);
             if !events.is_empty() {
                 self.commit(vec![], events).await?;
             }
@@ -85,7 +84,7 @@ impl ReconcileReport {
 }
 
 /// Reconciles one region: observe, plan, execute (see [`plan::plan`]), then record what happened
-/// as events, counts and per-range errors. Blocking.
+/// as events, counts (the offsets of drifted ranges into `drifts`) and per-range errors. Blocking.
 ///
 /// Detecting drift at samples rather than every page keeps a pass cheap (a get_mempolicy per
 /// sample, and about 2 µs of mbind through a fresh window per range; verifying a range that did
@@ -94,6 +93,7 @@ impl ReconcileReport {
 fn reconcile_region(
     live: &mut LiveRegion,
     report: &mut ReconcileReport,
+    drifts: &mut Vec<u64>,
     base_page: u64,
     actor: &str,
 ) -> Vec<Event> {
@@ -124,7 +124,7 @@ fn reconcile_region(
             },
             Done::Drifted(r, d) => {
                 report.drifted += 1;
-                crate::metrics::count_range_drift(&key.vm_id, &key.name, r.offset);
+                drifts.push(r.offset);
                 events.push(event(
                     EventKind::DriftFound,
                     Some(&key),

@@ -233,10 +233,7 @@ mod tests {
     use super::*;
 
     fn key() -> RegionKey {
-        RegionKey {
-            vm_id: "vm".into(),
-            name: "r".into(),
-        }
+        RegionKey::parse("vm", "r").unwrap()
     }
 
     /// One of every variant (and every store failure and errno class), with the code it must get.

@@ -229,10 +229,7 @@ mod tests {
     use nix::errno::Errno;
 
     fn live_with(fd: OwnedFd, size: u64) -> LiveRegion {
-        let key = RegionKey {
-            vm_id: "vm".into(),
-            name: "r".into(),
-        };
+        let key = RegionKey::parse("vm", "r").unwrap();
         LiveRegion {
             intent: RegionIntent {
                 key,

@@ -38,7 +38,7 @@ pub use drift::ReconcileReport;
 pub use error::{AgentError, ErrorCode};
 pub use live::{RangeState, RangeView, RegionView};
 pub use placement::{NodeCount, Placement, RangePlacementView};
-pub use policy::{SetPolicyOutcome, policy_warning};
+pub use policy::{SetPolicyOutcome, SetPolicyRequest, policy_warning};
 pub use populate::{PopulateOutcome, PopulateProgress, PopulateRequest};
 pub use regions::{CreateRequest, EncodeAnswer, Idempotency};
 

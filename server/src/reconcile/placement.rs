@@ -8,7 +8,7 @@
 
 use super::{Agent, AgentError};
 use crate::domain::RangeIntent;
-use crate::domain::{RegionKey, resolve_span, validate_name};
+use crate::domain::{RegionKey, resolve_span};
 use crate::kernel::{self, Mapping};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -270,8 +270,6 @@ impl Agent {
         offset: u64,
         length: u64,
     ) -> Result<Placement, AgentError> {
-        validate_name("vm_id", &key.vm_id)?;
-        validate_name("name", &key.name)?;
         let live = self.slot(key)?.read_owned().await;
         let page = live.intent.page_size(self.page);
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;

@@ -9,7 +9,7 @@ use super::plan::{Migrate, plan_migrate};
 use super::regions::{Idempotency, save_request};
 use crate::domain::{
     Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, RegionStatus,
-    Strategy, resolve_span, validate_name,
+    Strategy, resolve_span,
 };
 use crate::kernel::{self, Mapping, probe::Capabilities};
 use crate::store::{StoreError, WriteOp};
@@ -17,6 +17,23 @@ use nix::errno::Errno;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use tokio::sync::OwnedRwLockWriteGuard;
+
+/// A SetPolicy request in domain terms.
+#[derive(Clone, Debug)]
+pub struct SetPolicyRequest {
+    /// The region.
+    pub key: RegionKey,
+    /// Start of the range (page aligned).
+    pub offset: u64,
+    /// Length of the range; 0 means to the end of the region.
+    pub length: u64,
+    /// The policy.
+    pub policy: Policy,
+    /// Move pages already allocated that the policy does not allow.
+    pub migrate: bool,
+    /// The region generation the caller saw; 0 skips the check.
+    pub expected_generation: u64,
+}
 
 /// The outcome of SetPolicy.
 #[derive(Clone, Debug)]
@@ -121,20 +138,21 @@ impl Agent {
     }
 
     /// Sets a range's policy: validate, commit the new intent, then apply it and read it back.
-    #[allow(clippy::too_many_arguments)]
     pub async fn set_policy(
         &self,
-        key: &RegionKey,
-        offset: u64,
-        length: u64,
-        policy: Policy,
-        migrate: bool,
-        expected_generation: u64,
+        req: SetPolicyRequest,
         actor: &str,
         idem: Option<Idempotency>,
     ) -> Result<SetPolicyOutcome, AgentError> {
-        validate_name("vm_id", &key.vm_id)?;
-        validate_name("name", &key.name)?;
+        let SetPolicyRequest {
+            key,
+            offset,
+            length,
+            policy,
+            migrate,
+            expected_generation,
+        } = req;
+        let key = &key;
         self.check_policy(&policy)?;
         let mut live = self.slot(key)?.write_owned().await;
         // A concurrent call with the same request id is caught when its request record conflicts

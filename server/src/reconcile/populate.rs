@@ -20,7 +20,7 @@ use super::workers::{Chunk, allocated_bytes, plan, run_workers};
 use super::{Agent, AgentError, kerr};
 use crate::domain::{
     Backend, EventKind, NodeSet, Policy, PolicyMode, RangeIntent, RegionKey, RegionStatus,
-    Strategy, resolve_span, validate_name,
+    Strategy, resolve_span,
 };
 use crate::store::WriteOp;
 use nix::errno::Errno;
@@ -158,8 +158,6 @@ impl Agent {
         progress: &Arc<PopulateProgress>,
         actor: &str,
     ) -> Result<PopulateOutcome, AgentError> {
-        validate_name("vm_id", &req.key.vm_id)?;
-        validate_name("name", &req.key.name)?;
         if req.threads > 64 {
             return Err(AgentError::InvalidArgument(format!(
                 "threads {} is too many: use 0 (default) to 64",

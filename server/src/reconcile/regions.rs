@@ -7,7 +7,7 @@ use super::live::{LiveRegion, RegionFile, RegionView};
 use super::policy::apply_all;
 use crate::domain::{
     Backend, DomainError, EventKind, Holder, Policy, RangeMap, RegionIntent, RegionKey,
-    RegionStatus, resolve_span, validate_name,
+    RegionStatus, VmId, resolve_span,
 };
 use crate::kernel::{self, GuestMemfdVm, Mapping};
 use crate::store::{StoreError, WriteOp, unix_now};
@@ -115,8 +115,6 @@ impl Agent {
         actor: &str,
         idem: Option<Idempotency>,
     ) -> Result<RegionView, AgentError> {
-        validate_name("vm_id", &req.key.vm_id)?;
-        validate_name("name", &req.key.name)?;
         let page = self.check_backend(&req)?;
         if req.size_bytes == 0 || req.size_bytes > self.limits.max_region_bytes {
             return Err(DomainError::BadSize {
@@ -262,8 +260,6 @@ impl Agent {
 
     /// One region with observed state.
     pub async fn get_region(&self, key: &RegionKey) -> Result<RegionView, AgentError> {
-        validate_name("vm_id", &key.vm_id)?;
-        validate_name("name", &key.name)?;
         let live = self.slot(key)?.read_owned().await;
         Ok(self.view_of(live).await?.1)
     }
@@ -278,12 +274,9 @@ impl Agent {
     }
 
     /// All regions (of one VM), with observed state.
-    pub async fn list_regions(&self, vm_id: Option<&str>) -> Result<Vec<RegionView>, AgentError> {
-        if let Some(v) = vm_id {
-            validate_name("vm_id", v)?;
-        }
+    pub async fn list_regions(&self, vm_id: Option<&VmId>) -> Result<Vec<RegionView>, AgentError> {
         let mut out = Vec::new();
-        for slot in self.slots(vm_id) {
+        for slot in self.slots(vm_id.map(VmId::as_str)) {
             let live = slot.read_owned().await;
             out.push(self.view_of(live).await?.1);
         }
@@ -297,8 +290,6 @@ impl Agent {
         actor: &str,
         idem: Option<Idempotency>,
     ) -> Result<RegionView, AgentError> {
-        validate_name("vm_id", &key.vm_id)?;
-        validate_name("name", &key.name)?;
         let _m = self.membership.lock().await;
         let live = self.slot(key)?.write_owned().await;
         let (mut live, view) = self.view_of(live).await?;

@@ -10,6 +10,7 @@ use crate::domain::{Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey,
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -137,7 +138,17 @@ pub struct Store {
     readers: SqlitePool,
     writer: mpsc::Sender<Job>,
     path: PathBuf,
-    commit_observer: Option<fn(Duration, usize)>,
+    commit_observer: Option<CommitObserver>,
+}
+
+/// Called with (commit latency, jobs in the batch) after each commit.
+#[derive(Clone)]
+struct CommitObserver(Arc<dyn Fn(Duration, usize) + Send + Sync>);
+
+impl std::fmt::Debug for CommitObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitObserver")
+    }
 }
 
 /// A stored idempotency record.
@@ -211,8 +222,8 @@ impl Store {
     }
 
     /// Calls `f(commit latency, jobs in the batch)` after each commit.
-    pub fn set_commit_observer(&mut self, f: fn(Duration, usize)) {
-        self.commit_observer = Some(f);
+    pub fn set_commit_observer(&mut self, f: impl Fn(Duration, usize) + Send + Sync + 'static) {
+        self.commit_observer = Some(CommitObserver(Arc::new(f)));
     }
 
     /// The database file.
@@ -230,8 +241,8 @@ impl Store {
             .await
             .map_err(|_| StoreError::WriterGone)?;
         let r = rx.await.map_err(|_| StoreError::WriterGone)?;
-        if let Some(f) = self.commit_observer {
-            f(start.elapsed(), 1);
+        if let Some(f) = &self.commit_observer {
+            (f.0)(start.elapsed(), 1);
         }
         r
     }
@@ -272,10 +283,9 @@ impl Store {
         .await?;
         rows.iter()
             .map(|row| {
-                let key = RegionKey {
-                    vm_id: row.try_get("vm_id")?,
-                    name: row.try_get("name")?,
-                };
+                let (vm_id, name): (String, String) = (row.try_get("vm_id")?, row.try_get("name")?);
+                let key = RegionKey::parse(&vm_id, &name)
+                    .map_err(|e| StoreError::Corrupt(format!("region {vm_id}/{name}: {e}")))?;
                 let json: String = row.try_get("ranges_json")?;
                 let ranges = ranges_from_json(&json)
                     .map_err(|e| StoreError::Corrupt(format!("region {key}: ranges: {e}")))?;

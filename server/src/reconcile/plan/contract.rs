@@ -111,10 +111,7 @@ fn memfd_region(pages: u64, ranges: &[(u64, u64, Policy)]) -> RegionIntent {
         map.apply(o * page, l * page, *p);
     }
     RegionIntent {
-        key: RegionKey {
-            vm_id: "vm".into(),
-            name: "contract".into(),
-        },
+        key: RegionKey::parse("vm", "contract").unwrap(),
         uid: String::new(),
         backend: Backend::Memfd,
         size_bytes: pages * page,

@@ -346,10 +346,7 @@ mod tests {
             map.apply(o * PAGE, l * PAGE, *p);
         }
         RegionIntent {
-            key: RegionKey {
-                vm_id: "vm".into(),
-                name: "r".into(),
-            },
+            key: RegionKey::parse("vm", "r").unwrap(),
             uid: String::new(),
             backend: Backend::Memfd,
             size_bytes: pages * PAGE,
