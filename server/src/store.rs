@@ -12,7 +12,10 @@ use crate::domain::{
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -135,6 +138,34 @@ pub struct Store {
     writer: mpsc::Sender<Job>,
     path: PathBuf,
     commit_observer: Option<fn(Duration, usize)>,
+    known_requests: KnownRequests,
+}
+
+/// Hashes of every request id in the `requests` table, kept beside it so that the idempotency
+/// look-up every mutation makes costs no database read for a new id (almost every request). The
+/// writer adds a committed job's ids before it answers the job; a hash collision only costs the
+/// read it would have made anyway.
+#[derive(Clone, Debug, Default)]
+struct KnownRequests(Arc<Mutex<HashSet<u64>>>);
+
+impl KnownRequests {
+    fn hash(request_id: &str) -> u64 {
+        let mut h = DefaultHasher::new();
+        request_id.hash(&mut h);
+        h.finish()
+    }
+    fn insert(&self, request_id: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Self::hash(request_id));
+    }
+    fn may_contain(&self, request_id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&Self::hash(request_id))
+    }
 }
 
 /// A stored idempotency record.
@@ -197,13 +228,22 @@ impl Store {
             .connect_with(options(path, busy).read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
+        let known_requests = KnownRequests::default();
+        let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM requests")
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        for id in &ids {
+            known_requests.insert(id);
+        }
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(writer_loop(conn, rx));
+        tokio::spawn(writer_loop(conn, rx, known_requests.clone()));
         Ok(Self {
             readers,
             writer: tx,
             path: path.to_path_buf(),
             commit_observer: None,
+            known_requests,
         })
     }
 
@@ -283,6 +323,9 @@ impl Store {
 
     /// The idempotency record of `request_id`.
     pub async fn request(&self, request_id: &str) -> Result<Option<StoredRequest>, StoreError> {
+        if !self.known_requests.may_contain(request_id) {
+            return Ok(None);
+        }
         let row =
             sqlx::query("SELECT method, fingerprint, response FROM requests WHERE request_id = ?")
                 .bind(request_id)
@@ -436,7 +479,11 @@ fn ranges_from_json(json: &str) -> Result<Vec<RangeIntent>, String> {
     Ok(ranges)
 }
 
-async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
+async fn writer_loop(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Job>,
+    known_requests: KnownRequests,
+) {
     let mut since_trim = 0u32;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -447,6 +494,16 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let results = commit_batch(&mut conn, &jobs).await;
+        // Before any answer: a retry that arrives after the acknowledgement must find its id.
+        for (job, r) in jobs.iter().zip(&results) {
+            if r.is_ok() {
+                for op in &job.ops {
+                    if let WriteOp::SaveRequest { request_id, .. } = op {
+                        known_requests.insert(request_id);
+                    }
+                }
+            }
+        }
         for (job, r) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(r);
         }

@@ -495,7 +495,7 @@ impl Agent {
                 self.caps.kernel_release
             )));
         }
-        policy.check_usable(&self.topology.read().usable)?;
+        policy.check_usable(&self.topology.usable())?;
         Ok(())
     }
 
@@ -827,6 +827,13 @@ impl Agent {
 
     /// A view with each range's policy read from the kernel now.
     fn view(&self, live: &LiveRegion) -> RegionView {
+        self.view_after(live, None)
+    }
+
+    /// [`Self::view`] right after this call bound `applied` (start, end): a range inside it whose
+    /// mbind just succeeded is read back at its first and last page only; every other range is
+    /// sampled in full as [`Self::view`] does (drift elsewhere is still seen).
+    fn view_after(&self, live: &LiveRegion, applied: Option<(u64, u64)>) -> RegionView {
         let mapping = live.file.as_ref().and_then(|f| f.mapping.as_ref());
         let page = live.intent.page_size(self.page);
         let shared = live.intent.strategy == Strategy::SharedPolicy;
@@ -837,7 +844,15 @@ impl Agent {
             .iter()
             .map(|r| {
                 let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
-                let observed = mapping.filter(|_| shared).and_then(|m| observe(m, r, page));
+                let just_bound = last_error.is_empty()
+                    && applied.is_some_and(|(start, end)| start <= r.offset && r.end() <= end);
+                let observed = mapping.filter(|_| shared).and_then(|m| {
+                    if just_bound {
+                        observe_at_ends(m, r, page)
+                    } else {
+                        observe(m, r, page)
+                    }
+                });
                 // A task-policy range's only effect is where its pages are: read it now.
                 let check = live.file.as_ref().filter(|_| !shared).and_then(|f| {
                     placement::check_range(f.fd.as_fd(), live.intent.size_bytes, r, page).ok()
@@ -1072,7 +1087,9 @@ impl Agent {
         let (moved, failed) =
             tokio::task::block_in_place(|| self.apply_range(&mut live, offset, length, migrate));
         Ok(SetPolicyOutcome {
-            region: tokio::task::block_in_place(|| self.view(&live)),
+            region: tokio::task::block_in_place(|| {
+                self.view_after(&live, Some((offset, offset + length)))
+            }),
             pages_migrated: moved,
             pages_migrate_failed: failed,
             warnings,
@@ -1567,6 +1584,14 @@ fn find_drift_at_ends(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<D
 /// sample matches, else what the first differing sample reports (`None` when unreadable).
 fn observe(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Policy> {
     match find_drift(mapping, r, page) {
+        None => Some(r.policy),
+        Some(d) => d.found,
+    }
+}
+
+/// [`observe`] at the range's first and last page only.
+fn observe_at_ends(mapping: &Mapping, r: &RangeIntent, page: u64) -> Option<Policy> {
+    match find_drift_at_ends(mapping, r, page) {
         None => Some(r.policy),
         Some(d) => d.found,
     }
