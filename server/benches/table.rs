@@ -12,7 +12,7 @@
 //! Environment (for development; the reported run uses the defaults):
 //! - `MEMPLACE_BENCH_ONLY=P1,P4`: run only these rows.
 //! - `MEMPLACE_BENCH_SAMPLES`: samples per side (default 5).
-//! - `MEMPLACE_BENCH_POPULATE_BYTES`: size for P1 and P5 (default 4 GiB, halved while memory is short).
+//! - `MEMPLACE_BENCH_POPULATE_BYTES`: size for P1 and P5 (default 4 GiB, halved while free memory is short).
 //! - `MEMPLACE_BENCH_P1_THREADS`: thread counts P1 sweeps (default `1,2,4`; the row is at 2).
 //! - `MEMPLACE_BENCH_REGIONS`: regions for P4 and P6 (default 1000).
 //! - `MEMPLACE_BENCH_IDLE_SECS`: length of one P6 window (default 30: one pass at the default interval).
@@ -352,10 +352,14 @@ async fn run() -> (Vec<String>, Vec<Row>) {
     (header, rows)
 }
 
-/// 4 GiB unless memory is short: each side of P1 and P5 needs the size once, plus headroom.
+/// 4 GiB unless memory is short: each side of P1 and P5 needs the size once, plus headroom. The
+/// agent's Populate refuses a size above the node's free memory (page cache counts as used), so
+/// `MemFree` must hold it too.
 fn populate_size() -> u64 {
     let mut size = env_u64("MEMPLACE_BENCH_POPULATE_BYTES", 4 * GIB);
-    while size > 256 * MIB && meminfo("MemAvailable:") < size + 2 * GIB {
+    while size > 256 * MIB
+        && (meminfo("MemAvailable:") < size + 2 * GIB || meminfo("MemFree:") < size + 512 * MIB)
+    {
         size /= 2;
     }
     size

@@ -44,14 +44,6 @@ pub struct NodeCounts {
     pub unknown: u64,
 }
 
-/// Runs of allocated pages larger than this are faulted in pieces of this size, spread over
-/// threads when the range is large.
-const FAULT_CHUNK: u64 = 32 << 20;
-/// Below this many allocated bytes one thread faults everything.
-const PARALLEL_MIN: u64 = 128 << 20;
-/// At most this many threads fault one range.
-const MAX_THREADS: usize = 4;
-
 /// Counts the pages of `[offset, offset+len)` of a file of `file_len` bytes per node, exactly,
 /// without allocating: pages not allocated are never touched. `offset` must be aligned as
 /// [`Mapping::window`] requires.
@@ -73,7 +65,12 @@ pub fn count_nodes(
     }
     let runs = runs(&map, offset, page);
     let window = Mapping::window(fd, offset, len)?;
-    fault_in(&window, &runs, allocated_pages * page);
+    // One thread: a second one on the same mapping was slower on the development VM (page-table
+    // updates are what a read fault costs there).
+    for (at, len) in &runs {
+        // A failed fault leaves pages unmapped, which the count reports as unknown.
+        let _ = window.populate_read(*at, *len);
+    }
     // A page punched between the allocation check and its read fault is allocated again by the
     // fault; that race needs a concurrent hole punch and costs one zero page.
     let mapped = match numa_maps_nodes(window.guest_address()) {
@@ -103,43 +100,6 @@ fn runs(map: &[bool], offset: u64, page: u64) -> Vec<(u64, u64)> {
         out.push((offset + start as u64 * page, (i - start) as u64 * page));
     }
     out
-}
-
-/// Read-faults every run into `window`, on several threads when there is a lot of it. A failed
-/// fault leaves pages unmapped, which the count then reports as unknown.
-fn fault_in(window: &Mapping, runs: &[(u64, u64)], bytes: u64) {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(MAX_THREADS);
-    if threads < 2 || bytes < PARALLEL_MIN {
-        for (at, len) in runs {
-            let _ = window.populate_read(*at, *len);
-        }
-        return;
-    }
-    let mut pieces = Vec::new();
-    for &(at, len) in runs {
-        let mut o = 0;
-        while o < len {
-            let l = FAULT_CHUNK.min(len - o);
-            pieces.push((at + o, l));
-            o += l;
-        }
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((at, len)) = pieces.get(i) else {
-                        break;
-                    };
-                    let _ = window.populate_read(*at, *len);
-                }
-            });
-        }
-    });
 }
 
 /// Pages per node mapped in the mapping that starts at `addr`, from its line in

@@ -4,7 +4,7 @@
 use super::agent::Agent;
 use super::error::AgentError;
 use super::placement;
-use super::plan::{FileKernel, policy_seen};
+use super::plan::{FileKernel, find_drift_at_ends, policy_seen};
 use crate::domain::{Policy, RangeIntent, RegionIntent, Strategy};
 use crate::kernel::{GuestMemfdVm, Mapping};
 use std::collections::HashMap;
@@ -103,6 +103,13 @@ impl LiveRegion {
 
     /// A view with each range's policy read from the kernel now. Blocking.
     pub(crate) fn view(&self, base_page: u64) -> RegionView {
+        self.view_after(base_page, None)
+    }
+
+    /// [`Self::view`] right after this call bound `applied` (start, end): a range inside it whose
+    /// mbind just succeeded is read back at its first and last page only; every other range is
+    /// sampled in full as [`Self::view`] does (drift elsewhere is still seen). Blocking.
+    pub(crate) fn view_after(&self, base_page: u64, applied: Option<(u64, u64)>) -> RegionView {
         let live = self;
         let mapping = live.file.as_ref().and_then(|f| f.mapping.as_ref());
         let page = live.intent.page_size(base_page);
@@ -114,6 +121,8 @@ impl LiveRegion {
             .iter()
             .map(|r| {
                 let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
+                let just_bound = last_error.is_empty()
+                    && applied.is_some_and(|(start, end)| start <= r.offset && r.end() <= end);
                 let observed =
                     live.file
                         .as_ref()
@@ -125,7 +134,14 @@ impl LiveRegion {
                                 mapping: Some(m),
                                 page,
                             };
-                            policy_seen(&k, r, page)
+                            if just_bound {
+                                match find_drift_at_ends(&k, r, page) {
+                                    None => Some(r.policy),
+                                    Some(d) => d.found,
+                                }
+                            } else {
+                                policy_seen(&k, r, page)
+                            }
                         });
                 // A task-policy range's only effect is where its pages are: read it now.
                 let check = live.file.as_ref().filter(|_| !shared).and_then(|f| {

@@ -192,7 +192,10 @@ impl Agent {
         let base_page = self.page;
         let ((moved, failed), region) = Agent::blocking(move || {
             let moved = apply_range(&mut live, offset, length, migrate, base_page);
-            (moved, live.view(base_page))
+            (
+                moved,
+                live.view_after(base_page, Some((offset, offset + length))),
+            )
         })
         .await?;
         Ok(SetPolicyOutcome {

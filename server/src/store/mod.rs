@@ -9,8 +9,10 @@
 use crate::domain::{Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -139,6 +141,34 @@ pub struct Store {
     writer: mpsc::Sender<Job>,
     path: PathBuf,
     commit_observer: Option<CommitObserver>,
+    known_requests: KnownRequests,
+}
+
+/// Hashes of every request id in the `requests` table, kept beside it so that the idempotency
+/// look-up every mutation makes costs no database read for a new id (almost every request). The
+/// writer adds a committed job's ids before it answers the job; a hash collision only costs the
+/// read it would have made anyway.
+#[derive(Clone, Debug, Default)]
+struct KnownRequests(Arc<Mutex<HashSet<u64>>>);
+
+impl KnownRequests {
+    fn hash(request_id: &str) -> u64 {
+        let mut h = DefaultHasher::new();
+        request_id.hash(&mut h);
+        h.finish()
+    }
+    fn insert(&self, request_id: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Self::hash(request_id));
+    }
+    fn may_contain(&self, request_id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&Self::hash(request_id))
+    }
 }
 
 /// Called with (commit latency, jobs in the batch) after each commit.
@@ -211,13 +241,22 @@ impl Store {
             .connect_with(options(path, busy).read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
+        let known_requests = KnownRequests::default();
+        let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM requests")
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        for id in &ids {
+            known_requests.insert(id);
+        }
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(writer_loop(conn, rx));
+        tokio::spawn(writer_loop(conn, rx, known_requests.clone()));
         Ok(Self {
             readers,
             writer: tx,
             path: path.to_path_buf(),
             commit_observer: None,
+            known_requests,
         })
     }
 
@@ -296,6 +335,9 @@ impl Store {
 
     /// The idempotency record of `request_id`.
     pub async fn request(&self, request_id: &str) -> Result<Option<StoredRequest>, StoreError> {
+        if !self.known_requests.may_contain(request_id) {
+            return Ok(None);
+        }
         let row =
             sqlx::query("SELECT method, fingerprint, response FROM requests WHERE request_id = ?")
                 .bind(request_id)

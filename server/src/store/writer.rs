@@ -3,7 +3,11 @@
 
 use super::*;
 
-pub(super) async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
+pub(super) async fn writer_loop(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Job>,
+    known_requests: KnownRequests,
+) {
     let mut since_trim = 0u32;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -14,6 +18,16 @@ pub(super) async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiv
             }
         }
         let results = commit_batch(&mut conn, &jobs).await;
+        // Before any answer: a retry that arrives after the acknowledgement must find its id.
+        for (job, r) in jobs.iter().zip(&results) {
+            if r.is_ok() {
+                for op in &job.ops {
+                    if let WriteOp::SaveRequest { request_id, .. } = op {
+                        known_requests.insert(request_id);
+                    }
+                }
+            }
+        }
         for (job, r) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(r);
         }
