@@ -92,3 +92,28 @@ pub fn hit(name: &'static str, request_id: &str) {
     );
     std::process::exit(status);
 }
+
+/// A pause before a mutation is taken on (before its own task starts), for requests whose id
+/// ends in a suffix: with the `failpoints` feature, `MEMPLACE_FAILPOINT_PAUSE=SUFFIX:MS` makes
+/// such a request wait MS milliseconds there, so a test can abandon a call (its deadline passes)
+/// before the agent takes it on, deterministically. A no-op in any other build.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub async fn pause_before_take_on(_request_id: &str) {}
+
+/// See the no-feature version.
+#[cfg(feature = "failpoints")]
+pub async fn pause_before_take_on(request_id: &str) {
+    static PAUSE: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        let spec = std::env::var("MEMPLACE_FAILPOINT_PAUSE").ok()?;
+        let (suffix, ms) = spec.rsplit_once(':')?;
+        Some((suffix.to_string(), ms.parse().ok()?))
+    });
+    if let Some((suffix, ms)) = pause
+        && !suffix.is_empty()
+        && request_id.ends_with(suffix.as_str())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+    }
+}

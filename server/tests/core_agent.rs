@@ -1037,7 +1037,11 @@ async fn concurrent_retries_of_one_create_and_one_delete_answer_as_the_first() {
 /// intent unapplied: each SetPolicy either did not happen or is in the kernel too.
 #[tokio::test(flavor = "multi_thread")]
 async fn abandoned_set_policy_is_all_or_nothing() {
-    let agent = AgentProc::start();
+    // Calls whose id ends in "-late" wait 300 ms before the agent takes them on (a `failpoints`
+    // build's pause), so those with a 20 ms deadline are abandoned before it does, every time.
+    let mut agent = AgentProc::start();
+    agent.kill();
+    agent.spawn_with_env(&[("MEMPLACE_FAILPOINT_PAUSE", "-late:300")]);
     let mut c = agent.client().await;
     c.create_region("vm", "r", 64 * MIB, pb::Backend::Memfd, vec![])
         .await
@@ -1046,7 +1050,11 @@ async fn abandoned_set_policy_is_all_or_nothing() {
     let mut abandoned = Vec::new();
     for i in 0..100u64 {
         let mode = if i % 2 == 0 { M::Bind } else { M::Interleave };
-        let id = format!("abandon-{i}");
+        let id = if i % 10 == 0 {
+            format!("abandon-{i}-late")
+        } else {
+            format!("abandon-{i}")
+        };
         let mut req = tonic::Request::new(pb::SetPolicyRequest {
             vm_id: "vm".into(),
             name: "r".into(),
@@ -1056,7 +1064,13 @@ async fn abandoned_set_policy_is_all_or_nothing() {
             request_id: id.clone(),
             ..Default::default()
         });
-        req.set_timeout(std::time::Duration::from_micros(50 + i * 20));
+        // Every tenth call gives up after 20 ms, before the agent takes it on; the others between
+        // 50 µs and 2 ms, some of them after the agent took them on.
+        req.set_timeout(if i % 10 == 0 {
+            std::time::Duration::from_millis(20)
+        } else {
+            std::time::Duration::from_micros(50 + i * 20)
+        });
         match c.raw().set_policy(req).await {
             Ok(_) => {}
             Err(e) if matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled) => {
@@ -1065,14 +1079,43 @@ async fn abandoned_set_policy_is_all_or_nothing() {
             Err(e) => panic!("call {i} failed for another reason than its deadline: {e}"),
         }
     }
-    // A last call waits its turn behind any abandoned mutation still running (the region lock is
-    // fair), then every range is compared with the kernel.
-    let r = c
-        .set_policy("vm", "r", 0, 4 * MIB, policy(M::Bind, &[0]), false)
+    // A last call, then the comparison once no abandoned mutation is still on its way: a call
+    // whose client left may still be queued for the region lock behind the last one. Quiet means
+    // the generation counts exactly the committed request records (read with the sqlite3 CLI);
+    // a mutation that commits without its generation, or the reverse, never gets there and fails.
+    c.set_policy("vm", "r", 0, 4 * MIB, policy(M::Bind, &[0]), false)
         .await
-        .unwrap()
-        .region
         .unwrap();
+    let db = agent.state_dir().join("memplace.db");
+    let committed_ids = || -> std::collections::HashSet<String> {
+        sqlite::query(
+            &db,
+            &[],
+            "SELECT request_id FROM requests WHERE request_id LIKE 'abandon-%';",
+        )
+        .lines()
+        .map(str::to_string)
+        .collect()
+    };
+    let mut quiet = None;
+    for _ in 0..100 {
+        let committed = committed_ids();
+        let r = c.get_region("vm", "r").await.unwrap();
+        // Created at generation 1; each committed call and the last one add one.
+        if r.generation == committed.len() as u64 + 2 && committed_ids() == committed {
+            quiet = Some((r, committed));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let Some((r, committed)) = quiet else {
+        let r = c.get_region("vm", "r").await.unwrap();
+        panic!(
+            "the generation never counted every committed SetPolicy: generation {}, {} committed",
+            r.generation,
+            committed_ids().len()
+        );
+    };
     for x in &r.ranges {
         assert_eq!(
             x.observed, x.intended,
@@ -1081,21 +1124,6 @@ async fn abandoned_set_policy_is_all_or_nothing() {
         );
         assert_eq!(x.state(), pb::RangeState::Applied);
     }
-    // Which calls committed, from the request records in the database (sqlite3 CLI).
-    let committed: std::collections::HashSet<String> = sqlite::query(
-        &agent.state_dir().join("memplace.db"),
-        &[],
-        "SELECT request_id FROM requests WHERE request_id LIKE 'abandon-%';",
-    )
-    .lines()
-    .map(str::to_string)
-    .collect();
-    // Created at generation 1; each committed call and the last one add one.
-    assert_eq!(
-        r.generation,
-        committed.len() as u64 + 2,
-        "the generation counts every committed SetPolicy"
-    );
     let after_commit = abandoned
         .iter()
         .filter(|id| committed.contains(*id))
@@ -1107,7 +1135,8 @@ async fn abandoned_set_policy_is_all_or_nothing() {
         r.generation
     );
     // The scenario needs calls abandoned in flight: some that never committed and some that
-    // committed after their client left. Deadlines from 50 µs to 2 ms give both.
+    // committed after their client left. The paused calls give the first, deadlines from 50 µs to
+    // 2 ms the second.
     assert!(
         after_commit > 0 && after_commit < abandoned.len(),
         "no call was abandoned both ways: {} abandoned, {after_commit} of them committed",

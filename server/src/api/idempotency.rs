@@ -140,6 +140,7 @@ where
         method: Req::METHOD,
         fingerprint: print.clone(),
     });
+    crate::failpoint::pause_before_take_on(&request_id).await;
     match run_to_completion(op(req, record)).await? {
         Ok(resp) => {
             if let Some(point) = Req::BEFORE_REPLY {
