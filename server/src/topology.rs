@@ -78,12 +78,6 @@ impl TopologyReader {
         }
     }
 
-    /// [`Topology::usable`] alone, read now: three small files instead of every node's (what a
-    /// policy check needs on each mutation).
-    pub fn usable(&self) -> NodeSet {
-        self.usable_of(read_list(&self.path("sys/devices/system/node/online")))
-    }
-
     fn usable_of(&self, online: NodeSet) -> NodeSet {
         let with_memory = read_list(&self.path("sys/devices/system/node/has_memory"));
         let allowed = std::fs::read_to_string(self.path("proc/self/status"))
@@ -280,7 +274,6 @@ mod tests {
         );
         // Only node 1 is in Mems_allowed.
         assert_eq!(t.usable.to_string(), "1");
-        assert_eq!(TopologyReader::at(r).usable(), t.usable);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use memplace_client::pb;
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
 use memplace_server::kernel::{self, Mapping};
 use pb::PolicyMode as M;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Command;
 
 const PAGE: u64 = 4096;
@@ -348,22 +348,8 @@ fn take_agents_vm_fd(agent: &AgentProc) -> OwnedFd {
         })
         .next()
         .expect("the agent holds a KVM VM fd");
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    assert!(
-        pidfd >= 0,
-        "pidfd_open: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: pidfd_open returned a new fd we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    use std::os::fd::AsRawFd;
-    // SAFETY: pidfd_getfd takes a pidfd, an fd number in that process and flags; it returns a
-    // new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), n, 0) };
-    assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
-    // SAFETY: pidfd_getfd returned a new fd we own.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    let pidfd = memplace_server::kernel::pidfd::open(pid).expect("pidfd_open");
+    memplace_server::kernel::pidfd::getfd(&pidfd, n).expect("pidfd_getfd")
 }
 
 /// attach_vm whose audit event cannot be written is refused, and nothing is attached; once the
@@ -437,20 +423,11 @@ async fn ranges_that_cannot_be_rebound_at_restart_raise_an_event() {
     let mut c = agent.client().await;
     let token = c.issue_handoff_token("vmS").await.unwrap();
     let size = 4 * MIB;
-    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
-    let raw = unsafe {
-        libc::memfd_create(
-            c"vmm-ram".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    assert!(
-        raw >= 0,
-        "memfd_create: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: memfd_create returned a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = nix::sys::memfd::memfd_create(
+        c"vmm-ram",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .expect("memfd_create");
     nix::unistd::ftruncate(&fd, size as i64).unwrap();
     Handoff::connect(agent.handoff_socket())
         .unwrap()
@@ -460,11 +437,11 @@ async fn ranges_that_cannot_be_rebound_at_restart_raise_an_event() {
         .await
         .unwrap();
     // The VMM seals its file: no new writable mapping of it can be made.
-    const F_SEAL_FUTURE_WRITE: libc::c_int = 0x0010;
-    use std::os::fd::AsRawFd;
-    // SAFETY: fcntl(F_ADD_SEALS) on a descriptor we own.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, F_SEAL_FUTURE_WRITE) };
-    assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_FUTURE_WRITE),
+    )
+    .expect("F_ADD_SEALS");
     agent.restart();
     let mut c = agent.client().await;
     let r = c.get_region("vmS", "ram").await.unwrap();
