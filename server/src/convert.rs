@@ -177,6 +177,7 @@ pub fn placement_to_pb(p: &Placement) -> pb::GetPlacementResponse {
                 pages_not_present: r.not_present,
                 pages_misplaced: r.misplaced,
                 pages_unknown: r.unknown,
+                counted_from_pid: r.counted_from.unwrap_or(0),
             })
             .collect(),
     }

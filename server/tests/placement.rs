@@ -12,9 +12,13 @@ mod common;
 use common::events::last_sequence;
 use common::procfs::memfd_allocated_bytes;
 use common::{AgentProc, MIB, policy, whole};
+use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
+use memplace_server::kernel::{self, Mapping};
 use pb::PolicyMode as M;
+use std::collections::BTreeMap;
 use std::io::BufRead;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::Code;
@@ -566,6 +570,11 @@ async fn placement_agrees_with_numa_maps_and_numastat_of_a_holder() {
         let p = placement(&mut c, "vm1", name).await;
         assert_eq!(consistent(&p, size / PAGE), size / PAGE, "{name}");
         let agent_node0 = pages_on(&p, 0);
+        assert_eq!(
+            p.ranges[0].counted_from_pid,
+            holder.pid() as i32,
+            "{name}: the holder maps every allocated page, so its page tables are counted: {p:?}"
+        );
         let maps = numa_maps_nodes(holder.pid(), file);
         assert_eq!(
             maps,
@@ -579,6 +588,141 @@ async fn placement_agrees_with_numa_maps_and_numastat_of_a_holder() {
             size / MIB
         );
         drop(holder);
+        c.delete_region("vm1", name).await.unwrap();
+    }
+}
+
+/// Pages per node of a range of a placement, as a map.
+fn range_nodes(r: &pb::RangePlacement) -> BTreeMap<u32, u64> {
+    r.nodes.iter().map(|n| (n.node, n.pages)).collect()
+}
+
+/// GetPlacement of `[offset, offset+length)` of a one-range region: the range's placement, after
+/// checking that its counts are exact (every page allocated or not, none of unknown node) and
+/// that `allocated` pages are on node 0.
+async fn one_range(
+    c: &mut Client,
+    name: &str,
+    offset: u64,
+    length: u64,
+    allocated: u64,
+) -> pb::RangePlacement {
+    let p = c.placement("vm1", name, offset, length).await.unwrap();
+    assert_eq!(p.ranges.len(), 1, "{name}: {p:?}");
+    let r = p.ranges[0].clone();
+    assert_eq!(
+        (range_nodes(&r), r.pages_not_present, r.pages_unknown),
+        (
+            BTreeMap::from([(0, allocated)]),
+            length / PAGE - allocated,
+            0
+        ),
+        "{name} [{offset}, +{length}): {r:?}"
+    );
+    r
+}
+
+/// GetPlacement counts a range from its holder's page tables (`/proc/PID/numa_maps`) only where
+/// the holder's shared mappings of the file lie inside the range, overlap nowhere and map every
+/// allocated page; everywhere else the agent read-faults the allocated pages into its own window.
+/// Either way the counts are exact. This test process is the holder: it acquires the file and maps
+/// windows of it, faulting exactly the pages each case needs.
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_counts_from_the_holder_only_where_that_is_exact() {
+    let (_serial, _agent, mut c) = start().await;
+    let agent = &_agent;
+    let me = std::process::id() as i32;
+    let mib = MIB / PAGE;
+    let size = 64 * MIB;
+    // memfd: one shared-policy range however it is populated. (A guest_memfd region on this
+    // kernel is task-policy, whose ranges Populate splits; its holder path is checked by
+    // placement_agrees_with_numa_maps_and_numastat_of_a_holder.)
+    {
+        let name = "ram";
+        let created = c
+            .create_region("vm1", name, size, pb::Backend::Memfd, bind0())
+            .await
+            .unwrap();
+        let held = Handoff::connect(agent.handoff_socket())
+            .unwrap()
+            .acquire("vm1", name, &created.handoff_token)
+            .unwrap();
+        let fd = held.fd.as_fd();
+        let window = |offset: u64, len: u64, fault: Option<(u64, u64)>| {
+            let w = Mapping::window(fd, offset, len).unwrap();
+            if let Some((at, l)) = fault {
+                w.populate_read(at, l).unwrap();
+            }
+            w
+        };
+        let via = |r: &pb::RangePlacement| r.counted_from_pid;
+        populate_all(&mut c, populate_req("vm1", name, 0, 32 * MIB, 0))
+            .await
+            .unwrap();
+
+        // The holder maps nothing: the agent counts.
+        let r = one_range(&mut c, name, 0, size, 32 * mib).await;
+        assert_eq!(via(&r), 0, "{name}: nothing mapped by the holder: {r:?}");
+
+        // It maps [0, 32M), every allocated page: its page tables are counted, and they say what
+        // the agent's own read-fault count says.
+        let w1 = window(0, 32 * MIB, Some((0, 32 * MIB)));
+        let r = one_range(&mut c, name, 0, size, 32 * mib).await;
+        assert_eq!(
+            via(&r),
+            me,
+            "{name}: the holder maps every allocated page: {r:?}"
+        );
+        let by_fault = kernel::residency::count_nodes(fd, size, 0, size, PAGE).unwrap();
+        assert_eq!(by_fault.counted_from, None);
+        assert_eq!(
+            (by_fault.nodes, by_fault.not_present, by_fault.unknown),
+            (range_nodes(&r), r.pages_not_present, r.pages_unknown),
+            "{name}: the holder's count and the read-fault count differ"
+        );
+
+        // The span [0, 32M): the holder's mapping is the span.
+        let r = one_range(&mut c, name, 0, 32 * MIB, 32 * mib).await;
+        assert_eq!(via(&r), me, "{name}: the mapping is the span: {r:?}");
+        // A span that cuts the holder's mapping: the agent counts.
+        let r = one_range(&mut c, name, 0, 16 * MIB, 16 * mib).await;
+        assert_eq!(
+            via(&r),
+            0,
+            "{name}: the holder's mapping is not inside the span: {r:?}"
+        );
+
+        // Half of the allocated pages are not mapped by the holder: the agent counts.
+        populate_all(&mut c, populate_req("vm1", name, 32 * MIB, 32 * MIB, 0))
+            .await
+            .unwrap();
+        let r = one_range(&mut c, name, 0, size, 64 * mib).await;
+        assert_eq!(via(&r), 0, "{name}: half the pages are not mapped: {r:?}");
+
+        // Two mappings that overlap on [16M, 32M), which only the first faulted: they map
+        // 8192 + 8192 pages, as many as are allocated, yet they could count a page twice.
+        let w2 = window(16 * MIB, 48 * MIB, Some((32 * MIB, 32 * MIB)));
+        let r = one_range(&mut c, name, 0, size, 64 * mib).await;
+        assert_eq!(via(&r), 0, "{name}: overlapping mappings: {r:?}");
+
+        // [0, 16M) and [16M, 64M) side by side, all faulted: the holder counts again.
+        drop(w1);
+        let w3 = window(0, 16 * MIB, Some((0, 16 * MIB)));
+        let r = one_range(&mut c, name, 0, size, 64 * mib).await;
+        assert_eq!(via(&r), 0, "{name}: [16M, 32M) is not mapped: {r:?}");
+        w2.populate_read(16 * MIB, 16 * MIB).unwrap();
+        let r = one_range(&mut c, name, 0, size, 64 * mib).await;
+        assert_eq!(via(&r), me, "{name}: every page mapped once: {r:?}");
+
+        // The span [0, 48M) and a mapping of [16M, 64M) faulted only on [16M, 48M) (merged with
+        // [0, 16M) or not): the pages mapped add up to the span's allocated pages, but a mapping
+        // reaches past the span.
+        drop(w2);
+        let w4 = window(16 * MIB, 48 * MIB, Some((16 * MIB, 32 * MIB)));
+        let r = one_range(&mut c, name, 0, 48 * MIB, 48 * mib).await;
+        assert_eq!(via(&r), 0, "{name}: a mapping reaches past the span: {r:?}");
+        drop((w3, w4));
+        drop(held);
         c.delete_region("vm1", name).await.unwrap();
     }
 }

@@ -42,6 +42,10 @@ pub struct NodeCounts {
     pub not_present: u64,
     /// Allocated pages whose node could not be read (their read fault failed).
     pub unknown: u64,
+    /// The pid of the holder whose page tables were counted ([`HolderMappings::exact_counts`]),
+    /// or `None` when the pages were read-faulted into the caller's own window (or none is
+    /// allocated).
+    pub counted_from: Option<i32>,
 }
 
 /// Counts the pages of `[offset, offset+len)` of a file of `file_len` bytes per node, exactly,
@@ -54,6 +58,20 @@ pub fn count_nodes(
     len: u64,
     page: u64,
 ) -> Result<NodeCounts, Errno> {
+    count_nodes_held(fd, file_len, offset, len, page, None)
+}
+
+/// [`count_nodes`], but first from a holder's page tables where they map every allocated page of
+/// the range exactly once ([`HolderMappings::exact_counts`]): the holder already faulted them,
+/// so nothing is faulted here. Otherwise as [`count_nodes`].
+pub fn count_nodes_held(
+    fd: BorrowedFd<'_>,
+    file_len: u64,
+    offset: u64,
+    len: u64,
+    page: u64,
+    holder: Option<&HolderMappings>,
+) -> Result<NodeCounts, Errno> {
     let map = allocated(fd, file_len, offset, len, page)?;
     let allocated_pages = map.iter().filter(|a| **a).count() as u64;
     let mut counts = NodeCounts {
@@ -61,6 +79,13 @@ pub fn count_nodes(
         ..Default::default()
     };
     if allocated_pages == 0 {
+        return Ok(counts);
+    }
+    if let Some(h) = holder
+        && let Some(nodes) = h.exact_counts(offset, len, allocated_pages)
+    {
+        counts.nodes = nodes;
+        counts.counted_from = Some(h.pid);
         return Ok(counts);
     }
     let runs = runs(&map, offset, page);
@@ -82,6 +107,169 @@ pub fn count_nodes(
     counts.unknown = allocated_pages.saturating_sub(mapped_total);
     counts.nodes = mapped;
     Ok(counts)
+}
+
+/// One `MAP_SHARED` mapping of a file in another process (a holder): the file interval it maps
+/// and the pages per node the kernel found mapped in it (its `/proc/PID/numa_maps` line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HolderVma {
+    /// Start address in the holder.
+    pub start: u64,
+    /// File offset of the first byte mapped.
+    pub file_offset: u64,
+    /// Bytes mapped.
+    pub len: u64,
+    /// Pages per node mapped in it now.
+    pub nodes: BTreeMap<u32, u64>,
+}
+
+/// The shared mappings of one file in a holder process, read from its `/proc/PID/maps` (which
+/// names each mapping's file by device and inode) and `/proc/PID/numa_maps` (per-node counts of
+/// the pages its page tables map), joined by start address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HolderMappings {
+    /// The holder's pid.
+    pub pid: i32,
+    /// Its shared mappings of the file, by start address.
+    pub vmas: Vec<HolderVma>,
+}
+
+/// `(start, end, file offset)` of each shared mapping of `file_id` in a `/proc/PID/maps` text.
+fn shared_mappings_of(maps: &str, file_id: (u64, u64)) -> Vec<(u64, u64, u64)> {
+    let (major, minor) = (libc::major(file_id.0) as u64, libc::minor(file_id.0) as u64);
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_ascii_whitespace();
+            let (start, end) = f.next()?.split_once('-')?;
+            let perms = f.next()?;
+            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
+            let (maj, min) = f.next()?.split_once(':')?;
+            let ino: u64 = f.next()?.parse().ok()?;
+            let dev = (
+                u64::from_str_radix(maj, 16).ok()?,
+                u64::from_str_radix(min, 16).ok()?,
+            );
+            (perms.as_bytes().get(3) == Some(&b's') && dev == (major, minor) && ino == file_id.1)
+                .then_some(())?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            Some((start, end, offset))
+        })
+        .collect()
+}
+
+/// Reads how process `pid` maps the file `file_id` (`(st_dev, st_ino)` of a file the caller
+/// holds open, so the inode cannot be reused: a process that maps it maps this very file, and a
+/// reused pid cannot pass for the holder). Both files are read through one handle on
+/// `/proc/PID`, which keeps naming the process it was opened for. The maps are read again after
+/// numa_maps; when the holder's mappings of the file changed meanwhile this fails with EAGAIN.
+/// Reading numa_maps walks the holder's page tables and allocates nothing.
+pub fn holder_mappings(pid: i32, file_id: (u64, u64)) -> Result<HolderMappings, Errno> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
+    use std::io::Read;
+    let dir = nix::fcntl::open(
+        format!("/proc/{pid}").as_str(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let read_maps = || -> Result<Vec<(u64, u64, u64)>, Errno> {
+        let fd = openat(
+            &dir,
+            "maps",
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut text = String::new();
+        std::fs::File::from(fd)
+            .read_to_string(&mut text)
+            .map_err(io_errno)?;
+        Ok(shared_mappings_of(&text, file_id))
+    };
+    let found = read_maps()?;
+    let mut out = HolderMappings {
+        pid,
+        vmas: Vec::new(),
+    };
+    if found.is_empty() {
+        return Ok(out);
+    }
+    let fd = openat(
+        &dir,
+        "numa_maps",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut want: BTreeMap<u64, (u64, u64)> = found
+        .iter()
+        .map(|&(start, end, offset)| (start, (end - start, offset)))
+        .collect();
+    // Lines come in address order; stop after the last one wanted so the kernel walks no
+    // further mappings.
+    let last = want.keys().next_back().copied().unwrap_or(0);
+    let reader = std::io::BufReader::with_capacity(64 << 10, std::fs::File::from(fd));
+    for line in reader.lines() {
+        let line = line.map_err(io_errno)?;
+        let Some(start) = line
+            .split_once(' ')
+            .and_then(|(a, _)| u64::from_str_radix(a, 16).ok())
+        else {
+            continue;
+        };
+        if let Some((len, file_offset)) = want.remove(&start) {
+            out.vmas.push(HolderVma {
+                start,
+                file_offset,
+                len,
+                nodes: parse_numa_maps_line(&line),
+            });
+        }
+        if start >= last {
+            break;
+        }
+    }
+    if !want.is_empty() || read_maps()? != found {
+        return Err(Errno::EAGAIN);
+    }
+    Ok(out)
+}
+
+impl HolderMappings {
+    /// The pages per node of `[offset, offset+len)` as the holder's page tables map them, but
+    /// only where that is exact: the shared mappings that touch the range lie inside it, map
+    /// no file page twice, and map `allocated` pages in all (the range's allocated pages, from
+    /// the page cache), so every allocated page is mapped there and counted once. `None`
+    /// otherwise.
+    pub fn exact_counts(
+        &self,
+        offset: u64,
+        len: u64,
+        allocated: u64,
+    ) -> Option<BTreeMap<u32, u64>> {
+        let end = offset.checked_add(len)?;
+        let mut touching: Vec<&HolderVma> = self
+            .vmas
+            .iter()
+            .filter(|v| v.file_offset < end && v.file_offset + v.len > offset)
+            .collect();
+        touching.sort_by_key(|v| v.file_offset);
+        let mut covered_to = offset;
+        let mut nodes: BTreeMap<u32, u64> = BTreeMap::new();
+        for v in touching {
+            if v.file_offset < covered_to || v.file_offset + v.len > end {
+                return None;
+            }
+            covered_to = v.file_offset + v.len;
+            for (&n, &pages) in &v.nodes {
+                *nodes.entry(n).or_default() += pages;
+            }
+        }
+        (allocated > 0 && nodes.values().sum::<u64>() == allocated).then_some(nodes)
+    }
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// The runs of allocated pages as `(offset, len)` in the file.

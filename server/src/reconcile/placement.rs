@@ -1,8 +1,13 @@
 //! Where a range's pages are, read from the kernel without allocating.
 //!
-//! GetPlacement counts each range with [`kernel::residency::count_nodes`]: the allocated runs
-//! (from the page cache) are read-faulted into a window of exactly the range and counted per node
-//! by the kernel's walk of that window (`/proc/self/numa_maps`). The engine's migrate and the
+//! GetPlacement counts each range with [`kernel::residency::count_nodes_held`]. Where the region's
+//! holder (the process the file was handed to, adopted from or attached from) maps the file
+//! shared and its mappings hold every allocated page of the range exactly once, the per-node
+//! counts of those mappings in its `/proc/PID/numa_maps` are the answer: the holder already
+//! faulted the pages, so reading them costs one walk of page tables that exist. Otherwise the
+//! allocated runs (from the page cache) are read-faulted into a window of exactly the range and
+//! counted per node by the kernel's walk of that window (`/proc/self/numa_maps`). Each range says
+//! which way it was counted ([`RangePlacementView::counted_from`]). The engine's migrate and the
 //! populate proof need each page's node before and after, so they read-fault allocated runs into
 //! a mapping and ask move_pages ([`map_resident`], [`nodes_of`]).
 
@@ -39,6 +44,9 @@ pub struct RangePlacementView {
     pub misplaced: u64,
     /// Pages whose node could not be read.
     pub unknown: u64,
+    /// The pid of the holder whose page tables counted the allocated pages; `None` when the
+    /// agent read-faulted them into its own window (or none is allocated).
+    pub counted_from: Option<i32>,
 }
 
 /// Placement of a span of a region.
@@ -135,28 +143,47 @@ pub(crate) fn allocated(
     kernel::residency::allocated(fd, mapping.len(), offset, length, page)
 }
 
-/// Counts the placement of one range of a file of `file_len` bytes: its allocated pages are
-/// read-faulted into a window of exactly the range and counted by the kernel
-/// ([`kernel::residency::count_nodes`]); the agent's own mapping is left alone.
+/// Counts the placement of one range of a file of `file_len` bytes: from the holder's mappings
+/// where they map every allocated page of the range exactly once, otherwise by read-faulting the
+/// allocated pages into a window of exactly the range and letting the kernel count them
+/// ([`kernel::residency::count_nodes_held`]); the agent's own mapping is left alone.
 fn count_range(
     fd: BorrowedFd<'_>,
     file_len: u64,
     r: &RangeIntent,
     page: u64,
+    holder: Option<&kernel::residency::HolderMappings>,
 ) -> RangePlacementView {
-    match kernel::residency::count_nodes(fd, file_len, r.offset, r.length, page) {
-        Ok(c) => range_view(
-            r,
-            c.nodes
-                .into_iter()
-                .map(|(n, pages)| (n as i32, pages))
-                .chain([
-                    (ENOENT, c.not_present),
-                    (-(nix::errno::Errno::EIO as i32), c.unknown),
-                ]),
-        ),
+    match kernel::residency::count_nodes_held(fd, file_len, r.offset, r.length, page, holder) {
+        Ok(c) => RangePlacementView {
+            counted_from: c.counted_from,
+            ..range_view(
+                r,
+                c.nodes
+                    .into_iter()
+                    .map(|(n, pages)| (n as i32, pages))
+                    .chain([
+                        (ENOENT, c.not_present),
+                        (-(nix::errno::Errno::EIO as i32), c.unknown),
+                    ]),
+            )
+        },
         Err(e) => range_view(r, [(-(e as i32), r.length / page)]),
     }
+}
+
+/// The holder's shared mappings of the file, when the region has a holder that maps it. A holder
+/// that is gone, maps nothing of it, or whose mappings changed while they were read gives `None`,
+/// and every range is then counted in the agent's own window.
+fn holder_mappings(
+    fd: BorrowedFd<'_>,
+    holder: Option<crate::domain::Holder>,
+) -> Option<kernel::residency::HolderMappings> {
+    let pid = holder?.pid;
+    let file_id = kernel::files::fd_file_id(fd).ok()?;
+    kernel::residency::holder_mappings(pid, file_id)
+        .ok()
+        .filter(|h| !h.vmas.is_empty())
 }
 
 /// The placement of one range from `(status, pages)` pairs, where a status is what
@@ -174,6 +201,7 @@ pub(crate) fn range_view(
         not_present: 0,
         misplaced: 0,
         unknown: 0,
+        counted_from: None,
     };
     for (n, pages) in statuses {
         if n == ENOENT {
@@ -291,11 +319,12 @@ impl Agent {
             else {
                 return Vec::new();
             };
+            let holder = holder_mappings(fd, live.intent.holder);
             live.intent
                 .ranges
                 .clipped(offset, offset + length)
                 .iter()
-                .map(|r| count_range(fd, mapping.len(), r, page))
+                .map(|r| count_range(fd, mapping.len(), r, page, holder.as_ref()))
                 .collect()
         })
         .await?;
