@@ -55,6 +55,16 @@ answer "$PLACED" 14
 check expect-placement-fails expect_placement vm r 1:8192 0
 answer '{"nodes":[{"node":1,"pages":8192}],"pages_not_present":0,"pages_misplaced":0,"pages_unknown":3}' 0
 check expect-placement-unknown-fails expect_placement vm r 1:8192 0
+# Which way each range was counted (expect_counted_from reads the last expect_placement's answer).
+answer '{"nodes":[{"node":1,"pages":8192}],"pages_not_present":0,"pages_misplaced":0,"pages_unknown":0,"ranges":[{"offset":0,"nodes":[{"node":1,"pages":8192}],"counted_from_pid":42}]}' 0
+check expect-placement-with-ranges-ok expect_placement vm r 1:8192 0
+check expect-counted-from-ok expect_counted_from 42
+check expect-counted-from-wrong-pid-fails expect_counted_from 0
+check expect-counted-from-extra-range-fails expect_counted_from 42 0
+answer '{"nodes":[{"node":1,"pages":8192}],"pages_not_present":0,"pages_misplaced":0,"pages_unknown":0,"ranges":[{"offset":0},{"offset":4096,"counted_from_pid":0}]}' 0
+check expect-placement-two-ranges-ok expect_placement vm r 1:8192 0
+check expect-counted-from-missing-field-fails expect_counted_from 0 0
+check expect-counted-from-unlisted-range-fails expect_counted_from 0
 
 check expect-exit-ok expect_exit 18 sh -c 'exit 18'
 check expect-exit-fails expect_exit 18 true

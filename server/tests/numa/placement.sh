@@ -299,6 +299,21 @@ expect_range_placement() {
     placement_matches "ranges.$1." "$3" "$4" "GetPlacement range $1"
 }
 
+# expect_counted_from PID...: the last expect_placement's answer has one range per PID, and range
+# i was counted from the i-th: a holder's pid (its /proc/PID/numa_maps, which map every allocated
+# page of the range once) or 0 (the agent read-faulted the allocated pages into its own window).
+expect_counted_from() {
+    local i=0 want got
+    for want in "$@"; do
+        got=$(flat_get "$WORK/placement.flat" "ranges.$i.counted_from_pid")
+        echo "range $i counted from pid ${got:-(none)}, want $want"
+        [ "$got" = "$want" ] || return 1
+        i=$((i + 1))
+    done
+    got=$(flat_get "$WORK/placement.flat" "ranges.$i.offset")
+    [ -z "$got" ] || { echo "a range $i at $got is not expected"; return 1; }
+}
+
 # placement_matches PREFIX EXPECTED TOLERANCE WHAT: checks $WORK/placement.flat under PREFIX.
 placement_matches() {
     local p=$1 got absent misplaced unknown ok=0

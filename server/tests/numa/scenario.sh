@@ -231,6 +231,10 @@ per_range_case() {
         check "per-range-$vm-agent-c" expect_range_placement 2 $((16 << 20)) "$all" "$TOL_INTERLEAVE"
         if step "per-range-$vm-hold-8M" holder_start "$vm" ranges 8M; then
             check "per-range-$vm-numa-maps-a" expect_holder "$HOLDER_PID" $((MB << 20)) "0:$q" 0
+            # The holder maps the whole file but faulted only 8 MiB, and each range is a part of
+            # its mapping: the agent counts every range in its own window, exactly as before.
+            check "per-range-$vm-held-agent" expect_placement "$vm" ranges "$totals" "$TOL_INTERLEAVE"
+            check "per-range-$vm-held-by-window" expect_counted_from 0 0 0
             holder_stop "$HOLDER_PID"
         fi
         if step "per-range-$vm-hold-all" holder_start "$vm" ranges ${MB}M; then
@@ -252,7 +256,12 @@ migrate_case() {
         step migrate-set-policy set_policy vm-migrate r --mode bind --nodes "$LAST" --migrate &&
             check migrate-reported expect_migrated "$PAGES"
         check migrate-after-agent expect_placement vm-migrate r "$LAST:$PAGES" 0
+        # The holder maps the whole file and every page of it: GetPlacement read its numa_maps.
+        check migrate-after-by-holder expect_counted_from "$HOLDER_PID"
         check migrate-after-numa-maps expect_holder "$HOLDER_PID" $((MB << 20)) "$LAST:$PAGES" 0
+        # The first half alone is a part of the holder's mapping: counted in the agent's window.
+        check migrate-after-half-agent expect_placement vm-migrate r "$LAST:$HALF" 0 --length $((MB / 2))M
+        check migrate-after-half-by-window expect_counted_from 0
         holder_stop "$HOLDER_PID"
     fi
     region_delete vm-migrate r
