@@ -1155,6 +1155,7 @@ async fn p5(size: u64) -> Row {
     let page = kernel::page_size();
     let mut gp = Series::new("agent GetPlacement", "ms");
     let mut ns = Series::new("numastat -p", "ms");
+    let mut held = Series::new("holder's numa_maps in the bench", "ms");
     let mut direct = Series::new("residency::count_nodes in the bench", "ms");
     let mut old = Series::new("fault-in and move_pages in the bench", "ms");
     let mut wrong = Vec::new();
@@ -1173,7 +1174,33 @@ async fn p5(size: u64) -> Row {
         if on0 != size / page || all != on0 {
             wrong.push(format!("GetPlacement found {on0} of {all} pages on node 0"));
         }
+        let pid = std::process::id() as i32;
+        if p.ranges.iter().any(|r| r.counted_from_pid != pid) {
+            wrong.push(format!(
+                "GetPlacement did not count from the holder (this process, {pid}): {:?}",
+                p.ranges
+                    .iter()
+                    .map(|r| r.counted_from_pid)
+                    .collect::<Vec<_>>()
+            ));
+        }
         let (d_ns, mb) = numastat();
+        // The agent's method with a holder, called directly: this process's numa_maps joined with
+        // its maps, then cachestat and the exactness check.
+        let fd = held_fd.clone();
+        let (d_held, counts) = blocking(move || {
+            let t = Instant::now();
+            let file_id = kernel::fd_file_id(fd.as_fd()).expect("fstat");
+            let holder = kernel::residency::holder_mappings(pid, file_id).expect("holder maps");
+            let counts =
+                kernel::residency::count_nodes_held(fd.as_fd(), size, 0, size, page, Some(&holder))
+                    .expect("count_nodes_held");
+            (t.elapsed(), counts)
+        })
+        .await;
+        if counts.nodes.get(&0).copied() != Some(size / page) || counts.counted_from != Some(pid) {
+            wrong.push(format!("count_nodes_held: {counts:?}"));
+        }
         numastat_mb = mb;
         // The same kernel reads, done directly (the agent's kernel module, called in-process).
         let fd = held_fd.clone();
@@ -1202,6 +1229,7 @@ async fn p5(size: u64) -> Row {
         if round > 0 {
             gp.push_ms(d);
             ns.push_ms(d_ns);
+            held.push_ms(d_held);
             direct.push_ms(d_direct);
             old.push_ms(d_old);
         }
@@ -1230,7 +1258,11 @@ async fn p5(size: u64) -> Row {
                 }
             ),
             format!(
-                "the agent's method called directly in the bench (cachestat, read-fault the allocated runs into a window, its numa_maps line): {}",
+                "GetPlacement counted from the holder's page tables (this process maps every page): its method called directly in the bench (maps, numa_maps up to the mapping's line, maps again, cachestat): {}",
+                held.show()
+            ),
+            format!(
+                "the agent's fallback (no holder maps every page) called directly in the bench (cachestat, read-fault the allocated runs into a window, its numa_maps line): {}",
                 direct.show()
             ),
             format!(
@@ -1238,7 +1270,7 @@ async fn p5(size: u64) -> Row {
                 old.show()
             ),
         ],
-        series: vec![gp, ns, direct, old],
+        series: vec![gp, ns, held, direct, old],
     }
 }
 
