@@ -349,6 +349,123 @@ mod tests {
         );
     }
 
+    /// Only shared mappings of the file named by (st_dev, st_ino) are taken from a maps text.
+    #[test]
+    fn maps_lines_of_the_file_are_found_by_device_and_inode() {
+        let dev = libc::makedev(0, 1);
+        let maps = "\
+7f0000000000-7f0000400000 rw-s 00000000 00:01 1234                       /memfd:a (deleted)
+7f0000400000-7f0000800000 rw-s 00400000 00:01 1234                       /memfd:a (deleted)
+7f0000800000-7f0000c00000 rw-p 00000000 00:01 1234                       /memfd:a (deleted)
+7f0000c00000-7f0001000000 rw-s 00000000 00:01 999                        /memfd:b (deleted)
+7f0001000000-7f0001400000 rw-s 00000000 08:01 1234                       /some file
+7f0001400000-7f0001800000 r--s 00200000 00:01 1234                       /memfd:a with spaces (deleted)";
+        assert_eq!(
+            shared_mappings_of(maps, (dev, 1234)),
+            vec![
+                (0x7f00_0000_0000, 0x7f00_0040_0000, 0),
+                (0x7f00_0040_0000, 0x7f00_0080_0000, 0x40_0000),
+                (0x7f00_0140_0000, 0x7f00_0180_0000, 0x20_0000),
+            ]
+        );
+    }
+
+    /// A holder's counts are used only when its mappings that touch the range lie inside it,
+    /// do not overlap, and map exactly the allocated pages.
+    #[test]
+    fn holder_counts_are_used_only_where_exact() {
+        let vma = |start: u64, file_offset: u64, len: u64, pages: u64| HolderVma {
+            start,
+            file_offset,
+            len,
+            nodes: BTreeMap::from([(1u32, pages)]),
+        };
+        let page = 4096;
+        let h = |vmas| HolderMappings { pid: 7, vmas };
+        let whole = h(vec![vma(0x1000_0000, 0, 64 * page, 64)]);
+        assert_eq!(
+            whole.exact_counts(0, 64 * page, 64),
+            Some(BTreeMap::from([(1, 64)]))
+        );
+        assert_eq!(
+            whole.exact_counts(0, 64 * page, 65),
+            None,
+            "a page not mapped"
+        );
+        assert_eq!(
+            whole.exact_counts(0, 32 * page, 32),
+            None,
+            "reaches past the range"
+        );
+        assert_eq!(
+            whole.exact_counts(64 * page, 64 * page, 0),
+            None,
+            "nothing allocated"
+        );
+        let two = h(vec![
+            vma(0x2000_0000, 32 * page, 32 * page, 30),
+            vma(0x1000_0000, 0, 32 * page, 2),
+            // Outside the range asked for below: ignored.
+            vma(0x3000_0000, 128 * page, 8 * page, 8),
+        ]);
+        assert_eq!(
+            two.exact_counts(0, 64 * page, 32),
+            Some(BTreeMap::from([(1, 32)]))
+        );
+        assert_eq!(
+            two.exact_counts(0, 128 * page, 32),
+            Some(BTreeMap::from([(1, 32)]))
+        );
+        let overlapping = h(vec![
+            vma(0x1000_0000, 0, 32 * page, 16),
+            vma(0x2000_0000, 16 * page, 48 * page, 16),
+        ]);
+        assert_eq!(overlapping.exact_counts(0, 64 * page, 32), None, "overlap");
+    }
+
+    /// This process maps a file: its maps and numa_maps give the mapping and its pages; a
+    /// different file, or pages mapped only in part, are told apart.
+    #[test]
+    fn holder_mappings_of_this_process() {
+        let page = super::super::page_size();
+        let size = 64 * page;
+        let fd = super::super::create_memfd("holder-test", size, None).unwrap();
+        let other = super::super::create_memfd("holder-other", size, None).unwrap();
+        let id = super::super::fd_file_id(fd.as_fd()).unwrap();
+        let me = std::process::id() as i32;
+        assert!(
+            holder_mappings(me, id).unwrap().vmas.is_empty(),
+            "not mapped yet"
+        );
+        let w = Mapping::window(fd.as_fd(), 8 * page, 16 * page).unwrap();
+        let _o = Mapping::window(other.as_fd(), 0, size).unwrap();
+        super::super::fallocate(fd.as_fd(), 8 * page, 16 * page, false).unwrap();
+        w.populate_read(8 * page, 10 * page).unwrap();
+        let h = holder_mappings(me, id).unwrap();
+        assert_eq!(h.vmas.len(), 1, "{h:?}");
+        let v = &h.vmas[0];
+        assert_eq!(
+            (v.start, v.file_offset, v.len),
+            (w.guest_address(), 8 * page, 16 * page)
+        );
+        assert_eq!(v.nodes.values().sum::<u64>(), 10, "{h:?}");
+        // 16 pages allocated, 10 mapped: the window counts instead.
+        let c = count_nodes_held(fd.as_fd(), size, 0, size, page, Some(&h)).unwrap();
+        assert_eq!((c.counted_from, c.nodes.values().sum::<u64>()), (None, 16));
+        w.populate_read(8 * page, 16 * page).unwrap();
+        let h = holder_mappings(me, id).unwrap();
+        let c = count_nodes_held(fd.as_fd(), size, 0, size, page, Some(&h)).unwrap();
+        assert_eq!(
+            (c.counted_from, c.nodes.values().sum::<u64>()),
+            (Some(me), 16)
+        );
+        assert_eq!(c.not_present, 48);
+        assert_eq!(
+            c.nodes,
+            count_nodes(fd.as_fd(), size, 0, size, page).unwrap().nodes
+        );
+    }
+
     /// Allocated pages are counted exactly, holes are counted as not present and stay holes, and
     /// the agent-side count matches what move_pages reports.
     #[test]
