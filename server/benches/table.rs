@@ -1191,7 +1191,8 @@ async fn p5(size: u64) -> Row {
         let (d_held, counts) = blocking(move || {
             let t = Instant::now();
             let file_id = kernel::fd_file_id(fd.as_fd()).expect("fstat");
-            let holder = kernel::residency::holder_mappings(pid, file_id).expect("holder maps");
+            let holder = kernel::residency::holder_mappings(pid, file_id, &[(0, size)])
+                .expect("holder maps");
             let counts =
                 kernel::residency::count_nodes_held(fd.as_fd(), size, 0, size, page, Some(&holder))
                     .expect("count_nodes_held");

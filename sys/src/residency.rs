@@ -163,8 +163,14 @@ fn shared_mappings_of(maps: &str, file_id: (u64, u64)) -> Vec<(u64, u64, u64)> {
 /// reused pid cannot pass for the holder). Both files are read through one handle on
 /// `/proc/PID`, which keeps naming the process it was opened for. The maps are read again after
 /// numa_maps; when the holder's mappings of the file changed meanwhile this fails with EAGAIN.
-/// Reading numa_maps walks the holder's page tables and allocates nothing.
-pub fn holder_mappings(pid: i32, file_id: (u64, u64)) -> Result<HolderMappings, Errno> {
+/// Reading numa_maps walks the holder's page tables and allocates nothing; it is skipped (no
+/// mappings returned) when no range of `ranges` (file offset, length) could be counted from them
+/// ([`HolderMappings::exact_counts`]).
+pub fn holder_mappings(
+    pid: i32,
+    file_id: (u64, u64),
+    ranges: &[(u64, u64)],
+) -> Result<HolderMappings, Errno> {
     use nix::fcntl::{OFlag, openat};
     use nix::sys::stat::Mode;
     use std::io::Read;
@@ -191,7 +197,12 @@ pub fn holder_mappings(pid: i32, file_id: (u64, u64)) -> Result<HolderMappings, 
         pid,
         vmas: Vec::new(),
     };
-    if found.is_empty() {
+    // Walking the holder's page tables is worth it only for a range its mappings could count
+    // exactly (a VMM that maps the whole file cannot count one of several ranges).
+    let usable = |&(offset, len): &(u64, u64)| {
+        mappings_fit(found.iter().map(|&(s, e, o)| (o, e - s)), offset, len)
+    };
+    if !ranges.iter().any(usable) {
         return Ok(out);
     }
     let fd = openat(
@@ -246,26 +257,48 @@ impl HolderMappings {
         len: u64,
         allocated: u64,
     ) -> Option<BTreeMap<u32, u64>> {
-        let end = offset.checked_add(len)?;
-        let mut touching: Vec<&HolderVma> = self
+        let spans = self.vmas.iter().map(|v| (v.file_offset, v.len));
+        if allocated == 0 || !mappings_fit(spans, offset, len) {
+            return None;
+        }
+        let mut nodes: BTreeMap<u32, u64> = BTreeMap::new();
+        for v in self
             .vmas
             .iter()
-            .filter(|v| v.file_offset < end && v.file_offset + v.len > offset)
-            .collect();
-        touching.sort_by_key(|v| v.file_offset);
-        let mut covered_to = offset;
-        let mut nodes: BTreeMap<u32, u64> = BTreeMap::new();
-        for v in touching {
-            if v.file_offset < covered_to || v.file_offset + v.len > end {
-                return None;
-            }
-            covered_to = v.file_offset + v.len;
+            .filter(|v| touches(v.file_offset, v.len, offset, len))
+        {
             for (&n, &pages) in &v.nodes {
                 *nodes.entry(n).or_default() += pages;
             }
         }
-        (allocated > 0 && nodes.values().sum::<u64>() == allocated).then_some(nodes)
+        (nodes.values().sum::<u64>() == allocated).then_some(nodes)
     }
+}
+
+/// Whether the file interval `[at, at+l)` shares a byte with `[offset, offset+len)`.
+fn touches(at: u64, l: u64, offset: u64, len: u64) -> bool {
+    at < offset.saturating_add(len) && at.saturating_add(l) > offset
+}
+
+/// Whether the mappings (file offset, length) that touch `[offset, offset+len)` all lie inside it
+/// and no two share a file page, and there is at least one: then their page counts, if they add
+/// up to the range's allocated pages, count each allocated page once.
+fn mappings_fit(spans: impl Iterator<Item = (u64, u64)>, offset: u64, len: u64) -> bool {
+    let Some(end) = offset.checked_add(len) else {
+        return false;
+    };
+    let mut touching: Vec<(u64, u64)> = spans
+        .filter(|&(at, l)| touches(at, l, offset, len))
+        .collect();
+    touching.sort_unstable();
+    let mut covered_to = offset;
+    for &(at, l) in &touching {
+        if at < covered_to || at.saturating_add(l) > end {
+            return false;
+        }
+        covered_to = at + l;
+    }
+    !touching.is_empty()
 }
 
 fn io_errno(e: std::io::Error) -> Errno {
@@ -434,14 +467,17 @@ mod tests {
         let id = super::super::fd_file_id(fd.as_fd()).unwrap();
         let me = std::process::id() as i32;
         assert!(
-            holder_mappings(me, id).unwrap().vmas.is_empty(),
+            holder_mappings(me, id, &[(0, size)])
+                .unwrap()
+                .vmas
+                .is_empty(),
             "not mapped yet"
         );
         let w = Mapping::window(fd.as_fd(), 8 * page, 16 * page).unwrap();
         let _o = Mapping::window(other.as_fd(), 0, size).unwrap();
         super::super::fallocate(fd.as_fd(), 8 * page, 16 * page, false).unwrap();
         w.populate_read(8 * page, 10 * page).unwrap();
-        let h = holder_mappings(me, id).unwrap();
+        let h = holder_mappings(me, id, &[(0, size)]).unwrap();
         assert_eq!(h.vmas.len(), 1, "{h:?}");
         let v = &h.vmas[0];
         assert_eq!(
@@ -449,11 +485,19 @@ mod tests {
             (w.guest_address(), 8 * page, 16 * page)
         );
         assert_eq!(v.nodes.values().sum::<u64>(), 10, "{h:?}");
+        // No range it could count: numa_maps is not read, and nothing is returned.
+        for ranges in [
+            &[(0, 8 * page)][..],
+            &[(0, 16 * page), (16 * page, 48 * page)],
+        ] {
+            let h = holder_mappings(me, id, ranges).unwrap();
+            assert!(h.vmas.is_empty(), "{ranges:?}: {h:?}");
+        }
         // 16 pages allocated, 10 mapped: the window counts instead.
         let c = count_nodes_held(fd.as_fd(), size, 0, size, page, Some(&h)).unwrap();
         assert_eq!((c.counted_from, c.nodes.values().sum::<u64>()), (None, 16));
         w.populate_read(8 * page, 16 * page).unwrap();
-        let h = holder_mappings(me, id).unwrap();
+        let h = holder_mappings(me, id, &[(0, size)]).unwrap();
         let c = count_nodes_held(fd.as_fd(), size, 0, size, page, Some(&h)).unwrap();
         assert_eq!(
             (c.counted_from, c.nodes.values().sum::<u64>()),

@@ -172,16 +172,18 @@ fn count_range(
     }
 }
 
-/// The holder's shared mappings of the file, when the region has a holder that maps it. A holder
-/// that is gone, maps nothing of it, or whose mappings changed while they were read gives `None`,
-/// and every range is then counted in the agent's own window.
+/// The holder's shared mappings of the file, when the region has a holder that maps it so that
+/// at least one of `ranges` could be counted from them. A holder that is gone, maps nothing of
+/// it, or whose mappings changed while they were read gives `None`, and every range is then
+/// counted in the agent's own window.
 fn holder_mappings(
     fd: BorrowedFd<'_>,
     holder: Option<crate::domain::Holder>,
+    ranges: &[(u64, u64)],
 ) -> Option<kernel::residency::HolderMappings> {
     let pid = holder?.pid;
     let file_id = kernel::files::fd_file_id(fd).ok()?;
-    kernel::residency::holder_mappings(pid, file_id)
+    kernel::residency::holder_mappings(pid, file_id, ranges)
         .ok()
         .filter(|h| !h.vmas.is_empty())
 }
@@ -319,10 +321,10 @@ impl Agent {
             else {
                 return Vec::new();
             };
-            let holder = holder_mappings(fd, live.intent.holder);
-            live.intent
-                .ranges
-                .clipped(offset, offset + length)
+            let ranges = live.intent.ranges.clipped(offset, offset + length);
+            let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.offset, r.length)).collect();
+            let holder = holder_mappings(fd, live.intent.holder, &spans);
+            ranges
                 .iter()
                 .map(|r| count_range(fd, mapping.len(), r, page, holder.as_ref()))
                 .collect()
