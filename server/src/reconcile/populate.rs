@@ -8,7 +8,9 @@
 //! Asked to verify, each worker also reads its chunk's pages back right after allocating them
 //! (read faults through the agent's mapping, then move_pages, then the page-table entries are
 //! dropped again), so the proof runs in parallel with the allocation instead of in one pass
-//! after it. Without verify the answer comes from the page cache alone (cachestat).
+//! after it. Without verify the answer is what fallocate reported: a chunk it allocated is
+//! allocated in full, so only what the workers did not do (after a cancel) is counted, from the
+//! page cache (cachestat); walking the page cache over all 4 GiB just populated cost 30-60 ms.
 //!
 //! The workers are in `workers`. With a memory cgroup named, the workers run in a short-lived child process that first joins
 //! that cgroup, so the VM's cgroup is charged rather than the agent's.
@@ -16,10 +18,10 @@
 use super::cgroup::{cgroup_procs_file, check_cgroup_room, run_in_cgroup};
 use super::live::{LiveRegion, Slot};
 use super::placement::{self, Placement};
-use super::workers::{Chunk, allocated_bytes, plan, run_workers};
+use super::workers::{Chunk, allocated_after, plan, run_workers};
 use super::{Agent, AgentError, kerr};
 use crate::domain::{
-    Backend, EventKind, NodeSet, Policy, PolicyMode, RangeIntent, RegionKey, RegionStatus,
+    Backend, Event, EventKind, NodeSet, Policy, PolicyMode, RangeIntent, RegionKey, RegionStatus,
     Strategy, resolve_span,
 };
 use crate::store::WriteOp;
@@ -208,27 +210,29 @@ impl Agent {
         let cancelled = progress.cancel.load(Ordering::Relaxed)
             && progress.done.load(Ordering::Relaxed) < span.length;
         let read_back = ran.result?.filter(|_| !cancelled);
-        if span.task && !cancelled {
-            self.mark_placed(&slot, &req.key, &span).await?;
-        }
-        let (placement, done, verified) = self
+        let answer = self
             .populate_answer(&req, &span, read_back, ran.cached, progress)
+            .await;
+        let event = answer.as_ref().ok().map(|(_, done, _)| {
+            self.event(
+                EventKind::Populated,
+                Some(&req.key),
+                format!(
+                    "populated: {done} of {} bytes at {:#x} allocated, with {threads} workers{}{}",
+                    span.length,
+                    span.offset,
+                    if cancelled { " (cancelled)" } else { "" },
+                    req.cgroup
+                        .as_ref()
+                        .map_or(String::new(), |c| format!(", charged to {}", c.display()))
+                ),
+                actor,
+            )
+        });
+        // The pages are placed even when reading the answer failed: record that all the same.
+        self.record_populated(&slot, &req.key, &span, span.task && !cancelled, event)
             .await?;
-        self.emit(
-            EventKind::Populated,
-            Some(&req.key),
-            format!(
-                "populated: {done} of {} bytes at {:#x} allocated, with {threads} workers{}{}",
-                span.length,
-                span.offset,
-                if cancelled { " (cancelled)" } else { "" },
-                req.cgroup
-                    .as_ref()
-                    .map_or(String::new(), |c| format!(", charged to {}", c.display()))
-            ),
-            actor,
-        )
-        .await?;
+        let (placement, done, verified) = answer?;
         Ok(PopulateOutcome {
             bytes_done: done,
             bytes_total: span.length,
@@ -263,36 +267,45 @@ impl Agent {
         })
     }
 
-    /// Records a task-policy span as placed, unless the intent changed meanwhile.
-    async fn mark_placed(
+    /// Commits the populate's event and, when `placed`, marks a task-policy span as placed,
+    /// unless the intent changed meanwhile: both in one transaction, so one durable write.
+    async fn record_populated(
         &self,
         slot: &Slot,
         key: &RegionKey,
         span: &Span,
+        placed: bool,
+        event: Option<Event>,
     ) -> Result<(), AgentError> {
-        let mut live = slot.write().await;
-        if live.intent.generation != span.generation {
-            return Ok(());
-        }
-        let mut ranges = live.intent.ranges.clone();
-        ranges.mark_placed(span.offset, span.offset + span.length);
-        if ranges != live.intent.ranges {
-            self.store
-                .write(vec![WriteOp::SaveRanges {
+        let events = Vec::from_iter(event);
+        if placed {
+            let mut live = slot.write().await;
+            let mut ranges = live.intent.ranges.clone();
+            ranges.mark_placed(span.offset, span.offset + span.length);
+            if live.intent.generation == span.generation && ranges != live.intent.ranges {
+                let save = WriteOp::SaveRanges {
                     key: key.clone(),
                     generation: span.generation,
                     ranges: ranges.clone(),
-                }])
-                .await?;
-            live.intent.ranges = ranges;
+                };
+                self.commit(vec![save], events).await?;
+                live.intent.ranges = ranges;
+                return Ok(());
+            }
+        }
+        if !events.is_empty() {
+            self.commit(Vec::new(), events).await?;
         }
         Ok(())
     }
 
-    /// What a populate answers: what the kernel holds now, not what the workers did (pages
-    /// allocated before count, and a page punched meanwhile does not). A file the agent cannot
-    /// map (a guest_memfd without MMAP) has no readable placement; then the workers' count
-    /// stands. Returns the placement, the bytes present, and whether it was verified.
+    /// What a populate answers: what the kernel holds, not what the workers did. Pages allocated
+    /// before count: a chunk fallocate completed is allocated in full, and the rest of the span
+    /// is counted from the page cache. With verify, each chunk's pages as read back right after
+    /// its allocation. Either way a page another process punches after its chunk was done is
+    /// not seen (the agent never punches a region it populates). A file the agent cannot map (a
+    /// guest_memfd without MMAP) has no readable placement; then the workers' count stands.
+    /// Returns the placement, the bytes present, and whether it was verified.
     async fn populate_answer(
         &self,
         req: &PopulateRequest,
@@ -353,7 +366,7 @@ struct Work {
 }
 
 /// What the workers did: the placement they read back (when they verified every chunk), or
-/// the error; and without verify, the bytes the page cache shows allocated.
+/// the error; and without verify, the bytes of the span allocated (see [`allocated_after`]).
 struct Ran {
     result: Result<Option<Placement>, AgentError>,
     cached: Option<u64>,
@@ -421,11 +434,12 @@ fn run_blocking(live: &LiveRegion, span: &Span, work: &Work) -> Ran {
         (true, true, Some(m)) => Some((m, page)),
         _ => None,
     };
+    // Per chunk, whether the workers allocated it (`None` from the cgroup helper, which reports
+    // only its progress).
     let result = match work.cgroup.as_deref() {
-        Some(cg) => {
-            run_in_cgroup(fd, &work.chunks, work.threads, cg, progress).map(|()| Vec::new())
-        }
+        Some(cg) => run_in_cgroup(fd, &work.chunks, work.threads, cg, progress).map(|()| None),
         None => run_workers(fd, &work.chunks, work.threads, progress, verify_in_workers)
+            .map(Some)
             .map_err(kerr("fallocate")),
     };
     let result = result.map_err(|e| match e {
@@ -437,28 +451,37 @@ fn run_blocking(live: &LiveRegion, span: &Span, work: &Work) -> Ran {
         }
         e => e,
     });
+    let cached = match (&result, work.verify) {
+        (Ok(done), false) => allocated_after(
+            fd,
+            mapping,
+            (span.offset, span.length, page),
+            &work.chunks,
+            done.as_deref(),
+        ),
+        _ => None,
+    };
     // Every chunk was read back when the workers verified (unless stopped early: the caller
     // drops it then, and a full pass runs instead).
     let result = result.map(|statuses| {
-        verify_in_workers.map(|_| Placement {
-            ranges: span
-                .ranges
-                .iter()
-                .map(|r| {
-                    let statuses = work
-                        .chunks
-                        .iter()
-                        .zip(&statuses)
-                        .filter(|(c, _)| c.offset >= r.offset && c.offset < r.end())
-                        .flat_map(|(_, s)| s.iter().map(|(&n, &pages)| (n, pages)));
-                    placement::range_view(r, statuses)
-                })
-                .collect(),
-            page_size: page,
-        })
+        verify_in_workers
+            .zip(statuses)
+            .map(|(_, statuses)| Placement {
+                ranges: span
+                    .ranges
+                    .iter()
+                    .map(|r| {
+                        let statuses = work
+                            .chunks
+                            .iter()
+                            .zip(&statuses)
+                            .filter(|(c, _)| c.offset >= r.offset && c.offset < r.end())
+                            .flat_map(|(_, s)| s.iter().flatten().map(|(&n, &pages)| (n, pages)));
+                        placement::range_view(r, statuses)
+                    })
+                    .collect(),
+                page_size: page,
+            })
     });
-    let cached = (!work.verify && result.is_ok())
-        .then(|| allocated_bytes(fd, mapping, span.offset, span.length, page))
-        .flatten();
     Ran { result, cached }
 }

@@ -69,21 +69,22 @@ fn read_back(mapping: &Mapping, c: &Chunk, page: u64) -> ChunkStatus {
     status
 }
 
-/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any, or else each
-/// chunk's status, read back through `verify` (the mapping and page size) right after the chunk
-/// was allocated; empty without `verify`. Each worker is a fresh thread, so a task policy it sets
-/// for its chunks dies with it.
+/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any, or else per
+/// chunk `Some` once fallocate allocated every page of it (so no page cache walk is needed to
+/// count it), holding its status as read back through `verify` (the mapping and page size) right
+/// after the allocation, empty without `verify`; `None` for a chunk that never ran (cancelled).
+/// Each worker is a fresh thread, so a task policy it sets for its chunks dies with it.
 pub fn run_workers(
     fd: BorrowedFd<'_>,
     chunks: &[Chunk],
     threads: usize,
     progress: &PopulateProgress,
     verify: Option<(&Mapping, u64)>,
-) -> Result<Vec<ChunkStatus>, Errno> {
+) -> Result<Vec<Option<ChunkStatus>>, Errno> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error = std::sync::Mutex::new(None);
-    let statuses = std::sync::Mutex::new(vec![ChunkStatus::new(); chunks.len()]);
+    let statuses = std::sync::Mutex::new(vec![None; chunks.len()]);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
@@ -106,15 +107,16 @@ pub fn run_workers(
                     match r {
                         Ok(()) => {
                             progress.advance_by(c.length);
-                            if let Some((mapping, page)) = verify {
-                                let status = read_back(mapping, c, page);
-                                if let Some(slot) = statuses
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get_mut(i)
-                                {
-                                    *slot = status;
-                                }
+                            let status = match verify {
+                                Some((mapping, page)) => read_back(mapping, c, page),
+                                None => ChunkStatus::new(),
+                            };
+                            if let Some(slot) = statuses
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_mut(i)
+                            {
+                                *slot = Some(status);
                             }
                         }
                         Err(e) => {
@@ -139,7 +141,7 @@ pub fn run_workers(
 
 /// Bytes of a span allocated, from the page cache (a probe through a mapping on hugetlbfs, which
 /// has none); `None` where the kernel cannot tell.
-pub(super) fn allocated_bytes(
+fn allocated_bytes(
     fd: BorrowedFd<'_>,
     mapping: Option<&Mapping>,
     offset: u64,
@@ -152,6 +154,46 @@ pub(super) fn allocated_bytes(
     };
     map.ok()
         .map(|v| v.iter().filter(|allocated| **allocated).count() as u64 * page)
+}
+
+/// Bytes of the span `(offset, length, page)` allocated once the workers are done, without
+/// walking what they allocated: a chunk whose fallocate succeeded is allocated in full (fallocate
+/// allocates every page of its range or fails), and only the rest of the span (chunks a cancel
+/// left, or all of it when the cgroup helper ran and `done` is `None`) is counted from the page
+/// cache.
+pub(super) fn allocated_after(
+    fd: BorrowedFd<'_>,
+    mapping: Option<&Mapping>,
+    (offset, length, page): (u64, u64, u64),
+    chunks: &[Chunk],
+    done: Option<&[Option<ChunkStatus>]>,
+) -> Option<u64> {
+    let end = offset + length;
+    let count = |from: u64, to: u64| {
+        if to > from {
+            allocated_bytes(fd, mapping, from, to - from, page)
+        } else {
+            Some(0)
+        }
+    };
+    let Some(done) = done else {
+        return count(offset, end);
+    };
+    let mut bytes = 0;
+    let mut at = offset;
+    for c in chunks
+        .iter()
+        .zip(done)
+        .filter_map(|(c, d)| d.as_ref().map(|_| c))
+    {
+        // Chunks come in file order (`plan`); anything else is counted whole.
+        if c.offset < at || c.offset + c.length > end {
+            return count(offset, end);
+        }
+        bytes += count(at, c.offset)? + c.length;
+        at = c.offset + c.length;
+    }
+    Some(bytes + count(at, end)?)
 }
 
 #[cfg(test)]
@@ -171,5 +213,58 @@ mod tests {
         assert_eq!(chunks[3].policy, None);
         let total: u64 = chunks.iter().map(|c| c.length).sum();
         assert_eq!(total, CHUNK * 2 + 8192);
+    }
+
+    /// After a cancel: the chunks fallocate completed count in full, and the rest of the span
+    /// (the chunks that never ran, and pages allocated there before) comes from the page cache.
+    #[test]
+    fn allocated_after_counts_done_chunks_whole_and_the_rest_from_the_page_cache() {
+        use std::os::fd::AsFd;
+        let page = kernel::page_size();
+        let fd = kernel::files::create_memfd("allocated-after", 16 * page, None).unwrap();
+        let fd = fd.as_fd();
+        let chunks: Vec<Chunk> = (0..4)
+            .map(|i| Chunk {
+                offset: i * 4 * page,
+                length: 4 * page,
+                policy: None,
+            })
+            .collect();
+        // Allocated before the populate: two pages of chunk 1 and the last page of chunk 3.
+        kernel::fallocate(fd, 5 * page, 2 * page, false).unwrap();
+        kernel::fallocate(fd, 15 * page, page, false).unwrap();
+        // The workers did chunks 0 and 2, then were cancelled.
+        let done = vec![
+            Some(ChunkStatus::new()),
+            None,
+            Some(ChunkStatus::new()),
+            None,
+        ];
+        for c in [chunks[0], chunks[2]] {
+            kernel::fallocate(fd, c.offset, c.length, false).unwrap();
+        }
+        let span = (0, 16 * page, page);
+        assert_eq!(
+            allocated_after(fd, None, span, &chunks, Some(&done)),
+            Some(11 * page)
+        );
+        // The cgroup helper reports no chunks: the whole span is counted.
+        assert_eq!(
+            allocated_after(fd, None, span, &chunks, None),
+            Some(11 * page)
+        );
+        // A span starting inside chunk 1, whose chunks are 2 and 3, and a gap before them.
+        let tail = [chunks[2], chunks[3]];
+        let tail_done = [Some(ChunkStatus::new()), None];
+        assert_eq!(
+            allocated_after(
+                fd,
+                None,
+                (6 * page, 10 * page, page),
+                &tail,
+                Some(&tail_done)
+            ),
+            Some(6 * page)
+        );
     }
 }
