@@ -305,4 +305,134 @@ mod tests {
             assert_eq!(e.message, format!("event {i}"));
         }
     }
+
+    fn meta(key: &str) -> WriteOp {
+        WriteOp::InitMeta {
+            key: key.into(),
+            value: vec![1],
+        }
+    }
+
+    fn request(id: &str) -> WriteOp {
+        WriteOp::SaveRequest {
+            request_id: id.into(),
+            method: "SetPolicy",
+            fingerprint: vec![1],
+            response: vec![2],
+        }
+    }
+
+    fn job(ops: Vec<WriteOp>) -> Job {
+        Job {
+            ops,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// One batch, run by the writer's own function on a connection of its own: each job's error
+    /// undoes only that job, and the jobs around it commit.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failing_job_undoes_only_its_own_savepoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
+        let conn = open_writer(&path, Duration::from_secs(1)).unwrap();
+        let unknown = RegionKey::parse("vm", "r").unwrap();
+        let jobs = vec![
+            job(vec![meta("a")]),
+            job(vec![request("x")]),
+            // The same request id again: a conflict, and its first op is undone with it.
+            job(vec![meta("c"), request("x")]),
+            // A region that is not stored.
+            job(vec![
+                meta("d"),
+                WriteOp::SaveRanges {
+                    key: unknown,
+                    generation: 2,
+                    ranges: RangeMap::new(4096),
+                },
+            ]),
+            job(vec![meta("e")]),
+        ];
+        let results = commit_batch(&conn, &jobs);
+        assert_eq!(results.len(), 5);
+        assert!(results[0].is_ok() && results[1].is_ok() && results[4].is_ok());
+        assert!(
+            matches!(results[2], Err(StoreError::Conflict)),
+            "{:?}",
+            results[2]
+        );
+        assert!(
+            matches!(results[3], Err(StoreError::Corrupt(_))),
+            "{:?}",
+            results[3]
+        );
+        for (key, stored) in [("a", true), ("c", false), ("d", false), ("e", true)] {
+            assert_eq!(
+                store.meta(key).await.unwrap().is_some(),
+                stored,
+                "meta {key}"
+            );
+        }
+        assert_eq!(store.counts().await.unwrap().0, 1, "one request record");
+    }
+
+    /// An SQL error other than a job's own conflict fails every job of the batch, those before it
+    /// included, and nothing of the batch is written.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_sql_error_fails_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
+        let conn = open_writer(&path, Duration::from_secs(1)).unwrap();
+        conn.execute_batch(
+            "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, generation, strategy, created_unix, status) \
+             VALUES ('vm', 'r', 'u', 'memfd', 4096, 1, 'shared-policy', 0, 'active')",
+        )
+        .unwrap();
+        let key = RegionKey::parse("vm", "r").unwrap();
+        let jobs = vec![
+            job(vec![meta("a"), request("x")]),
+            // Generation 0 breaks the table's CHECK: not this job's own conflict.
+            job(vec![WriteOp::SaveRanges {
+                key,
+                generation: 0,
+                ranges: RangeMap::new(4096),
+            }]),
+            job(vec![meta("c")]),
+        ];
+        let results = commit_batch(&conn, &jobs);
+        assert_eq!(results.len(), 3);
+        assert!(
+            results.iter().all(|r| matches!(r, Err(StoreError::Sql(_)))),
+            "{results:?}"
+        );
+        for key in ["a", "c"] {
+            assert!(store.meta(key).await.unwrap().is_none(), "meta {key}");
+        }
+        assert_eq!(store.counts().await.unwrap().0, 0, "no request record");
+        // The connection is usable again: the next batch commits.
+        assert!(commit_batch(&conn, &[job(vec![meta("f")])])[0].is_ok());
+        assert!(store.meta("f").await.unwrap().is_some());
+    }
+
+    /// A lock another connection holds past the busy timeout fails every job, and they are
+    /// answered `Locked`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_held_lock_fails_every_job_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
+        let conn = open_writer(&path, Duration::from_millis(50)).unwrap();
+        let other = open_writer(&path, Duration::from_millis(50)).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let jobs = vec![job(vec![meta("a")]), job(vec![meta("b")])];
+        let results = commit_batch(&conn, &jobs);
+        assert!(
+            results.iter().all(|r| matches!(r, Err(StoreError::Locked))),
+            "{results:?}"
+        );
+        other.execute_batch("ROLLBACK").unwrap();
+        assert!(store.meta("a").await.unwrap().is_none());
+    }
 }
