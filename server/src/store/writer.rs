@@ -24,7 +24,7 @@ pub(super) async fn start_writer(
                 writer_loop(conn, rx, known_requests);
             }
             Err(e) => {
-                let _ = ready.send(Err(e.to_string()));
+                let _ = ready.send(Err(e));
             }
         })
         .map_err(|e| format!("starting the writer thread: {e}"))?;
@@ -35,19 +35,22 @@ pub(super) async fn start_writer(
 
 /// The write connection: WAL, `synchronous=FULL` (a commit is on disk when COMMIT returns),
 /// foreign keys enforced, waiting up to `busy` for another process's lock.
-fn open_writer(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
+fn open_writer(path: &Path, busy: Duration) -> Result<Connection, String> {
+    let sql = |e: rusqlite::Error| e.to_string();
     let conn = Connection::open_with_flags(
         path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(busy)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    )
+    .map_err(sql)?;
+    conn.busy_timeout(busy).map_err(sql)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(sql)?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(rusqlite::Error::InvalidParameterName(format!(
-            "journal_mode is {mode}, not wal"
-        )));
+        return Err(format!("journal_mode is {mode}, not wal"));
     }
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        .map_err(sql)?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
 }
@@ -337,6 +340,13 @@ mod tests {
         let path = dir.path().join("db");
         let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
         let conn = open_writer(&path, Duration::from_secs(1)).unwrap();
+        // A commit is durable when COMMIT returns (FULL = 2), and ranges follow their region.
+        let pragma = |name: &str| -> i64 {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma("synchronous"), 2);
+        assert_eq!(pragma("foreign_keys"), 1);
         let unknown = RegionKey::parse("vm", "r").unwrap();
         let jobs = vec![
             job(vec![meta("a")]),
