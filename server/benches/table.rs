@@ -767,11 +767,25 @@ async fn p2(agent: &Agent, clients: &mut [Client]) -> Row {
     let mut p99s = Series::new("agent p99", "ms");
     let mut p50s = Series::new("agent p50", "ms");
     let mut floor = Series::new("floor commits", "commit/s");
+    // CPU (utime + stime) per request of the agent and of this process (the 32 clients): load on
+    // the shared machine moves throughput, much less the CPU each request costs.
+    let mut agent_cpu = Series::new("agent CPU per SetPolicy", "us");
+    let mut client_cpu = Series::new("bench clients CPU per SetPolicy", "us");
+    let tick_us = 1e6 / clock_ticks() as f64;
+    let me = std::process::id() as i32;
     let mut all = Vec::new();
     for _ in 0..n {
+        let (a0, c0) = (proc_cpu_ticks(agent.pid()), proc_cpu_ticks(me));
         let t = Instant::now();
         let mut lat = set_policy_burst(clients, per_client).await;
         let wall = t.elapsed();
+        let (a1, c1) = (proc_cpu_ticks(agent.pid()), proc_cpu_ticks(me));
+        agent_cpu
+            .samples
+            .push((a1 - a0) as f64 * tick_us / lat.len() as f64);
+        client_cpu
+            .samples
+            .push((c1 - c0) as f64 * tick_us / lat.len() as f64);
         lat.sort();
         rps.samples.push(lat.len() as f64 / wall.as_secs_f64());
         p50s.push_ms(percentile(&lat, 0.50));
@@ -806,8 +820,13 @@ async fn p2(agent: &Agent, clients: &mut [Client]) -> Row {
                 ms(all[all.len() - 1]),
                 p50s.show()
             ),
+            format!(
+                "CPU per request (utime+stime over the samples): agent {}, bench clients {}",
+                agent_cpu.show(),
+                client_cpu.show()
+            ),
         ],
-        series: vec![rps, p50s, p99s, floor],
+        series: vec![rps, p50s, p99s, floor, agent_cpu, client_cpu],
     }
 }
 

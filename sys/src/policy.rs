@@ -84,9 +84,19 @@ impl NodeSet {
         self.bits.iter().map(|w| w.count_ones() as usize).sum()
     }
 
-    /// Node ids in increasing order.
+    /// Node ids in increasing order. Walks the set bits of each word, not all `MAX_NODES` ids.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..MAX_NODES).filter(move |i| self.contains(*i))
+        self.bits.iter().enumerate().flat_map(|(w, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let bit = rest.trailing_zeros();
+                rest &= rest - 1;
+                Some(w as u32 * 64 + bit)
+            })
+        })
     }
 
     /// The kernel's bitmap words, for mbind and set_mempolicy.
@@ -138,26 +148,27 @@ impl NodeSet {
 }
 
 impl fmt::Display for NodeSet {
-    /// The numactl list syntax, e.g. `0-3,5`.
+    /// The numactl list syntax, e.g. `0-3,5`. Written straight to the formatter: this runs for
+    /// every log line, event and stored range of a SetPolicy.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ids: Vec<u32> = self.iter().collect();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < ids.len() {
-            let start = ids[i];
+        let mut ids = self.iter().peekable();
+        let mut first = true;
+        while let Some(start) = ids.next() {
             let mut end = start;
-            while i + 1 < ids.len() && ids[i + 1] == end + 1 {
-                i += 1;
-                end = ids[i];
+            while ids.next_if_eq(&(end + 1)).is_some() {
+                end += 1;
             }
-            out.push(if start == end {
-                start.to_string()
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if start == end {
+                write!(f, "{start}")?;
             } else {
-                format!("{start}-{end}")
-            });
-            i += 1;
+                write!(f, "{start}-{end}")?;
+            }
         }
-        f.write_str(&out.join(","))
+        Ok(())
     }
 }
 
@@ -360,6 +371,33 @@ mod tests {
             Err(PolicyError::NodeOutOfRange(1024))
         );
         assert!(NodeSet::parse_list("1023").unwrap().contains(1023));
+    }
+
+    #[test]
+    fn node_ids_and_lists_are_right_across_word_boundaries() {
+        let cases: &[&[u32]] = &[
+            &[],
+            &[0],
+            &[63, 64],
+            &[62, 63, 64, 65, 127, 128, 130],
+            &[1, 3, 5, 200, 1022, 1023],
+            &[511, 512, 513, 514, 1023],
+        ];
+        for ids in cases {
+            let s = nodes(ids);
+            let naive: Vec<u32> = (0..MAX_NODES).filter(|i| s.contains(*i)).collect();
+            assert_eq!(s.iter().collect::<Vec<_>>(), naive, "{ids:?}");
+            assert_eq!(naive, ids.to_vec());
+            assert_eq!(NodeSet::parse_list(&s.to_string()).unwrap(), s, "{s}");
+        }
+        assert_eq!(
+            nodes(&[62, 63, 64, 65, 127, 128, 130]).to_string(),
+            "62-65,127-128,130"
+        );
+        assert_eq!(nodes(&[]).to_string(), "");
+        let all = NodeSet::parse_list("0-1023").unwrap();
+        assert_eq!(all.to_string(), "0-1023");
+        assert_eq!(all.iter().count(), 1024);
     }
 
     #[test]

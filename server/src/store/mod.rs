@@ -1,10 +1,11 @@
 //! Durable state in SQLite: the intent of every region, idempotency records and the event log.
-//! The only code that touches sqlx.
+//! The only code that touches sqlx and rusqlite.
 //!
-//! Writes go through one writer task that owns the write connection. It takes every job waiting
-//! in its queue, runs each in its own savepoint inside one transaction, commits once (WAL,
-//! `synchronous=FULL`), and only then answers each job: group commit. A job's failure rolls back
-//! only its savepoint. No caller learns of success before its data is on disk.
+//! Writes go through one writer thread that owns the write connection (rusqlite, synchronous
+//! calls). It takes every job waiting in its queue, runs each in its own savepoint inside one
+//! transaction, commits once (WAL, `synchronous=FULL`), and only then answers each job: group
+//! commit. A job's failure rolls back only its savepoint. No caller learns of success before its
+//! data is on disk. Opening (integrity check, migrations) and every read go through sqlx.
 
 use crate::domain::{Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -20,7 +21,7 @@ mod rows;
 mod writer;
 
 use rows::{ranges_from_json, region_from_row};
-use writer::writer_loop;
+use writer::start_writer;
 
 /// Events kept in the log; older ones are dropped.
 pub const EVENT_LOG_LIMIT: i64 = 10_000;
@@ -65,6 +66,22 @@ impl From<sqlx::Error> for StoreError {
                 13 => StoreError::Full,
                 19 if db.is_unique_violation() => StoreError::Conflict,
                 _ => StoreError::Sql(db.message().to_string()),
+            };
+        }
+        StoreError::Sql(e.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        if let rusqlite::Error::SqliteFailure(err, message) = &e {
+            // The same codes as for sqlx above; 1555/2067 are the primary-key and unique
+            // violations.
+            return match err.extended_code & 0xff {
+                5 | 6 => StoreError::Locked,
+                13 => StoreError::Full,
+                19 if matches!(err.extended_code, 1555 | 2067) => StoreError::Conflict,
+                _ => StoreError::Sql(message.clone().unwrap_or_else(|| err.to_string())),
             };
         }
         StoreError::Sql(e.to_string())
@@ -249,8 +266,12 @@ impl Store {
         for id in &ids {
             known_requests.insert(id);
         }
+        // The writer opens its own connection; this one is done.
+        conn.close().await.map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(writer_loop(conn, rx, known_requests.clone()));
+        start_writer(path, busy, rx, known_requests.clone())
+            .await
+            .map_err(open_err)?;
         Ok(Self {
             readers,
             writer: tx,

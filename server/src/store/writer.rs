@@ -1,15 +1,63 @@
-//! The one writer task: it owns the write connection and commits queued jobs in groups (see the
-//! module above), then answers each job.
+//! The one writer: a dedicated OS thread that owns the write connection (rusqlite, the same
+//! bundled SQLite as sqlx's readers), commits queued jobs in groups (see the module above), then
+//! answers each job. A whole batch runs in one synchronous call on this thread: no statement is a
+//! round trip to another thread.
 
 use super::*;
+use rusqlite::{Connection, params};
 
-pub(super) async fn writer_loop(
-    mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<Job>,
+/// Opens the write connection on its own thread and runs the writer there. Returns once the
+/// connection is open and set up (or failed to be).
+pub(super) async fn start_writer(
+    path: &Path,
+    busy: Duration,
+    rx: mpsc::Receiver<Job>,
     known_requests: KnownRequests,
-) {
+) -> Result<(), String> {
+    let (ready, opened) = oneshot::channel();
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("memplace-writer".into())
+        .spawn(move || match open_writer(&path, busy) {
+            Ok(conn) => {
+                let _ = ready.send(Ok(()));
+                writer_loop(conn, rx, known_requests);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+            }
+        })
+        .map_err(|e| format!("starting the writer thread: {e}"))?;
+    opened
+        .await
+        .map_err(|_| "the writer thread ended before it opened the database".to_string())?
+}
+
+/// The write connection: WAL, `synchronous=FULL` (a commit is on disk when COMMIT returns),
+/// foreign keys enforced, waiting up to `busy` for another process's lock.
+fn open_writer(path: &Path, busy: Duration) -> Result<Connection, String> {
+    let sql = |e: rusqlite::Error| e.to_string();
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql)?;
+    conn.busy_timeout(busy).map_err(sql)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(sql)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("journal_mode is {mode}, not wal"));
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        .map_err(sql)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, known_requests: KnownRequests) {
     let mut since_trim = 0u32;
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -17,7 +65,7 @@ pub(super) async fn writer_loop(
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&mut conn, &jobs).await;
+        let results = commit_batch(&conn, &jobs);
         // Before any answer: a retry that arrives after the acknowledgement must find its id.
         for (job, r) in jobs.iter().zip(&results) {
             if r.is_ok() {
@@ -34,59 +82,55 @@ pub(super) async fn writer_loop(
         since_trim += 1;
         if since_trim >= 256 {
             since_trim = 0;
-            let _ = sqlx::query(
-                "DELETE FROM events WHERE sequence <= (SELECT max(sequence) FROM events) - ?",
-            )
-            .bind(EVENT_LOG_LIMIT)
-            .execute(&mut conn)
-            .await;
+            let _ = conn
+                .prepare_cached(
+                    "DELETE FROM events WHERE sequence <= (SELECT max(sequence) FROM events) - ?",
+                )
+                .and_then(|mut s| s.execute([EVENT_LOG_LIMIT]));
         }
     }
 }
 
+/// Runs one statement without parameters (transaction and savepoint control).
+fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 /// Runs each job in a savepoint of one transaction, commits, and returns each job's outcome. If
 /// the commit itself fails, every job fails: nothing of the batch is on disk.
-///
-/// Every statement is a round trip to sqlx's SQLite worker thread, so the transaction and
-/// savepoint statements between two jobs go as one multi-statement query.
-async fn commit_batch(
-    conn: &mut SqliteConnection,
-    jobs: &[Job],
-) -> Vec<Result<Vec<u64>, StoreError>> {
-    let fail_all = |e: StoreError| jobs.iter().map(|_| Err(clone_err(&e))).collect();
-    if let Err(e) = sqlx::query("BEGIN IMMEDIATE; SAVEPOINT job")
-        .execute(&mut *conn)
-        .await
-    {
-        let e = StoreError::from(e);
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+fn commit_batch(conn: &Connection, jobs: &[Job]) -> Vec<Result<Vec<u64>, StoreError>> {
+    let fail_all = |e: StoreError| {
+        let _ = exec(conn, "ROLLBACK");
+        jobs.iter().map(|_| Err(clone_err(&e))).collect()
+    };
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
         return fail_all(e);
     }
     let mut results = Vec::with_capacity(jobs.len());
-    for (i, job) in jobs.iter().enumerate() {
-        let last = i + 1 == jobs.len();
-        let r = apply_ops(conn, &job.ops).await;
+    for job in jobs {
+        if let Err(e) = exec(conn, "SAVEPOINT job") {
+            return fail_all(e);
+        }
+        let r = apply_ops(conn, &job.ops);
         // A full disk, a lock or an I/O error (SQLite may answer these by rolling back the
         // whole transaction) fails the whole batch: the jobs before it may already be undone, so none
         // may be acknowledged.
         if let Err(e @ (StoreError::Full | StoreError::Locked | StoreError::Sql(_))) = &r {
-            let e = clone_err(e);
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            return fail_all(e);
+            return fail_all(clone_err(e));
         }
         // The job's own error is what its caller needs; only its savepoint is undone.
-        let close = match (&r, last) {
-            (Ok(_), false) => "RELEASE job; SAVEPOINT job",
-            (Ok(_), true) => "RELEASE job; COMMIT",
-            (Err(_), false) => "ROLLBACK TO job; RELEASE job; SAVEPOINT job",
-            (Err(_), true) => "ROLLBACK TO job; RELEASE job; COMMIT",
+        let closed = match &r {
+            Ok(_) => exec(conn, "RELEASE job"),
+            Err(_) => exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job")),
         };
-        if let Err(e) = sqlx::query(close).execute(&mut *conn).await {
-            let e = StoreError::from(e);
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        if let Err(e) = closed {
             return fail_all(e);
         }
         results.push(r);
+    }
+    if let Err(e) = exec(conn, "COMMIT") {
+        return fail_all(e);
     }
     results
 }
@@ -101,84 +145,74 @@ fn clone_err(e: &StoreError) -> StoreError {
     }
 }
 
-async fn apply_ops(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<u64>, StoreError> {
+fn apply_ops(conn: &Connection, ops: &[WriteOp]) -> Result<Vec<u64>, StoreError> {
     let mut seqs = Vec::new();
-    let mut rest = ops;
-    while let Some((op, tail)) = rest.split_first() {
-        rest = tail;
+    for op in ops {
         match op {
             WriteOp::InsertRegion(r) => {
-                sqlx::query(
+                conn.prepare_cached(
                     "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, hugepage_size_bytes, generation, strategy, created_unix, status, adopted, holder_pid, holder_start_time, file_dev, file_ino) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                )
-                .bind(&r.key.vm_id)
-                .bind(&r.key.name)
-                .bind(&r.uid)
-                .bind(r.backend.as_str())
-                .bind(r.size_bytes as i64)
-                .bind(r.hugepage_size_bytes as i64)
-                .bind(r.generation as i64)
-                .bind(r.strategy.as_str())
-                .bind(r.created_unix)
-                .bind(r.status.as_str())
-                .bind(r.adopted as i64)
-                .bind(r.holder.map(|h| h.pid as i64))
-                .bind(r.holder.map(|h| h.start_time as i64))
-                .bind(r.file_id.map(|f| f.0 as i64))
-                .bind(r.file_id.map(|f| f.1 as i64))
-                .execute(&mut *conn)
-                .await?;
-                insert_ranges(conn, &r.key, &r.ranges).await?;
+                )?
+                .execute(params![
+                    r.key.vm_id,
+                    r.key.name,
+                    r.uid,
+                    r.backend.as_str(),
+                    r.size_bytes as i64,
+                    r.hugepage_size_bytes as i64,
+                    r.generation as i64,
+                    r.strategy.as_str(),
+                    r.created_unix,
+                    r.status.as_str(),
+                    r.adopted as i64,
+                    r.holder.map(|h| h.pid as i64),
+                    r.holder.map(|h| h.start_time as i64),
+                    r.file_id.map(|f| f.0 as i64),
+                    r.file_id.map(|f| f.1 as i64),
+                ])?;
+                insert_ranges(conn, &r.key, &r.ranges)?;
             }
             WriteOp::SaveRanges {
                 key,
                 generation,
                 ranges,
             } => {
-                let n =
-                    sqlx::query("UPDATE regions SET generation = ? WHERE vm_id = ? AND name = ?")
-                        .bind(*generation as i64)
-                        .bind(&key.vm_id)
-                        .bind(&key.name)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected();
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE regions SET generation = ? WHERE vm_id = ? AND name = ?",
+                    )?
+                    .execute(params![*generation as i64, key.vm_id, key.name])?;
                 if n != 1 {
                     return Err(StoreError::Corrupt(format!("region {key} is not stored")));
                 }
-                replace_ranges(conn, key, ranges).await?;
+                conn.prepare_cached("DELETE FROM ranges WHERE vm_id = ? AND name = ?")?
+                    .execute(params![key.vm_id, key.name])?;
+                insert_ranges(conn, key, ranges)?;
             }
             WriteOp::DeleteRegion(key) => {
-                sqlx::query("DELETE FROM regions WHERE vm_id = ? AND name = ?")
-                    .bind(&key.vm_id)
-                    .bind(&key.name)
-                    .execute(&mut *conn)
-                    .await?;
+                conn.prepare_cached("DELETE FROM regions WHERE vm_id = ? AND name = ?")?
+                    .execute(params![key.vm_id, key.name])?;
             }
             WriteOp::SaveHolder {
                 key,
                 holder,
                 file_id,
             } => {
-                sqlx::query(
+                conn.prepare_cached(
                     "UPDATE regions SET holder_pid = ?, holder_start_time = ?, file_dev = ?, file_ino = ? WHERE vm_id = ? AND name = ?",
-                )
-                .bind(holder.map(|h| h.pid as i64))
-                .bind(holder.map(|h| h.start_time as i64))
-                .bind(file_id.map(|f| f.0 as i64))
-                .bind(file_id.map(|f| f.1 as i64))
-                .bind(&key.vm_id)
-                .bind(&key.name)
-                .execute(&mut *conn)
-                .await?;
+                )?
+                .execute(params![
+                    holder.map(|h| h.pid as i64),
+                    holder.map(|h| h.start_time as i64),
+                    file_id.map(|f| f.0 as i64),
+                    file_id.map(|f| f.1 as i64),
+                    key.vm_id,
+                    key.name,
+                ])?;
             }
             WriteOp::SaveStatus(key, status) => {
-                sqlx::query("UPDATE regions SET status = ? WHERE vm_id = ? AND name = ?")
-                    .bind(status.as_str())
-                    .bind(&key.vm_id)
-                    .bind(&key.name)
-                    .execute(&mut *conn)
-                    .await?;
+                conn.prepare_cached("UPDATE regions SET status = ? WHERE vm_id = ? AND name = ?")?
+                    .execute(params![status.as_str(), key.vm_id, key.name])?;
             }
             WriteOp::SaveRequest {
                 request_id,
@@ -186,139 +220,53 @@ async fn apply_ops(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<u
                 fingerprint,
                 response,
             } => {
-                sqlx::query(
+                conn.prepare_cached(
                     "INSERT INTO requests (request_id, method, fingerprint, response, created_unix) VALUES (?,?,?,?,?)",
-                )
-                .bind(request_id)
-                .bind(*method)
-                .bind(fingerprint)
-                .bind(response)
-                .bind(unix_now())
-                .execute(&mut *conn)
-                .await?;
+                )?
+                .execute(params![request_id, method, fingerprint, response, unix_now()])?;
             }
             WriteOp::InitMeta { key, value } => {
-                sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)")
-                    .bind(key)
-                    .bind(value)
-                    .execute(&mut *conn)
-                    .await?;
+                conn.prepare_cached("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)")?
+                    .execute(params![key, value])?;
             }
-            WriteOp::AppendEvent(first) => {
-                // A run of events (recovery appends thousands) goes as one multi-row INSERT.
-                let mut run = vec![first];
-                while run.len() < EVENTS_PER_INSERT
-                    && let Some((WriteOp::AppendEvent(e), tail)) = rest.split_first()
-                {
-                    run.push(e);
-                    rest = tail;
-                }
-                seqs.extend(append_events(conn, &run).await?);
+            WriteOp::AppendEvent(e) => {
+                conn.prepare_cached(
+                    "INSERT INTO events (time_unix_ms, kind, vm_id, name, message, actor) VALUES (?,?,?,?,?,?)",
+                )?
+                .execute(params![
+                    e.time_unix_ms,
+                    e.kind as i32 as i64,
+                    e.vm_id,
+                    e.name,
+                    e.message,
+                    e.actor,
+                ])?;
+                // `sequence` is the rowid.
+                seqs.push(conn.last_insert_rowid() as u64);
             }
         }
     }
     Ok(seqs)
 }
 
-/// Events written per INSERT statement: 6 parameters each.
-const EVENTS_PER_INSERT: usize = 256;
-
-/// Appends events with one INSERT and returns their sequence numbers in the order given.
-async fn append_events(
-    conn: &mut SqliteConnection,
-    events: &[&Event],
-) -> Result<Vec<u64>, StoreError> {
-    let mut sql = String::from(
-        "INSERT INTO events (time_unix_ms, kind, vm_id, name, message, actor) VALUES ",
-    );
-    sql.push_str(&vec!["(?,?,?,?,?,?)"; events.len()].join(","));
-    sql.push_str(" RETURNING sequence");
-    let mut q = sqlx::query_scalar::<_, i64>(&sql);
-    for e in events {
-        q = q
-            .bind(e.time_unix_ms)
-            .bind(e.kind as i32 as i64)
-            .bind(&e.vm_id)
-            .bind(&e.name)
-            .bind(&e.message)
-            .bind(&e.actor);
-    }
-    // RETURNING gives rows in no set order, but sequences are assigned in VALUES order.
-    let mut seqs: Vec<u64> = q
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|s| s as u64)
-        .collect();
-    seqs.sort_unstable();
-    Ok(seqs)
-}
-
-/// Ranges written per INSERT statement: 9 parameters each, well under SQLite's 32,766.
-const RANGES_PER_INSERT: usize = 256;
-
-async fn insert_ranges(
-    conn: &mut SqliteConnection,
-    key: &RegionKey,
-    ranges: &RangeMap,
-) -> Result<(), StoreError> {
-    write_ranges(conn, key, ranges, false).await
-}
-
-/// Replaces a region's stored ranges: the delete and the first rows go as one query.
-async fn replace_ranges(
-    conn: &mut SqliteConnection,
-    key: &RegionKey,
-    ranges: &RangeMap,
-) -> Result<(), StoreError> {
-    write_ranges(conn, key, ranges, true).await
-}
-
-/// Inserts a region's ranges with multi-row INSERTs (one round trip to the SQLite thread per
-/// [`RANGES_PER_INSERT`] ranges), first deleting its old ones when `replace`.
-async fn write_ranges(
-    conn: &mut SqliteConnection,
-    key: &RegionKey,
-    ranges: &RangeMap,
-    replace: bool,
-) -> Result<(), StoreError> {
-    const INSERT: &str = "INSERT INTO ranges (vm_id, name, offset_bytes, length_bytes, mode, nodes, static_nodes, relative_nodes, placed) VALUES ";
-    const ROW: &str = "(?,?,?,?,?,?,?,?,?)";
-    let all = ranges.ranges();
-    let mut delete_first = replace;
-    for (i, batch) in all.chunks(RANGES_PER_INSERT).enumerate() {
-        let mut sql = String::new();
-        if delete_first && i == 0 {
-            sql.push_str("DELETE FROM ranges WHERE vm_id = ? AND name = ?; ");
-        }
-        sql.push_str(INSERT);
-        sql.push_str(&vec![ROW; batch.len()].join(","));
-        let mut q = sqlx::query(&sql);
-        if delete_first && i == 0 {
-            q = q.bind(&key.vm_id).bind(&key.name);
-            delete_first = false;
-        }
-        for r in batch {
-            q = q
-                .bind(&key.vm_id)
-                .bind(&key.name)
-                .bind(r.offset as i64)
-                .bind(r.length as i64)
-                .bind(r.policy.mode.as_str())
-                .bind(r.policy.nodes.to_string())
-                .bind(r.policy.static_nodes as i64)
-                .bind(r.policy.relative_nodes as i64)
-                .bind(r.placed as i64);
-        }
-        q.execute(&mut *conn).await?;
-    }
-    if delete_first {
-        // No ranges at all (a RangeMap always tiles its region, so this is defensive).
-        sqlx::query("DELETE FROM ranges WHERE vm_id = ? AND name = ?")
-            .bind(&key.vm_id)
-            .bind(&key.name)
-            .execute(&mut *conn)
-            .await?;
+/// Inserts a region's ranges, one execution of a prepared statement each (a call into SQLite on
+/// this thread, so batching them into multi-row statements would save nothing).
+fn insert_ranges(conn: &Connection, key: &RegionKey, ranges: &RangeMap) -> Result<(), StoreError> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO ranges (vm_id, name, offset_bytes, length_bytes, mode, nodes, static_nodes, relative_nodes, placed) VALUES (?,?,?,?,?,?,?,?,?)",
+    )?;
+    for r in ranges.ranges() {
+        insert.execute(params![
+            key.vm_id,
+            key.name,
+            r.offset as i64,
+            r.length as i64,
+            r.policy.mode.as_str(),
+            r.policy.nodes.to_string(),
+            r.policy.static_nodes as i64,
+            r.policy.relative_nodes as i64,
+            r.placed as i64,
+        ])?;
     }
     Ok(())
 }
@@ -342,8 +290,8 @@ mod tests {
             message: format!("event {i}"),
             actor: "test".into(),
         };
-        // More than one INSERT's worth.
-        let n = EVENTS_PER_INSERT + 10;
+        // Recovery appends thousands in one job.
+        let n = 300;
         let seqs = store
             .write((0..n).map(|i| WriteOp::AppendEvent(event(i))).collect())
             .await
@@ -359,5 +307,142 @@ mod tests {
             );
             assert_eq!(e.message, format!("event {i}"));
         }
+    }
+
+    fn meta(key: &str) -> WriteOp {
+        WriteOp::InitMeta {
+            key: key.into(),
+            value: vec![1],
+        }
+    }
+
+    fn request(id: &str) -> WriteOp {
+        WriteOp::SaveRequest {
+            request_id: id.into(),
+            method: "SetPolicy",
+            fingerprint: vec![1],
+            response: vec![2],
+        }
+    }
+
+    fn job(ops: Vec<WriteOp>) -> Job {
+        Job {
+            ops,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    /// One batch, run by the writer's own function on a connection of its own: each job's error
+    /// undoes only that job, and the jobs around it commit.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failing_job_undoes_only_its_own_savepoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
+        let conn = open_writer(&path, Duration::from_secs(1)).unwrap();
+        // A commit is durable when COMMIT returns (FULL = 2), and ranges follow their region.
+        let pragma = |name: &str| -> i64 {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma("synchronous"), 2);
+        assert_eq!(pragma("foreign_keys"), 1);
+        let unknown = RegionKey::parse("vm", "r").unwrap();
+        let jobs = vec![
+            job(vec![meta("a")]),
+            job(vec![request("x")]),
+            // The same request id again: a conflict, and its first op is undone with it.
+            job(vec![meta("c"), request("x")]),
+            // A region that is not stored.
+            job(vec![
+                meta("d"),
+                WriteOp::SaveRanges {
+                    key: unknown,
+                    generation: 2,
+                    ranges: RangeMap::new(4096),
+                },
+            ]),
+            job(vec![meta("e")]),
+        ];
+        let results = commit_batch(&conn, &jobs);
+        assert_eq!(results.len(), 5);
+        assert!(results[0].is_ok() && results[1].is_ok() && results[4].is_ok());
+        assert!(
+            matches!(results[2], Err(StoreError::Conflict)),
+            "{:?}",
+            results[2]
+        );
+        assert!(
+            matches!(results[3], Err(StoreError::Corrupt(_))),
+            "{:?}",
+            results[3]
+        );
+        for (key, stored) in [("a", true), ("c", false), ("d", false), ("e", true)] {
+            assert_eq!(
+                store.meta(key).await.unwrap().is_some(),
+                stored,
+                "meta {key}"
+            );
+        }
+        assert_eq!(store.counts().await.unwrap().0, 1, "one request record");
+    }
+
+    /// An SQL error other than a job's own conflict fails every job of the batch, those before it
+    /// included, and nothing of the batch is written.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_sql_error_fails_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
+        let conn = open_writer(&path, Duration::from_secs(1)).unwrap();
+        conn.execute_batch(
+            "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, generation, strategy, created_unix, status) \
+             VALUES ('vm', 'r', 'u', 'memfd', 4096, 1, 'shared-policy', 0, 'active')",
+        )
+        .unwrap();
+        let key = RegionKey::parse("vm", "r").unwrap();
+        let jobs = vec![
+            job(vec![meta("a"), request("x")]),
+            // Generation 0 breaks the table's CHECK: not this job's own conflict.
+            job(vec![WriteOp::SaveRanges {
+                key,
+                generation: 0,
+                ranges: RangeMap::new(4096),
+            }]),
+            job(vec![meta("c")]),
+        ];
+        let results = commit_batch(&conn, &jobs);
+        assert_eq!(results.len(), 3);
+        assert!(
+            results.iter().all(|r| matches!(r, Err(StoreError::Sql(_)))),
+            "{results:?}"
+        );
+        for key in ["a", "c"] {
+            assert!(store.meta(key).await.unwrap().is_none(), "meta {key}");
+        }
+        assert_eq!(store.counts().await.unwrap().0, 0, "no request record");
+        // The connection is usable again: the next batch commits.
+        assert!(commit_batch(&conn, &[job(vec![meta("f")])])[0].is_ok());
+        assert!(store.meta("f").await.unwrap().is_some());
+    }
+
+    /// A lock another connection holds past the busy timeout fails every job, and they are
+    /// answered `Locked`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_held_lock_fails_every_job_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
+        let conn = open_writer(&path, Duration::from_millis(50)).unwrap();
+        let other = open_writer(&path, Duration::from_millis(50)).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let jobs = vec![job(vec![meta("a")]), job(vec![meta("b")])];
+        let results = commit_batch(&conn, &jobs);
+        assert!(
+            results.iter().all(|r| matches!(r, Err(StoreError::Locked))),
+            "{results:?}"
+        );
+        other.execute_batch("ROLLBACK").unwrap();
+        assert!(store.meta("a").await.unwrap().is_none());
     }
 }
