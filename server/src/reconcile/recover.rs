@@ -49,6 +49,10 @@ impl Writes {
     }
 }
 
+/// Regions handed to the recovering thread at a time: each hand-off may wake it, and under load
+/// a wake-up waits for a CPU.
+const RECOVER_CHUNK: usize = 64;
+
 /// A stored region's file found again (or made anew), or the region without one.
 enum FileBack {
     Found(RegionIntent, RegionFile),
@@ -67,25 +71,28 @@ impl Agent {
     /// Loads every stored region and brings it back (see the module docs), then commits what
     /// recovery found with `last`, the event that ends it, in one transaction.
     ///
-    /// Loading and bringing back overlap: a blocking thread brings each region back as soon as
-    /// SQLite has read it, while the rest load. When loading fails part way, the regions already
-    /// sent are finished (nothing is written) and the error is returned.
+    /// Loading and bringing back overlap: a blocking thread brings regions back, in chunks of
+    /// [`RECOVER_CHUNK`], as soon as SQLite has read them, while the rest load. When loading
+    /// fails part way, the regions already sent are finished (nothing is written) and the error
+    /// is returned.
     pub(crate) async fn recover(self: &Arc<Self>, last: Event) -> Result<(), AgentError> {
         use tokio_stream::StreamExt;
         type Vm = Option<Result<Arc<GuestMemfdVm>, AgentError>>;
-        let (tx, rx) = std::sync::mpsc::channel::<(RegionIntent, Vm)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<(RegionIntent, Vm)>>();
         let agent = self.clone();
         let worker = tokio::task::spawn_blocking(move || {
             let mut writes = Writes::default();
             let mut holders = Holders::default();
             let lives: Vec<LiveRegion> = rx
                 .into_iter()
+                .flatten()
                 .map(|(intent, vm)| agent.recover_one(intent, vm, &mut holders, &mut writes))
                 .collect();
             (lives, writes)
         });
         let loaded = async {
             let mut stored = std::pin::pin!(self.store.stream_regions());
+            let mut batch = Vec::with_capacity(RECOVER_CHUNK);
             while let Some(intent) = stored.next().await {
                 let intent = intent?;
                 // A recreated guest_memfd needs its VM; creating one is the only async step.
@@ -95,10 +102,14 @@ impl Agent {
                     }
                     _ => None,
                 };
-                if tx.send((intent, vm)).is_err() {
+                batch.push((intent, vm));
+                if batch.len() >= RECOVER_CHUNK && tx.send(std::mem::take(&mut batch)).is_err() {
                     // The worker is gone; joining it below says why.
                     break;
                 }
+            }
+            if !batch.is_empty() {
+                let _ = tx.send(batch);
             }
             Ok::<(), AgentError>(())
         }
