@@ -210,19 +210,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     drained
 }
 
-/// Opens the state database, probes the kernel, and starts the engine, which recovers every
-/// region before anything listens.
+/// Opens the state database and probes the kernel (at the same time: the probes create files
+/// and a KVM VM on a blocking thread while SQLite opens and checks the database), then starts the
+/// engine, which recovers every region before anything listens. The metrics' region gauges are
+/// not filled here: every /metrics scrape refreshes them first.
 async fn start_agent(
     cfg: &Config,
     db: &Path,
     metrics: &Arc<Metrics>,
 ) -> Result<Arc<Agent>, AppError> {
-    let mut store = Store::open(db, Duration::from_secs(5)).await?;
-    let m = metrics.clone();
-    store.set_commit_observer(move |took, jobs| m.observe_commit(took, jobs));
     let topology = TopologyReader::host();
     let usable: Vec<u32> = topology.read().usable.iter().collect();
-    let caps = caps::probe(usable).await?;
+    let (store, caps) = tokio::join!(Store::open(db, Duration::from_secs(5)), caps::probe(usable));
+    let mut store = store?;
+    let caps = caps?;
+    let m = metrics.clone();
+    store.set_commit_observer(move |took, jobs| m.observe_commit(took, jobs));
     let limits = Limits {
         max_regions: cfg.max_regions,
         max_ranges_per_region: cfg.max_ranges_per_region,
@@ -230,7 +233,6 @@ async fn start_agent(
         force_strategy: cfg.forced_strategy()?,
     };
     let agent = Agent::start(store, caps, topology, limits).await?;
-    metrics.refresh_regions(&agent).await;
     Ok(agent)
 }
 
@@ -263,13 +265,12 @@ mod tests {
     use crate::config::MetricsAddr;
     use std::os::unix::net::UnixStream;
 
-    /// Whether a thread of this process has the name `name`.
+    /// Whether a thread of this process has the name `name`. A thread that ends between the
+    /// directory read and its `comm` read (other tests' blocking threads come and go) is skipped.
     fn thread_named(name: &str) -> bool {
         std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
             std::fs::read_to_string(t.unwrap().path().join("comm"))
-                .unwrap()
-                .trim()
-                == name
+                .is_ok_and(|comm| comm.trim() == name)
         })
     }
 

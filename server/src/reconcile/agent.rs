@@ -109,7 +109,7 @@ pub const AGENT_ACTOR: &str = "agent";
 
 impl Agent {
     /// Builds the engine from an open store and probed capabilities, then recovers every stored
-    /// region (see [`Agent::recover`]).
+    /// region (see [`Agent::recover`]) and records that the agent started.
     pub async fn start(
         store: Store,
         caps: Capabilities,
@@ -137,15 +137,14 @@ impl Agent {
             tokens: TokenKey::new(&secret),
             counters: AgentCounters::default(),
         });
-        agent.recover().await?;
-        agent
-            .emit(
-                EventKind::AgentStarted,
-                None,
-                "agent started".into(),
-                AGENT_ACTOR,
-            )
-            .await?;
+        // The AGENT_STARTED event is committed with recovery's own writes: one commit.
+        let started = event(
+            EventKind::AgentStarted,
+            None,
+            "agent started".into(),
+            AGENT_ACTOR,
+        );
+        agent.recover(started).await?;
         Ok(agent)
     }
 

@@ -424,8 +424,19 @@ pub(crate) fn apply_range(
     (moved, failed)
 }
 
-/// Applies every shared-policy range of a live region through its mapping. Returns the number
-/// applied. Blocking.
+/// Applies every shared-policy range of a live region. Returns the number applied. Blocking.
+///
+/// Every range is bound in order of offset through one fresh mapping of the whole file (one
+/// mmap for the region instead of one window per range; a restart binds 16,000 ranges). That is
+/// as exact as a window per range (see [`bind_file_range`]), because on a fresh mapping:
+/// - the range's part of the mapping has no policy of its own yet, so mbind never skips it;
+/// - mbind can merge the range only with a neighbour of equal policy: a lower range this call
+///   just bound to that same policy (re-set to it, atomically), never the unbound rest above,
+///   whose policy is none. A DEFAULT range is the exception: its bind ends on none, which would
+///   merge with the unbound rest and clear the file's policy there until those ranges are bound,
+///   so it gets a window of its own.
+///
+/// Where the whole file cannot be mapped, each range falls back to a window of its own.
 pub(crate) fn apply_all(live: &mut LiveRegion) -> u32 {
     if live.intent.strategy != Strategy::SharedPolicy {
         return 0;
@@ -434,10 +445,16 @@ pub(crate) fn apply_all(live: &mut LiveRegion) -> u32 {
         return 0;
     };
     let fd = file.fd.as_fd();
+    let binder = Mapping::new(fd, live.intent.size_bytes).ok();
     let mut n = 0;
     for r in live.intent.ranges.ranges() {
-        let bound = Mapping::window(fd, r.offset, r.length)
-            .and_then(|w| bind_file_range(&w, r.offset, r.length, &r.policy, 0));
+        let bound = match &binder {
+            Some(b) if r.policy.mode != PolicyMode::Default => {
+                bind_file_range(b, r.offset, r.length, &r.policy, 0)
+            }
+            _ => Mapping::window(fd, r.offset, r.length)
+                .and_then(|w| bind_file_range(&w, r.offset, r.length, &r.policy, 0)),
+        };
         match bound {
             Ok(()) => {
                 live.errors.remove(&r.offset);

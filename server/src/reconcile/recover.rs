@@ -1,7 +1,8 @@
 //! Bringing regions back when the agent starts. The memory outlives the agent only while some
 //! process (a VMM) holds the file, so each region's fd is taken back from its recorded holder with
-//! pidfd_getfd; then the agent maps it again, re-binds every range from intent, and verifies the
-//! binding through a different, fresh mapping.
+//! pidfd_getfd; then the agent maps it again, re-binds every range from intent (through one
+//! fresh mapping of the whole file, see [`apply_all`]), and verifies the binding through another
+//! mapping, its own.
 //!
 //! Only the last holder is recorded. When it is gone, every other process is searched for the
 //! file (by inode in /proc/PID/fdinfo, confirmed by (st_dev, st_ino) on the fd taken): an earlier
@@ -16,7 +17,7 @@
 //! creator, so a VM fd from a holder (or the dead agent's own VM) would be of no use here.
 
 use super::agent::event;
-use super::plan::{FileKernel, Recovery, find_drift, plan_recovery};
+use super::plan::{FileKernel, Recovery, find_drift, find_drift_at_ends, plan_recovery};
 use super::policy::apply_all;
 use super::regions::create_file;
 use super::{Agent, AgentError, LiveRegion, RegionFile};
@@ -48,6 +49,10 @@ impl Writes {
     }
 }
 
+/// Regions handed to the recovering thread at a time: each hand-off may wake it, and under load
+/// a wake-up waits for a CPU.
+const RECOVER_CHUNK: usize = 64;
+
 /// A stored region's file found again (or made anew), or the region without one.
 enum FileBack {
     Found(RegionIntent, RegionFile),
@@ -63,38 +68,68 @@ struct Holders {
 }
 
 impl Agent {
-    /// Loads every stored region and brings it back (see the module docs).
-    pub(crate) async fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
-        let stored = self.store.load_regions().await?;
-        // A recreated guest_memfd needs its VM; creating one is the only async step.
-        let mut regions = Vec::with_capacity(stored.len());
-        for intent in stored {
-            let vm = match (plan_recovery(&intent), intent.backend) {
-                (Recovery::Recreate, Backend::GuestMemfd) => {
-                    Some(self.vm_for(&intent.key.vm_id).await)
-                }
-                _ => None,
-            };
-            regions.push((intent, vm));
-        }
+    /// Loads every stored region and brings it back (see the module docs), then commits what
+    /// recovery found with `last`, the event that ends it, in one transaction.
+    ///
+    /// Loading and bringing back overlap: a blocking thread brings regions back, in chunks of
+    /// [`RECOVER_CHUNK`], as soon as SQLite has read them, while the rest load. When loading
+    /// fails part way, the regions already sent are finished (nothing is written) and the error
+    /// is returned.
+    pub(crate) async fn recover(self: &Arc<Self>, last: Event) -> Result<(), AgentError> {
+        use tokio_stream::StreamExt;
+        type Vm = Option<Result<Arc<GuestMemfdVm>, AgentError>>;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<(RegionIntent, Vm)>>();
         let agent = self.clone();
-        let (lives, writes) = Agent::blocking(move || {
+        let worker = tokio::task::spawn_blocking(move || {
             let mut writes = Writes::default();
             let mut holders = Holders::default();
-            let lives: Vec<LiveRegion> = regions
+            let lives: Vec<LiveRegion> = rx
                 .into_iter()
+                .flatten()
                 .map(|(intent, vm)| agent.recover_one(intent, vm, &mut holders, &mut writes))
                 .collect();
             (lives, writes)
-        })
-        .await?;
+        });
+        let loaded = async {
+            let mut stored = std::pin::pin!(self.store.stream_regions());
+            let mut batch = Vec::with_capacity(RECOVER_CHUNK);
+            while let Some(intent) = stored.next().await {
+                let intent = intent?;
+                // A recreated guest_memfd needs its VM; creating one is the only async step.
+                let vm = match (plan_recovery(&intent), intent.backend) {
+                    (Recovery::Recreate, Backend::GuestMemfd) => {
+                        Some(self.vm_for(&intent.key.vm_id).await)
+                    }
+                    _ => None,
+                };
+                batch.push((intent, vm));
+                if batch.len() >= RECOVER_CHUNK && tx.send(std::mem::take(&mut batch)).is_err() {
+                    // The worker is gone; joining it below says why.
+                    break;
+                }
+            }
+            if !batch.is_empty() {
+                let _ = tx.send(batch);
+            }
+            Ok::<(), AgentError>(())
+        }
+        .await;
+        drop(tx);
+        let (lives, writes) = worker.await.map_err(|e| {
+            AgentError::Internal(format!(
+                "recovering regions on a blocking thread failed: {e}"
+            ))
+        })?;
+        loaded?;
         {
             let mut map = self.regions.lock();
             for live in lives {
                 map.insert(live.intent.key.clone(), Arc::new(RwLock::new(live)));
             }
         }
-        self.commit(writes.ops, writes.events).await?;
+        let mut events = writes.events;
+        events.push(last);
+        self.commit(writes.ops, events).await?;
         // The stored rows and the recovery's ops are gone now; give their heap back.
         kernel::release_free_heap();
         Ok(())
@@ -240,6 +275,7 @@ impl Agent {
             live.file.as_ref(),
             live.intent.size_bytes,
             live.intent.ranges.ranges(),
+            &live.errors,
             page,
         );
         let (kind, message) = match checked {
@@ -351,26 +387,42 @@ fn fileless(intent: RegionIntent, why: &str) -> LiveRegion {
     live
 }
 
-/// Reads every range's policy back through a new, separate mapping of the file. Returns each
-/// range that does not match (its offset and why), or why nothing could be read.
+/// Reads every range's policy back through a mapping other than the one it was bound through:
+/// the agent's own mapping of the file, made when the file came back and never bound through (a
+/// new one where the file has none). A range whose mbind just succeeded over its whole span
+/// (`errors` has no entry for it) is read at its first and last page, as SetPolicy's answer reads
+/// a range it just bound; any other range is sampled in full ([`find_drift`]). Returns each range
+/// that does not match (its offset and why), or why nothing could be read.
 fn verify_fresh(
     file: Option<&RegionFile>,
     size_bytes: u64,
     ranges: &[RangeIntent],
+    errors: &HashMap<u64, String>,
     page: u64,
 ) -> Result<Vec<(u64, String)>, String> {
     let file = file.ok_or_else(|| "the region has no file".to_string())?;
-    let fresh = Mapping::new(file.fd.as_fd(), size_bytes)
-        .map_err(|e| format!("mapping the file a second time failed: {}", e.desc()))?;
+    let fresh;
+    let mapping = match &file.mapping {
+        Some(m) => m,
+        None => {
+            fresh = Mapping::new(file.fd.as_fd(), size_bytes)
+                .map_err(|e| format!("mapping the file a second time failed: {}", e.desc()))?;
+            &fresh
+        }
+    };
+    let k = FileKernel {
+        fd: file.fd.as_fd(),
+        mapping: Some(mapping),
+        page,
+    };
     Ok(ranges
         .iter()
         .filter_map(|r| {
-            let k = FileKernel {
-                fd: file.fd.as_fd(),
-                mapping: Some(&fresh),
-                page,
-            };
-            let d = find_drift(&k, r, page)?;
+            let d = if errors.contains_key(&r.offset) {
+                find_drift(&k, r, page)
+            } else {
+                find_drift_at_ends(&k, r, page)
+            }?;
             Some((
                 r.offset,
                 format!(
@@ -424,7 +476,7 @@ mod tests {
         let page = kernel::page_size();
         let ranges = RangeMap::new(page);
         let ranges = ranges.ranges();
-        assert!(verify_fresh(None, page, ranges, page).is_err());
+        assert!(verify_fresh(None, page, ranges, &HashMap::new(), page).is_err());
         // A pipe cannot be mapped.
         let (rd, _wr) = nix::unistd::pipe().unwrap();
         let file = RegionFile {
@@ -432,7 +484,7 @@ mod tests {
             mapping: None,
             vm: None,
         };
-        let e = verify_fresh(Some(&file), page, ranges, page).unwrap_err();
+        let e = verify_fresh(Some(&file), page, ranges, &HashMap::new(), page).unwrap_err();
         assert!(e.contains("mapping the file a second time failed"), "{e}");
     }
 
@@ -451,15 +503,135 @@ mod tests {
             mapping: None,
             vm: None,
         };
-        let bad = verify_fresh(Some(&file), 2 * page, map.ranges(), page).unwrap();
+        let bad = verify_fresh(Some(&file), 2 * page, map.ranges(), &HashMap::new(), page).unwrap();
         assert_eq!(bad.len(), 1, "{bad:?}");
         assert!(bad[0].1.contains(&format!("{:#x}", page)), "{bad:?}");
         let w2 = Mapping::window(file.fd.as_fd(), page, page).unwrap();
         w2.mbind(page, page, &bind, 0).unwrap();
         assert!(
-            verify_fresh(Some(&file), 2 * page, map.ranges(), page)
+            verify_fresh(Some(&file), 2 * page, map.ranges(), &HashMap::new(), page)
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    fn policy(mode: PolicyMode, nodes: &[u32]) -> Policy {
+        Policy::new(mode, NodeSet::from_ids(nodes.iter().copied()).unwrap())
+    }
+
+    /// A live memfd region of `pages` pages with these ranges, its file mapped as recovery maps
+    /// it.
+    fn live_memfd(pages: u64, ranges: &[(u64, u64, Policy)]) -> LiveRegion {
+        use crate::domain::{Backend, RegionKey};
+        let page = kernel::page_size();
+        let mut map = RangeMap::new(pages * page);
+        for (first, n, p) in ranges {
+            map.apply(first * page, n * page, *p);
+        }
+        let fd = kernel::create_memfd("apply-all-test", pages * page, None).unwrap();
+        let mapping = Mapping::new(fd.as_fd(), pages * page).ok();
+        LiveRegion {
+            intent: RegionIntent {
+                key: RegionKey::parse("vm", "r").unwrap(),
+                uid: "uid".into(),
+                backend: Backend::Memfd,
+                size_bytes: pages * page,
+                hugepage_size_bytes: 0,
+                generation: 1,
+                strategy: Strategy::SharedPolicy,
+                ranges: map,
+                created_unix: 0,
+                status: RegionStatus::Active,
+                holder: None,
+                file_id: None,
+                adopted: false,
+            },
+            file: Some(RegionFile {
+                fd,
+                mapping,
+                vm: None,
+            }),
+            errors: HashMap::new(),
+        }
+    }
+
+    /// Recovery binds a region's ranges through one mapping of the whole file. Each range ends at
+    /// its intent, read at every page through another mapping, over a policy a VMM set before;
+    /// a DEFAULT range next to ranges not bound yet clears nothing but itself, so a range whose
+    /// bind then fails keeps the policy it had (and names its error) rather than losing it.
+    #[test]
+    fn apply_all_binds_each_range_exactly_through_one_mapping() {
+        let page = kernel::page_size();
+        let preferred = policy(PolicyMode::Preferred, &[0]);
+        let interleave = policy(PolicyMode::Interleave, &[0]);
+        // Node 1000 exists on no test machine: mbind refuses it.
+        let unbindable = policy(PolicyMode::Bind, &[1000]);
+        let mut live = live_memfd(
+            6,
+            &[
+                (0, 1, Policy::DEFAULT),
+                (1, 1, unbindable),
+                (2, 1, interleave),
+                (3, 1, Policy::DEFAULT),
+                (4, 2, policy(PolicyMode::Bind, &[0])),
+            ],
+        );
+        // What the file held before the restart, set through the VMM's mapping.
+        let fd = live.file.as_ref().unwrap().fd.as_fd();
+        let vmm = Mapping::new(fd, 6 * page).unwrap();
+        vmm.mbind(0, 6 * page, &preferred, 0).unwrap();
+        let total = live.intent.ranges.ranges().len() as u32;
+        assert_eq!(apply_all(&mut live), total - 1);
+        assert_eq!(live.errors.keys().copied().collect::<Vec<_>>(), vec![page]);
+        assert!(
+            live.errors[&page].starts_with("mbind: "),
+            "{:?}",
+            live.errors
+        );
+        let other = Mapping::new(live.file.as_ref().unwrap().fd.as_fd(), 6 * page).unwrap();
+        let seen: Vec<Option<Policy>> =
+            (0..6).map(|i| other.policy_at(i * page).unwrap()).collect();
+        let bind0 = policy(PolicyMode::Bind, &[0]);
+        assert_eq!(
+            seen,
+            [
+                Policy::DEFAULT,
+                preferred,
+                interleave,
+                Policy::DEFAULT,
+                bind0,
+                bind0
+            ]
+            .map(Some)
+            .to_vec()
+        );
+    }
+
+    /// A range recovery just bound without an error is read back at its first and last page, as
+    /// SetPolicy's answer reads one; a range whose bind failed is sampled at every point.
+    #[test]
+    fn verify_fresh_reads_a_range_bound_without_error_at_its_ends() {
+        let page = kernel::page_size();
+        let bind0 = policy(PolicyMode::Bind, &[0]);
+        let live = live_memfd(3, &[(0, 3, bind0)]);
+        let fd = live.file.as_ref().unwrap().fd.as_fd();
+        let w = Mapping::window(fd, 0, 3 * page).unwrap();
+        w.mbind(0, 3 * page, &bind0, 0).unwrap();
+        let w2 = Mapping::window(fd, page, page).unwrap();
+        w2.mbind(page, page, &policy(PolicyMode::Preferred, &[0]), 0)
+            .unwrap();
+        let ranges = live.intent.ranges.ranges();
+        let no_errors = HashMap::new();
+        assert_eq!(
+            verify_fresh(live.file.as_ref(), 3 * page, ranges, &no_errors, page).unwrap(),
+            vec![]
+        );
+        let failed = HashMap::from([(0, "mbind: EINVAL".to_string())]);
+        let bad = verify_fresh(live.file.as_ref(), 3 * page, ranges, &failed, page).unwrap();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(
+            bad[0].1.contains(&format!("at offset {page:#x}")),
+            "{bad:?}"
         );
     }
 }

@@ -336,22 +336,30 @@ impl Store {
     /// a row per range (16,000 for 1,000 regions) made loading most of a restart's time, as each
     /// row is a message from sqlx's SQLite thread.
     pub async fn load_regions(&self) -> Result<Vec<RegionIntent>, StoreError> {
-        let rows = sqlx::query(
+        use tokio_stream::StreamExt;
+        self.stream_regions().collect().await
+    }
+
+    /// [`Store::load_regions`] one region at a time, in the same order, as SQLite reads them: a
+    /// restart starts on the first regions while the rest load.
+    pub fn stream_regions(
+        &self,
+    ) -> impl tokio_stream::Stream<Item = Result<RegionIntent, StoreError>> + Send + '_ {
+        use tokio_stream::StreamExt;
+        sqlx::query(
             "SELECT r.*, (SELECT json_group_array(json_array(g.offset_bytes, g.length_bytes, g.mode, g.nodes, g.static_nodes, g.relative_nodes, g.placed)) FROM ranges g WHERE g.vm_id = r.vm_id AND g.name = r.name) AS ranges_json FROM regions r ORDER BY r.vm_id, r.name",
         )
-        .fetch_all(&self.readers)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let (vm_id, name): (String, String) = (row.try_get("vm_id")?, row.try_get("name")?);
-                let key = RegionKey::parse(&vm_id, &name)
-                    .map_err(|e| StoreError::Corrupt(format!("region {vm_id}/{name}: {e}")))?;
-                let json: String = row.try_get("ranges_json")?;
-                let ranges = ranges_from_json(&json)
-                    .map_err(|e| StoreError::Corrupt(format!("region {key}: ranges: {e}")))?;
-                region_from_row(row, key, ranges)
-            })
-            .collect()
+        .fetch(&self.readers)
+        .map(|row| {
+            let row = row?;
+            let (vm_id, name): (String, String) = (row.try_get("vm_id")?, row.try_get("name")?);
+            let key = RegionKey::parse(&vm_id, &name)
+                .map_err(|e| StoreError::Corrupt(format!("region {vm_id}/{name}: {e}")))?;
+            let json: String = row.try_get("ranges_json")?;
+            let ranges = ranges_from_json(&json)
+                .map_err(|e| StoreError::Corrupt(format!("region {key}: ranges: {e}")))?;
+            region_from_row(&row, key, ranges)
+        })
     }
 
     /// The idempotency record of `request_id`.

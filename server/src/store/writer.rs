@@ -445,4 +445,84 @@ mod tests {
         other.execute_batch("ROLLBACK").unwrap();
         assert!(store.meta("a").await.unwrap().is_none());
     }
+
+    /// A run of holder updates in one job (a restart recreates a file per region): every region gets
+    /// its own holder and file identity, a region named twice in the run gets the later one (as
+    /// one statement each would give), and a region not stored is left out, as before.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn holder_updates_in_one_job_each_reach_their_region() {
+        use crate::domain::{Backend, Holder, RegionStatus, Strategy};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let n = 266;
+        let key = |i: usize| RegionKey::parse(&format!("vm{}", i % 7), &format!("r{i}")).unwrap();
+        let inserts = (0..n)
+            .map(|i| {
+                WriteOp::InsertRegion(RegionIntent {
+                    key: key(i),
+                    uid: format!("uid{i}"),
+                    backend: Backend::Memfd,
+                    size_bytes: 4096,
+                    hugepage_size_bytes: 0,
+                    generation: 1,
+                    strategy: Strategy::SharedPolicy,
+                    ranges: RangeMap::new(4096),
+                    created_unix: 0,
+                    status: RegionStatus::Active,
+                    holder: Some(Holder {
+                        pid: 1,
+                        start_time: 1,
+                    }),
+                    file_id: Some((1, 1)),
+                    adopted: false,
+                })
+            })
+            .collect();
+        store.write(inserts).await.unwrap();
+        let holder = |i: usize| {
+            (!i.is_multiple_of(3)).then_some(Holder {
+                pid: 1000 + i as i32,
+                start_time: 2000 + i as u64,
+            })
+        };
+        let mut ops: Vec<WriteOp> = (0..n)
+            .map(|i| WriteOp::SaveHolder {
+                key: key(i),
+                holder: holder(i),
+                file_id: Some((10, 100 + i as u64)),
+            })
+            .collect();
+        // Region 5 again, later in the same run: the later update wins.
+        ops.insert(
+            7,
+            WriteOp::SaveHolder {
+                key: key(5),
+                holder: None,
+                file_id: Some((11, 5)),
+            },
+        );
+        // A region that is not stored changes nothing.
+        ops.insert(
+            9,
+            WriteOp::SaveHolder {
+                key: RegionKey::parse("vm-none", "r").unwrap(),
+                holder: holder(1),
+                file_id: None,
+            },
+        );
+        store.write(ops).await.unwrap();
+        let stored = store.load_regions().await.unwrap();
+        assert_eq!(stored.len(), n);
+        for r in &stored {
+            let i: usize = r.key.name[1..].parse().unwrap();
+            let want = if i == 5 {
+                (None, Some((11, 5)))
+            } else {
+                (holder(i), Some((10, 100 + i as u64)))
+            };
+            assert_eq!((r.holder, r.file_id), want, "region {}", r.key);
+        }
+    }
 }
