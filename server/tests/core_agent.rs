@@ -857,6 +857,69 @@ async fn handoff_tokens_are_per_vm_and_stable() {
     assert_eq!(again, a, "tokens survive a restart");
 }
 
+/// A pass reconciles regions in groups on the blocking pool: with more regions than one group,
+/// every region is still checked, each one's drift found and repaired, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pass_over_many_regions_checks_and_repairs_every_one() {
+    use memplace_client::handoff::Handoff;
+    use memplace_server::domain::{NodeSet, Policy, PolicyMode};
+    use memplace_server::kernel::Mapping;
+    use std::os::fd::AsFd;
+
+    const N: usize = 40;
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let preferred = Policy::new(PolicyMode::Preferred, NodeSet::from_ids([0]).unwrap());
+    let mut theirs = Vec::new();
+    for i in 0..N {
+        let name = format!("r{i}");
+        let created = c
+            .create_region("many", &name, 2 * MIB, pb::Backend::Memfd, vec![])
+            .await
+            .unwrap();
+        c.set_policy("many", &name, 0, 0, policy(M::Bind, &[0]), false)
+            .await
+            .unwrap();
+        let got = Handoff::connect(agent.handoff_socket())
+            .unwrap()
+            .acquire("many", &name, &created.handoff_token)
+            .unwrap();
+        let m = Mapping::new(got.fd.as_fd(), 2 * MIB).unwrap();
+        // Drift a page in the middle of every region through the holder's own mapping.
+        m.mbind(MIB, 4096, &preferred, 0).unwrap();
+        theirs.push((got, m));
+    }
+    let rep = c.reconcile("many").await.unwrap();
+    assert_eq!(
+        (
+            rep.regions_checked,
+            rep.ranges_checked,
+            rep.ranges_drifted,
+            rep.ranges_reapplied,
+            rep.ranges_failed
+        ),
+        (N as u32, N as u32, N as u32, N as u32, 0),
+        "{rep:?}"
+    );
+    for (i, (_, m)) in theirs.iter().enumerate() {
+        assert_eq!(
+            m.policy_at(MIB).unwrap().map(|p| p.mode),
+            Some(PolicyMode::Bind),
+            "region r{i} repaired"
+        );
+    }
+    let rep = c.reconcile("many").await.unwrap();
+    assert_eq!(
+        (
+            rep.regions_checked,
+            rep.ranges_drifted,
+            rep.ranges_reapplied
+        ),
+        (N as u32, 0, N as u32),
+        "{rep:?}"
+    );
+}
+
 /// Someone changes a range's policy through their own mapping of the file: Reconcile finds the
 /// drift and repairs it, and so does setting the same policy again.
 #[tokio::test(flavor = "multi_thread")]

@@ -33,6 +33,10 @@ pub struct ReconcileReport {
     pub unmapped: u32,
 }
 
+/// Regions reconciled in one call on the blocking pool (their locks are held for the call: about
+/// 140 µs a region of 16 ranges).
+const REGIONS_PER_CALL: usize = 16;
+
 impl Agent {
     /// Compares every range's intent with the kernel, reports what drifted, and re-applies
     /// every shared-policy range (see [`plan::plan`]).
@@ -42,20 +46,42 @@ impl Agent {
         actor: &str,
     ) -> Result<ReconcileReport, AgentError> {
         let mut report = ReconcileReport::default();
-        for slot in self.slots(vm_id.map(VmId::as_str)) {
-            report.regions += 1;
-            let live = slot.write_owned().await;
+        let slots = self.slots(vm_id.map(VmId::as_str));
+        let mut next = 0;
+        while next < slots.len() {
+            // Up to REGIONS_PER_CALL regions go to one blocking call (a pass over 1,000 regions
+            // was 1,000 hand-offs to the blocking pool and back). Only the first is waited for:
+            // the rest join only if their lock is free now, so no lock is held while waiting.
+            let mut lives = vec![slots[next].clone().write_owned().await];
+            next += 1;
+            while lives.len() < REGIONS_PER_CALL
+                && let Some(slot) = slots.get(next)
+                && let Ok(live) = slot.clone().try_write_owned()
+            {
+                lives.push(live);
+                next += 1;
+            }
             let (base_page, who) = (self.page, actor.to_string());
-            let (events, r, key, drifts) = Agent::blocking(move || {
-                let mut live = live;
-                let mut r = ReconcileReport::default();
-                let mut drifts = Vec::new();
-                let events = reconcile_region(&mut live, &mut r, &mut drifts, base_page, &who);
-                (events, r, live.intent.key.clone(), drifts)
+            let done = Agent::blocking(move || {
+                lives
+                    .into_iter()
+                    .map(|mut live| {
+                        let mut r = ReconcileReport::default();
+                        let mut drifts = Vec::new();
+                        let events =
+                            reconcile_region(&mut live, &mut r, &mut drifts, base_page, &who);
+                        (events, r, live.intent.key.clone(), drifts)
+                    })
+                    .collect::<Vec<_>>()
             })
             .await?;
-            report.add(&r);
-            self.counters.count_range_drifts(&key, &drifts);
+            let mut events = Vec::new();
+            for (e, r, key, drifts) in done {
+                report.regions += 1;
+                report.add(&r);
+                self.counters.count_range_drifts(&key, &drifts);
+                events.extend(e);
+            }
             if !events.is_empty() {
                 self.commit(vec![], events).await?;
             }
