@@ -143,6 +143,8 @@ fn every_read_command_speaks_table_json_and_yaml() {
     assert_eq!(p["nodes"], serde_json::json!([]), "{p}");
     let pl = ctl(&agent, &["placement", "vm1", "ram0"]).ok();
     assert!(pl.contains("node 0") && pl.contains("100.0%"), "{pl}");
+    // Nobody holds the file: the agent counted in its own window.
+    assert!(pl.contains("counted from  the agent's window"), "{pl}");
     assert!(pl.contains("misplaced            0 pages"), "{pl}");
     let pl = ctl(&agent, &["-o", "json", "placement", "vm1", "ram0"]).json();
     assert_eq!(pl["nodes"][0]["pages"], (16 << 20) / 4096);
@@ -345,6 +347,17 @@ fn hold_is_a_stand_in_vmm() {
     // The touched pages were allocated by the holder's faults, under the region's policy.
     let pl = ctl(&agent, &["-o", "json", "placement", "vmh", "ram0"]).json();
     assert_eq!(pl["nodes"][0]["pages"], (2 << 20) / 4096);
+    // The holder maps the whole file and faulted every allocated page: counted from its page
+    // tables, and the table says so.
+    assert_eq!(pl["ranges"][0]["counted_from_pid"], hold.id(), "{pl}");
+    let table = ctl(&agent, &["placement", "vmh", "ram0"]).ok();
+    assert!(
+        table.contains(&format!(
+            "counted from  the holder's page tables (pid {})",
+            hold.id()
+        )),
+        "{table}"
+    );
     signal(hold.id() as i32, "USR1");
     assert_eq!(lines.wait_for(|l| l.starts_with("pattern")), "pattern ok");
     // A wrong token is refused by the handoff socket: a local error (exit 1) with its code.

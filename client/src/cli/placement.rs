@@ -148,6 +148,9 @@ fn placement_table(span: &SpanArgs, p: &pb::GetPlacementResponse) {
         );
     }
     println!("  not allocated {:>8} pages", p.pages_not_present);
+    if let Some(how) = counted_from(&p.ranges) {
+        println!("  counted from  {how}");
+    }
     if p.ranges.len() > 1 {
         for r in &p.ranges {
             let nodes: Vec<String> = r
@@ -156,7 +159,7 @@ fn placement_table(span: &SpanArgs, p: &pb::GetPlacementResponse) {
                 .map(|n| format!("node {}: {}", n.node, n.pages))
                 .collect();
             let line = format!(
-                "  range {:#x}+{}: {}; {} not allocated, {} misplaced",
+                "  range {:#x}+{}: {}; {} not allocated, {} misplaced{}",
                 r.offset,
                 human(r.length),
                 if nodes.is_empty() {
@@ -165,7 +168,11 @@ fn placement_table(span: &SpanArgs, p: &pb::GetPlacementResponse) {
                     nodes.join(", ")
                 },
                 r.pages_not_present,
-                r.pages_misplaced
+                r.pages_misplaced,
+                match r.counted_from_pid {
+                    0 => String::new(),
+                    pid => format!("; counted from pid {pid}"),
+                }
             );
             if r.pages_misplaced > 0 {
                 println!("{}", alarm(&line));
@@ -205,4 +212,32 @@ pub(crate) async fn reconcile(c: &mut Client, vm: &str, out: Output) -> Result<(
         )
     });
     Ok(())
+}
+
+/// Who counted the allocated pages, for the table: a holder's page tables (its pid), the
+/// agent's own window (read faults), or both for different ranges. `None` when no range has an
+/// allocated page.
+fn counted_from(ranges: &[pb::RangePlacement]) -> Option<String> {
+    let counted: Vec<i32> = ranges
+        .iter()
+        .filter(|r| r.nodes.iter().any(|n| n.pages > 0) || r.pages_unknown > 0)
+        .map(|r| r.counted_from_pid)
+        .collect();
+    let held = counted.iter().filter(|pid| **pid != 0).count();
+    let mut pids: Vec<i32> = counted.iter().copied().filter(|pid| *pid != 0).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let pids = pids
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (held, counted.len()) {
+        (_, 0) => None,
+        (0, _) => Some("the agent's window (read faults of the allocated pages)".into()),
+        (h, n) if h == n => Some(format!("the holder's page tables (pid {pids})")),
+        (h, n) => Some(format!(
+            "the holder's page tables (pid {pids}) for {h} of {n} ranges, the agent's window for the rest"
+        )),
+    }
 }
