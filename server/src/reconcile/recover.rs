@@ -522,30 +522,11 @@ mod tests {
     /// A live memfd region of `pages` pages with these ranges, its file mapped as recovery maps
     /// it.
     fn live_memfd(pages: u64, ranges: &[(u64, u64, Policy)]) -> LiveRegion {
-        use crate::domain::{Backend, RegionKey};
         let page = kernel::page_size();
-        let mut map = RangeMap::new(pages * page);
-        for (first, n, p) in ranges {
-            map.apply(first * page, n * page, *p);
-        }
         let fd = kernel::create_memfd("apply-all-test", pages * page, None).unwrap();
         let mapping = Mapping::new(fd.as_fd(), pages * page).ok();
         LiveRegion {
-            intent: RegionIntent {
-                key: RegionKey::parse("vm", "r").unwrap(),
-                uid: "uid".into(),
-                backend: Backend::Memfd,
-                size_bytes: pages * page,
-                hugepage_size_bytes: 0,
-                generation: 1,
-                strategy: Strategy::SharedPolicy,
-                ranges: map,
-                created_unix: 0,
-                status: RegionStatus::Active,
-                holder: None,
-                file_id: None,
-                adopted: false,
-            },
+            intent: crate::reconcile::plan::contract::memfd_region(pages, ranges),
             file: Some(RegionFile {
                 fd,
                 mapping,

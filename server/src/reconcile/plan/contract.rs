@@ -104,7 +104,8 @@ fn policy(mode: PolicyMode) -> Policy {
     Policy::new(mode, nodes)
 }
 
-fn memfd_region(pages: u64, ranges: &[(u64, u64, Policy)]) -> RegionIntent {
+/// A memfd region's intent of `pages` pages with these ranges (first page, pages, policy).
+pub(crate) fn memfd_region(pages: u64, ranges: &[(u64, u64, Policy)]) -> RegionIntent {
     let page = kernel::page_size();
     let mut map = RangeMap::new(pages * page);
     for (o, l, p) in ranges {

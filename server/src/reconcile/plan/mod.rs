@@ -326,7 +326,7 @@ pub fn plan_migrate(backend: Backend, k: &impl RangeKernel, offset: u64, length:
 }
 
 #[cfg(test)]
-mod contract;
+pub(crate) mod contract;
 #[cfg(test)]
 pub(crate) mod fake;
 mod file;
