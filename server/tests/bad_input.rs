@@ -639,6 +639,7 @@ async fn run(c: &mut Client, call: Call) -> Result<(), tonic::Status> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest_memfd case: run by numa_guest's guest_memfd_cases_run_where_a_kernel_has_guest_memfd, on the host or in a guest whose KVM has guest_memfd"]
 async fn generated_bad_requests_are_refused_and_change_nothing() {
     let agent = AgentProc::start_with(&["--max-message-bytes", "65536"]);
     let mut c = agent.client().await;

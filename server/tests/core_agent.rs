@@ -27,6 +27,7 @@ fn ranges_summary(r: &pb::Region) -> Vec<RangeRow> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest_memfd case: run by numa_guest's guest_memfd_cases_run_where_a_kernel_has_guest_memfd, on the host or in a guest whose KVM has guest_memfd"]
 async fn every_mode_reads_back_from_the_kernel_and_survives_sigkill() {
     let mut agent = AgentProc::start();
     let mut c = agent.client().await;

@@ -142,6 +142,7 @@ async fn drift_in_the_middle_of_a_range_is_seen_reported_and_repaired() {
 /// Task-policy, lost and unmapped ranges are not counted as checked: each is reported as what
 /// it is.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest_memfd case: run by numa_guest's guest_memfd_cases_run_where_a_kernel_has_guest_memfd, on the host or in a guest whose KVM has guest_memfd"]
 async fn reconcile_counts_only_what_it_read_back() {
     let mut agent = AgentProc::start();
     let mut c = agent.client().await;
@@ -215,8 +216,11 @@ async fn reconcile_counts_only_what_it_read_back() {
 /// the kernel shows its pages: punch a hole, and it is no longer applied, whatever the database
 /// remembers.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest_memfd case: run by numa_guest's guest_memfd_cases_run_where_a_kernel_has_guest_memfd, on the host or in a guest whose KVM has guest_memfd"]
 async fn a_task_policy_range_is_applied_only_while_the_kernel_shows_it() {
-    let agent = AgentProc::start();
+    // The task-policy strategy is what a kernel without a guest_memfd shared policy (6.18) gets;
+    // forced here, the case runs the same on a kernel that has one (the 7.x guest).
+    let agent = AgentProc::start_with(&["--force-strategy", "task-policy"]);
     let mut c = agent.client().await;
     let size = 16 * MIB;
     let created = c
@@ -233,7 +237,7 @@ async fn a_task_policy_range_is_applied_only_while_the_kernel_shows_it() {
     assert_eq!(
         r.strategy(),
         pb::Strategy::TaskPolicy,
-        "this test needs a kernel without a guest_memfd shared policy (6.18 here)"
+        "the forced strategy"
     );
     assert_eq!(r.ranges[0].state(), pb::RangeState::Pending, "{r:?}");
     c.populate(
@@ -355,6 +359,7 @@ fn take_agents_vm_fd(agent: &AgentProc) -> OwnedFd {
 /// attach_vm whose audit event cannot be written is refused, and nothing is attached; once the
 /// database is writable the same attach succeeds and is recorded.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest_memfd case: run by numa_guest's guest_memfd_cases_run_where_a_kernel_has_guest_memfd, on the host or in a guest whose KVM has guest_memfd"]
 async fn a_vm_attach_without_its_audit_event_is_refused() {
     let agent = AgentProc::start();
     let mut c = agent.client().await;

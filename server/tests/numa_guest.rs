@@ -32,6 +32,10 @@ const LOG_TAIL_LINES: usize = 60;
 static GUEST_LOCK: Mutex<()> = Mutex::new(());
 static KERNELS: OnceLock<Result<Kernels, String>> = OnceLock::new();
 
+/// The guest_memfd cases of the whole suite, run on the host or in the newest-kernel guest.
+#[path = "numa/gmem_cases.rs"]
+mod gmem_cases;
+
 #[test]
 fn lts_kernel_with_two_nodes() {
     run_guest(&Guest {
@@ -649,9 +653,23 @@ fn run_guest(guest: &Guest) {
     );
 }
 
+/// What a guest carries besides the scenario's defaults.
+#[derive(Default)]
+struct Payload {
+    /// Extra arguments to build-initramfs.sh (before OUT), e.g. another `--scenario`.
+    build_args: Vec<std::ffi::OsString>,
+    /// Memory per node, MiB, instead of the default.
+    node_mb: Option<u32>,
+}
+
 /// Builds the guest's initramfs, boots it with `append` added to the kernel command line, and
 /// reads its serial log.
 fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
+    boot_guest_with(guest, append, &Payload::default())
+}
+
+/// [`boot_guest`] with a [`Payload`].
+fn boot_guest_with(guest: &Guest, append: &str, payload: &Payload) -> GuestRun {
     let _one_at_a_time = GUEST_LOCK
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -668,7 +686,10 @@ fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
         ),
     };
     let nodes = env_number("MEMPLACE_NUMA_NODES").unwrap_or(guest.nodes);
-    let node_mb = env_number("MEMPLACE_NUMA_NODE_MB").unwrap_or(DEFAULT_NODE_MB);
+    let node_mb = payload
+        .node_mb
+        .or_else(|| env_number("MEMPLACE_NUMA_NODE_MB"))
+        .unwrap_or(DEFAULT_NODE_MB);
     let (memplaced, memplacectl, test_vmm) = memplace_binaries();
 
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -698,6 +719,7 @@ fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
             build.arg("--file").arg(file);
         }
     }
+    build.args(&payload.build_args);
     run_script(build.arg(&initramfs), "build-initramfs.sh");
 
     let started = Instant::now();

@@ -642,6 +642,7 @@ fn check(vmm: &mut HolderProc) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest_memfd case: run by numa_guest's guest_memfd_cases_run_where_a_kernel_has_guest_memfd, on the host or in a guest whose KVM has guest_memfd"]
 async fn guest_memfds_and_a_memfd_mapped_without_an_fd_are_attached_and_recovered() {
     let mut vmm = gmem_vmm();
     let vpid = vmm.pid();

@@ -9,6 +9,9 @@
 #   --bin FILE       a binary for /usr/bin, debug info stripped (repeatable)
 #   --file FILE      a file copied to the same absolute path (symlinks followed); a shared object's
 #                    libraries come along as for --bin (repeatable; e.g. QEMU's firmware and modules)
+#   --exe FILE       an executable copied to the same absolute path, debug info stripped, with its
+#                    libraries (repeatable; e.g. test binaries that find memplaced by its build path)
+#   --data FILE      a file copied to /lib/memplace-test/ under its own name (repeatable)
 #   OUT              the uncompressed newc cpio archive to write
 set -euo pipefail
 
@@ -17,6 +20,8 @@ SCENARIO=$HERE/scenario.sh
 MODULES=""
 BINS=()
 FILES=()
+EXES=()
+DATA=()
 
 die() { echo "build-initramfs: ERROR: $*" >&2; exit 1; }
 
@@ -26,11 +31,13 @@ while [ $# -gt 0 ]; do
         --modules) MODULES=$2; shift 2 ;;
         --bin) BINS+=("$2"); shift 2 ;;
         --file) FILES+=("$2"); shift 2 ;;
+        --exe) EXES+=("$2"); shift 2 ;;
+        --data) DATA+=("$2"); shift 2 ;;
         -*) die "unknown option $1" ;;
         *) break ;;
     esac
 done
-[ $# -eq 1 ] || die "usage: $0 [--scenario FILE] [--modules DIR] [--bin FILE]... [--file FILE]... OUT"
+[ $# -eq 1 ] || die "usage: $0 [--scenario FILE] [--modules DIR] [--bin FILE]... [--file FILE]... [--exe FILE]... [--data FILE]... OUT"
 OUT=$1
 
 BUSYBOX=/bin/busybox
@@ -85,6 +92,17 @@ for file in "${FILES[@]}"; do
         mkdir -p "$STAGE$(dirname "$file")"
         cp -L "$file" "$STAGE$file"
     fi
+done
+
+for exe in "${EXES[@]}"; do
+    case $exe in
+        /*) copy_with_libs "$exe" "$STAGE$exe" ;;
+        *) die "--exe needs an absolute path: $exe" ;;
+    esac
+done
+for file in "${DATA[@]}"; do
+    [ -f "$file" ] || die "no file $file"
+    cp -L "$file" "$STAGE/lib/memplace-test/$(basename "$file")"
 done
 
 if [ -n "$MODULES" ]; then

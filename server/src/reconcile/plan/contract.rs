@@ -295,6 +295,7 @@ fn migrate_contract_on_the_fake_kernel() {
 }
 
 #[test]
+#[ignore = "guest_memfd case: run by numa_guest's guest_memfd_cases_run_where_a_kernel_has_guest_memfd, on the host or in a guest whose KVM has guest_memfd"]
 fn migrate_contract_on_the_real_kernel() {
     migrate_contract(&Real);
 }
