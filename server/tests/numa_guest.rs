@@ -35,6 +35,9 @@ static KERNELS: OnceLock<Result<Kernels, String>> = OnceLock::new();
 /// The guest_memfd cases of the whole suite, run on the host or in the newest-kernel guest.
 #[path = "numa/gmem_cases.rs"]
 mod gmem_cases;
+/// What memplace does on each kernel of the matrix, checked against README.
+#[path = "numa/kernel_matrix.rs"]
+mod kernel_matrix;
 
 #[test]
 fn lts_kernel_with_two_nodes() {
@@ -518,6 +521,12 @@ const SCENARIO_CHECKS: &[CheckGroup] = &[
             "nested-qemu-reconcile",
             "nested-qemu-drift-event",
             "nested-qemu-repaired",
+            "nested-qemu-attach-start",
+            "nested-qemu-attach-before-node0",
+            "nested-qemu-attach",
+            "nested-qemu-attach-migrate",
+            "nested-qemu-attach-numa-maps-node{last}",
+            "nested-qemu-attach-placement-node{last}",
         ],
     },
 ];
@@ -583,7 +592,10 @@ fn failure_name(failure: &str) -> &str {
     failure.split_whitespace().next().unwrap_or_default()
 }
 
+#[derive(Clone, Copy)]
 enum KernelKind {
+    /// Debian 12's default 6.1 cloud kernel: no guest_memfd.
+    Old,
     /// The newest Debian 6.12 cloud kernel: no shared policy on guest_memfd.
     Lts,
     /// The newest Debian cloud kernel from 6.19 on, with its KVM modules.
@@ -599,8 +611,12 @@ struct Guest {
 
 /// What `fetch-kernels.sh` prints.
 struct Kernels {
+    old_version: String,
+    old_vmlinuz: PathBuf,
+    old_modules: PathBuf,
     lts_version: String,
     lts_vmlinuz: PathBuf,
+    lts_modules: PathBuf,
     new_version: String,
     new_vmlinuz: PathBuf,
     new_modules: PathBuf,
@@ -677,14 +693,25 @@ fn boot_guest_with(guest: &Guest, append: &str, payload: &Payload) -> GuestRun {
         Ok(kernels) => kernels,
         Err(message) => panic!("{message}"),
     };
-    let (version, vmlinuz, modules) = match guest.kernel {
-        KernelKind::Lts => (&kernels.lts_version, &kernels.lts_vmlinuz, None),
+    let (version, vmlinuz, kvm_modules) = match guest.kernel {
+        KernelKind::Old => (
+            &kernels.old_version,
+            &kernels.old_vmlinuz,
+            &kernels.old_modules,
+        ),
+        KernelKind::Lts => (
+            &kernels.lts_version,
+            &kernels.lts_vmlinuz,
+            &kernels.lts_modules,
+        ),
         KernelKind::New => (
             &kernels.new_version,
             &kernels.new_vmlinuz,
-            Some(&kernels.new_modules),
+            &kernels.new_modules,
         ),
     };
+    // The KVM modules come along only where the guest is to have KVM.
+    let modules = guest.kvm.then_some(kvm_modules);
     let nodes = env_number("MEMPLACE_NUMA_NODES").unwrap_or(guest.nodes);
     let node_mb = payload
         .node_mb
@@ -787,8 +814,12 @@ fn fetch_kernels() -> Result<Kernels, String> {
             })
     };
     Ok(Kernels {
+        old_version: value("old_version")?,
+        old_vmlinuz: value("old_vmlinuz")?.into(),
+        old_modules: value("old_modules")?.into(),
         lts_version: value("lts_version")?,
         lts_vmlinuz: value("lts_vmlinuz")?.into(),
+        lts_modules: value("lts_modules")?.into(),
         new_version: value("new_version")?,
         new_vmlinuz: value("new_vmlinuz")?.into(),
         new_modules: value("new_modules")?.into(),

@@ -1,16 +1,19 @@
 #!/bin/bash
 # Fetches the Debian kernels the NUMA guest tests boot, and makes sure the host has the tools to boot them.
 #
-# Two kernels are wanted:
-#   lts  the newest 6.12 cloud kernel (linux-image-6.12.*-cloud-amd64), booted without KVM;
-#   new  the newest >= 6.19 cloud kernel of sid or forky, with the KVM modules decompressed, because
-#        guest_memfd has a shared memory policy only from 6.19 on.
+# Three kernels are wanted, each with its KVM modules decompressed:
+#   old  bookworm's 6.1 cloud kernel (linux-image-6.1.*-cloud-amd64), Debian 12's default: no
+#        guest_memfd at all (the kernel matrix);
+#   lts  the newest 6.12 cloud kernel (linux-image-6.12.*-cloud-amd64), booted without KVM by the
+#        NUMA scenario and with it by the kernel matrix;
+#   new  the newest >= 6.19 cloud kernel of sid or forky, because guest_memfd has a shared memory
+#        policy only from 6.19 on.
 #
 # Packages come through private apt lists under the cache directory, so the system's apt sources are
 # never touched. The Debian mirror is the one the system's apt sources name (or MEMPLACE_DEBIAN_MIRROR).
 #
-# Prints on stdout, one per line: lts_version= lts_vmlinuz= new_version= new_vmlinuz= new_modules=
-# (new_modules is a directory of .ko files plus a `load-order` file). Everything else goes to stderr.
+# Prints on stdout, one per line, for KIND in old, lts and new: KIND_version= KIND_vmlinuz=
+# KIND_modules= (a directory of .ko files plus a `load-order` file). Everything else goes to stderr.
 #
 # Environment:
 #   MEMPLACE_KERNEL_CACHE          cache directory (default /var/cache/memplace-test-kernels)
@@ -18,6 +21,8 @@
 #   MEMPLACE_KERNEL_REFRESH=1      look for newer kernels now
 #   MEMPLACE_LTS_SERIES            kernel series of the lts kernel (default 6.12)
 #   MEMPLACE_LTS_SUITES            suites searched for it (default "trixie bookworm-backports")
+#   MEMPLACE_OLD_SERIES            kernel series of the old kernel (default 6.1)
+#   MEMPLACE_OLD_SUITES            suites searched for it (default "bookworm")
 #   MEMPLACE_NEW_SUITES            suites searched for the new kernel (default "sid forky")
 #   MEMPLACE_NEW_MIN               oldest acceptable new kernel (default 6.19)
 #   MEMPLACE_DEBIAN_MIRROR         Debian archive URL, when the system's apt sources name none
@@ -27,6 +32,8 @@ CACHE=${MEMPLACE_KERNEL_CACHE:-/var/cache/memplace-test-kernels}
 MAX_AGE_DAYS=${MEMPLACE_KERNEL_MAX_AGE_DAYS:-7}
 LTS_SERIES=${MEMPLACE_LTS_SERIES:-6.12}
 LTS_SUITES=${MEMPLACE_LTS_SUITES:-trixie bookworm-backports}
+OLD_SERIES=${MEMPLACE_OLD_SERIES:-6.1}
+OLD_SUITES=${MEMPLACE_OLD_SUITES:-bookworm}
 NEW_SUITES=${MEMPLACE_NEW_SUITES:-sid forky}
 NEW_MIN=${MEMPLACE_NEW_MIN:-6.19}
 # The KVM module for the AMD-V that QEMU's TCG emulates with `-cpu max`; its dependencies come along.
@@ -112,7 +119,7 @@ add_module() {
     echo "$name.ko" >>"$out/load-order"
 }
 
-# unpack KIND VERSION DEB...: extracts vmlinuz (and for `new` the KVM modules) into the kernel cache.
+# unpack KIND VERSION DEB...: extracts vmlinuz and the KVM modules into the kernel cache.
 unpack() {
     local kind=$1 version=$2 deb tmp dest vmlinuz tree
     shift 2
@@ -124,12 +131,10 @@ unpack() {
     vmlinuz=$(find "$tmp" \( -path "*/boot/vmlinuz-$version" -o -path "*/modules/$version/vmlinuz" \) -print -quit)
     [ -n "$vmlinuz" ] || die "no vmlinuz for $version in $*"
     cp "$vmlinuz" "$dest.partial/vmlinuz"
-    if [ "$kind" = new ]; then
-        tree=$(find "$tmp" -type d -path "*/modules/$version/kernel" -print -quit)
-        [ -n "$tree" ] || die "no modules for $version in $*"
-        mkdir -p "$dest.partial/modules"
-        add_module "$tree" "$dest.partial/modules" "$KVM_ROOT_MODULE"
-    fi
+    tree=$(find "$tmp" -type d -path "*/modules/$version/kernel" -print -quit)
+    [ -n "$tree" ] || die "no modules for $version in $*"
+    mkdir -p "$dest.partial/modules"
+    add_module "$tree" "$dest.partial/modules" "$KVM_ROOT_MODULE"
     rm -rf "$tmp" "$dest"
     mv "$dest.partial" "$dest"
     touch "$dest/.complete"
@@ -146,11 +151,18 @@ download() {
 # --- choosing -----------------------------------------------------------------------------------
 
 # Prints "VERSION PKG..." for the newest lts kernel, or nothing.
-choose_lts() {
-    local series=${LTS_SERIES//./\\.}
+choose_lts() { choose_series "$LTS_SERIES"; }
+# Prints "VERSION PKG..." for the newest old kernel, or nothing.
+choose_old() { choose_series "$OLD_SERIES"; }
+
+# choose_series SERIES: the newest linux-image-SERIES.*-cloud-amd64, whatever its ABI spelling
+# (6.12.57+deb13-cloud-amd64, 6.1.0-41-cloud-amd64), or nothing.
+choose_series() {
+    local series=${1//./\\.}
     local name
-    name=$(pkgnames "linux-image-$LTS_SERIES." |
-        grep -E "^linux-image-$series\.[0-9]+\+deb[0-9.]+-cloud-amd64\$" | sort -V | tail -n1) || true
+    name=$(pkgnames "linux-image-$1." |
+        grep -E "^linux-image-$series\.[0-9]+([+-][0-9a-z.+-]*)?-cloud-amd64\$" |
+        grep -v -- '-unsigned$' | sort -V | tail -n1) || true
     [ -n "$name" ] || return 0
     local version=${name#linux-image-}
     echo "$version $name"
@@ -210,6 +222,7 @@ select_kernel() {
     if [ -z "$choice" ]; then
         case $kind in
             lts) die "no linux-image-$LTS_SERIES.*-cloud-amd64 package in suites: $suites" ;;
+            old) die "no linux-image-$OLD_SERIES.*-cloud-amd64 package in suites: $suites" ;;
             new) die "no cloud-amd64 kernel >= $NEW_MIN with its modules in suites: $suites" ;;
         esac
     fi
@@ -248,14 +261,24 @@ main() {
     local lts=$SELECTED
     select_kernel new "$NEW_SUITES"
     local new=$SELECTED
+    select_kernel old "$OLD_SUITES"
+    local old=$SELECTED
     prune
 
-    [ -s "$CACHE/kernels/$new/modules/load-order" ] || die "kernel $new has no KVM modules"
-    echo "lts_version=$lts"
-    echo "lts_vmlinuz=$CACHE/kernels/$lts/vmlinuz"
-    echo "new_version=$new"
-    echo "new_vmlinuz=$CACHE/kernels/$new/vmlinuz"
-    echo "new_modules=$CACHE/kernels/$new/modules"
+    local kind version
+    for kind in old lts new; do
+        eval "version=\$$kind"
+        # A kernel cached before modules were kept for every kind is unpacked again.
+        if [ ! -s "$CACHE/kernels/$version/modules/load-order" ]; then
+            rm -rf "$CACHE/selected-$kind" "$CACHE/kernels/$version"
+            MEMPLACE_KERNEL_REFRESH=1 select_kernel "$kind" "$(eval echo "\$${kind^^}_SUITES")"
+            version=$SELECTED
+        fi
+        [ -s "$CACHE/kernels/$version/modules/load-order" ] || die "kernel $version has no KVM modules"
+        echo "${kind}_version=$version"
+        echo "${kind}_vmlinuz=$CACHE/kernels/$version/vmlinuz"
+        echo "${kind}_modules=$CACHE/kernels/$version/modules"
+    done
 }
 
 main "$@"

@@ -694,6 +694,7 @@ nested_qemu_case() {
         fi
         region_delete vm-q2 ram
     fi
+    attached_qemu_case
     agent_stop
 }
 
@@ -701,7 +702,7 @@ nested_qemu_case() {
 # RAM the VM's region `ram`; waits until its mapping of the region has every page (prealloc=on)
 # or, with a policy= option, until QEMU has set that policy on it. Sets QEMU_PID.
 nested_qemu_start() {
-    local vm=$1 opts=$2 out=$WORK/qemu.$1 tries=0 line
+    local vm=$1 opts=$2 out=$WORK/qemu.$1
     QEMU_PID=""
     : >"$out"
     on_node 0 memplacectl exec "$vm" -- qemu-system-x86_64 -accel tcg -S -machine pc -nodefaults \
@@ -709,6 +710,13 @@ nested_qemu_start() {
         -object "memory-backend-file,id=m0,size=${NQ_MB}M,mem-path={path:ram},share=on,$opts" \
         -machine memory-backend=m0 >"$out" 2>&1 &
     QEMU_PID=$!
+    nested_qemu_wait "$vm" "$opts" "$out"
+}
+
+# nested_qemu_wait VM BACKEND-OPTIONS OUT: waits (at most 120 s) until QEMU_PID's guest RAM mapping
+# has every page, or the policy its options name.
+nested_qemu_wait() {
+    local vm=$1 opts=$2 out=$3 tries=0 line
     while :; do
         line=$(holder_line "$QEMU_PID" $((NQ_MB << 20)) 2>/dev/null) || line=""
         case $opts in
@@ -717,7 +725,7 @@ nested_qemu_start() {
                 split($i, kv, "="); s += kv[2] } } END { print s + 0 }')" -eq "$(pages_of_mb $NQ_MB)" ] && break ;;
         esac
         if ! kill -0 "$QEMU_PID" 2>/dev/null || [ "$tries" -ge 1200 ]; then
-            echo "QEMU on $vm/ram did not start (numa_maps: '$line'):"
+            echo "QEMU of $vm did not start (numa_maps: '$line'):"
             cat "$out"
             return 1
         fi
@@ -726,6 +734,47 @@ nested_qemu_start() {
     done
     echo "QEMU pid $QEMU_PID: $line"
     cat "$out"
+}
+
+# A QEMU started without memplace, on its own `memory-backend-memfd` (prealloc=on, on node 0's CPU,
+# so every page is on node 0), is taken over with `memplacectl attach --pid`, then moved with
+# `policy set --migrate` to BIND {last}: QEMU's numa_maps and GetPlacement must show every page on
+# the last node. This is the attach path's placement proof; the host has one node.
+attached_qemu_case() {
+    local pages opts=prealloc=on out=$WORK/qemu.attach
+    pages=$(pages_of_mb $NQ_MB)
+    : >"$out"
+    on_node 0 qemu-system-x86_64 -accel tcg -S -machine pc -nodefaults -display none \
+        -monitor none -serial none -m ${NQ_MB}M \
+        -object "memory-backend-memfd,id=m0,size=${NQ_MB}M,share=on,$opts" \
+        -machine memory-backend=m0 >"$out" 2>&1 &
+    QEMU_PID=$!
+    step nested-qemu-attach-start nested_qemu_wait vm-att "$opts" "$out" || {
+        kill -KILL "$QEMU_PID" 2>/dev/null
+        return 1
+    }
+    local q=$QEMU_PID
+    check nested-qemu-attach-before-node0 expect_holder "$q" $((NQ_MB << 20)) "0:$pages" 0
+    if step nested-qemu-attach attach_qemu vm-att "$q"; then
+        local name
+        name=$(cat "$WORK/attach.name")
+        step nested-qemu-attach-migrate set_policy vm-att "$name" --mode bind --nodes "$LAST" --migrate &&
+            check "nested-qemu-attach-numa-maps-node$LAST" expect_holder "$q" $((NQ_MB << 20)) "$LAST:$pages" 0
+        check "nested-qemu-attach-placement-node$LAST" expect_placement vm-att "$name" "$LAST:$pages" 0
+        region_delete vm-att "$name"
+    fi
+    nested_qemu_stop "$q"
+}
+
+# attach_qemu VM PID: `memplacectl attach VM --pid PID`; the answer must have exactly one region,
+# a memfd of the backend's size, whose name goes to $WORK/attach.name.
+attach_qemu() {
+    ctl_json attach attach "$1" --pid "$2" || return 1
+    cat "$WORK/attach.flat"
+    expect_flat "$WORK/attach.flat" regions.0.backend=memfd "regions.0.size_bytes=$((NQ_MB << 20))" regions.1.name= ||
+        return 1
+    flat_get "$WORK/attach.flat" regions.0.name >"$WORK/attach.name" || return 1
+    [ -s "$WORK/attach.name" ]
 }
 
 nested_qemu_stop() {
