@@ -173,7 +173,7 @@ async fn assert_held_by_qemu(
 }
 
 /// GetPlacement counts the guest's pages: at least the data the guest wrote, all on node 0 as the
-/// policy says, and between two readings of QEMU's numa_maps taken around it (the guest keeps
+/// policy says (where the host has another node), and between two readings of QEMU's numa_maps taken around it (the guest keeps
 /// running, so its page count can only grow in between).
 async fn assert_placement_counts_the_guest(c: &mut Client, qemu: i32, when: &str) -> u64 {
     let before = qemu_mapped_pages(qemu);
@@ -191,10 +191,14 @@ async fn assert_placement_counts_the_guest(c: &mut Client, qemu: i32, when: &str
         before <= present && present <= after,
         "{when}: GetPlacement counts {present} pages, QEMU's numa_maps {before} before and {after} after"
     );
-    assert!(
-        p.nodes.iter().all(|n| n.node == 0),
-        "{when}: bind:0 puts every page on node 0: {p:?}"
-    );
+    // Which node holds the pages can only be wrong where a second node exists; on a one-node host
+    // the 2-node guest's nested-QEMU checks prove it (numa_guest.rs, `nested-qemu-*`).
+    if common::procfs::memory_node_count() > 1 {
+        assert!(
+            p.nodes.iter().all(|n| n.node == 0 || n.pages == 0),
+            "{when}: bind:0 puts every page on node 0: {p:?}"
+        );
+    }
     assert_eq!(
         (p.pages_misplaced, p.pages_unknown),
         (0, 0),

@@ -105,7 +105,11 @@ pub fn allocated_map(
     let mut out = vec![false; (len / page) as usize];
     let mut stack = vec![(offset, len)];
     while let Some((off, l)) = stack.pop() {
-        let n = cached_pages(fd, off, l)?;
+        let n = match cached_pages(fd, off, l) {
+            // cachestat came with 6.5: older kernels (Debian 12's 6.1) say where data is instead.
+            Err(Errno::ENOSYS) => return seek_allocated_map(fd, offset, len, page),
+            r => r?,
+        };
         if n == 0 {
             continue;
         }
@@ -118,6 +122,52 @@ pub fn allocated_map(
         let half = (l / page / 2) * page;
         stack.push((off, half));
         stack.push((off + half, l - half));
+    }
+    Ok(out)
+}
+
+/// [`allocated_map`] for kernels without cachestat (before 6.5): the extents `lseek(SEEK_DATA)`
+/// and `SEEK_HOLE` report, which for shmem are exactly its allocated pages (in memory or in swap).
+/// The seeks go through a file description of its own (a reopen of /proc/self/fd/N), so the
+/// offset of the description the agent shares with a VMM never moves. hugetlbfs answers
+/// EOPNOTSUPP, as cachestat does there, so the caller probes it instead.
+pub fn seek_allocated_map(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    len: u64,
+    page: u64,
+) -> Result<Vec<bool>, Errno> {
+    use nix::sys::statfs::{HUGETLBFS_MAGIC, fstatfs};
+    use nix::unistd::{Whence, lseek};
+    if fstatfs(fd)?.filesystem_type() == HUGETLBFS_MAGIC {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let own = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let end = offset + len;
+    let mut out = vec![false; (len / page) as usize];
+    let mut at = offset;
+    while at < end {
+        let data = match lseek(
+            &own,
+            i64::try_from(at).map_err(|_| Errno::EFBIG)?,
+            Whence::SeekData,
+        ) {
+            Ok(d) => d as u64,
+            // No data at or after `at`.
+            Err(Errno::ENXIO) => break,
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = lseek(&own, data as i64, Whence::SeekHole)? as u64;
+        let (from, to) = (data.max(offset), hole.min(end));
+        let first = ((from - offset) / page) as usize;
+        let last = (to - offset).div_ceil(page) as usize;
+        let last = last.min(out.len());
+        out[first..last].iter_mut().for_each(|b| *b = true);
+        at = hole;
     }
     Ok(out)
 }
@@ -170,5 +220,15 @@ mod tests {
             "the probe allocated nothing"
         );
         assert_eq!(allocated_map(fd.as_fd(), 0, 8 * page, page).unwrap(), map);
+        assert_eq!(
+            seek_allocated_map(fd.as_fd(), 0, 8 * page, page).unwrap(),
+            map,
+            "the pre-6.5 method agrees with cachestat"
+        );
+        assert_eq!(
+            seek_allocated_map(fd.as_fd(), 2 * page, 4 * page, page).unwrap(),
+            map[2..6],
+            "and within a sub-range"
+        );
     }
 }

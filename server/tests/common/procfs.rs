@@ -110,3 +110,18 @@ pub fn memfd_allocated_bytes(agent: u32, vm: &str, name: &str) -> u64 {
     let path = agent_memfd(agent, vm, name);
     std::fs::metadata(&path).expect("stat the memfd").blocks() * 512
 }
+
+/// How many NUMA nodes have memory on this machine (`/sys/devices/system/node/has_memory`). A
+/// check that pages are on node N can fail only where another node exists.
+pub fn memory_node_count() -> usize {
+    let list = std::fs::read_to_string("/sys/devices/system/node/has_memory")
+        .unwrap_or_else(|_| "0".to_owned());
+    list.trim()
+        .split(',')
+        .filter(|part| !part.is_empty())
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap_or(0) + 1 - a.parse::<usize>().unwrap_or(0),
+            None => 1,
+        })
+        .sum()
+}

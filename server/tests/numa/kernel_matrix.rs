@@ -81,7 +81,9 @@ fn kernel_matrix_matches_readme() {
             ],
             node_mb: None,
         };
-        let run = boot_guest_with(&guest, "", &payload);
+        // 6.1 panics at boot under TCG ("IO-APIC + timer doesn't work") without it; harmless on
+        // the others.
+        let run = boot_guest_with(&guest, "no_timer_check", &payload);
         println!(
             "{}: {:.1} s, serial log {}",
             run.what,

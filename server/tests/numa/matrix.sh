@@ -39,15 +39,16 @@ probe() {
 }
 
 # A memfd region BIND {last}: created, populated, every page on the last node in GetPlacement and
-# in a holder's numa_maps.
+# in a holder's numa_maps. The holder keeps the file through the restart (MEMFD_HOLDER).
+MEMFD_HOLDER=""
 memfd_case() {
     region_create vm-m ram ${MB}M --policy "bind:$LAST" || return 1
     row memfd-strategy "$(flat_get "$WORK/create.flat" strategy)"
     populate vm-m ram || return 1
     expect_placement vm-m ram "$LAST:$PAGES" 0 || return 1
     holder_start vm-m ram ${MB}M || return 1
-    expect_holder "$HOLDER_PID" $((MB << 20)) "$LAST:$PAGES" 0 || return 1
-    holder_stop "$HOLDER_PID"
+    MEMFD_HOLDER=$HOLDER_PID
+    expect_holder "$HOLDER_PID" $((MB << 20)) "$LAST:$PAGES" 0
 }
 
 # A guest_memfd region BIND {last}: where the kernel has guest_memfd, placed like the memfd (by the
@@ -80,12 +81,14 @@ gmem_case() {
     esac
 }
 
-# SIGKILL and restart: the memfd region is back, applied, with its pages on the last node.
+# SIGKILL and restart while a holder keeps the memfd: the region is back (taken from the holder
+# with pidfd_getfd), applied, with its pages on the last node.
 restart_case() {
+    [ -n "$MEMFD_HOLDER" ] || { echo "no holder: the memfd case failed"; return 1; }
     agent_kill || return 1
     agent_start matrix on_node 0 || return 1
     expect_region vm-m ram status=active ranges.0.state=applied ranges.0.observed.mode=bind \
-        "ranges.0.observed.nodes.0=$LAST" || return 1
+        "ranges.0.observed.nodes.0=$LAST" "holder_pid=$MEMFD_HOLDER" || return 1
     expect_placement vm-m ram "$LAST:$PAGES" 0
 }
 
@@ -107,6 +110,7 @@ fi
 step matrix-memfd memfd_case && row memfd-bind-populate-placement "pages on node $LAST"
 step matrix-gmem gmem_case
 step matrix-restart restart_case && row restart-sigkill "region back, applied, pages intact"
+[ -n "$MEMFD_HOLDER" ] && holder_stop "$MEMFD_HOLDER"
 agent_stop
 cat "$ROWS"
 exit 0
