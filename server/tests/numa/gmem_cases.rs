@@ -17,7 +17,8 @@
 //! declared name matches no test of its binary.
 
 use super::{
-    Guest, KernelKind, LOG_TAIL_LINES, NUMA_DIR, Payload, boot_guest_with, failure_name, tail,
+    Guest, KernelKind, LOG_TAIL_LINES, NUMA_DIR, Payload, SerialReport, boot_guest_with,
+    failure_name, tail,
 };
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -388,24 +389,37 @@ fn run_in_guest(binaries: &[PathBuf]) -> Vec<CaseResult> {
             tail(&run.text, LOG_TAIL_LINES)
         );
     }
-    GMEM_CASES
+    let names: Vec<&str> = GMEM_CASES.iter().map(|(_, name)| *name).collect();
+    case_results(&names, &run.report, &place, &setup_problems, &run.log)
+}
+
+/// What became of each of `names` in a guest's report: passed once (and the guest run had no
+/// problem), failed, passed more than once, or never reported (ran nowhere).
+fn case_results(
+    names: &[&str],
+    report: &SerialReport,
+    place: &str,
+    setup_problems: &[String],
+    log: &Path,
+) -> Vec<CaseResult> {
+    names
         .iter()
-        .map(|(_, name)| {
+        .map(|name| {
             let check = format!("gmem-case:{name}");
-            let passes = run.report.passed.iter().filter(|p| **p == check).count();
-            let failure = run.report.failed.iter().find(|f| failure_name(f) == check);
+            let passes = report.passed.iter().filter(|p| **p == check).count();
+            let failure = report.failed.iter().find(|f| failure_name(f) == check);
             match (passes, failure) {
-                (1, None) if setup_problems.is_empty() => CaseResult::Passed(place.clone()),
+                (1, None) if setup_problems.is_empty() => CaseResult::Passed(place.to_owned()),
                 (1, None) => CaseResult::Failed(
-                    place.clone(),
+                    place.to_owned(),
                     format!(
                         "passed, but the guest run had problems: {}",
                         setup_problems.join("; ")
                     ),
                 ),
                 (_, Some(f)) => CaseResult::Failed(
-                    place.clone(),
-                    format!("{f} (serial log {})", run.log.display()),
+                    place.to_owned(),
+                    format!("{f} (serial log {})", log.display()),
                 ),
                 (0, None) => CaseResult::NotRun(format!(
                     "the guest never reported it ({}; serial log {})",
@@ -414,12 +428,42 @@ fn run_in_guest(binaries: &[PathBuf]) -> Vec<CaseResult> {
                     } else {
                         setup_problems.join("; ")
                     },
-                    run.log.display()
+                    log.display()
                 )),
-                (n, None) => CaseResult::Failed(place.clone(), format!("reported PASS {n} times")),
+                (n, None) => {
+                    CaseResult::Failed(place.to_owned(), format!("reported PASS {n} times"))
+                }
             }
         })
         .collect()
+}
+
+#[test]
+fn a_case_the_guest_never_reports_ran_nowhere() {
+    let report = SerialReport {
+        passed: vec![
+            "gmem-case:a".into(),
+            "gmem-case:c".into(),
+            "gmem-case:c".into(),
+        ],
+        failed: vec!["gmem-case:b exit 101 after 3s".into()],
+        done: true,
+    };
+    let log = Path::new("serial.log");
+    let results = case_results(&["a", "b", "c", "d"], &report, "in the guest", &[], log);
+    assert!(matches!(&results[0], CaseResult::Passed(p) if p == "in the guest"));
+    assert!(matches!(&results[1], CaseResult::Failed(_, why) if why.contains("exit 101")));
+    assert!(matches!(&results[2], CaseResult::Failed(_, why) if why.contains("2 times")));
+    assert!(matches!(&results[3], CaseResult::NotRun(_)), "{results:?}");
+    // A guest that had problems (a module did not load, the scenario aborted) passes nothing.
+    let results = case_results(
+        &["a"],
+        &report,
+        "in the guest",
+        &["no MEMPLACE-DONE".into()],
+        log,
+    );
+    assert!(matches!(&results[0], CaseResult::Failed(..)), "{results:?}");
 }
 
 /// The gmem-cases guest's memory, MiB: the packed test binaries, plus the largest case's 512 MiB
