@@ -667,7 +667,8 @@ fn boot_guest(guest: &Guest, append: &str) -> GuestRun {
             Some(&kernels.new_modules),
         ),
     };
-    let nodes = env_number("MEMPLACE_NUMA_NODES").unwrap_or(guest.nodes);
+    let nodes =
+        guest_nodes(guest, env_number("MEMPLACE_NUMA_NODES")).unwrap_or_else(|e| panic!("{e}"));
     let node_mb = env_number("MEMPLACE_NUMA_NODE_MB").unwrap_or(DEFAULT_NODE_MB);
     let (memplaced, memplacectl, test_vmm) = memplace_binaries();
 
@@ -808,6 +809,46 @@ fn run_script(command: &mut Command, name: &str) {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The node count a guest boots with: its declared `nodes`, or `MEMPLACE_NUMA_NODES` (`over`) if
+/// set. An override below the declared count is refused: it would drop the checks that need those
+/// nodes (a 4-node guest run on 2 nodes passes without ever interleaving over 4). An override above
+/// it is said aloud, with the declared guest's checks the bigger guest does not run.
+fn guest_nodes(guest: &Guest, over: Option<u32>) -> Result<u32, String> {
+    let Some(nodes) = over else {
+        return Ok(guest.nodes);
+    };
+    if nodes < guest.nodes {
+        return Err(format!(
+            "MEMPLACE_NUMA_NODES={nodes} is below the {} nodes guest {} is declared with; it would \
+             drop the checks that need them. Unset it, or set it to {} or more",
+            guest.nodes, guest.name, guest.nodes
+        ));
+    }
+    if nodes != guest.nodes {
+        let setup = |nodes| Setup {
+            nodes,
+            kvm: guest.kvm,
+        };
+        let now = expected_checks(setup(nodes));
+        let dropped: Vec<String> = expected_checks(setup(guest.nodes))
+            .into_iter()
+            .filter(|c| !now.contains(c))
+            .collect();
+        println!(
+            "MEMPLACE_NUMA_NODES={nodes}: guest {} boots with {nodes} nodes instead of its declared \
+             {}; checks of the declared guest it does not run: {}",
+            guest.name,
+            guest.nodes,
+            if dropped.is_empty() {
+                "none".to_owned()
+            } else {
+                dropped.join(" ")
+            }
+        );
+    }
+    Ok(nodes)
 }
 
 fn env_number(name: &str) -> Option<u32> {
@@ -1006,6 +1047,28 @@ fn judging_wants_every_declared_check_once_and_nothing_else() {
         judge(&report_of(&["a", "b"], &[], true), &pass, &["x"]).len(),
         1
     );
+}
+
+#[test]
+fn a_node_override_cannot_shrink_a_guest() {
+    let four = Guest {
+        name: "lts-4-nodes",
+        kernel: KernelKind::Lts,
+        nodes: 4,
+        kvm: false,
+    };
+    assert_eq!(guest_nodes(&four, None), Ok(4));
+    assert_eq!(guest_nodes(&four, Some(4)), Ok(4));
+    assert_eq!(guest_nodes(&four, Some(6)), Ok(6));
+    for fewer in [0, 1, 2, 3] {
+        let err = guest_nodes(&four, Some(fewer)).expect_err("an override below 4 nodes");
+        assert!(
+            err.contains(&format!("MEMPLACE_NUMA_NODES={fewer}"))
+                && err.contains("lts-4-nodes")
+                && err.contains("4 nodes"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
