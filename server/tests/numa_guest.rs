@@ -75,11 +75,11 @@ fn deliberate_wrong_placement_fails() {
         kvm: false,
     };
     let run = boot_guest(&guest, "memplace.selftest=wrong-node");
-    let expected_pass: Vec<String> = SELFTEST_CHECKS.iter().map(|&c| c.to_owned()).collect();
-    let problems = judge(&run.report, &expected_pass, SELFTEST_FAILURES);
+    let problems = judge_selftest(&run);
     assert!(
         problems.is_empty(),
-        "{}: wanted exactly the deliberate failures:\n  {}\nfailed {:?}; passed {:?}\nlast lines of {}:\n{}",
+        "{}: wanted QEMU to end normally with exactly the deliberate failures:\n  {}\nfailed {:?}; \
+         passed {:?}\nlast lines of {}:\n{}",
         run.what,
         problems.join("\n  "),
         run.report.failed,
@@ -87,18 +87,29 @@ fn deliberate_wrong_placement_fails() {
         run.log.display(),
         tail(&run.text, LOG_TAIL_LINES)
     );
-    assert!(
-        run.report
-            .failed
-            .iter()
-            .all(|f| if failure_name(f).ends_with("-kernel-policy") {
-                f.contains("want 'bind:0'")
-            } else {
-                f.contains("holds")
-            }),
-        "the failures must name the node counts, or the policy wanted: {:?}",
-        run.report.failed
-    );
+}
+
+/// What is wrong with the self-test guest's run (none: it failed exactly as it must): QEMU must
+/// have ended normally (a guest killed at the timeout, or a boot that failed, proves nothing even
+/// with the right failures printed), exactly the deliberate failures and the checks before them,
+/// and each failure naming the node counts or the policy it wanted.
+fn judge_selftest(run: &GuestRun) -> Vec<String> {
+    let mut problems: Vec<String> = boot_status_problem(run.status).into_iter().collect();
+    let expected_pass: Vec<String> = SELFTEST_CHECKS.iter().map(|&c| c.to_owned()).collect();
+    problems.extend(judge(&run.report, &expected_pass, SELFTEST_FAILURES));
+    for f in &run.report.failed {
+        let named = if failure_name(f).ends_with("-kernel-policy") {
+            f.contains("want 'bind:0'")
+        } else {
+            f.contains("holds")
+        };
+        if !named {
+            problems.push(format!(
+                "the failure {f:?} names neither the node counts nor the policy wanted"
+            ));
+        }
+    }
+    problems
 }
 
 /// The checks that the self-test guest must pass: everything before the deliberate failures.
@@ -624,11 +635,7 @@ struct GuestRun {
 fn run_guest(guest: &Guest) {
     let run = boot_guest(guest, "");
     let mut problems = Vec::new();
-    match run.status.code() {
-        Some(0) => {}
-        Some(124) => problems.push("QEMU was killed at the timeout".to_owned()),
-        _ => problems.push(format!("boot-guest.sh failed: {}", run.status)),
-    }
+    problems.extend(boot_status_problem(run.status));
     problems.extend(judge(&run.report, &expected_checks(run.setup), &[]));
     if !problems.is_empty() {
         panic!(
@@ -647,6 +654,16 @@ fn run_guest(guest: &Guest) {
         run.elapsed.as_secs_f64(),
         run.report.passed.join(" ")
     );
+}
+
+/// What boot-guest.sh's exit status says went wrong, if anything: 0 is a guest that powered off,
+/// 124 one that was killed at the timeout, anything else a failed boot.
+fn boot_status_problem(status: std::process::ExitStatus) -> Option<String> {
+    match status.code() {
+        Some(0) => None,
+        Some(124) => Some("QEMU was killed at the timeout".to_owned()),
+        _ => Some(format!("boot-guest.sh failed: {status}")),
+    }
 }
 
 /// Builds the guest's initramfs, boots it with `append` added to the kernel command line, and
@@ -1047,6 +1064,40 @@ fn judging_wants_every_declared_check_once_and_nothing_else() {
         judge(&report_of(&["a", "b"], &[], true), &pass, &["x"]).len(),
         1
     );
+}
+
+#[test]
+fn the_self_test_wants_its_failures_from_a_guest_that_ended_normally() {
+    use std::os::unix::process::ExitStatusExt;
+    let run = |exit: i32| GuestRun {
+        what: "selftest".to_owned(),
+        setup: Setup {
+            nodes: 2,
+            kvm: false,
+        },
+        elapsed: std::time::Duration::ZERO,
+        // A wait status: the exit code sits in the second byte.
+        status: std::process::ExitStatus::from_raw(exit << 8),
+        report: SerialReport {
+            passed: SELFTEST_CHECKS.iter().map(|&c| c.to_owned()).collect(),
+            failed: vec![
+                "bind-one-node-agent node 0 holds 0 pages".to_owned(),
+                "bind-one-node-numa-maps node 0 holds 0 pages".to_owned(),
+                "bind-one-node-kernel-policy want 'bind:0', got 'bind:1'".to_owned(),
+            ],
+            done: true,
+        },
+        log: PathBuf::from("serial.log"),
+        text: String::new(),
+    };
+    assert_eq!(judge_selftest(&run(0)), Vec::<String>::new());
+    for (exit, says) in [(124, "timeout"), (1, "failed")] {
+        let problems = judge_selftest(&run(exit));
+        assert!(
+            problems.len() == 1 && problems[0].contains(says),
+            "exit {exit}: {problems:?}"
+        );
+    }
 }
 
 #[test]
