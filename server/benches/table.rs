@@ -20,6 +20,9 @@
 //! - `MEMPLACE_BENCH_REQUESTS`: SetPolicy requests per P2 client and sample (default 100: 32 clients).
 #![forbid(unsafe_code)]
 
+mod judge;
+
+use judge::percentile;
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
 use memplace_server::domain::{NodeSet, Policy, PolicyMode};
@@ -60,11 +63,6 @@ fn selected(row: &str) -> bool {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn meminfo(key: &str) -> u64 {
@@ -777,7 +775,7 @@ async fn p2(agent: &Agent, clients: &mut [Client]) -> Row {
     let mut client_cpu = Series::new("bench clients CPU per SetPolicy", "us");
     let tick_us = 1e6 / clock_ticks() as f64;
     let me = std::process::id() as i32;
-    let mut all = Vec::new();
+    let mut per_sample = Vec::new();
     for _ in 0..n {
         let (a0, c0) = (proc_cpu_ticks(agent.pid()), proc_cpu_ticks(me));
         let t = Instant::now();
@@ -794,21 +792,26 @@ async fn p2(agent: &Agent, clients: &mut [Client]) -> Row {
         rps.samples.push(lat.len() as f64 / wall.as_secs_f64());
         p50s.push_ms(percentile(&lat, 0.50));
         p99s.push_ms(percentile(&lat, 0.99));
-        all.extend(lat);
+        per_sample.push(lat);
         let commit = floor_db.commits(200).await;
         floor.samples.push(1.0 / commit.as_secs_f64());
     }
+    let mut all: Vec<Duration> = per_sample.iter().flatten().copied().collect();
     all.sort();
-    let p99_all = percentile(&all, 0.99);
+    let p99_all = judge::p2_p99_over_all(&per_sample);
     let ratio = rps.median() / floor.median();
     Row {
         id: "P2",
         what: format!("durable SetPolicy, {CLIENTS} clients, Unix socket"),
-        measured: format!("{}, p99 {}", rps.show(), p99s.show()),
+        measured: format!(
+            "{}, p99 {:.2} ms over all requests",
+            rps.show(),
+            ms(p99_all)
+        ),
         against: format!("sequential SQLite commit {}", floor.show()),
         ratio: format!("{ratio:.2}x"),
         goal: ">= 1.5x, p99 <= 10 ms",
-        met: ratio >= 1.5 && p99s.median() <= 10.0,
+        met: judge::p2_met(ratio, &per_sample),
         notes: vec![
             format!(
                 "{} requests per sample ({CLIENTS} clients x {per_client}); floor sample: median of 200 one-row WAL synchronous=FULL commits in {}",
@@ -816,13 +819,14 @@ async fn p2(agent: &Agent, clients: &mut [Client]) -> Row {
                 agent.path().join("state").display()
             ),
             format!(
-                "over all {} requests: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; per sample p50 {}",
+                "over all {} requests (the p99 the goal is judged on): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; per sample p50 {}, p99 {}",
                 all.len(),
                 ms(percentile(&all, 0.5)),
                 ms(percentile(&all, 0.9)),
                 ms(p99_all),
                 ms(all[all.len() - 1]),
-                p50s.show()
+                p50s.show(),
+                p99s.show()
             ),
             format!(
                 "CPU per request (utime+stime over the samples): agent {}, bench clients {}",
@@ -1198,15 +1202,8 @@ async fn p5(size: u64) -> Row {
             wrong.push(format!("GetPlacement found {on0} of {all} pages on node 0"));
         }
         let pid = std::process::id() as i32;
-        if p.ranges.iter().any(|r| r.counted_from_pid != pid) {
-            wrong.push(format!(
-                "GetPlacement did not count from the holder (this process, {pid}): {:?}",
-                p.ranges
-                    .iter()
-                    .map(|r| r.counted_from_pid)
-                    .collect::<Vec<_>>()
-            ));
-        }
+        let pids: Vec<i32> = p.ranges.iter().map(|r| r.counted_from_pid).collect();
+        wrong.extend(judge::p5_ranges_problem(&pids, pid));
         let (d_ns, mb) = numastat();
         // The agent's method with a holder, called directly: this process's numa_maps joined with
         // its maps, then cachestat and the exactness check.

@@ -8,6 +8,7 @@ mod common;
 
 use common::procfs::memfd_allocated_bytes;
 use common::sqlite;
+use common::wait;
 use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
@@ -618,9 +619,14 @@ async fn run(c: &mut Client, call: Call) -> Result<(), tonic::Status> {
             Ok(())
         }
         Call::Watch(q) => {
+            // A bad request must be refused; one that is accepted and follows would never end.
+            let what = format!("the end of WatchEvents {q:?}");
             let mut s = r.watch_events(q).await?.into_inner();
-            while s.message().await?.is_some() {}
-            Ok(())
+            wait::within(&what, wait::PATIENCE, async {
+                while s.message().await?.is_some() {}
+                Ok(())
+            })
+            .await
         }
         Call::Raw(path, body) => {
             let mut g = tonic::client::Grpc::new(c.channel());

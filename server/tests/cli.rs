@@ -7,9 +7,11 @@ use common::lines::Lines;
 use common::net::{free_port, wait_tcp};
 use common::procfs::signal;
 use common::tls::{ca, leaf};
+use common::wait;
 use common::{AgentProc, Run};
 use serde_json::Value;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 use tonic::Code;
 
 fn ctl(agent: &AgentProc, args: &[&str]) -> Run {
@@ -302,14 +304,14 @@ fn events_follow_streams_new_events() {
         .unwrap();
     let mut lines = Lines::of(&mut follow);
     ctl(&agent, &["region", "create", "vmf", "ram0", "--size", "4M"]).ok();
-    let l = lines.wait_for(|l| l.contains("region-created"));
+    let l = lines.wait_for("region-created event", |l| l.contains("region-created"));
     let v: Value = serde_json::from_str(&l).unwrap();
     assert_eq!(
         (v["vm_id"].as_str(), v["name"].as_str()),
         (Some("vmf"), Some("ram0"))
     );
     ctl(&agent, &["region", "delete", "vmf", "ram0"]).ok();
-    lines.wait_for(|l| l.contains("region-deleted"));
+    lines.wait_for("region-deleted event", |l| l.contains("region-deleted"));
     // Still following: it has not exited.
     assert!(follow.try_wait().unwrap().is_none());
     signal(follow.id() as i32, "TERM");
@@ -337,7 +339,7 @@ fn hold_is_a_stand_in_vmm() {
         .spawn()
         .unwrap();
     let mut lines = Lines::of(&mut hold);
-    let l = lines.wait_for(|l| l.starts_with("holding"));
+    let l = lines.wait_for("\"holding\" line", |l| l.starts_with("holding"));
     assert!(
         l.contains("vmh/ram0") && l.contains(&hold.id().to_string()),
         "{l}"
@@ -359,7 +361,10 @@ fn hold_is_a_stand_in_vmm() {
         "{table}"
     );
     signal(hold.id() as i32, "USR1");
-    assert_eq!(lines.wait_for(|l| l.starts_with("pattern")), "pattern ok");
+    assert_eq!(
+        lines.wait_for("\"pattern\" answer", |l| l.starts_with("pattern")),
+        "pattern ok"
+    );
     // A wrong token is refused by the handoff socket: a local error (exit 1) with its code.
     let r = Run::of(&mut {
         let mut c = agent.ctl();
@@ -391,14 +396,21 @@ async fn ctrl_c_cancels_a_populate_and_the_agent_stops() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        loop {
-            let p = c.placement("vmc", &name, 0, 0).await.unwrap();
-            if p.nodes.iter().map(|n| n.pages).sum::<u64>() > 0 || pop.try_wait().unwrap().is_some()
-            {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        wait::until_async(
+            "the populate's first pages (or its end)",
+            wait::PATIENCE,
+            Duration::from_millis(5),
+            || {
+                let mut c = c.clone();
+                let done = pop.try_wait().unwrap().is_some();
+                let name = name.clone();
+                async move {
+                    let p = c.placement("vmc", &name, 0, 0).await.unwrap();
+                    (done || p.nodes.iter().map(|n| n.pages).sum::<u64>() > 0).then_some(())
+                }
+            },
+        )
+        .await;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pop.id() as i32),
             nix::sys::signal::Signal::SIGINT,
@@ -423,17 +435,24 @@ async fn ctrl_c_cancels_a_populate_and_the_agent_stops() {
             })
             .await
             .unwrap();
-        loop {
-            let e = events
-                .message()
-                .await
-                .unwrap()
-                .expect("the event stream ended");
-            if e.name == name && e.kind() == memplace_client::pb::EventKind::Populated {
-                assert!(e.message.contains("(cancelled)"), "{}", e.message);
-                break;
-            }
-        }
+        wait::within(
+            "the cancelled populate's POPULATED event",
+            wait::PATIENCE,
+            async {
+                loop {
+                    let e = events
+                        .message()
+                        .await
+                        .unwrap()
+                        .expect("the event stream ended");
+                    if e.name == name && e.kind() == memplace_client::pb::EventKind::Populated {
+                        assert!(e.message.contains("(cancelled)"), "{}", e.message);
+                        break;
+                    }
+                }
+            },
+        )
+        .await;
         let p = c.placement("vmc", &name, 0, 0).await.unwrap();
         assert!(p.pages_not_present > 0, "{p:?}");
         ctl(&agent, &["region", "delete", "vmc", &name]).ok();

@@ -82,11 +82,11 @@ fn deliberate_wrong_placement_fails() {
         kvm: false,
     };
     let run = boot_guest(&guest, "memplace.selftest=wrong-node");
-    let expected_pass: Vec<String> = SELFTEST_CHECKS.iter().map(|&c| c.to_owned()).collect();
-    let problems = judge(&run.report, &expected_pass, SELFTEST_FAILURES);
+    let problems = judge_selftest(&run);
     assert!(
         problems.is_empty(),
-        "{}: wanted exactly the deliberate failures:\n  {}\nfailed {:?}; passed {:?}\nlast lines of {}:\n{}",
+        "{}: wanted QEMU to end normally with exactly the deliberate failures:\n  {}\nfailed {:?}; \
+         passed {:?}\nlast lines of {}:\n{}",
         run.what,
         problems.join("\n  "),
         run.report.failed,
@@ -94,18 +94,29 @@ fn deliberate_wrong_placement_fails() {
         run.log.display(),
         tail(&run.text, LOG_TAIL_LINES)
     );
-    assert!(
-        run.report
-            .failed
-            .iter()
-            .all(|f| if failure_name(f).ends_with("-kernel-policy") {
-                f.contains("want 'bind:0'")
-            } else {
-                f.contains("holds")
-            }),
-        "the failures must name the node counts, or the policy wanted: {:?}",
-        run.report.failed
-    );
+}
+
+/// What is wrong with the self-test guest's run (none: it failed exactly as it must): QEMU must
+/// have ended normally (a guest killed at the timeout, or a boot that failed, proves nothing even
+/// with the right failures printed), exactly the deliberate failures and the checks before them,
+/// and each failure naming the node counts or the policy it wanted.
+fn judge_selftest(run: &GuestRun) -> Vec<String> {
+    let mut problems: Vec<String> = boot_status_problem(run.status).into_iter().collect();
+    let expected_pass: Vec<String> = SELFTEST_CHECKS.iter().map(|&c| c.to_owned()).collect();
+    problems.extend(judge(&run.report, &expected_pass, SELFTEST_FAILURES));
+    for f in &run.report.failed {
+        let named = if failure_name(f).ends_with("-kernel-policy") {
+            f.contains("want 'bind:0'")
+        } else {
+            f.contains("holds")
+        };
+        if !named {
+            problems.push(format!(
+                "the failure {f:?} names neither the node counts nor the policy wanted"
+            ));
+        }
+    }
+    problems
 }
 
 /// The checks that the self-test guest must pass: everything before the deliberate failures.
@@ -644,11 +655,7 @@ struct GuestRun {
 fn run_guest(guest: &Guest) {
     let run = boot_guest(guest, "");
     let mut problems = Vec::new();
-    match run.status.code() {
-        Some(0) => {}
-        Some(124) => problems.push("QEMU was killed at the timeout".to_owned()),
-        _ => problems.push(format!("boot-guest.sh failed: {}", run.status)),
-    }
+    problems.extend(boot_status_problem(run.status));
     problems.extend(judge(&run.report, &expected_checks(run.setup), &[]));
     if !problems.is_empty() {
         panic!(
@@ -667,6 +674,16 @@ fn run_guest(guest: &Guest) {
         run.elapsed.as_secs_f64(),
         run.report.passed.join(" ")
     );
+}
+
+/// What boot-guest.sh's exit status says went wrong, if anything: 0 is a guest that powered off,
+/// 124 one that was killed at the timeout, anything else a failed boot.
+fn boot_status_problem(status: std::process::ExitStatus) -> Option<String> {
+    match status.code() {
+        Some(0) => None,
+        Some(124) => Some("QEMU was killed at the timeout".to_owned()),
+        _ => Some(format!("boot-guest.sh failed: {status}")),
+    }
 }
 
 /// What a guest carries besides the scenario's defaults.
@@ -712,7 +729,8 @@ fn boot_guest_with(guest: &Guest, append: &str, payload: &Payload) -> GuestRun {
     };
     // The KVM modules come along only where the guest is to have KVM.
     let modules = guest.kvm.then_some(kvm_modules);
-    let nodes = env_number("MEMPLACE_NUMA_NODES").unwrap_or(guest.nodes);
+    let nodes =
+        guest_nodes(guest, env_number("MEMPLACE_NUMA_NODES")).unwrap_or_else(|e| panic!("{e}"));
     let node_mb = payload
         .node_mb
         .or_else(|| env_number("MEMPLACE_NUMA_NODE_MB"))
@@ -861,6 +879,46 @@ fn run_script(command: &mut Command, name: &str) {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The node count a guest boots with: its declared `nodes`, or `MEMPLACE_NUMA_NODES` (`over`) if
+/// set. An override below the declared count is refused: it would drop the checks that need those
+/// nodes (a 4-node guest run on 2 nodes passes without ever interleaving over 4). An override above
+/// it is said aloud, with the declared guest's checks the bigger guest does not run.
+fn guest_nodes(guest: &Guest, over: Option<u32>) -> Result<u32, String> {
+    let Some(nodes) = over else {
+        return Ok(guest.nodes);
+    };
+    if nodes < guest.nodes {
+        return Err(format!(
+            "MEMPLACE_NUMA_NODES={nodes} is below the {} nodes guest {} is declared with; it would \
+             drop the checks that need them. Unset it, or set it to {} or more",
+            guest.nodes, guest.name, guest.nodes
+        ));
+    }
+    if nodes != guest.nodes {
+        let setup = |nodes| Setup {
+            nodes,
+            kvm: guest.kvm,
+        };
+        let now = expected_checks(setup(nodes));
+        let dropped: Vec<String> = expected_checks(setup(guest.nodes))
+            .into_iter()
+            .filter(|c| !now.contains(c))
+            .collect();
+        println!(
+            "MEMPLACE_NUMA_NODES={nodes}: guest {} boots with {nodes} nodes instead of its declared \
+             {}; checks of the declared guest it does not run: {}",
+            guest.name,
+            guest.nodes,
+            if dropped.is_empty() {
+                "none".to_owned()
+            } else {
+                dropped.join(" ")
+            }
+        );
+    }
+    Ok(nodes)
 }
 
 fn env_number(name: &str) -> Option<u32> {
@@ -1059,6 +1117,62 @@ fn judging_wants_every_declared_check_once_and_nothing_else() {
         judge(&report_of(&["a", "b"], &[], true), &pass, &["x"]).len(),
         1
     );
+}
+
+#[test]
+fn the_self_test_wants_its_failures_from_a_guest_that_ended_normally() {
+    use std::os::unix::process::ExitStatusExt;
+    let run = |exit: i32| GuestRun {
+        what: "selftest".to_owned(),
+        setup: Setup {
+            nodes: 2,
+            kvm: false,
+        },
+        elapsed: std::time::Duration::ZERO,
+        // A wait status: the exit code sits in the second byte.
+        status: std::process::ExitStatus::from_raw(exit << 8),
+        report: SerialReport {
+            passed: SELFTEST_CHECKS.iter().map(|&c| c.to_owned()).collect(),
+            failed: vec![
+                "bind-one-node-agent node 0 holds 0 pages".to_owned(),
+                "bind-one-node-numa-maps node 0 holds 0 pages".to_owned(),
+                "bind-one-node-kernel-policy want 'bind:0', got 'bind:1'".to_owned(),
+            ],
+            done: true,
+        },
+        log: PathBuf::from("serial.log"),
+        text: String::new(),
+    };
+    assert_eq!(judge_selftest(&run(0)), Vec::<String>::new());
+    for (exit, says) in [(124, "timeout"), (1, "failed")] {
+        let problems = judge_selftest(&run(exit));
+        assert!(
+            problems.len() == 1 && problems[0].contains(says),
+            "exit {exit}: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn a_node_override_cannot_shrink_a_guest() {
+    let four = Guest {
+        name: "lts-4-nodes",
+        kernel: KernelKind::Lts,
+        nodes: 4,
+        kvm: false,
+    };
+    assert_eq!(guest_nodes(&four, None), Ok(4));
+    assert_eq!(guest_nodes(&four, Some(4)), Ok(4));
+    assert_eq!(guest_nodes(&four, Some(6)), Ok(6));
+    for fewer in [0, 1, 2, 3] {
+        let err = guest_nodes(&four, Some(fewer)).expect_err("an override below 4 nodes");
+        assert!(
+            err.contains(&format!("MEMPLACE_NUMA_NODES={fewer}"))
+                && err.contains("lts-4-nodes")
+                && err.contains("4 nodes"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -7,6 +7,7 @@ use common::events::stored_events;
 use common::metrics::scrape;
 use common::net::free_port;
 use common::sqlite;
+use common::wait;
 use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::pb;
@@ -359,13 +360,18 @@ async fn follow_until(
 ) -> Vec<pb::WatchEventsResponse> {
     let mut out = Vec::new();
     loop {
-        let e = s
-            .message()
-            .await
-            .unwrap_or_else(|st| {
-                panic!("the follower got an error after {} events: {st}", out.len())
-            })
-            .unwrap_or_else(|| panic!("the follower ended after {} events", out.len()));
+        let e = wait::within(
+            &format!(
+                "the follower's event {} (it had {} events up to sequence {last})",
+                out.len() + 1,
+                out.len()
+            ),
+            wait::PATIENCE,
+            s.message(),
+        )
+        .await
+        .unwrap_or_else(|st| panic!("the follower got an error after {} events: {st}", out.len()))
+        .unwrap_or_else(|| panic!("the follower ended after {} events", out.len()));
         let seq = e.sequence;
         out.push(e);
         if seq >= last {
@@ -509,7 +515,14 @@ async fn watch_events_follower_far_behind_gets_every_event() {
 
     // It is live again: the next event arrives without any catching up to do.
     c.delete_region(&vm, "marker").await.unwrap();
-    let next = follower.message().await.unwrap().unwrap();
+    let next = wait::within(
+        "the live follower's event for the marker's deletion",
+        wait::PATIENCE,
+        follower.message(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(
         (next.sequence, next.kind()),
         (last + 1, pb::EventKind::RegionDeleted)
@@ -576,7 +589,16 @@ async fn watch_events_with_concurrent_writers_misses_nothing() {
             .last()
             .is_none_or(|e: &pb::WatchEventsResponse| e.sequence < last)
         {
-            got.push(rx.recv().await.expect("the follower stream ended"));
+            let what = format!(
+                "follower of {vm:?}: the event after sequence {} (up to {last})",
+                got.last()
+                    .map_or(0, |e: &pb::WatchEventsResponse| e.sequence)
+            );
+            got.push(
+                wait::within(&what, wait::PATIENCE, rx.recv())
+                    .await
+                    .expect("the follower stream ended"),
+            );
         }
         let want: Vec<_> = log
             .iter()
@@ -614,7 +636,13 @@ async fn watch_events_reports_a_log_it_cannot_read() {
     c.create_region("vm", "r", 4 * MIB, pb::Backend::Memfd, vec![])
         .await
         .unwrap();
-    match follower.message().await {
+    match wait::within(
+        "the follower's error for the event it cannot read",
+        wait::PATIENCE,
+        follower.message(),
+    )
+    .await
+    {
         Err(st) => {
             assert_eq!(st.code(), tonic::Code::Internal, "{st}");
             assert!(st.message().contains("event kind 9999"), "{st}");

@@ -10,14 +10,15 @@
 mod common;
 
 use common::events::last_sequence;
+use common::lines::Lines;
 use common::procfs::memfd_allocated_bytes;
+use common::wait;
 use common::{AgentProc, MIB, policy, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
 use memplace_server::kernel::{self, Mapping};
 use pb::PolicyMode as M;
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -289,7 +290,13 @@ async fn cancelled_populate_leaves_a_consistent_region_that_a_new_populate_compl
             .into_inner();
         // A slow machine (a TCG guest) can report progress before the first chunk is in.
         loop {
-            match stream.message().await.unwrap().and_then(|m| m.event) {
+            let next = wait::within(
+                "the populate's first progress message with bytes done",
+                wait::PATIENCE,
+                stream.message(),
+            )
+            .await;
+            match next.unwrap().and_then(|m| m.event) {
                 Some(Event::Progress(p)) if p.bytes_done == 0 => continue,
                 Some(Event::Progress(p)) => {
                     println!("cancelling at {} of {} bytes", p.bytes_done, p.bytes_total);
@@ -540,9 +547,7 @@ impl Holder {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("memplacectl hold");
-        let out = child.stdout.take().unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        let line = Lines::of(&mut child).wait_for("\"holding\" line", |_| true);
         assert!(line.starts_with("holding"), "holder said {line:?}");
         Holder(child)
     }

@@ -158,15 +158,25 @@ fn paused_qemu(dir: &Path, memory: &[&str]) -> Qemu {
         assert!(t.elapsed() < BOOT_LIMIT, "QEMU opened no QMP socket");
         std::thread::sleep(Duration::from_millis(50));
     };
+    // Each read fails (naming what it waited for) rather than hang on a silent QMP.
+    stream
+        .set_read_timeout(Some(BOOT_LIMIT))
+        .expect("a read timeout on QMP");
     let mut w = stream.try_clone().unwrap();
     let mut r = BufReader::new(stream);
     let mut line = String::new();
-    r.read_line(&mut line).unwrap(); // greeting
+    let mut read = |line: &mut String, what: &str| {
+        let n = r.read_line(line).unwrap_or_else(|e| {
+            panic!("QEMU {memory:?}: no {what} on QMP within {BOOT_LIMIT:?}: {e}")
+        });
+        assert!(n > 0, "QEMU {memory:?}: QMP closed before {what}");
+    };
+    read(&mut line, "greeting");
     for cmd in ["qmp_capabilities", "query-status"] {
         writeln!(w, "{{\"execute\":\"{cmd}\"}}").unwrap();
         loop {
             line.clear();
-            assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
+            read(&mut line, &format!("answer to {cmd}"));
             if line.contains("\"return\"") {
                 break;
             }

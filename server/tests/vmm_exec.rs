@@ -20,7 +20,7 @@ use common::readme::first_sh_block;
 use common::{AgentProc, MIB, Run, ctl_path, policy, whole};
 use memplace_client::{Client, pb};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -726,10 +726,7 @@ async fn exec_refuses_bad_input_and_runs_nothing() {
         .stderr(Stdio::null())
         .spawn()
         .expect("hold");
-    let mut line = String::new();
-    BufReader::new(hold.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("hold's first line");
+    let line = Lines::of(&mut hold).wait_for("\"holding\" line", |_| true);
     assert!(line.starts_with("holding"), "{line}");
     agent.kill();
     hold.kill().expect("kill the holder");

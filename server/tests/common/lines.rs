@@ -4,7 +4,9 @@
 use std::io::{BufRead, BufReader, Read};
 use std::process::Child;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::wait::PATIENCE;
 
 /// The lines of a child's stdout and stderr (whichever were piped), and those read so far.
 pub struct Lines {
@@ -41,13 +43,6 @@ impl Lines {
         Lines { rx, seen: vec![] }
     }
 
-    /// The next line, recorded in `seen`; None once the child's output has closed.
-    pub fn next(&mut self) -> Option<String> {
-        let l = self.rx.recv().ok()?;
-        self.seen.push(l.clone());
-        Some(l)
-    }
-
     /// The next line within `within` (a guard against hanging), recorded in `seen`.
     pub fn next_within(&mut self, within: Duration) -> Result<String, RecvTimeoutError> {
         let l = self.rx.recv_timeout(within)?;
@@ -62,15 +57,31 @@ impl Lines {
         Some(l)
     }
 
-    /// The next line that `want` accepts; panics (naming the lines seen) if the output closes
-    /// first.
-    pub fn wait_for(&mut self, want: impl Fn(&str) -> bool) -> String {
+    /// The next line that `want` accepts, within [`PATIENCE`]; panics naming `what` (and the
+    /// lines seen) if the output closes first or the line does not come in time.
+    pub fn wait_for(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+        self.wait_for_within(what, PATIENCE, want)
+    }
+
+    /// [`Lines::wait_for`] with a limit of `limit`.
+    pub fn wait_for_within(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        want: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + limit;
         loop {
-            match self.next() {
-                Some(l) if want(&l) => return l,
-                Some(_) => {}
-                None => panic!(
-                    "the child's output closed before the expected line; it said:\n{}",
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_within(left) {
+                Ok(l) if want(&l) => return l,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "waited {limit:?} for the child's {what}, and it never came; it said:\n{}",
+                    self.tail(40)
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "the child's output closed before its {what}; it said:\n{}",
                     self.tail(40)
                 ),
             }

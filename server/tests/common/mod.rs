@@ -3,7 +3,7 @@
 //! test files need: events (the stored event log), holder (processes holding a region's file),
 //! lines (a child's output on threads), metrics (/metrics), net (loopback ports), procfs (/proc),
 //! qemu (the real-VMM tests' guest), readme (documented commands), sqlite (the state file through
-//! the sqlite3 CLI), tls (test certificates).
+//! the sqlite3 CLI), tls (test certificates), wait (deadlines for waits).
 //!
 //! Every test binary compiles all of it (`mod common;`), so unused items are allowed here.
 #![allow(dead_code)]
@@ -18,6 +18,7 @@ pub mod qemu;
 pub mod readme;
 pub mod sqlite;
 pub mod tls;
+pub mod wait;
 
 use memplace_client::{Client, pb};
 use std::path::{Path, PathBuf};

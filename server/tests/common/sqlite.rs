@@ -1,6 +1,7 @@
 //! The agent's SQLite file through the sqlite3 CLI (a separate process, as an operator would).
 
-use std::io::{BufRead, BufReader, Write};
+use super::lines::Lines;
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -44,10 +45,7 @@ impl Locker {
         writeln!(stdin, "BEGIN EXCLUSIVE;").unwrap();
         writeln!(stdin, "SELECT 'locked';").unwrap();
         stdin.flush().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let line = Lines::of(&mut child).wait_for("\"locked\" answer to BEGIN EXCLUSIVE", |_| true);
         assert_eq!(line.trim(), "locked");
         Self { child }
     }

@@ -18,7 +18,7 @@
 
 use super::{
     Guest, KernelKind, LOG_TAIL_LINES, NUMA_DIR, Payload, SerialReport, boot_guest_with,
-    failure_name, tail,
+    boot_status_problem, failure_name, tail,
 };
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -351,11 +351,7 @@ fn run_in_guest(binaries: &[PathBuf]) -> Vec<CaseResult> {
     );
     let place = format!("in the guest ({})", run.what);
     let mut setup_problems: Vec<String> = Vec::new();
-    match run.status.code() {
-        Some(0) => {}
-        Some(124) => setup_problems.push("QEMU was killed at the timeout".to_owned()),
-        _ => setup_problems.push(format!("boot-guest.sh failed: {}", run.status)),
-    }
+    setup_problems.extend(boot_status_problem(run.status));
     let setup_checks = [
         "insmod-irqbypass",
         "insmod-kvm",

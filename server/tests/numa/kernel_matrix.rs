@@ -8,7 +8,10 @@
 //! does on each kernel", which [`kernel_matrix_matches_readme`] compares with this run: a change in
 //! what any kernel does fails the suite until README says so.
 
-use super::{Guest, KernelKind, LOG_TAIL_LINES, NUMA_DIR, Payload, boot_guest_with, tail};
+use super::{
+    Guest, KernelKind, LOG_TAIL_LINES, NUMA_DIR, Payload, boot_guest_with, boot_status_problem,
+    tail,
+};
 use std::path::Path;
 
 /// The checks `matrix.sh` reports as PASS on every kernel, besides the KVM modules' insmod lines.
@@ -91,9 +94,7 @@ fn kernel_matrix_matches_readme() {
             run.log.display()
         );
         let mut here = Vec::new();
-        if run.status.code() != Some(0) {
-            here.push(format!("boot-guest.sh: {}", run.status));
-        }
+        here.extend(boot_status_problem(run.status));
         let expected: Vec<&str> = ["insmod-irqbypass", "insmod-kvm", "insmod-kvm_amd"]
             .into_iter()
             .chain(MATRIX_CHECKS.iter().copied())

@@ -77,6 +77,9 @@ def main():
 
     # The VMM side: one packet per request, fds in SCM_RIGHTS on the reply.
     vmm = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Each reply is awaited at most this long: a silent agent fails (TimeoutError at the recv of
+    # the handoff reply) instead of hanging the test.
+    vmm.settimeout(60)
     vmm.connect(handoff_path)
     out = []
     for guest, node, name, pages in regions:
