@@ -623,6 +623,86 @@ async fn bad_pids_and_qemu_without_shared_memory_change_nothing() {
 
 const GMEM: u64 = 4 * MIB;
 
+/// Attach changes nothing nobody asked for: QEMU bound its own backend (`host-nodes=0,
+/// policy=bind`, as libvirt's `<numatune>` makes it do), so the attached region's intent is BIND 0
+/// from the start, an event says what was kept, and two reconciles leave the file bound (read
+/// through a fresh mapping of QEMU's own fd). Then SetPolicy, and only SetPolicy, changes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn attach_keeps_the_placement_qemu_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let qemu = paused_qemu(
+        dir.path(),
+        &[
+            "-m",
+            "64M",
+            "-object",
+            "memory-backend-memfd,id=m0,size=64M,share=on,host-nodes=0,policy=bind",
+            "-machine",
+            "memory-backend=m0",
+        ],
+    );
+    let qpid = qemu.pid();
+    let fd = memfd_fd_of(qpid, "memory-backend-memfd");
+    assert_eq!(
+        policy_through_fresh_mapping(qpid, &fd, size),
+        (Some(bind0()), Some(bind0())),
+        "QEMU did not bind its backend"
+    );
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let a = c.attach_process("vm1", qpid).await.unwrap();
+    assert_eq!(a.regions.len(), 1, "{a:?}");
+    let name = a.regions[0].name.clone();
+    let bind = policy(pb::PolicyMode::Bind, &[0]);
+    let r = c.get_region("vm1", &name).await.unwrap();
+    assert_eq!(r.ranges.len(), 1, "{r:?}");
+    assert_eq!(r.ranges[0].intended.as_ref(), Some(&bind), "{r:?}");
+    assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
+    let evs = stored_events(&mut c, "vm1", 0).await;
+    let adopted = evs
+        .iter()
+        .find(|e| e.kind() == pb::EventKind::RegionAdopted)
+        .unwrap_or_else(|| panic!("no attach event: {evs:#?}"));
+    assert!(
+        adopted
+            .message
+            .contains("kept the kernel's placement as intent: [0x0, 0x4000000) bind"),
+        "{adopted:?}"
+    );
+    for pass in 1..=2 {
+        let rec = c.reconcile("vm1").await.unwrap();
+        assert_eq!(
+            (rec.ranges_drifted, rec.ranges_reapplied),
+            (0, 1),
+            "pass {pass}: {rec:?}"
+        );
+        assert_eq!(
+            policy_through_fresh_mapping(qpid, &fd, size),
+            (Some(bind0()), Some(bind0())),
+            "pass {pass}"
+        );
+    }
+    c.set_policy(
+        "vm1",
+        &name,
+        0,
+        0,
+        policy(pb::PolicyMode::Preferred, &[0]),
+        false,
+    )
+    .await
+    .unwrap();
+    let (first, last) = policy_through_fresh_mapping(qpid, &fd, size);
+    assert_eq!(
+        (first.map(|p| p.mode), last.map(|p| p.mode)),
+        (Some(PolicyMode::Preferred), Some(PolicyMode::Preferred))
+    );
+    c.reconcile("vm1").await.unwrap();
+    let (first, _) = policy_through_fresh_mapping(qpid, &fd, size);
+    assert_eq!(first.map(|p| p.mode), Some(PolicyMode::Preferred));
+}
+
 /// A stand-in VMM, `memplace-test-standin gmem-vmm`: a KVM VM of its own with two guest_memfds,
 /// the first bound to memslot 0 through its mapping, the second only held as an fd; and a memfd
 /// it maps shared and holds no fd for. It writes a pattern into all three and answers `check` on

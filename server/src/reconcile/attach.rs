@@ -9,8 +9,8 @@
 
 use super::{Agent, AgentError, LiveRegion, RegionFile, RegionView, kerr, new_uid};
 use crate::domain::{
-    Backend, DomainError, Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey,
-    RegionStatus, Strategy, VmId,
+    Backend, DomainError, Event, EventKind, Holder, RegionIntent, RegionKey, RegionStatus,
+    Strategy, VmId,
 };
 use crate::kernel::procmem::{self, FoundFile, MemKind, ProcessMemory};
 use crate::kernel::{Mapping, pidfd};
@@ -193,7 +193,7 @@ impl Agent {
             ..
         } = plan;
         // The answer, stored with the commit. Attaching applies no policy (new regions start at
-        // DEFAULT), so the kernel reads now as it will after the commit, and a replay of the
+        // what the kernel shows), so the kernel reads now as it will after the commit, and a replay of the
         // request id answers exactly as the first call did.
         let (regions, pending) = self.attached_views(regions, holder).await?;
         if let Some(i) = &idem {
@@ -342,6 +342,13 @@ impl Agent {
         if mapping.is_none() && backend != Backend::GuestMemfd {
             return Err(kerr("mmap of the attached file")(Errno::EINVAL));
         }
+        let (ranges, kept) = super::adopt::kernel_ranges(
+            f.fd.as_fd(),
+            mapping.as_ref(),
+            strategy,
+            f.size,
+            file_page,
+        )?;
         let intent = RegionIntent {
             key: key.clone(),
             uid: new_uid(),
@@ -350,7 +357,7 @@ impl Agent {
             hugepage_size_bytes: hugepage,
             generation: 1,
             strategy,
-            ranges: RangeMap::new(f.size),
+            ranges,
             created_unix: unix_now(),
             status: RegionStatus::Active,
             holder: Some(holder),
@@ -361,7 +368,7 @@ impl Agent {
             EventKind::RegionAdopted,
             Some(&key),
             format!(
-                "attached a {} file of {} bytes from pid {pid} ({comm}){}",
+                "attached a {} file of {} bytes from pid {pid} ({comm}){}; {kept}",
                 backend.as_str(),
                 f.size,
                 match f.held_fd {
