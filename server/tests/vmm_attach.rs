@@ -703,6 +703,149 @@ async fn attach_keeps_the_placement_qemu_set() {
     assert_eq!(first.map(|p| p.mode), Some(PolicyMode::Preferred));
 }
 
+/// A field of every node's sysfs meminfo, summed, in bytes.
+fn node_meminfo(field: &str) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir("/sys/devices/system/node")
+        .unwrap()
+        .flatten()
+    {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if !n.starts_with("node") || n[4..].parse::<u32>().is_err() {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path().join("meminfo")).unwrap();
+        let kb: u64 = text
+            .lines()
+            .find_map(|l| {
+                let rest = l.split_once(&format!(" {field}:"))?.1;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no {field} in {}/meminfo", e.path().display()));
+        total += kb * 1024;
+    }
+    total
+}
+
+/// Whether process `pid` holds an fd of the file with inode `ino`.
+fn holds_inode(pid: u32, ino: u64) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .any(|e| {
+            std::fs::metadata(e.path())
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino)
+                .unwrap_or(false)
+        })
+}
+
+/// When the VMM a file was attached from exits, the agent learns it from a pidfd and gives the
+/// memory back: the region turns RELEASED (still RELEASED after an agent restart), a
+/// REGION_RELEASED event names the pid, `memplace_regions_released_total` counts it, the agent
+/// holds no fd of the file any more, and the node's Shmem and FilePages drop by the file's size.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attached_vmm_that_exits_gets_its_memory_released() {
+    const SIZE_MIB: u64 = 512;
+    let dir = tempfile::tempdir().unwrap();
+    let mem = format!("memory-backend-memfd,id=m0,size={SIZE_MIB}M,share=on,prealloc=on");
+    let mut qemu = paused_qemu(
+        dir.path(),
+        &[
+            "-m",
+            &format!("{SIZE_MIB}M"),
+            "-object",
+            &mem,
+            "-machine",
+            "memory-backend=m0",
+        ],
+    );
+    let qpid = qemu.pid();
+    let size = SIZE_MIB * MIB;
+    let port = common::net::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agent = AgentProc::start_with(&["--metrics-addr", &addr]);
+    common::net::wait_tcp(port);
+    let mut c = agent.client().await;
+    let a = c.attach_process("vm1", qpid).await.unwrap();
+    let name = a.regions[0].name.clone();
+    assert_eq!(a.regions[0].origin(), pb::RegionOrigin::Attach, "{a:?}");
+    let fd = memfd_fd_of(qpid, &name);
+    let ino = std::fs::metadata(format!("/proc/{qpid}/fd/{fd}"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    assert!(
+        holds_inode(agent.pid(), ino),
+        "the agent holds no fd of QEMU's file"
+    );
+    let (shmem, file_pages) = (node_meminfo("Shmem"), node_meminfo("FilePages"));
+
+    qemu.child.kill().unwrap();
+    qemu.child.wait().unwrap();
+    let t = Instant::now();
+    let r = loop {
+        let r = c.get_region("vm1", &name).await.unwrap();
+        if r.status() == pb::RegionStatus::Released {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the region was not released within 30 s of QEMU's exit: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.origin(), pb::RegionOrigin::Attach, "{r:?}");
+    assert!(
+        !holds_inode(agent.pid(), ino),
+        "the agent still holds QEMU's file after releasing it"
+    );
+    let (shmem_after, file_pages_after) = (node_meminfo("Shmem"), node_meminfo("FilePages"));
+    assert!(
+        shmem_after + size - 4 * MIB <= shmem,
+        "Shmem went from {shmem} to {shmem_after}: the {size} bytes were not freed"
+    );
+    // FilePages also moves with the host's page cache (other builds and tests): half the file
+    // is far above that noise over this short a time.
+    assert!(
+        file_pages_after + size / 2 <= file_pages,
+        "FilePages went from {file_pages} to {file_pages_after}: the {size} bytes were not freed"
+    );
+    let evs = stored_events(&mut c, "vm1", 0).await;
+    let released = evs
+        .iter()
+        .find(|e| e.kind() == pb::EventKind::RegionReleased)
+        .unwrap_or_else(|| panic!("no REGION_RELEASED event: {evs:#?}"));
+    assert!(
+        released.message.contains(&format!("pid {qpid} exited")),
+        "{released:?}"
+    );
+    let metrics = common::metrics::scrape(port);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "memplace_regions_released_total 1"),
+        "{metrics}"
+    );
+    // Nothing can be placed on a released region, and it stays released across a restart.
+    let e = c
+        .set_policy(
+            "vm1",
+            &name,
+            0,
+            0,
+            policy(pb::PolicyMode::Bind, &[0]),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e:?}");
+    assert!(e.to_string().contains("released"), "{e}");
+    agent.restart();
+    let mut c = agent.client().await;
+    let r = c.get_region("vm1", &name).await.unwrap();
+    assert_eq!(r.status(), pb::RegionStatus::Released, "{r:?}");
+    c.delete_region("vm1", &name).await.unwrap();
+}
+
 /// A stand-in VMM, `memplace-test-standin gmem-vmm`: a KVM VM of its own with two guest_memfds,
 /// the first bound to memslot 0 through its mapping, the second only held as an fd; and a memfd
 /// it maps shared and holds no fd for. It writes a pattern into all three and answers `check` on

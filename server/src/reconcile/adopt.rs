@@ -75,7 +75,8 @@ impl Agent {
             status: RegionStatus::Active,
             holder: Some(holder),
             file_id: Some((st.st_dev, st.st_ino)),
-            adopted: true,
+            origin: crate::domain::Origin::Adopt,
+            guest_cell: None,
         };
         let ev = self.event(
             EventKind::RegionAdopted,

@@ -362,7 +362,8 @@ impl Agent {
             status: RegionStatus::Active,
             holder: Some(holder),
             file_id: Some(f.file_id),
-            adopted: true,
+            origin: crate::domain::Origin::Attach,
+            guest_cell: None,
         };
         let event = self.event(
             EventKind::RegionAdopted,

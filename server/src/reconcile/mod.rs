@@ -14,7 +14,8 @@
 //! - `adopt`, `attach`: files a VMM made or holds become regions;
 //! - `populate` (its worker threads in `workers`, its cgroup helper child in `cgroup`):
 //!   allocating pages where the policy says;
-//! - `placement`: where pages are; `recover`: bringing regions back after a restart.
+//! - `placement`: where pages are; `recover`: bringing regions back after a restart;
+//! - `holders`: a holder's exit (pidfd), and giving back the memory nobody holds any more.
 
 mod adopt;
 mod agent;
@@ -22,6 +23,7 @@ mod attach;
 mod cgroup;
 mod drift;
 mod error;
+mod holders;
 mod live;
 mod placement;
 mod plan;
@@ -31,7 +33,7 @@ mod recover;
 mod regions;
 mod workers;
 
-pub use agent::{AGENT_ACTOR, Agent, AgentCounters, Limits};
+pub use agent::{AGENT_ACTOR, Agent, AgentCounters, DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS, Limits};
 pub use attach::AttachIdempotency;
 pub use cgroup::child_main as populate_child_main;
 pub use drift::ReconcileReport;

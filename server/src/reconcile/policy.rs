@@ -8,8 +8,8 @@ use super::placement;
 use super::plan::{Migrate, plan_migrate};
 use super::regions::{Idempotency, save_request};
 use crate::domain::{
-    Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, RegionStatus,
-    Strategy, resolve_span,
+    Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, Strategy,
+    resolve_span,
 };
 use crate::kernel::{self, Mapping, probe::Capabilities};
 use crate::store::{StoreError, WriteOp};
@@ -161,8 +161,8 @@ impl Agent {
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
         self.check_generation(&live.intent, expected_generation, idem.as_ref())
             .await?;
-        if live.intent.status == RegionStatus::Lost {
-            return Err(AgentError::Lost(key.clone()));
+        if let Some(e) = AgentError::without_file(&live.intent) {
+            return Err(e);
         }
         if migrate {
             live = refuse_unmovable(live, offset, length, page).await?;

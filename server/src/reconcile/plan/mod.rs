@@ -172,7 +172,7 @@ pub fn observe(
     let drift = match k {
         Some(k)
             if file == FileState::Mapped
-                && intent.status != RegionStatus::Lost
+                && intent.status.has_file()
                 && intent.strategy == Strategy::SharedPolicy =>
         {
             intent
@@ -333,7 +333,7 @@ pub fn execute(k: Option<&impl RangeKernel>, actions: &[Action], page: u64) -> V
 /// What a restart does with a stored region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recovery {
-    /// Lost before this restart: kept as it is until deleted.
+    /// Lost or released before this restart: kept as it is until deleted.
     StillLost,
     /// Handed off without a recorded file identity: the file cannot be found in any process, and
     /// a VMM may still use it, so recreating it would give the region a second, empty file. Mark
@@ -349,7 +349,7 @@ pub enum Recovery {
 /// [`Recovery`] for a stored region.
 pub fn plan_recovery(intent: &RegionIntent) -> Recovery {
     match (intent.status, intent.holder, intent.file_id) {
-        (RegionStatus::Lost, _, _) => Recovery::StillLost,
+        (RegionStatus::Lost | RegionStatus::Released, _, _) => Recovery::StillLost,
         (_, Some(_), Some(_)) => Recovery::TakeBack,
         (_, Some(_), None) => Recovery::MarkLostNoIdentity,
         (_, None, _) => Recovery::Recreate,
@@ -412,7 +412,8 @@ mod tests {
             status: RegionStatus::Active,
             holder: None,
             file_id: None,
-            adopted: false,
+            origin: crate::domain::Origin::Agent,
+            guest_cell: None,
         }
     }
 
