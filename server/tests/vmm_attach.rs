@@ -703,6 +703,94 @@ async fn attach_keeps_the_placement_qemu_set() {
     assert_eq!(first.map(|p| p.mode), Some(PolicyMode::Preferred));
 }
 
+/// Regions are named after QEMU's memory backends and record the guest NUMA cell each backs,
+/// where the kernel proves which memfd is which backend (the only backend and the only memfd of
+/// its size, mapped whole): the 64 MiB cell 0 and 32 MiB cell 1 of a two-cell guest. Two cells
+/// of equal size cannot be told apart, so they keep the memfd's names, no cell, and the attach
+/// event says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn regions_are_named_after_qemus_backends_where_the_kernel_proves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let two_cells = |size0: &str, size1: &str, total: &str| {
+        paused_qemu(
+            dir.path(),
+            &[
+                "-m",
+                total,
+                "-smp",
+                "2",
+                "-object",
+                &format!("memory-backend-memfd,id=ram-node0,size={size0},share=on"),
+                "-object",
+                &format!("memory-backend-memfd,id=ram-node1,size={size1},share=on"),
+                "-numa",
+                "node,nodeid=0,cpus=0,memdev=ram-node0",
+                "-numa",
+                "node,nodeid=1,cpus=1,memdev=ram-node1",
+            ],
+        )
+    };
+    let mut agent = AgentProc::start();
+    let mut c = agent.client().await;
+
+    let q = two_cells("64M", "32M", "96M");
+    let a = c.attach_process("vm1", q.pid()).await.unwrap();
+    let mut got: Vec<(String, u64, Option<u32>)> = a
+        .regions
+        .iter()
+        .map(|r| (r.name.clone(), r.size_bytes, r.guest_cell))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("ram-node0".to_string(), 64 * MIB, Some(0)),
+            ("ram-node1".to_string(), 32 * MIB, Some(1)),
+        ],
+        "{a:?}"
+    );
+    let evs = stored_events(&mut c, "vm1", 0).await;
+    let named = evs
+        .iter()
+        .find(|e| e.kind() == pb::EventKind::RegionAdopted && e.name == "ram-node1")
+        .unwrap_or_else(|| panic!("no attach event for ram-node1: {evs:#?}"));
+    assert!(
+        named.message.contains(
+            "named after QEMU memory backend ram-node1 (guest NUMA cell 1): the only memory-backend-memfd of 33554432 bytes"
+        ),
+        "{named:?}"
+    );
+    // Names and cells are durable: an agent restart reads them back.
+    agent.restart();
+    let mut c = agent.client().await;
+    let r = c.get_region("vm1", "ram-node0").await.unwrap();
+    assert_eq!(r.guest_cell, Some(0), "{r:?}");
+    drop(q);
+
+    let q = two_cells("32M", "32M", "64M");
+    let a = c.attach_process("vm2", q.pid()).await.unwrap();
+    let mut names: Vec<(String, Option<u32>)> = a
+        .regions
+        .iter()
+        .map(|r| (r.name.clone(), r.guest_cell))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("memory-backend-memfd".to_string(), None),
+            ("memory-backend-memfd-1".to_string(), None),
+        ]
+    );
+    let evs = stored_events(&mut c, "vm2", 0).await;
+    assert!(
+        evs.iter().any(|e| e.kind() == pb::EventKind::RegionAdopted
+            && e.message
+                .contains("backends ram-node0, ram-node1 are all 33554432 bytes")),
+        "{evs:#?}"
+    );
+}
+
 /// A field of every node's sysfs meminfo, summed, in bytes.
 fn node_meminfo(field: &str) -> u64 {
     let mut total = 0;

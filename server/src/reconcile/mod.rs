@@ -11,7 +11,8 @@
 //! - `drift`: Reconcile (sample, report drift, re-bind);
 //! - `plan`: the pure decisions (reconcile, recovery, migrate) over a small kernel trait, with a
 //!   fake kernel and contract tests that run the same cases on the real one;
-//! - `adopt`, `attach`: files a VMM made or holds become regions;
+//! - `adopt`, `attach`: files a VMM made or holds become regions (`qemu`: which file is which of
+//!   QEMU's memory backends);
 //! - `populate` (its worker threads in `workers`, its cgroup helper child in `cgroup`):
 //!   allocating pages where the policy says;
 //! - `placement`: where pages are; `recover`: bringing regions back after a restart;
@@ -29,6 +30,7 @@ mod placement;
 mod plan;
 mod policy;
 mod populate;
+mod qemu;
 mod recover;
 mod regions;
 mod workers;
