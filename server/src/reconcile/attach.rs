@@ -390,11 +390,17 @@ impl Agent {
             origin: crate::domain::Origin::Attach,
             guest_cell,
         };
+        // How much of the file holds data now: near nothing for a VMM attached before its guest
+        // ran (libvirt's `started` hook), so the placement applies to all the guest's memory.
+        let allocated = nix::sys::stat::fstat(&f.fd).map_or_else(
+            |_| "unknown bytes".to_string(),
+            |st| format!("{} bytes", st.st_blocks as u64 * 512),
+        );
         let event = self.event(
             EventKind::RegionAdopted,
             Some(&key),
             format!(
-                "attached a {} file of {} bytes from pid {pid} ({comm}){}{named}; {kept}",
+                "attached a {} file of {} bytes ({allocated} allocated) from pid {pid} ({comm}){}{named}; {kept}",
                 backend.as_str(),
                 f.size,
                 match f.held_fd {
