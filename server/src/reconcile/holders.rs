@@ -229,3 +229,96 @@ impl Agent {
         Ok(())
     }
 }
+
+/// Where holder `h` may allocate: the nodes of its cpuset (`Mems_allowed_list` of
+/// /proc/PID/status, which cgroup v1 and v2 both keep) and the cgroup that sets them, for
+/// messages. `None` when the process is gone or not the recorded one any more.
+pub(crate) fn holder_cpuset(h: Holder) -> Option<(crate::domain::NodeSet, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid)).ok()?;
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Mems_allowed_list:"))
+        .and_then(|v| crate::domain::NodeSet::parse_list(v.trim()).ok())?;
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", h.pid)).unwrap_or_default();
+    let cgroup = cgroups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "cpuset")
+                .then(|| path.to_string())
+        })
+        .or_else(|| {
+            cgroups
+                .lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+        .unwrap_or_default();
+    (pidfd::start_time(h.pid) == Some(h.start_time)).then_some((allowed, cgroup))
+}
+
+/// Why `policy` cannot place a holder's pages where it says: its nodes are not all in the
+/// holder's cpuset (`allowed`), so the kernel would put pages elsewhere or fail the fault (a
+/// libvirt domain's cgroup gets `cpuset.mems` from `<numatune>`). `None` when it can, or names
+/// no nodes, or names them relative to the cpuset.
+pub(crate) fn cpuset_conflict(
+    policy: &crate::domain::Policy,
+    allowed: &crate::domain::NodeSet,
+    pid: i32,
+    cgroup: &str,
+) -> Option<String> {
+    if policy.nodes.is_empty() || policy.relative_nodes || policy.nodes.is_subset(allowed) {
+        return None;
+    }
+    Some(format!(
+        "the region's holder, pid {pid}, may allocate only on nodes {allowed} (cpuset.mems of \
+         cgroup {cgroup}), so the kernel would not place its pages on {}: widen the cpuset first \
+         (libvirt: virsh numatune DOMAIN --nodeset NODES --live) or name nodes within {allowed}",
+        policy.nodes
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{NodeSet, Policy, PolicyMode};
+
+    #[test]
+    fn a_policy_outside_the_holders_cpuset_is_named() {
+        let set = |ids: &[u32]| NodeSet::from_ids(ids.iter().copied()).unwrap();
+        let allowed = set(&[0, 1]);
+        let bind = |ids: &[u32]| Policy::new(PolicyMode::Bind, set(ids));
+        assert_eq!(cpuset_conflict(&bind(&[1]), &allowed, 7, "/m"), None);
+        assert_eq!(cpuset_conflict(&Policy::DEFAULT, &allowed, 7, "/m"), None);
+        let msg = cpuset_conflict(
+            &bind(&[1, 2]),
+            &allowed,
+            7,
+            "/machine/qemu-1-d.libvirt-qemu",
+        )
+        .unwrap();
+        assert!(
+            msg.contains("pid 7, may allocate only on nodes 0-1")
+                && msg.contains("/machine/qemu-1-d.libvirt-qemu")
+                && msg.contains("on 1-2"),
+            "{msg}"
+        );
+        let mut relative = bind(&[3]);
+        relative.relative_nodes = true;
+        assert_eq!(cpuset_conflict(&relative, &allowed, 7, "/m"), None);
+        // This process's own cpuset reads back, and the agent's pid reused is refused.
+        let me = Holder {
+            pid: std::process::id() as i32,
+            start_time: pidfd::start_time(std::process::id() as i32).unwrap(),
+        };
+        let (mine, _) = holder_cpuset(me).unwrap();
+        assert!(!mine.is_empty());
+        let stale = Holder {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(holder_cpuset(stale).is_none());
+    }
+}

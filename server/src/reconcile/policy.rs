@@ -164,6 +164,16 @@ impl Agent {
         if let Some(e) = AgentError::without_file(&live.intent) {
             return Err(e);
         }
+        // A holder confined by its cgroup's cpuset (a libvirt domain) would not get pages on
+        // nodes outside it: say so instead of binding.
+        if let Some(h) = live.intent.holder
+            && let Some((allowed, cgroup)) = super::holders::holder_cpuset(h)
+            && let Some(why) = super::holders::cpuset_conflict(&policy, &allowed, h.pid, &cgroup)
+        {
+            return Err(AgentError::FailedPrecondition(format!(
+                "region {key}: {why}"
+            )));
+        }
         if migrate {
             live = refuse_unmovable(live, offset, length, page).await?;
         }
