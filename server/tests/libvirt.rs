@@ -118,44 +118,36 @@ impl Drop for Hooked {
     }
 }
 
-/// A working domain: TCG, memfd shared backing, direct kernel boot, strict numatune on node 0.
-/// README's libvirt section shows the same XML.
-fn domain_xml(dir: &Path, kernel: &Path, initrd: &Path) -> String {
-    format!(
-        r#"<domain type='qemu'>
-  <name>{DOMAIN}</name>
-  <memory unit='MiB'>{GUEST_MB}</memory>
-  <vcpu>1</vcpu>
-  <numatune>
-    <memory mode='strict' nodeset='0'/>
-  </numatune>
-  <memoryBacking>
-    <source type='memfd'/>
-    <access mode='shared'/>
-  </memoryBacking>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 memplace.ramcheck_mb={GUEST_DATA_MIB}</cmdline>
-  </os>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <serial type='file'>
-      <source path='{serial}'/>
-      <target port='0'/>
-    </serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"#,
-        kernel = kernel.display(),
-        initrd = initrd.display(),
-        serial = dir.join("serial.log").display(),
-    )
+/// The domain of README's libvirt section (TCG, memfd shared backing, direct kernel boot, strict
+/// numatune on node 0), with this test's name, files and guest data size.
+fn domain_xml(dir: &Path) -> String {
+    let readme = common::readme::readme();
+    let section = common::readme::section(&readme, "## libvirt");
+    let start = section
+        .find("```xml\n")
+        .expect("README's libvirt section has no ```xml block")
+        + 7;
+    let end = start
+        + section[start..]
+            .find("```")
+            .expect("an unterminated ```xml block");
+    let xml = section[start..end]
+        .replace("<name>guest</name>", &format!("<name>{DOMAIN}</name>"))
+        .replace(
+            "/var/lib/libvirt/images/guest/",
+            &format!("{}/", dir.display()),
+        )
+        .replace(
+            "panic=-1</cmdline>",
+            &format!("panic=-1 quiet memplace.ramcheck_mb={GUEST_DATA_MIB}</cmdline>"),
+        );
+    assert!(
+        xml.contains(&format!("<memory unit='MiB'>{GUEST_MB}</memory>"))
+            && xml.contains(&format!("{}/vmlinuz", dir.display()))
+            && xml.contains("memplace.ramcheck_mb="),
+        "README's domain XML is not the one this test expects:\n{xml}"
+    );
+    xml
 }
 
 /// Counts of the guest's passed and failed RAM checks.
@@ -306,7 +298,7 @@ async fn a_libvirt_domain_is_placed_by_memplace_through_its_hook() {
     let vmlinuz = hooked.dir.join("vmlinuz");
     std::fs::copy(&kernel, &vmlinuz).unwrap();
     let xml = hooked.dir.join("domain.xml");
-    std::fs::write(&xml, domain_xml(&hooked.dir, &vmlinuz, &initrd)).unwrap();
+    std::fs::write(&xml, domain_xml(&hooked.dir)).unwrap();
     let serial = hooked.dir.join("serial.log");
 
     // `virsh create` returns once the `started` hook has run.
