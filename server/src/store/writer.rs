@@ -397,8 +397,8 @@ mod tests {
         let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
         let conn = open_writer(&path, Duration::from_secs(1)).unwrap();
         conn.execute_batch(
-            "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, generation, strategy, created_unix, status) \
-             VALUES ('vm', 'r', 'u', 'memfd', 4096, 1, 'shared-policy', 0, 'active')",
+            "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, generation, strategy, created_unix, status, origin) \
+             VALUES ('vm', 'r', 'u', 'memfd', 4096, 1, 'shared-policy', 0, 'active', 'agent')",
         )
         .unwrap();
         let key = RegionKey::parse("vm", "r").unwrap();
