@@ -9,7 +9,7 @@ mod common;
 
 use common::events::stored_events;
 use common::holder::HolderProc;
-use common::procfs::memfd_allocated_bytes;
+use common::procfs::{memfd_allocated_bytes, node_meminfo};
 use common::{AgentProc, MIB, ctl_path, policy, whole};
 use memplace_client::{Client, pb};
 use std::process::Command;
@@ -61,22 +61,6 @@ async fn wait_event(c: &mut Client, name: &str, kind: pb::EventKind, text: &str)
     }
 }
 
-/// Node 0's Shmem in bytes (memfd pages count there; ordinary page cache does not).
-fn node0_shmem() -> u64 {
-    let text = std::fs::read_to_string("/sys/devices/system/node/node0/meminfo").unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.split_once(" Shmem:")?
-                .1
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .map(|kb: u64| kb * 1024)
-        .expect("Shmem in node0/meminfo")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_last_holder_gone_an_agent_region_is_released_after_the_keep_time() {
     let agent = AgentProc::start_with(&["--release-agent-regions-after", "1"]);
@@ -105,7 +89,7 @@ async fn the_last_holder_gone_an_agent_region_is_released_after_the_keep_time() 
     assert_eq!(r.status(), pb::RegionStatus::Active, "{r:?}");
 
     // The last holder exits: kept one second for a VMM that restarts, then given back.
-    let shmem = node0_shmem();
+    let shmem = node_meminfo("Shmem");
     let first_pid = first.pid();
     first.kill();
     wait_event(
@@ -120,10 +104,10 @@ async fn the_last_holder_gone_an_agent_region_is_released_after_the_keep_time() 
     assert_eq!(r.status(), pb::RegionStatus::Released, "{m}: {r:?}");
     let agent_memfds = common::procfs::fds_like(agent.pid() as i32, "memplace:vm1/ram");
     assert!(agent_memfds.is_empty(), "{agent_memfds:?}");
-    let freed = shmem.saturating_sub(node0_shmem());
+    let freed = shmem.saturating_sub(node_meminfo("Shmem"));
     assert!(
         freed + 2 * MIB >= SIZE,
-        "node 0's Shmem dropped by {freed} bytes, not by the region's {SIZE}"
+        "the nodes' Shmem dropped by {freed} bytes, not by the region's {SIZE}"
     );
     let e = c
         .set_policy(

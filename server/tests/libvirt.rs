@@ -16,6 +16,7 @@
 mod common;
 
 use common::events::stored_events;
+use common::procfs::{holds_inode, node_meminfo};
 use common::qemu::{lts_kernel, ram_check_initramfs};
 use common::{AgentProc, MIB, ctl_path, policy};
 use memplace_client::pb;
@@ -245,34 +246,6 @@ fn node0(mode: PolicyMode) -> Policy {
     Policy::new(mode, n)
 }
 
-/// A field of every node's meminfo, summed, in bytes.
-fn node_meminfo(field: &str) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir("/sys/devices/system/node")
-        .unwrap()
-        .flatten()
-    {
-        let n = e.file_name().to_string_lossy().into_owned();
-        if !n.starts_with("node") || n[4..].parse::<u32>().is_err() {
-            continue;
-        }
-        let text = std::fs::read_to_string(e.path().join("meminfo")).unwrap();
-        total += text
-            .lines()
-            .find_map(|l| {
-                l.split_once(&format!(" {field}:"))?
-                    .1
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("no {field} in {}", e.path().display()))
-            * 1024;
-    }
-    total
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_libvirt_domain_is_placed_by_memplace_through_its_hook() {
     let mut expected: BTreeSet<&str> = [
@@ -423,16 +396,8 @@ async fn a_libvirt_domain_is_placed_by_memplace_through_its_hook() {
         left.is_empty(),
         "regions left after virsh destroy: {left:#?}"
     );
-    let agent_holds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
-        .unwrap()
-        .flatten()
-        .any(|e| {
-            std::fs::metadata(e.path())
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino)
-                .unwrap_or(false)
-        });
     assert!(
-        !agent_holds,
+        !holds_inode(agent.pid(), ino),
         "the agent still holds the destroyed domain's memfd"
     );
     let size = GUEST_MB * MIB;

@@ -15,6 +15,7 @@ mod common;
 
 use common::events::stored_events;
 use common::holder::HolderProc;
+use common::procfs::{holds_inode, node_meminfo};
 use common::qemu::{lts_kernel, ram_check_initramfs};
 use common::sqlite;
 use common::{AgentProc, MIB, ctl_path, policy, standin_path};
@@ -272,12 +273,14 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
     let regions = v["regions"].as_array().unwrap();
     assert_eq!(regions.len(), 1, "{v}");
     let r = &regions[0];
-    assert_eq!(r["name"], "memory-backend-memfd", "{v}");
+    // Named after QEMU's backend id, the machine's only backend: guest cell 0.
+    assert_eq!(r["name"], "m0", "{v}");
+    assert_eq!(r["guest_cell"], 0, "{v}");
     assert_eq!(r["backend"], "memfd", "{v}");
     assert_eq!(r["size_bytes"], size, "{v}");
     assert_eq!(r["holder_pid"], qpid, "{v}");
     assert_eq!(r["status"], "active", "{v}");
-    let name = "memory-backend-memfd";
+    let name = "m0";
     let uid = c.get_region("vm1", name).await.unwrap().uid;
 
     // The same file again is the same region; a request id answers the same way twice.
@@ -325,7 +328,7 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
     );
 
     // SetPolicy binds QEMU's file: read through a fresh mapping of QEMU's own fd.
-    let fd = memfd_fd_of(qpid, name);
+    let fd = memfd_fd_of(qpid, "memory-backend-memfd");
     let before = policy_through_fresh_mapping(qpid, &fd, size);
     assert_eq!(before, (Some(Policy::DEFAULT), Some(Policy::DEFAULT)));
     c.set_policy("vm1", name, 0, 0, policy(pb::PolicyMode::Bind, &[0]), true)
@@ -791,42 +794,6 @@ async fn regions_are_named_after_qemus_backends_where_the_kernel_proves_it() {
     );
 }
 
-/// A field of every node's sysfs meminfo, summed, in bytes.
-fn node_meminfo(field: &str) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir("/sys/devices/system/node")
-        .unwrap()
-        .flatten()
-    {
-        let n = e.file_name().to_string_lossy().into_owned();
-        if !n.starts_with("node") || n[4..].parse::<u32>().is_err() {
-            continue;
-        }
-        let text = std::fs::read_to_string(e.path().join("meminfo")).unwrap();
-        let kb: u64 = text
-            .lines()
-            .find_map(|l| {
-                let rest = l.split_once(&format!(" {field}:"))?.1;
-                rest.split_whitespace().next()?.parse().ok()
-            })
-            .unwrap_or_else(|| panic!("no {field} in {}/meminfo", e.path().display()));
-        total += kb * 1024;
-    }
-    total
-}
-
-/// Whether process `pid` holds an fd of the file with inode `ino`.
-fn holds_inode(pid: u32, ino: u64) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .any(|e| {
-            std::fs::metadata(e.path())
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino)
-                .unwrap_or(false)
-        })
-}
-
 /// When the VMM a file was attached from exits, the agent learns it from a pidfd and gives the
 /// memory back: the region turns RELEASED (still RELEASED after an agent restart), a
 /// REGION_RELEASED event names the pid, `memplace_regions_released_total` counts it, the agent
@@ -857,7 +824,7 @@ async fn an_attached_vmm_that_exits_gets_its_memory_released() {
     let a = c.attach_process("vm1", qpid).await.unwrap();
     let name = a.regions[0].name.clone();
     assert_eq!(a.regions[0].origin(), pb::RegionOrigin::Attach, "{a:?}");
-    let fd = memfd_fd_of(qpid, &name);
+    let fd = memfd_fd_of(qpid, "memory-backend-memfd");
     let ino = std::fs::metadata(format!("/proc/{qpid}/fd/{fd}"))
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .unwrap();
