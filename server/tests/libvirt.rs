@@ -151,6 +151,47 @@ fn domain_xml(dir: &Path) -> String {
     xml
 }
 
+/// A domain with two guest NUMA cells of 128 and 64 MiB on shared memfds, cell 1 interleaved by
+/// `<memnode>`, the rest strict. It is only started, not booted to a check.
+fn two_cell_xml(dir: &Path) -> String {
+    format!(
+        r#"<domain type='qemu'>
+  <name>{DOMAIN}</name>
+  <memory unit='MiB'>192</memory>
+  <vcpu>2</vcpu>
+  <cpu>
+    <numa>
+      <cell id='0' cpus='0' memory='128' unit='MiB' memAccess='shared'/>
+      <cell id='1' cpus='1' memory='64' unit='MiB' memAccess='shared'/>
+    </numa>
+  </cpu>
+  <numatune>
+    <memory mode='strict' nodeset='0'/>
+    <memnode cellid='1' mode='interleave' nodeset='0'/>
+  </numatune>
+  <memoryBacking>
+    <source type='memfd'/>
+    <access mode='shared'/>
+  </memoryBacking>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{dir}/vmlinuz</kernel>
+    <initrd>{dir}/initrd.cpio</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"#,
+        dir = dir.display()
+    )
+}
+
 /// Counts of the guest's passed and failed RAM checks.
 fn checks(serial: &Path) -> (usize, usize) {
     let text = std::fs::read_to_string(serial).unwrap_or_default();
@@ -256,6 +297,7 @@ async fn a_libvirt_domain_is_placed_by_memplace_through_its_hook() {
         "agent SIGKILL: guest runs, regions recovered",
         "libvirtd restart changes nothing",
         "virsh destroy deletes the regions and frees the memory",
+        "two guest cells: regions per cell, memnode as intent",
     ]
     .into_iter()
     .collect();
@@ -413,6 +455,51 @@ async fn a_libvirt_domain_is_placed_by_memplace_through_its_hook() {
         "FilePages went from {file_pages} to {file_pages_after}: the guest's memory was not freed"
     );
     done("virsh destroy deletes the regions and frees the memory");
+
+    // Two guest NUMA cells of different sizes: libvirt makes backends ram-node0 and ram-node1,
+    // the regions are named after them with their cells, and each cell's <memnode> (else
+    // <memory>) is its intent. The host has one node, so both name node 0.
+    let two = hooked.dir.join("two-cells.xml");
+    std::fs::write(&two, two_cell_xml(&hooked.dir)).unwrap();
+    virsh(&["create", two.to_str().unwrap()]);
+    let qpid = qemu_pid();
+    let mut got: Vec<(String, Option<u32>, u64, Option<pb::Policy>)> = c
+        .list_regions(DOMAIN)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.holder_pid, qpid, "{r:?}");
+            assert_eq!(r.ranges.len(), 1, "{r:?}");
+            (
+                r.name.clone(),
+                r.guest_cell,
+                r.size_bytes,
+                r.ranges[0].intended.clone(),
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        [
+            (
+                "ram-node0".to_string(),
+                Some(0),
+                128 * MIB,
+                Some(bind.clone())
+            ),
+            (
+                "ram-node1".to_string(),
+                Some(1),
+                64 * MIB,
+                Some(policy(pb::PolicyMode::Interleave, &[0]))
+            ),
+        ]
+    );
+    virsh(&["destroy", DOMAIN]);
+    assert!(c.list_regions(DOMAIN).await.unwrap().is_empty());
+    done("two guest cells: regions per cell, memnode as intent");
 
     assert!(expected.is_empty(), "checks not reached: {expected:?}");
     drop(hooked);
