@@ -105,6 +105,10 @@ pub struct Flags {
     /// testing the task-policy path on memfd) [default: auto].
     #[arg(long, env = "MEMPLACE_FORCE_STRATEGY")]
     pub force_strategy: Option<String>,
+    /// Seconds a region the agent made keeps its memory after the last process holding it
+    /// exited, for a VMM that restarts; "keep" keeps it until deleted [default: 300].
+    #[arg(long, env = "MEMPLACE_RELEASE_AGENT_REGIONS_AFTER")]
+    pub release_agent_regions_after: Option<String>,
 }
 
 /// The config file, and the effective configuration.
@@ -169,6 +173,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// auto, or task-policy to place every new region with the task-policy strategy.
     pub force_strategy: String,
+    /// Seconds (or "keep") an agent-made region keeps its memory after its last holder exited.
+    pub release_agent_regions_after: String,
 }
 
 impl Default for Config {
@@ -201,6 +207,8 @@ impl Default for Config {
             max_concurrent_requests: 64,
             max_message_bytes: 4 << 20,
             force_strategy: "auto".into(),
+            release_agent_regions_after: crate::reconcile::DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS
+                .to_string(),
         }
     }
 }
@@ -361,7 +369,8 @@ impl Config {
             request_timeout_secs,
             max_concurrent_requests,
             max_message_bytes,
-            force_strategy
+            force_strategy,
+            release_agent_regions_after
         );
         if flags.listen_tcp.is_some() {
             cfg.listen_tcp = flags.listen_tcp;
@@ -389,6 +398,7 @@ impl Config {
             ));
         }
         self.forced_strategy()?;
+        self.keep_after_holder_exit()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return bad(format!(
                 "log_level {:?} is not a level or filter",
@@ -433,6 +443,22 @@ impl Config {
         }
     }
 
+    /// How long an agent-made region keeps its memory after its last holder exited; `None`
+    /// keeps it until it is deleted.
+    pub fn keep_after_holder_exit(&self) -> Result<Option<std::time::Duration>, ConfigError> {
+        match self.release_agent_regions_after.as_str() {
+            "keep" => Ok(None),
+            s => s
+                .parse::<u64>()
+                .map(|n| Some(std::time::Duration::from_secs(n)))
+                .map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "release_agent_regions_after {s:?} must be a number of seconds or keep"
+                    ))
+                }),
+        }
+    }
+
     /// The configuration as TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_default()
@@ -449,6 +475,25 @@ mod tests {
         c.validate().unwrap();
         let back: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn release_agent_regions_after_is_seconds_or_keep() {
+        let c = Config::default();
+        assert_eq!(
+            c.keep_after_holder_exit().unwrap(),
+            Some(std::time::Duration::from_secs(300))
+        );
+        let c: Config = toml::from_str("release_agent_regions_after = \"keep\"").unwrap();
+        assert_eq!(c.keep_after_holder_exit().unwrap(), None);
+        let c: Config = toml::from_str("release_agent_regions_after = \"0\"").unwrap();
+        assert_eq!(
+            c.keep_after_holder_exit().unwrap(),
+            Some(std::time::Duration::ZERO)
+        );
+        let c: Config = toml::from_str("release_agent_regions_after = \"5m\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("number of seconds or keep"), "{e}");
     }
 
     #[test]

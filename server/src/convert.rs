@@ -3,7 +3,7 @@
 //! [`AgentError`] of the invalid-argument kind, so each edge maps it to its code the same way it
 //! maps the engine's errors.
 
-use crate::domain::{Backend, Event, NodeSet, Policy, PolicyMode, RegionStatus, Strategy};
+use crate::domain::{Backend, Event, NodeSet, Origin, Policy, PolicyMode, RegionStatus, Strategy};
 use crate::kernel::probe::Capabilities;
 use crate::reconcile::{AgentError, NodeCount, Placement, RangeState, RegionView};
 use crate::topology::Topology;
@@ -142,10 +142,17 @@ pub fn region_to_pb(v: &RegionView) -> pb::Region {
         status: match i.status {
             RegionStatus::Active => pb::RegionStatus::Active,
             RegionStatus::Lost => pb::RegionStatus::Lost,
+            RegionStatus::Released => pb::RegionStatus::Released,
         } as i32,
         page_size_bytes: v.page_size,
         created_unix: i.created_unix,
         holder_pid: i.holder.map_or(0, |h| h.pid),
+        origin: match i.origin {
+            Origin::Agent => pb::RegionOrigin::Agent,
+            Origin::Attach => pb::RegionOrigin::Attach,
+            Origin::Adopt => pb::RegionOrigin::Adopt,
+        } as i32,
+        guest_cell: i.guest_cell,
     }
 }
 

@@ -95,6 +95,8 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Regions lost.
     pub regions_lost: Gauge,
+    /// Regions released after their last holder exited.
+    pub regions_released: Counter,
     /// Handoffs by outcome.
     pub handoffs: Family<MethodCode, Counter>,
     /// Requests refused by the auth layer.
@@ -140,6 +142,7 @@ impl Metrics {
             reconcile_seconds: latency_buckets(),
             commit_seconds: latency_buckets(),
             regions_lost: Gauge::default(),
+            regions_released: Counter::default(),
             handoffs: Family::default(),
             denied: Counter::default(),
             shed: Counter::default(),
@@ -200,6 +203,11 @@ impl Metrics {
             "regions_lost",
             "Regions whose file did not survive",
             m.regions_lost.clone(),
+        );
+        registry.register(
+            "regions_released",
+            "Regions whose memory was given back when the last process holding the file exited",
+            m.regions_released.clone(),
         );
         registry.register(
             "handoffs",
@@ -344,6 +352,10 @@ impl Metrics {
         };
         follow(&self.ranges_drifted, counters.drifted.load(Relaxed));
         follow(&self.ranges_reapplied, counters.reapplied.load(Relaxed));
+        follow(
+            &self.regions_released,
+            counters.regions_released.load(Relaxed),
+        );
         for ((key, offset), n) in counters.range_drifts() {
             let c = self.range_drifts.get_or_create(&RangeLabels {
                 vm_id: key.vm_id,

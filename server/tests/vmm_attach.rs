@@ -15,6 +15,7 @@ mod common;
 
 use common::events::stored_events;
 use common::holder::HolderProc;
+use common::procfs::{holds_inode, node_meminfo};
 use common::qemu::{lts_kernel, ram_check_initramfs};
 use common::sqlite;
 use common::{AgentProc, MIB, ctl_path, policy, standin_path};
@@ -282,12 +283,14 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
     let regions = v["regions"].as_array().unwrap();
     assert_eq!(regions.len(), 1, "{v}");
     let r = &regions[0];
-    assert_eq!(r["name"], "memory-backend-memfd", "{v}");
+    // Named after QEMU's backend id, the machine's only backend: guest cell 0.
+    assert_eq!(r["name"], "m0", "{v}");
+    assert_eq!(r["guest_cell"], 0, "{v}");
     assert_eq!(r["backend"], "memfd", "{v}");
     assert_eq!(r["size_bytes"], size, "{v}");
     assert_eq!(r["holder_pid"], qpid, "{v}");
     assert_eq!(r["status"], "active", "{v}");
-    let name = "memory-backend-memfd";
+    let name = "m0";
     let uid = c.get_region("vm1", name).await.unwrap().uid;
 
     // The same file again is the same region; a request id answers the same way twice.
@@ -335,7 +338,7 @@ async fn a_running_qemu_is_attached_placed_and_recovered() {
     );
 
     // SetPolicy binds QEMU's file: read through a fresh mapping of QEMU's own fd.
-    let fd = memfd_fd_of(qpid, name);
+    let fd = memfd_fd_of(qpid, "memory-backend-memfd");
     let before = policy_through_fresh_mapping(qpid, &fd, size);
     assert_eq!(before, (Some(Policy::DEFAULT), Some(Policy::DEFAULT)));
     c.set_policy("vm1", name, 0, 0, policy(pb::PolicyMode::Bind, &[0]), true)
@@ -632,6 +635,281 @@ async fn bad_pids_and_qemu_without_shared_memory_change_nothing() {
 }
 
 const GMEM: u64 = 4 * MIB;
+
+/// Attach changes nothing nobody asked for: QEMU bound its own backend (`host-nodes=0,
+/// policy=bind`, as libvirt's `<numatune>` makes it do), so the attached region's intent is BIND 0
+/// from the start, an event says what was kept, and two reconciles leave the file bound (read
+/// through a fresh mapping of QEMU's own fd). Then SetPolicy, and only SetPolicy, changes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn attach_keeps_the_placement_qemu_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let qemu = paused_qemu(
+        dir.path(),
+        &[
+            "-m",
+            "64M",
+            "-object",
+            "memory-backend-memfd,id=m0,size=64M,share=on,host-nodes=0,policy=bind",
+            "-machine",
+            "memory-backend=m0",
+        ],
+    );
+    let qpid = qemu.pid();
+    let fd = memfd_fd_of(qpid, "memory-backend-memfd");
+    assert_eq!(
+        policy_through_fresh_mapping(qpid, &fd, size),
+        (Some(bind0()), Some(bind0())),
+        "QEMU did not bind its backend"
+    );
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let a = c.attach_process("vm1", qpid).await.unwrap();
+    assert_eq!(a.regions.len(), 1, "{a:?}");
+    let name = a.regions[0].name.clone();
+    let bind = policy(pb::PolicyMode::Bind, &[0]);
+    let r = c.get_region("vm1", &name).await.unwrap();
+    assert_eq!(r.ranges.len(), 1, "{r:?}");
+    assert_eq!(r.ranges[0].intended.as_ref(), Some(&bind), "{r:?}");
+    assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
+    let evs = stored_events(&mut c, "vm1", 0).await;
+    let adopted = evs
+        .iter()
+        .find(|e| e.kind() == pb::EventKind::RegionAdopted)
+        .unwrap_or_else(|| panic!("no attach event: {evs:#?}"));
+    assert!(
+        adopted
+            .message
+            .contains("kept the kernel's placement as intent: [0x0, 0x4000000) bind"),
+        "{adopted:?}"
+    );
+    for pass in 1..=2 {
+        let rec = c.reconcile("vm1").await.unwrap();
+        assert_eq!(
+            (rec.ranges_drifted, rec.ranges_reapplied),
+            (0, 1),
+            "pass {pass}: {rec:?}"
+        );
+        assert_eq!(
+            policy_through_fresh_mapping(qpid, &fd, size),
+            (Some(bind0()), Some(bind0())),
+            "pass {pass}"
+        );
+    }
+    c.set_policy(
+        "vm1",
+        &name,
+        0,
+        0,
+        policy(pb::PolicyMode::Preferred, &[0]),
+        false,
+    )
+    .await
+    .unwrap();
+    let (first, last) = policy_through_fresh_mapping(qpid, &fd, size);
+    assert_eq!(
+        (first.map(|p| p.mode), last.map(|p| p.mode)),
+        (Some(PolicyMode::Preferred), Some(PolicyMode::Preferred))
+    );
+    c.reconcile("vm1").await.unwrap();
+    let (first, _) = policy_through_fresh_mapping(qpid, &fd, size);
+    assert_eq!(first.map(|p| p.mode), Some(PolicyMode::Preferred));
+}
+
+/// Regions are named after QEMU's memory backends and record the guest NUMA cell each backs,
+/// where the kernel proves which memfd is which backend (the only backend and the only memfd of
+/// its size, mapped whole): the 64 MiB cell 0 and 32 MiB cell 1 of a two-cell guest. Two cells
+/// of equal size cannot be told apart, so they keep the memfd's names, no cell, and the attach
+/// event says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn regions_are_named_after_qemus_backends_where_the_kernel_proves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let two_cells = |size0: &str, size1: &str, total: &str| {
+        paused_qemu(
+            dir.path(),
+            &[
+                "-m",
+                total,
+                "-smp",
+                "2",
+                "-object",
+                &format!("memory-backend-memfd,id=ram-node0,size={size0},share=on"),
+                "-object",
+                &format!("memory-backend-memfd,id=ram-node1,size={size1},share=on"),
+                "-numa",
+                "node,nodeid=0,cpus=0,memdev=ram-node0",
+                "-numa",
+                "node,nodeid=1,cpus=1,memdev=ram-node1",
+            ],
+        )
+    };
+    let mut agent = AgentProc::start();
+    let mut c = agent.client().await;
+
+    let q = two_cells("64M", "32M", "96M");
+    let a = c.attach_process("vm1", q.pid()).await.unwrap();
+    let mut got: Vec<(String, u64, Option<u32>)> = a
+        .regions
+        .iter()
+        .map(|r| (r.name.clone(), r.size_bytes, r.guest_cell))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("ram-node0".to_string(), 64 * MIB, Some(0)),
+            ("ram-node1".to_string(), 32 * MIB, Some(1)),
+        ],
+        "{a:?}"
+    );
+    let evs = stored_events(&mut c, "vm1", 0).await;
+    let named = evs
+        .iter()
+        .find(|e| e.kind() == pb::EventKind::RegionAdopted && e.name == "ram-node1")
+        .unwrap_or_else(|| panic!("no attach event for ram-node1: {evs:#?}"));
+    assert!(
+        named.message.contains(
+            "named after QEMU memory backend ram-node1 (guest NUMA cell 1): the only memory-backend-memfd of 33554432 bytes"
+        ),
+        "{named:?}"
+    );
+    // Names and cells are durable: an agent restart reads them back.
+    agent.restart();
+    let mut c = agent.client().await;
+    let r = c.get_region("vm1", "ram-node0").await.unwrap();
+    assert_eq!(r.guest_cell, Some(0), "{r:?}");
+    drop(q);
+
+    let q = two_cells("32M", "32M", "64M");
+    let a = c.attach_process("vm2", q.pid()).await.unwrap();
+    let mut names: Vec<(String, Option<u32>)> = a
+        .regions
+        .iter()
+        .map(|r| (r.name.clone(), r.guest_cell))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("memory-backend-memfd".to_string(), None),
+            ("memory-backend-memfd-1".to_string(), None),
+        ]
+    );
+    let evs = stored_events(&mut c, "vm2", 0).await;
+    assert!(
+        evs.iter().any(|e| e.kind() == pb::EventKind::RegionAdopted
+            && e.message
+                .contains("backends ram-node0, ram-node1 are all 33554432 bytes")),
+        "{evs:#?}"
+    );
+}
+
+/// When the VMM a file was attached from exits, the agent learns it from a pidfd and gives the
+/// memory back: the region turns RELEASED (still RELEASED after an agent restart), a
+/// REGION_RELEASED event names the pid, `memplace_regions_released_total` counts it, the agent
+/// holds no fd of the file any more, and the node's Shmem and FilePages drop by the file's size.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attached_vmm_that_exits_gets_its_memory_released() {
+    const SIZE_MIB: u64 = 512;
+    let dir = tempfile::tempdir().unwrap();
+    let mem = format!("memory-backend-memfd,id=m0,size={SIZE_MIB}M,share=on,prealloc=on");
+    let mut qemu = paused_qemu(
+        dir.path(),
+        &[
+            "-m",
+            &format!("{SIZE_MIB}M"),
+            "-object",
+            &mem,
+            "-machine",
+            "memory-backend=m0",
+        ],
+    );
+    let qpid = qemu.pid();
+    let size = SIZE_MIB * MIB;
+    let port = common::net::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agent = AgentProc::start_with(&["--metrics-addr", &addr]);
+    common::net::wait_tcp(port);
+    let mut c = agent.client().await;
+    let a = c.attach_process("vm1", qpid).await.unwrap();
+    let name = a.regions[0].name.clone();
+    assert_eq!(a.regions[0].origin(), pb::RegionOrigin::Attach, "{a:?}");
+    let fd = memfd_fd_of(qpid, "memory-backend-memfd");
+    let ino = std::fs::metadata(format!("/proc/{qpid}/fd/{fd}"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    assert!(
+        holds_inode(agent.pid(), ino),
+        "the agent holds no fd of QEMU's file"
+    );
+    let (shmem, file_pages) = (node_meminfo("Shmem"), node_meminfo("FilePages"));
+
+    qemu.child.kill().unwrap();
+    qemu.child.wait().unwrap();
+    let t = Instant::now();
+    let r = loop {
+        let r = c.get_region("vm1", &name).await.unwrap();
+        if r.status() == pb::RegionStatus::Released {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the region was not released within 30 s of QEMU's exit: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.origin(), pb::RegionOrigin::Attach, "{r:?}");
+    assert!(
+        !holds_inode(agent.pid(), ino),
+        "the agent still holds QEMU's file after releasing it"
+    );
+    let (shmem_after, file_pages_after) = (node_meminfo("Shmem"), node_meminfo("FilePages"));
+    assert!(
+        shmem_after + size - 4 * MIB <= shmem,
+        "Shmem went from {shmem} to {shmem_after}: the {size} bytes were not freed"
+    );
+    // FilePages also moves with the host's page cache (other builds and tests): half the file
+    // is far above that noise over this short a time.
+    assert!(
+        file_pages_after + size / 2 <= file_pages,
+        "FilePages went from {file_pages} to {file_pages_after}: the {size} bytes were not freed"
+    );
+    let evs = stored_events(&mut c, "vm1", 0).await;
+    let released = evs
+        .iter()
+        .find(|e| e.kind() == pb::EventKind::RegionReleased)
+        .unwrap_or_else(|| panic!("no REGION_RELEASED event: {evs:#?}"));
+    assert!(
+        released.message.contains(&format!("pid {qpid} exited")),
+        "{released:?}"
+    );
+    let metrics = common::metrics::scrape(port);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "memplace_regions_released_total 1"),
+        "{metrics}"
+    );
+    // Nothing can be placed on a released region, and it stays released across a restart.
+    let e = c
+        .set_policy(
+            "vm1",
+            &name,
+            0,
+            0,
+            policy(pb::PolicyMode::Bind, &[0]),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e:?}");
+    assert!(e.to_string().contains("released"), "{e}");
+    agent.restart();
+    let mut c = agent.client().await;
+    let r = c.get_region("vm1", &name).await.unwrap();
+    assert_eq!(r.status(), pb::RegionStatus::Released, "{r:?}");
+    c.delete_region("vm1", &name).await.unwrap();
+}
 
 /// A stand-in VMM, `memplace-test-standin gmem-vmm`: a KVM VM of its own with two guest_memfds,
 /// the first bound to memslot 0 through its mapping, the second only held as an fd; and a memfd

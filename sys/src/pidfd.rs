@@ -78,6 +78,27 @@ impl OpenFiles {
         Self { by_ino }
     }
 
+    /// The processes seen holding the file (dev, ino) open, each with its start time; the inode
+    /// seen in fdinfo is confirmed by the device of /proc/PID/fd/N. Processes that exited since
+    /// the scan are left out.
+    pub fn holders(&self, file_id: (u64, u64)) -> Vec<(i32, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out: Vec<(i32, u64)> = self
+            .by_ino
+            .get(&file_id.1)
+            .into_iter()
+            .flatten()
+            .filter(|&&(pid, n)| {
+                std::fs::metadata(format!("/proc/{pid}/fd/{n}"))
+                    .is_ok_and(|m| (m.dev(), m.ino()) == file_id)
+            })
+            .filter_map(|&(pid, _)| Some((pid, start_time(pid)?)))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Takes a copy of the file (dev, ino) from a process seen holding it, if one still does.
     /// Returns that process (pid, start time) and the fd.
     pub fn take(&self, file_id: (u64, u64)) -> Option<(i32, u64, OwnedFd)> {
@@ -151,6 +172,19 @@ pub fn open(pid: i32) -> Result<OwnedFd, Errno> {
     let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
     // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits until the process behind `pidfd` has exited (a pidfd polls readable then), through
+/// tokio's reactor, so a watch costs no thread. Must run inside a tokio runtime.
+#[cfg(feature = "tokio")]
+pub async fn wait_for_exit(pidfd: OwnedFd) -> std::io::Result<()> {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and refers to the same
+    // pidfd for the AsyncFd's whole life, and OwnedFd::as_raw_fd always returns it.
+    let afd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+        .map_err(std::io::Error::from)?;
+    let _ready = afd.readable().await?;
+    Ok(())
 }
 
 /// A duplicate of `target_fd` of the process behind `pidfd` (needs PTRACE_MODE_ATTACH_REALCREDS).

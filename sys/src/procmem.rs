@@ -40,6 +40,19 @@ pub struct FoundFile {
     pub held_fd: Option<i32>,
     /// Whether the process maps it MAP_SHARED.
     pub mapped_shared: bool,
+    /// The process's shared mappings of the file as /proc/PID/maps showed them at the scan.
+    pub shared_mappings: Vec<FileMapping>,
+}
+
+/// One shared mapping of a file in a process, from /proc/PID/maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileMapping {
+    /// Start address.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Offset into the file.
+    pub offset: u64,
 }
 
 /// What a scan found.
@@ -54,6 +67,8 @@ pub struct ProcessMemory {
     pub unopenable: Vec<String>,
     /// The process's command name (/proc/PID/comm).
     pub comm: String,
+    /// The process's arguments (/proc/PID/cmdline), read with its files.
+    pub cmdline: Vec<String>,
 }
 
 /// The process's command name, or empty.
@@ -93,6 +108,9 @@ fn maybe_gmem(link: &str) -> bool {
 #[derive(Debug)]
 struct MapLine {
     range: String,
+    start: u64,
+    end: u64,
+    offset: u64,
     shared: bool,
     ino: u64,
     link: String,
@@ -105,13 +123,19 @@ fn memory_mappings(pid: i32) -> Result<Vec<MapLine>, Errno> {
         .filter_map(|l| {
             let mut f = l.splitn(6, ' ');
             let range = f.next()?.to_string();
+            let (start, end) = range.split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
             let perms = f.next()?;
-            let _offset = f.next()?;
+            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
             let _dev = f.next()?;
             let ino: u64 = f.next()?.parse().ok()?;
             let link = f.next()?.trim_start().to_string();
             (memfd_name(&link).is_some() || maybe_gmem(&link)).then(|| MapLine {
                 range,
+                start,
+                end,
+                offset,
                 shared: perms.as_bytes().get(3) == Some(&b's'),
                 ino,
                 link,
@@ -157,7 +181,26 @@ pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
     let mappings = memory_mappings(pid)?;
     let mut out = ProcessMemory {
         comm: comm(pid),
+        cmdline: std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                b.split(|c| *c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
         ..Default::default()
+    };
+    let shared_mappings_of = |ino: u64| -> Vec<FileMapping> {
+        mappings
+            .iter()
+            .filter(|m| m.ino == ino && m.shared)
+            .map(|m| FileMapping {
+                start: m.start,
+                length: m.end - m.start,
+                offset: m.offset,
+            })
+            .collect()
     };
     // By inode: whether mapped shared, mapped private.
     let mut mapped: BTreeMap<u64, (bool, bool)> = BTreeMap::new();
@@ -209,6 +252,7 @@ pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
             name,
             held_fd: Some(n),
             mapped_shared: shared,
+            shared_mappings: shared_mappings_of(st.st_ino),
         });
     }
     // Memfds the process maps but holds no fd for: open them through map_files.
@@ -252,6 +296,7 @@ pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
             name,
             held_fd: None,
             mapped_shared: true,
+            shared_mappings: shared_mappings_of(st.st_ino),
         });
     }
     // The process must still be the one scanned: a pid reused meanwhile would hand over another

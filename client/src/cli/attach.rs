@@ -9,15 +9,19 @@ use memplace_client::{Client, ClientError};
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Every memfd the process maps shared or holds as an fd, and every guest_memfd it holds, becomes a \
-region of VM_ID (backend and size from the file; memfd regions are named after the memfd, made \
-valid and unique, guest_memfd regions gmem0, gmem1, ...). The process is recorded as the holder, \
-so an agent restart takes the files back from it. Attaching again is harmless: a file that already \
-is a region of VM_ID is that region again. Needs an admin caller.
+region of VM_ID (backend and size from the file). A memfd is named after the QEMU memory backend \
+it is (its id on QEMU's command line, with the guest NUMA cell it backs) when the kernel proves \
+it: the only backend and the only memfd of its size, mapped whole. Otherwise it is named after \
+the memfd, made valid and unique; guest_memfd regions are gmem0, gmem1, ... Each region's intent \
+starts as the policy the kernel shows on the file (QEMU's host-nodes=/policy= are kept), so \
+attaching changes no placement; SetPolicy changes it later. The process is recorded as the \
+holder, so an agent restart takes the files back from it, and when it exits (and no other \
+process holds the file) the memory is released. Attaching again is harmless: a file that \
+already is a region of VM_ID is that region again. Needs an admin caller.
 
 QEMU: start it with `-object memory-backend-memfd,id=m0,size=SIZE,share=on -machine \
 memory-backend=m0`. Plain -m RAM is anonymous and share=off maps the memfd privately: neither can \
-be attached. Do not give the backend host-nodes= or policy=: QEMU's own mbind would replace \
-memplace's policy on the file.
+be attached.
 
 Errors (exit code): 13 INVALID_ARGUMENT for pid 1, the agent's own pid, a thread id or a bad VM \
 id; 15 NOT_FOUND when no process has that pid (or it has exited); 19 FAILED_PRECONDITION when \

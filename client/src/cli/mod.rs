@@ -7,6 +7,7 @@ pub(crate) mod events;
 pub(crate) mod exec;
 pub(crate) mod hold;
 pub(crate) mod info;
+pub(crate) mod libvirt;
 pub(crate) mod placement;
 pub(crate) mod policy;
 pub(crate) mod region;
@@ -111,6 +112,9 @@ pub(crate) enum Command {
     Exec(exec::ExecArgs),
     /// Take over a running VMM's guest memory (its memfds and guest_memfds) as regions of a VM.
     Attach(attach::AttachArgs),
+    /// libvirt's qemu hook (/etc/libvirt/hooks/qemu): attach at `started begin` with
+    /// <numatune> as intent, delete the regions at `release end`.
+    LibvirtHook(libvirt::LibvirtHookArgs),
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +190,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Hold(h) => return hold::hold(h),
         Command::Exec(e) => exec::run(&cli, e).await,
         Command::Health => return info::health(&cli, out).await,
+        Command::LibvirtHook(h) => return libvirt::hook(&cli, h).await,
         _ => {}
     }
     let mut c = connect(&cli).await?;
@@ -201,6 +206,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Token { vm } => events::token(&mut c, vm, out).await,
         Command::Attach(a) => attach::attach(&mut c, &a, out).await,
-        Command::Hold(_) | Command::Health | Command::Exec(_) => unreachable!("handled above"),
+        Command::Hold(_) | Command::Health | Command::Exec(_) | Command::LibvirtHook(_) => {
+            unreachable!("handled above")
+        }
     }
 }

@@ -231,6 +231,7 @@ async fn start_agent(
         max_ranges_per_region: cfg.max_ranges_per_region,
         max_region_bytes: cfg.max_region_bytes,
         force_strategy: cfg.forced_strategy()?,
+        keep_after_holder_exit: cfg.keep_after_holder_exit()?,
     };
     let agent = Agent::start(store, caps, topology, limits).await?;
     Ok(agent)

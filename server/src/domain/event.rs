@@ -34,6 +34,8 @@ pub enum EventKind {
     PolicyWarning = 14,
     /// A range's policy could not be applied or read back as intended.
     VerifyFailed = 15,
+    /// A region's memory was given back after its last holder exited.
+    RegionReleased = 16,
 }
 
 impl EventKind {
@@ -56,6 +58,7 @@ impl EventKind {
             VmAttached,
             PolicyWarning,
             VerifyFailed,
+            RegionReleased,
         ]
         .into_iter()
         .find(|k| *k as i32 == v)

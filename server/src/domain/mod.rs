@@ -11,7 +11,7 @@ mod tests;
 pub use event::{Event, EventKind};
 pub use memplace_sys::policy::{MAX_NODES, NodeSet, Policy, PolicyError, PolicyMode};
 pub use range::{RangeIntent, RangeMap, resolve_span};
-pub use region::{Backend, Holder, RegionIntent, RegionKey, RegionStatus, Strategy, VmId};
+pub use region::{Backend, Holder, Origin, RegionIntent, RegionKey, RegionStatus, Strategy, VmId};
 
 /// Validation failures of caller input. Each message tells the caller what to change.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

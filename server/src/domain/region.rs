@@ -144,6 +144,9 @@ pub enum RegionStatus {
     Active,
     /// Gone after a restart with no holder; intent kept until deleted.
     Lost,
+    /// Given back when its last holder exited: the agent closed its file, so the memory is
+    /// freed. Intent kept until deleted.
+    Released,
 }
 
 impl RegionStatus {
@@ -152,13 +155,62 @@ impl RegionStatus {
         match self {
             Self::Active => "active",
             Self::Lost => "lost",
+            Self::Released => "released",
         }
+    }
+
+    /// From the database spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Active, Self::Lost, Self::Released]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+
+    /// Whether the agent has the region's file (a lost or released region has none).
+    pub fn has_file(self) -> bool {
+        self == Self::Active
+    }
+}
+
+/// Who made a region's file. A file a VMM made is the VMM's memory: when its last holder exits
+/// the agent gives it back at once. A file the agent made is kept a while for a VMM that
+/// restarts (see `release_agent_regions_after` in the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The agent created it (CreateRegion; `memplacectl exec` creates its regions this way).
+    Agent,
+    /// Taken from a running VMM by AttachProcess.
+    Attach,
+    /// Handed in by a VMM on the handoff socket (adopt).
+    Adopt,
+}
+
+impl Origin {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Attach => "attach",
+            Self::Adopt => "adopt",
+        }
+    }
+
+    /// From the database spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Agent, Self::Attach, Self::Adopt]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+
+    /// Whether a VMM made the file (attach, adopt).
+    pub fn vmm_made(self) -> bool {
+        self != Self::Agent
     }
 }
 
 /// Who holds a region's fd besides the agent, recorded at handoff so the agent can take the fd
 /// back after its own restart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Holder {
     /// The process id.
     pub pid: i32,
@@ -193,8 +245,10 @@ pub struct RegionIntent {
     pub holder: Option<Holder>,
     /// (st_dev, st_ino) of the file, to find it in a holder after a restart.
     pub file_id: Option<(u64, u64)>,
-    /// Whether the file was handed in by a VMM (adopt) rather than created by the agent.
-    pub adopted: bool,
+    /// Who made the file.
+    pub origin: Origin,
+    /// The guest NUMA cell the file backs, where the VMM's configuration and the kernel prove it.
+    pub guest_cell: Option<u32>,
 }
 
 impl RegionIntent {

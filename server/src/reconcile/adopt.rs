@@ -4,6 +4,7 @@
 use super::agent::{Agent, new_uid};
 use super::error::{AgentError, kerr};
 use super::live::{LiveRegion, RegionFile, RegionView};
+use super::plan::{FileKernel, observed_ranges};
 use crate::domain::{
     Backend, DomainError, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus,
     Strategy,
@@ -11,7 +12,7 @@ use crate::domain::{
 use crate::kernel::Mapping;
 use crate::store::{WriteOp, unix_now};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use tokio::sync::RwLock;
 
@@ -59,6 +60,8 @@ impl Agent {
             Backend::GuestMemfd => Strategy::TaskPolicy,
             b => self.strategy_for(b),
         };
+        let (ranges, kept) =
+            kernel_ranges(fd.as_fd(), Some(&mapping), strategy, size_bytes, self.page)?;
         let intent = RegionIntent {
             key: key.clone(),
             uid: new_uid(),
@@ -67,18 +70,19 @@ impl Agent {
             hugepage_size_bytes: 0,
             generation: 1,
             strategy,
-            ranges: RangeMap::new(size_bytes),
+            ranges,
             created_unix: unix_now(),
             status: RegionStatus::Active,
             holder: Some(holder),
             file_id: Some((st.st_dev, st.st_ino)),
-            adopted: true,
+            origin: crate::domain::Origin::Adopt,
+            guest_cell: None,
         };
         let ev = self.event(
             EventKind::RegionAdopted,
             Some(&key),
             format!(
-                "adopted a {} file of {size_bytes} bytes from pid {}",
+                "adopted a {} file of {size_bytes} bytes from pid {}; {kept}",
                 backend.as_str(),
                 holder.pid
             ),
@@ -101,4 +105,50 @@ impl Agent {
             .insert(key, Arc::new(RwLock::new(*live)));
         Ok(view)
     }
+}
+
+/// The intent of a file brought in from a VMM (attach, adopt): the placement the kernel shows
+/// now, so bringing a file in changes nothing nobody asked for (a VMM's own mbind, such as
+/// QEMU's `host-nodes`/`policy` from libvirt's `<numatune>`, is kept, and Reconcile re-applies
+/// it). Returns the ranges and what was kept, for the event.
+///
+/// Only a shared-policy file holds a placement to read; a task-policy file's policy is that of
+/// whoever allocates, so its ranges start DEFAULT as the kernel reports them.
+pub(crate) fn kernel_ranges(
+    fd: BorrowedFd<'_>,
+    mapping: Option<&Mapping>,
+    strategy: Strategy,
+    size: u64,
+    page: u64,
+) -> Result<(RangeMap, String), AgentError> {
+    let Some(mapping) = mapping.filter(|_| strategy == Strategy::SharedPolicy) else {
+        return Ok((
+            RangeMap::new(size),
+            "the file holds no shared policy: intent starts DEFAULT".into(),
+        ));
+    };
+    let k = FileKernel {
+        fd,
+        mapping: Some(mapping),
+        page,
+    };
+    let ranges = observed_ranges(&k, size, page).ok_or_else(|| {
+        AgentError::FailedPrecondition(
+            "the file's memory policy cannot be read (get_mempolicy failed or reported a mode \
+             memplace does not know), so it cannot be taken over unchanged"
+                .into(),
+        )
+    })?;
+    let text = ranges
+        .iter()
+        .map(|r| format!("[{:#x}, {:#x}) {}", r.offset, r.end(), r.policy))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let map = RangeMap::from_ranges(size, ranges).ok_or_else(|| {
+        AgentError::Internal("the ranges read from the kernel do not tile the file".into())
+    })?;
+    Ok((
+        map,
+        format!("kept the kernel's placement as intent: {text}"),
+    ))
 }

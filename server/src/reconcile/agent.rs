@@ -31,6 +31,9 @@ pub struct Limits {
     /// The strategy of every new region, when the configuration forces one (`force_strategy`);
     /// `None` picks per backend from the probed capabilities.
     pub force_strategy: Option<Strategy>,
+    /// How long a region the agent made keeps its memory after its last holder exited, for a
+    /// VMM that restarts; `None` keeps it until it is deleted (see `reconcile::holders`).
+    pub keep_after_holder_exit: Option<std::time::Duration>,
 }
 
 impl Default for Limits {
@@ -40,9 +43,17 @@ impl Default for Limits {
             max_ranges_per_region: 256,
             max_region_bytes: 1 << 40,
             force_strategy: None,
+            keep_after_holder_exit: Some(std::time::Duration::from_secs(
+                DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS,
+            )),
         }
     }
 }
+
+/// The default of `release_agent_regions_after`: five minutes, long enough for a supervisor
+/// (systemd, libvirt, a Kubernetes restart) to bring a crashed VMM back to the memory it had,
+/// short enough that a VM that is gone for good does not pin its RAM for long.
+pub const DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS: u64 = 300;
 
 /// Counters the metrics endpoint reads.
 #[derive(Debug, Default)]
@@ -53,6 +64,8 @@ pub struct AgentCounters {
     pub reapplied: std::sync::atomic::AtomicU64,
     /// Regions lost.
     pub regions_lost: std::sync::atomic::AtomicU64,
+    /// Regions released after their last holder exited.
+    pub regions_released: std::sync::atomic::AtomicU64,
     /// Handoffs served.
     pub handoffs: std::sync::atomic::AtomicU64,
     /// Drifts found per range: (region, range offset) to count.
@@ -94,6 +107,8 @@ pub struct Agent {
     pub(crate) vms: Mutex<HashMap<String, Arc<GuestMemfdVm>>>,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) tokens: TokenKey,
+    /// Holders to watch for exit (see `reconcile::holders`).
+    pub(crate) holder_watch: super::holders::WatchSender,
     /// Counters for metrics.
     pub counters: AgentCounters,
 }
@@ -124,6 +139,7 @@ impl Agent {
             })
             .await?;
         let (events, _) = broadcast::channel(4096);
+        let (holder_watch, holders_to_watch) = tokio::sync::mpsc::unbounded_channel();
         let agent = Arc::new(Self {
             store,
             caps,
@@ -135,8 +151,10 @@ impl Agent {
             vms: Mutex::new(HashMap::new()),
             events,
             tokens: TokenKey::new(&secret),
+            holder_watch,
             counters: AgentCounters::default(),
         });
+        super::holders::start_watching(Arc::downgrade(&agent), holders_to_watch);
         // The AGENT_STARTED event is committed with recovery's own writes: one commit.
         let started = event(
             EventKind::AgentStarted,
@@ -145,6 +163,16 @@ impl Agent {
             AGENT_ACTOR,
         );
         agent.recover(started).await?;
+        // Recovered regions' holders: watched from now on (an exit while the agent was down
+        // shows at once, as the pidfd of a process that is gone cannot be opened).
+        for slot in agent.slots(None) {
+            let live = slot.read().await;
+            if let Some(h) = live.intent.holder
+                && live.intent.status.has_file()
+            {
+                agent.watch_holder(h);
+            }
+        }
         Ok(agent)
     }
 
@@ -250,8 +278,20 @@ impl Agent {
         events: Vec<Event>,
     ) -> Result<(), AgentError> {
         let n = events.len();
+        let holders: Vec<_> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::SaveHolder { holder, .. } => *holder,
+                WriteOp::InsertRegion(r) => r.holder,
+                _ => None,
+            })
+            .collect();
         ops.extend(events.iter().cloned().map(WriteOp::AppendEvent));
         let seqs = self.store.write(ops).await?;
+        // A holder recorded durably is watched for exit from now on.
+        for h in holders {
+            self.watch_holder(h);
+        }
         for (mut e, seq) in events.into_iter().zip(seqs).take(n) {
             e.sequence = seq;
             let _ = self.events.send(e);

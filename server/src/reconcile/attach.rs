@@ -7,10 +7,11 @@
 //! attaching twice changes nothing. Everything is durable before the answer; nothing is written
 //! when any check fails.
 
+use super::qemu::{self, BackendMatch, FileShape};
 use super::{Agent, AgentError, LiveRegion, RegionFile, RegionView, kerr, new_uid};
 use crate::domain::{
-    Backend, DomainError, Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey,
-    RegionStatus, Strategy, VmId,
+    Backend, DomainError, Event, EventKind, Holder, RegionIntent, RegionKey, RegionStatus,
+    Strategy, VmId,
 };
 use crate::kernel::procmem::{self, FoundFile, MemKind, ProcessMemory};
 use crate::kernel::{Mapping, pidfd};
@@ -171,8 +172,9 @@ impl Agent {
             comm: &found.comm,
             actor,
         };
-        for f in found.files {
-            self.plan_file(&mut plan, &mut known, f, &who)?;
+        let names = backend_names(&found);
+        for (f, naming) in found.files.into_iter().zip(names) {
+            self.plan_file(&mut plan, &mut known, f, naming, &who)?;
         }
         let existing = self.regions.lock().len();
         let max = self.limits.max_regions;
@@ -193,7 +195,7 @@ impl Agent {
             ..
         } = plan;
         // The answer, stored with the commit. Attaching applies no policy (new regions start at
-        // DEFAULT), so the kernel reads now as it will after the commit, and a replay of the
+        // what the kernel shows), so the kernel reads now as it will after the commit, and a replay of the
         // request id answers exactly as the first call did.
         let (regions, pending) = self.attached_views(regions, holder).await?;
         if let Some(i) = &idem {
@@ -243,6 +245,7 @@ impl Agent {
         plan: &mut AttachPlan,
         known: &mut Known,
         f: FoundFile,
+        naming: Option<BackendMatch>,
         who: &Who<'_>,
     ) -> Result<(), AgentError> {
         let Who {
@@ -253,7 +256,7 @@ impl Agent {
         } = *who;
         let pid = holder.pid;
         let Some((key, recorded)) = known.by_file.get(&f.file_id) else {
-            let (live, event) = self.new_attached(known, f, who)?;
+            let (live, event) = self.new_attached(known, f, naming, who)?;
             plan.ops.push(WriteOp::InsertRegion(live.intent.clone()));
             plan.events.push(event);
             plan.new_count += 1;
@@ -283,11 +286,13 @@ impl Agent {
         Ok(())
     }
 
-    /// A new region for a file of the process, with its event.
+    /// A new region for a file of the process, with its event: named after the QEMU backend the
+    /// file is proven to be, else after the memfd.
     fn new_attached(
         &self,
         known: &mut Known,
         f: FoundFile,
+        naming: Option<BackendMatch>,
         who: &Who<'_>,
     ) -> Result<(LiveRegion, Event), AgentError> {
         let Who {
@@ -326,7 +331,27 @@ impl Agent {
                     break n;
                 }
             },
-            _ => name_from_memfd(&f.name),
+            _ => match &naming {
+                Some(BackendMatch::Proven { backend, .. }) => name_from_memfd(&backend.id),
+                _ => name_from_memfd(&f.name),
+            },
+        };
+        let (guest_cell, named) = match &naming {
+            Some(BackendMatch::Proven { backend, how }) => (
+                backend.cell,
+                format!(
+                    "; named after QEMU memory backend {}{}: {how}",
+                    backend.id,
+                    backend
+                        .cell
+                        .map_or(String::new(), |c| format!(" (guest NUMA cell {c})"))
+                ),
+            ),
+            Some(BackendMatch::Unproven(why)) => (
+                None,
+                format!("; named after the memfd, not a QEMU backend: {why}"),
+            ),
+            None => (None, String::new()),
         };
         let name = unique(&base, &known.taken);
         known.taken.insert(name.clone());
@@ -342,6 +367,13 @@ impl Agent {
         if mapping.is_none() && backend != Backend::GuestMemfd {
             return Err(kerr("mmap of the attached file")(Errno::EINVAL));
         }
+        let (ranges, kept) = super::adopt::kernel_ranges(
+            f.fd.as_fd(),
+            mapping.as_ref(),
+            strategy,
+            f.size,
+            file_page,
+        )?;
         let intent = RegionIntent {
             key: key.clone(),
             uid: new_uid(),
@@ -350,18 +382,25 @@ impl Agent {
             hugepage_size_bytes: hugepage,
             generation: 1,
             strategy,
-            ranges: RangeMap::new(f.size),
+            ranges,
             created_unix: unix_now(),
             status: RegionStatus::Active,
             holder: Some(holder),
             file_id: Some(f.file_id),
-            adopted: true,
+            origin: crate::domain::Origin::Attach,
+            guest_cell,
         };
+        // How much of the file holds data now: near nothing for a VMM attached before its guest
+        // ran (libvirt's `started` hook), so the placement applies to all the guest's memory.
+        let allocated = nix::sys::stat::fstat(&f.fd).map_or_else(
+            |_| "unknown bytes".to_string(),
+            |st| format!("{} bytes", st.st_blocks as u64 * 512),
+        );
         let event = self.event(
             EventKind::RegionAdopted,
             Some(&key),
             format!(
-                "attached a {} file of {} bytes from pid {pid} ({comm}){}",
+                "attached a {} file of {} bytes ({allocated} allocated) from pid {pid} ({comm}){}{named}; {kept}",
                 backend.as_str(),
                 f.size,
                 match f.held_fd {
@@ -435,6 +474,39 @@ impl Agent {
         }
         Ok(views)
     }
+}
+
+/// For each file of the process, in order, which QEMU memory backend it is proven to be (see
+/// [`qemu`]); `None` for each when the process declares no backend (not QEMU).
+fn backend_names(found: &ProcessMemory) -> Vec<Option<BackendMatch>> {
+    let backends = qemu::backends(&found.cmdline);
+    if backends.is_empty() {
+        return found.files.iter().map(|_| None).collect();
+    }
+    let maps: Vec<Vec<(u64, u64, u64)>> = found
+        .files
+        .iter()
+        .map(|f| {
+            f.shared_mappings
+                .iter()
+                .map(|m| (m.start, m.length, m.offset))
+                .collect()
+        })
+        .collect();
+    let shapes: Vec<FileShape<'_>> = found
+        .files
+        .iter()
+        .zip(&maps)
+        .map(|(f, m)| FileShape {
+            memfd: f.kind != MemKind::GuestMemfd,
+            size: f.size,
+            mappings: m,
+        })
+        .collect();
+    qemu::match_files(&backends, &shapes)
+        .into_iter()
+        .map(Some)
+        .collect()
 }
 
 /// Takes the process's guest-memory files; refuses a process with none, or with some the agent

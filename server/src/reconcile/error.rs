@@ -28,6 +28,11 @@ pub enum AgentError {
     /// The region is lost: its file did not survive a restart of the agent.
     #[error("region {0} is lost: its file did not survive; delete and recreate it")]
     Lost(RegionKey),
+    /// The region was released: its last holder exited and the agent gave its memory back.
+    #[error(
+        "region {0} was released: the last process holding its file exited and its memory was given back; delete it (and create or attach anew)"
+    )]
+    Released(RegionKey),
     /// The kernel or host cannot do what was asked (a policy mode, a backend, a migration).
     #[error("{message}")]
     Unsupported {
@@ -193,6 +198,15 @@ impl ErrorCode {
 }
 
 impl AgentError {
+    /// The error for a request that needs the file of a region that has none (lost or released).
+    pub(crate) fn without_file(intent: &crate::domain::RegionIntent) -> Option<Self> {
+        match intent.status {
+            crate::domain::RegionStatus::Active => None,
+            crate::domain::RegionStatus::Lost => Some(AgentError::Lost(intent.key.clone())),
+            crate::domain::RegionStatus::Released => Some(AgentError::Released(intent.key.clone())),
+        }
+    }
+
     /// The one status code of this failure, used by the gRPC edge and the handoff socket alike.
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -205,6 +219,7 @@ impl AgentError {
                 ErrorCode::Aborted
             }
             AgentError::Lost(_)
+            | AgentError::Released(_)
             | AgentError::Unsupported { .. }
             | AgentError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             AgentError::OverLimit { .. } | AgentError::ResourceExhausted(_) => {

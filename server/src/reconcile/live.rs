@@ -158,7 +158,9 @@ impl LiveRegion {
                     Strategy::TaskPolicy if !last_error.is_empty() => RangeState::Failed,
                     Strategy::TaskPolicy => task_state(r, check),
                 };
-                let last_error = if live.file.is_none() && last_error.is_empty() {
+                let last_error = if live.intent.status == crate::domain::RegionStatus::Released {
+                    "region released: the last process holding its file exited".to_string()
+                } else if live.file.is_none() && last_error.is_empty() {
                     "region lost: no process held its file while the agent was down".to_string()
                 } else {
                     last_error
@@ -260,7 +262,8 @@ mod tests {
                 status: RegionStatus::Active,
                 holder: None,
                 file_id: None,
-                adopted: false,
+                origin: crate::domain::Origin::Agent,
+                guest_cell: None,
             },
             file: Some(RegionFile {
                 fd,

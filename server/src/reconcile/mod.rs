@@ -11,10 +11,12 @@
 //! - `drift`: Reconcile (sample, report drift, re-bind);
 //! - `plan`: the pure decisions (reconcile, recovery, migrate) over a small kernel trait, with a
 //!   fake kernel and contract tests that run the same cases on the real one;
-//! - `adopt`, `attach`: files a VMM made or holds become regions;
+//! - `adopt`, `attach`: files a VMM made or holds become regions (`qemu`: which file is which of
+//!   QEMU's memory backends);
 //! - `populate` (its worker threads in `workers`, its cgroup helper child in `cgroup`):
 //!   allocating pages where the policy says;
-//! - `placement`: where pages are; `recover`: bringing regions back after a restart.
+//! - `placement`: where pages are; `recover`: bringing regions back after a restart;
+//! - `holders`: a holder's exit (pidfd), and giving back the memory nobody holds any more.
 
 mod adopt;
 mod agent;
@@ -22,16 +24,18 @@ mod attach;
 mod cgroup;
 mod drift;
 mod error;
+mod holders;
 mod live;
 mod placement;
 mod plan;
 mod policy;
 mod populate;
+mod qemu;
 mod recover;
 mod regions;
 mod workers;
 
-pub use agent::{AGENT_ACTOR, Agent, AgentCounters, Limits};
+pub use agent::{AGENT_ACTOR, Agent, AgentCounters, DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS, Limits};
 pub use attach::AttachIdempotency;
 pub use cgroup::child_main as populate_child_main;
 pub use drift::ReconcileReport;

@@ -8,8 +8,8 @@ use super::placement;
 use super::plan::{Migrate, plan_migrate};
 use super::regions::{Idempotency, save_request};
 use crate::domain::{
-    Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, RegionStatus,
-    Strategy, resolve_span,
+    Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, Strategy,
+    resolve_span,
 };
 use crate::kernel::{self, Mapping, probe::Capabilities};
 use crate::store::{StoreError, WriteOp};
@@ -161,8 +161,18 @@ impl Agent {
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
         self.check_generation(&live.intent, expected_generation, idem.as_ref())
             .await?;
-        if live.intent.status == RegionStatus::Lost {
-            return Err(AgentError::Lost(key.clone()));
+        if let Some(e) = AgentError::without_file(&live.intent) {
+            return Err(e);
+        }
+        // A holder confined by its cgroup's cpuset (a libvirt domain) would not get pages on
+        // nodes outside it: say so instead of binding.
+        if let Some(h) = live.intent.holder
+            && let Some((allowed, cgroup)) = super::holders::holder_cpuset(h)
+            && let Some(why) = super::holders::cpuset_conflict(&policy, &allowed, h.pid, &cgroup)
+        {
+            return Err(AgentError::FailedPrecondition(format!(
+                "region {key}: {why}"
+            )));
         }
         if migrate {
             live = refuse_unmovable(live, offset, length, page).await?;

@@ -21,8 +21,8 @@ use super::placement::{self, Placement};
 use super::workers::{Chunk, allocated_after, plan, run_workers};
 use super::{Agent, AgentError, kerr};
 use crate::domain::{
-    Backend, Event, EventKind, NodeSet, Policy, PolicyMode, RangeIntent, RegionKey, RegionStatus,
-    Strategy, resolve_span,
+    Backend, Event, EventKind, NodeSet, Policy, PolicyMode, RangeIntent, RegionKey, Strategy,
+    resolve_span,
 };
 use crate::store::WriteOp;
 use nix::errno::Errno;
@@ -246,8 +246,8 @@ impl Agent {
 
     /// The span a populate covers, in whole pages of the region's file.
     fn span(&self, live: &LiveRegion, req: &PopulateRequest) -> Result<Span, AgentError> {
-        if live.intent.status == RegionStatus::Lost {
-            return Err(AgentError::Lost(req.key.clone()));
+        if let Some(e) = AgentError::without_file(&live.intent) {
+            return Err(e);
         }
         let page = live.intent.page_size(self.page);
         let (offset, length) = resolve_span(req.offset, req.length, live.intent.size_bytes, page)?;

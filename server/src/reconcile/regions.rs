@@ -157,7 +157,8 @@ impl Agent {
             status: RegionStatus::Active,
             holder: None,
             file_id: None,
-            adopted: false,
+            origin: crate::domain::Origin::Agent,
+            guest_cell: None,
         };
         // The file is made before the commit only to learn its identity; if the commit fails it is
         // closed and nothing was acknowledged. Its memory is untouched until after the commit.

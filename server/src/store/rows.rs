@@ -3,8 +3,8 @@
 
 use super::StoreError;
 use crate::domain::{
-    Backend, Holder, NodeSet, Policy, PolicyMode, RangeIntent, RangeMap, RegionIntent, RegionKey,
-    RegionStatus, Strategy,
+    Backend, Holder, NodeSet, Origin, Policy, PolicyMode, RangeIntent, RangeMap, RegionIntent,
+    RegionKey, RegionStatus, Strategy,
 };
 use sqlx::Row;
 
@@ -17,6 +17,7 @@ pub(super) fn region_from_row(
     let backend: String = row.try_get("backend")?;
     let strategy: String = row.try_get("strategy")?;
     let status: String = row.try_get("status")?;
+    let origin: String = row.try_get("origin")?;
     let size = row.try_get::<i64, _>("size_bytes")? as u64;
     let holder = match (
         row.try_get::<Option<i64>, _>("holder_pid")?,
@@ -45,14 +46,14 @@ pub(super) fn region_from_row(
         ranges: RangeMap::from_ranges(size, ranges)
             .ok_or_else(|| corrupt("ranges do not tile it"))?,
         created_unix: row.try_get("created_unix")?,
-        status: if status == "lost" {
-            RegionStatus::Lost
-        } else {
-            RegionStatus::Active
-        },
+        status: RegionStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
         holder,
         file_id,
-        adopted: row.try_get::<i64, _>("adopted")? != 0,
+        origin: Origin::parse(&origin).ok_or_else(|| corrupt("origin"))?,
+        guest_cell: row
+            .try_get::<Option<i64>, _>("guest_cell")?
+            .map(|c| u32::try_from(c).map_err(|_| corrupt("guest_cell")))
+            .transpose()?,
         key,
     })
 }

@@ -151,7 +151,7 @@ fn apply_ops(conn: &Connection, ops: &[WriteOp]) -> Result<Vec<u64>, StoreError>
         match op {
             WriteOp::InsertRegion(r) => {
                 conn.prepare_cached(
-                    "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, hugepage_size_bytes, generation, strategy, created_unix, status, adopted, holder_pid, holder_start_time, file_dev, file_ino) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, hugepage_size_bytes, generation, strategy, created_unix, status, origin, holder_pid, holder_start_time, file_dev, file_ino, guest_cell) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 )?
                 .execute(params![
                     r.key.vm_id,
@@ -164,11 +164,12 @@ fn apply_ops(conn: &Connection, ops: &[WriteOp]) -> Result<Vec<u64>, StoreError>
                     r.strategy.as_str(),
                     r.created_unix,
                     r.status.as_str(),
-                    r.adopted as i64,
+                    r.origin.as_str(),
                     r.holder.map(|h| h.pid as i64),
                     r.holder.map(|h| h.start_time as i64),
                     r.file_id.map(|f| f.0 as i64),
                     r.file_id.map(|f| f.1 as i64),
+                    r.guest_cell.map(i64::from),
                 ])?;
                 insert_ranges(conn, &r.key, &r.ranges)?;
             }
@@ -396,8 +397,8 @@ mod tests {
         let store = Store::open(&path, Duration::from_secs(1)).await.unwrap();
         let conn = open_writer(&path, Duration::from_secs(1)).unwrap();
         conn.execute_batch(
-            "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, generation, strategy, created_unix, status) \
-             VALUES ('vm', 'r', 'u', 'memfd', 4096, 1, 'shared-policy', 0, 'active')",
+            "INSERT INTO regions (vm_id, name, uid, backend, size_bytes, generation, strategy, created_unix, status, origin) \
+             VALUES ('vm', 'r', 'u', 'memfd', 4096, 1, 'shared-policy', 0, 'active', 'agent')",
         )
         .unwrap();
         let key = RegionKey::parse("vm", "r").unwrap();
@@ -476,7 +477,8 @@ mod tests {
                         start_time: 1,
                     }),
                     file_id: Some((1, 1)),
-                    adopted: false,
+                    origin: crate::domain::Origin::Agent,
+                    guest_cell: None,
                 })
             })
             .collect();

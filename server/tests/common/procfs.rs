@@ -125,3 +125,35 @@ pub fn memory_node_count() -> usize {
         })
         .sum()
 }
+
+/// A field of every NUMA node's sysfs meminfo (`Shmem`, `FilePages`, ...), summed, in bytes.
+pub fn node_meminfo(field: &str) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir("/sys/devices/system/node")
+        .expect("/sys/devices/system/node")
+        .flatten()
+    {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if !n.starts_with("node") || n[4..].parse::<u32>().is_err() {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path().join("meminfo")).expect("node meminfo");
+        let kb: u64 = text
+            .lines()
+            .find_map(|l| {
+                let rest = l.split_once(&format!(" {field}:"))?.1;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no {field} in {}/meminfo", e.path().display()));
+        total += kb * 1024;
+    }
+    total
+}
+
+/// Whether process `pid` holds an fd of the file with inode `ino`.
+pub fn holds_inode(pid: u32, ino: u64) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process's fds")
+        .flatten()
+        .any(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == ino))
+}

@@ -124,7 +124,8 @@ pub(crate) fn memfd_region(pages: u64, ranges: &[(u64, u64, Policy)]) -> RegionI
         status: RegionStatus::Active,
         holder: None,
         file_id: None,
-        adopted: false,
+        origin: crate::domain::Origin::Agent,
+        guest_cell: None,
     }
 }
 

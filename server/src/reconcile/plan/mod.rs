@@ -86,6 +86,60 @@ pub fn policy_seen(k: &impl RangeKernel, r: &RangeIntent, page: u64) -> Option<P
     }
 }
 
+/// Sample points when reading a whole file's policies at adoption (see [`observed_ranges`]).
+pub const ADOPT_SAMPLES: u64 = 4096;
+
+/// The ranges of a file as the kernel's shared policy shows them now, so a file brought in from a
+/// VMM starts with the placement it already has as its intent (attach and adopt change nothing).
+///
+/// The file is read at its first page, every `stride` pages (its pages over [`ADOPT_SAMPLES`],
+/// rounded up) and its last page; where two neighbouring samples differ, the boundary is found
+/// by bisection, to the page. A file of up to [`ADOPT_SAMPLES`] pages is read at every page; in a
+/// larger one a foreign run shorter than a stride between two samples that agree is not seen (as
+/// with drift). `None` when some sample cannot be read.
+pub fn observed_ranges(k: &impl RangeKernel, size: u64, page: u64) -> Option<Vec<RangeIntent>> {
+    let pages = (size / page).max(1);
+    let stride = pages.div_ceil(ADOPT_SAMPLES);
+    let at = |p: u64| k.policy_at(p * page);
+    // (first page, policy) of each run, in order.
+    let mut runs: Vec<(u64, Policy)> = vec![(0, at(0)?)];
+    let mut prev = 0;
+    let mut next = stride.min(pages - 1);
+    while next > prev {
+        let want = at(next)?;
+        let (mut from, mut from_policy) = (prev, runs.last().map(|r| r.1)?);
+        while from_policy != want {
+            // Invariant: page `lo` reads `from_policy`, page `hi` does not.
+            let (mut lo, mut hi) = (from, next);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if at(mid)? == from_policy {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            from = hi;
+            from_policy = at(hi)?;
+            runs.push((hi, from_policy));
+        }
+        prev = next;
+        next = (next + stride).min(pages - 1);
+    }
+    let ends = runs.iter().skip(1).map(|r| r.0 * page).chain([size]);
+    Some(
+        runs.iter()
+            .zip(ends)
+            .map(|(&(first, policy), end)| RangeIntent {
+                offset: first * page,
+                length: end - first * page,
+                policy,
+                placed: false,
+            })
+            .collect(),
+    )
+}
+
 /// What the agent holds of a region's file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileState {
@@ -118,7 +172,7 @@ pub fn observe(
     let drift = match k {
         Some(k)
             if file == FileState::Mapped
-                && intent.status != RegionStatus::Lost
+                && intent.status.has_file()
                 && intent.strategy == Strategy::SharedPolicy =>
         {
             intent
@@ -279,7 +333,7 @@ pub fn execute(k: Option<&impl RangeKernel>, actions: &[Action], page: u64) -> V
 /// What a restart does with a stored region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recovery {
-    /// Lost before this restart: kept as it is until deleted.
+    /// Lost or released before this restart: kept as it is until deleted.
     StillLost,
     /// Handed off without a recorded file identity: the file cannot be found in any process, and
     /// a VMM may still use it, so recreating it would give the region a second, empty file. Mark
@@ -295,7 +349,7 @@ pub enum Recovery {
 /// [`Recovery`] for a stored region.
 pub fn plan_recovery(intent: &RegionIntent) -> Recovery {
     match (intent.status, intent.holder, intent.file_id) {
-        (RegionStatus::Lost, _, _) => Recovery::StillLost,
+        (RegionStatus::Lost | RegionStatus::Released, _, _) => Recovery::StillLost,
         (_, Some(_), Some(_)) => Recovery::TakeBack,
         (_, Some(_), None) => Recovery::MarkLostNoIdentity,
         (_, None, _) => Recovery::Recreate,
@@ -358,7 +412,8 @@ mod tests {
             status: RegionStatus::Active,
             holder: None,
             file_id: None,
-            adopted: false,
+            origin: crate::domain::Origin::Agent,
+            guest_cell: None,
         }
     }
 
@@ -526,5 +581,39 @@ mod tests {
             plan_migrate(Backend::GuestMemfd, &k, 0, 4 * PAGE),
             Migrate::RefuseUnknown(Errno::EBADF)
         );
+    }
+
+    /// A file brought in is read as the kernel shows it: runs found to the page (also in a file
+    /// larger than the sample count, by bisection between samples), an unreadable page is None.
+    #[test]
+    fn observed_ranges_follow_the_kernel_to_the_page() {
+        let pref = Policy::new(PolicyMode::Preferred, NodeSet::from_ids([0]).unwrap());
+        let k = FakeKernel::new(8, PAGE);
+        let got = observed_ranges(&k, 8 * PAGE, PAGE).unwrap();
+        assert_eq!(got, RangeMap::new(8 * PAGE).ranges());
+        k.bind(PAGE, 2 * PAGE, &bind0()).unwrap();
+        k.bind(7 * PAGE, PAGE, &pref).unwrap();
+        let got = observed_ranges(&k, 8 * PAGE, PAGE).unwrap();
+        let want = region(8, Strategy::SharedPolicy, &[(1, 2, bind0()), (7, 1, pref)]);
+        assert_eq!(got, want.ranges.ranges());
+        // Larger than ADOPT_SAMPLES pages: boundaries between samples, several in one stride.
+        let pages = ADOPT_SAMPLES * 3 + 5;
+        let k = FakeKernel::new(pages, PAGE);
+        k.bind(0, (pages - 1000) * PAGE, &bind0()).unwrap();
+        k.bind(101 * PAGE, 1000 * PAGE, &pref).unwrap();
+        k.bind(1101 * PAGE, 2 * PAGE, &Policy::DEFAULT).unwrap();
+        let got = observed_ranges(&k, pages * PAGE, PAGE).unwrap();
+        let want = region(
+            pages,
+            Strategy::SharedPolicy,
+            &[
+                (0, pages - 1000, bind0()),
+                (101, 1000, pref),
+                (1101, 2, Policy::DEFAULT),
+            ],
+        );
+        assert_eq!(got, want.ranges.ranges());
+        k.unreadable.borrow_mut().push(0);
+        assert_eq!(observed_ranges(&k, pages * PAGE, PAGE), None);
     }
 }
