@@ -253,7 +253,9 @@ fn wait_socket(socket: &Path) {
 /// `podman stop`: SIGTERM, then the grace period. The agent must exit 0 by itself (a SIGKILL
 /// after the grace period would be 137), say so in its log, and remove both sockets.
 fn stop_and_check(socket_dir: &Path, when: &str) {
-    let before = text(&podman(&["logs", NAME])).matches("SIGTERM: shutting down").count();
+    let before = text(&podman(&["logs", NAME]))
+        .matches("SIGTERM: shutting down")
+        .count();
     podman_ok(&["stop", NAME]);
     let code = inspect("{{.State.ExitCode}}");
     let logs = text(&podman(&["logs", NAME]));
@@ -385,7 +387,11 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
     let o = Command::new(root.join("deploy/tests/fetch-kustomize.sh"))
         .output()
         .expect("fetch-kustomize.sh");
-    assert!(o.status.success(), "fetch-kustomize.sh failed:\n{}", text(&o));
+    assert!(
+        o.status.success(),
+        "fetch-kustomize.sh failed:\n{}",
+        text(&o)
+    );
     let kustomize = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
     let path = test_path(&kustomize);
 
@@ -455,7 +461,11 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         .output()
         .expect("run-pod.sh");
     println!("{}", text(&o));
-    assert!(o.status.success(), "deploy/run-pod.sh failed:\n{}", text(&o));
+    assert!(
+        o.status.success(),
+        "deploy/run-pod.sh failed:\n{}",
+        text(&o)
+    );
     let pod: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("pod.json")).expect("pod.json"))
             .expect("pod.json is JSON");
@@ -506,11 +516,22 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
     assert!(info.contains("\"nodes\""), "{info}");
     ctl_ok(
         &socket,
-        &["region", "create", "vmc", "r0", "--size", "64M", "--policy", "preferred:0"],
+        &[
+            "region",
+            "create",
+            "vmc",
+            "r0",
+            "--size",
+            "64M",
+            "--policy",
+            "preferred:0",
+        ],
     );
     ctl_ok(
         &socket,
-        &["policy", "set", "vmc", "r0", "--mode", "bind", "--nodes", "0"],
+        &[
+            "policy", "set", "vmc", "r0", "--mode", "bind", "--nodes", "0",
+        ],
     );
     let cg = memory_cgroup(agent_pid());
     let shmem_before = memcg_stat(&cg, "shmem");
@@ -529,7 +550,11 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
                 .expect("pages")
         })
         .sum();
-    assert_eq!(pages, 64 * MIB / 4096, "placement after populate: {placement}");
+    assert_eq!(
+        pages,
+        64 * MIB / 4096,
+        "placement after populate: {placement}"
+    );
     checks.done("host-cli");
     println!(
         "memory cgroup {}: shmem {shmem_before} -> {shmem_after} after a 64 MiB populate (limit {})",
@@ -608,7 +633,10 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         .await
         .expect("GetRegion")
         .holder_pid;
-    assert!(qemu > 0, "the containerized agent recorded no holder pid for QEMU");
+    assert!(
+        qemu > 0,
+        "the containerized agent recorded no holder pid for QEMU"
+    );
     cleanup.qemu = Some(qemu);
     let exe = std::fs::read_link(format!("/proc/{qemu}/exe")).expect("holder's exe");
     assert!(
@@ -616,10 +644,9 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         "the holder pid {qemu} the agent recorded runs {}, not QEMU",
         exe.display()
     );
-    let cmdline = String::from_utf8_lossy(
-        &std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline"),
-    )
-    .replace('\0', " ");
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline"))
+            .replace('\0', " ");
     let qemu_fd: i32 = cmdline
         .split("mem-path=/proc/self/fd/")
         .nth(1)
@@ -666,9 +693,10 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
 
     serial.drain();
     let last = serial.last_ok();
-    let l = serial.wait(&format!("RAMCHECK OK {} after the restart", last + 2), |l| {
-        ok_number(l).is_some_and(|n| n >= last + 2)
-    });
+    let l = serial.wait(
+        &format!("RAMCHECK OK {} after the restart", last + 2),
+        |l| ok_number(l).is_some_and(|n| n >= last + 2),
+    );
     println!("after the restart, QEMU pid {qemu} holds the region again; guest: {l}");
     checks.done("guest-ram-checks-after-restart");
 
@@ -704,7 +732,11 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         );
     }
     assert_eq!(status_field(&status_first, "Seccomp"), "0", "seccomp");
-    assert_eq!(status_field(&status_first, "NoNewPrivs"), "1", "no_new_privs");
+    assert_eq!(
+        status_field(&status_first, "NoNewPrivs"),
+        "1",
+        "no_new_privs"
+    );
     assert_eq!(
         pid_ns_agent, pid_ns_host,
         "hostPID: the agent must be in the host's pid namespace"
