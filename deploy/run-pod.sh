@@ -7,7 +7,8 @@
 #
 # Usage: deploy/run-pod.sh --root ROOT [--name NAME] [--kustomization DIR] [--mutate M]...
 # Writes ROOT/rendered.yaml and ROOT/pod.json (the translation), prints the field table on
-# stderr and the container's name on stdout. A container of that name is replaced.
+# stderr, waits for the startup probe to pass and prints the container's name on stdout. A
+# container of that name is replaced.
 #
 # Needs root and podman (installed from Debian when missing); podman runs with
 # deploy/podman/containers.conf (CONTAINERS_CONF).
@@ -52,4 +53,19 @@ podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
 log "podman create ${ARGS[*]}"
 podman create "${ARGS[@]}" >/dev/null || die "podman create failed"
 podman start "$NAME" >/dev/null || die "podman start $NAME failed: $(podman logs "$NAME" 2>&1 | tail -n 20)"
+
+# The startup probe, as the kubelet runs it (podman 4.3 has none): its command in the container
+# every periodSeconds, up to failureThreshold times. The pod counts as started when it passes.
+mapfile -t PROBE < <(python3 -c '
+import json, sys
+p = json.load(open(sys.argv[1]))["container"]["startupProbe"]
+print(p.get("periodSeconds", 10)); print(p.get("failureThreshold", 3))
+print("\n".join(p["exec"]["command"]))' "$ROOT/pod.json")
+PERIOD=${PROBE[0]} TRIES=${PROBE[1]}
+for ((i = 1; ; i++)); do
+    if podman exec "$NAME" "${PROBE[@]:2}" >/dev/null 2>&1; then break; fi
+    [ "$i" -lt "$TRIES" ] || die "the startup probe (${PROBE[*]:2}) did not pass in $TRIES tries ${PERIOD} s apart: $(podman logs "$NAME" 2>&1 | tail -n 20)"
+    sleep "$PERIOD"
+done
+log "started: the startup probe passed"
 echo "$NAME"
