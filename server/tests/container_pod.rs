@@ -502,7 +502,7 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
     }
     let status_first = std::fs::read_to_string(format!("/proc/{}/status", agent_pid()))
         .expect("the agent's status");
-    let pid_ns_host = std::fs::read_link("/proc/1/ns/pid").expect("ns");
+    let pid_ns_host = std::fs::read_link("/proc/self/ns/pid").expect("ns");
     let pid_ns_agent = std::fs::read_link(format!("/proc/{}/ns/pid", agent_pid())).expect("ns");
     println!(
         "agent pid namespace {} (host {})",
