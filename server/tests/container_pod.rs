@@ -627,23 +627,23 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         l.contains("RAMCHECK WROTE ")
     });
     serial.wait("a first RAMCHECK OK line", |l| ok_number(l).is_some());
-    let mut c = Client::connect_unix(&socket).await.expect("connect");
-    let qemu = c
-        .get_region("vm1", "ram0")
-        .await
-        .expect("GetRegion")
-        .holder_pid;
-    assert!(
-        qemu > 0,
-        "the containerized agent recorded no holder pid for QEMU"
-    );
+    // QEMU is the process memplacectl exec'd into: the shell itself or its child.
+    let shell_pid = cleanup.shell.as_ref().expect("shell").id() as i32;
+    let is_qemu = |pid: i32| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|e| e.ends_with("qemu-system-x86_64"))
+    };
+    let qemu = if is_qemu(shell_pid) {
+        shell_pid
+    } else {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|&pid| is_qemu(pid) && common::procfs::parent_of(pid) == shell_pid)
+            .unwrap_or_else(|| panic!("no QEMU process under the shell {shell_pid}"))
+    };
     cleanup.qemu = Some(qemu);
-    let exe = std::fs::read_link(format!("/proc/{qemu}/exe")).expect("holder's exe");
-    assert!(
-        exe.ends_with("qemu-system-x86_64"),
-        "the holder pid {qemu} the agent recorded runs {}, not QEMU",
-        exe.display()
-    );
     let cmdline =
         String::from_utf8_lossy(&std::fs::read(format!("/proc/{qemu}/cmdline")).expect("cmdline"))
             .replace('\0', " ");
@@ -653,7 +653,27 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         .and_then(|r| r.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no mem-path=/proc/self/fd/N in {cmdline}"));
-    assert_held_by_qemu(&mut c, qemu, qemu_fd, "before the restart").await;
+    // The guest runs on the agent's file: QEMU's fd is the region's memfd, and the
+    // containerized agent holds the same file.
+    let link = std::fs::read_link(format!("/proc/{qemu}/fd/{qemu_fd}")).expect("QEMU's fd");
+    assert!(
+        link.display().to_string().contains(MEMFD_LINK),
+        "QEMU's fd {qemu_fd} is {}, not the region",
+        link.display()
+    );
+    let qemu_file = file_id(qemu, qemu_fd);
+    let agent_files = fds_like(agent_pid(), MEMFD_LINK);
+    assert!(
+        !agent_files.is_empty() && agent_files.iter().all(|(_, id)| *id == qemu_file),
+        "the containerized agent's fds of the region {agent_files:?} must be QEMU's file {qemu_file:?}"
+    );
+    let mut c = Client::connect_unix(&socket).await.expect("connect");
+    let holder = c
+        .get_region("vm1", "ram0")
+        .await
+        .expect("GetRegion")
+        .holder_pid;
+    println!("QEMU pid {qemu}; the agent recorded holder pid {holder}");
     checks.done("qemu-boots");
 
     // Restart: SIGTERM, drain, exit 0, sockets gone; then a new agent on the same hostPaths.
@@ -681,6 +701,11 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         .filter(|e| e.vm_id == "vm1" && e.name == "ram0")
         .map(|e| (e.kind(), e.message.clone()))
         .collect();
+    assert_eq!(
+        holder, qemu,
+        "before the restart the agent recorded holder pid {holder}, not QEMU's {qemu} (the \
+         host's pid, which the agent sees only with hostPID): it cannot take the file back"
+    );
     assert!(
         about.contains(&(
             pb::EventKind::FdRecovered,
