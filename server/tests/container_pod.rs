@@ -41,6 +41,7 @@ const CHECKS: &[&str] = &[
     "liveness-probe",
     "host-cli",
     "grpcurl",
+    "attach-mapped-memfd",
     "populate-charged-to-pod",
     "qemu-boots",
     "sigterm-drain-exit0-sockets-removed",
@@ -373,6 +374,77 @@ fn status_field(status: &str, key: &str) -> String {
         .to_string()
 }
 
+/// A stand-in VMM in Python: a memfd it maps shared and holds no fd for (so attaching it needs
+/// /proc/PID/map_files, CAP_CHECKPOINT_RESTORE), a pattern in every page, and `check` on stdin
+/// answered with `pattern ok` or `pattern BAD`.
+const MAPPED_MEMFD_VMM: &str = r#"
+import ctypes, os, sys
+# libc's mmap, not Python's mmap module, which keeps a dup of the fd.
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+size = 4 << 20
+fd = os.memfd_create("pod-attach-ram")
+os.ftruncate(fd, size)
+addr = libc.mmap(None, size, 3, 1, fd, 0)  # PROT_READ|PROT_WRITE, MAP_SHARED
+assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+os.close(fd)
+def link(f):
+    try:
+        return os.readlink(f"/proc/self/fd/{f}")
+    except OSError:
+        return ""
+assert not [f for f in os.listdir("/proc/self/fd") if "pod-attach-ram" in link(f)]
+m = (ctypes.c_ubyte * size).from_address(addr)
+want = lambda off: (off // 4096 * 31 + 7) & 0xff
+for off in range(0, size, 4096):
+    m[off] = want(off)
+print("ready", flush=True)
+for line in sys.stdin:
+    ok = all(m[off] == want(off) for off in range(0, size, 4096))
+    print("pattern ok" if ok else "pattern BAD", flush=True)
+"#;
+
+struct StandIn {
+    child: Child,
+    out: Lines,
+}
+
+impl StandIn {
+    fn start() -> StandIn {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(MAPPED_MEMFD_VMM)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut out = Lines::of(&mut child);
+        let l = out
+            .next_within(Duration::from_secs(120))
+            .expect("the stand-in VMM did not get ready");
+        assert_eq!(l, "ready");
+        StandIn { child, out }
+    }
+
+    fn check(&mut self) -> String {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"check\n").expect("write");
+        stdin.flush().expect("flush");
+        self.out
+            .next_within(Duration::from_secs(120))
+            .expect("the stand-in VMM's answer")
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
     assert!(
@@ -599,6 +671,33 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
     assert!(g.contains("\"pages\": \"4096\""), "GetPlacement: {g}");
     checks.done("grpcurl");
 
+    // memplacectl attach: a running process's memfd that it maps but holds no fd for.
+    let mut standin = StandIn::start();
+    let spid = standin.child.id().to_string();
+    let attached = ctl_ok(&socket, &["-o", "json", "attach", "vma", "--pid", &spid]);
+    assert!(
+        attached.contains("pod-attach-ram"),
+        "attach should make the stand-in's memfd a region: {attached}"
+    );
+    let mut c = Client::connect_unix(&socket).await.expect("connect");
+    let attached_region = c
+        .list_regions("vma")
+        .await
+        .expect("ListRegions")
+        .into_iter()
+        .next()
+        .expect("the attached region");
+    assert_eq!(attached_region.holder_pid.to_string(), spid);
+    let p = c
+        .placement("vma", &attached_region.name, 0, 0)
+        .await
+        .expect("GetPlacement");
+    let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
+    assert_eq!(present, 1024, "the stand-in's 4 MiB are counted: {p:?}");
+    assert_eq!(standin.check(), "pattern ok");
+    drop(c);
+    checks.done("attach-mapped-memfd");
+
     // QEMU on the host, started with memplacectl exec against the containerized agent: README's
     // block, as vmm_exec.rs runs it.
     let qemu_block = sh_blocks(section(&readme, "## Running VMs on memplace"))
@@ -714,6 +813,21 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         "the restarted agent in the pod must take the file back from QEMU (pid {qemu}): {about:#?}"
     );
     assert_held_by_qemu(&mut c, qemu, qemu_fd, "after the restart").await;
+    let back: Vec<_> = new
+        .iter()
+        .filter(|e| e.vm_id == "vma" && e.name == attached_region.name)
+        .map(|e| (e.kind(), e.message.clone()))
+        .collect();
+    assert!(
+        back.iter().any(|(k, _)| *k == pb::EventKind::FdRecovered),
+        "the restarted agent must take the attached memfd back from the stand-in: {back:#?}"
+    );
+    let r = c
+        .get_region("vma", &attached_region.name)
+        .await
+        .expect("GetRegion");
+    assert_eq!(r.status(), pb::RegionStatus::Active, "{r:?}");
+    assert_eq!(standin.check(), "pattern ok");
     checks.done("reacquire-after-restart");
 
     serial.drain();
