@@ -17,6 +17,8 @@ reverts that must make the container test fail:
   no-hostpid           delete spec.hostPID
   drop-cap:NAME        remove NAME from the container's capabilities.add
   no-socket-hostpath   the runtime volume (/run/memplace) becomes an emptyDir
+  memory-limit:QTY     the container's memory limit (and request) become QTY (the test's
+                       check of what a Populate past the limit does)
 
 Usage: pod_to_podman.py RENDERED.yaml --root DIR --name NAME [--image IMG] [--mutate M]...
 Prints a JSON object: {"create": [podman create arguments...], "table": [[field, how]...],
@@ -128,6 +130,11 @@ def mutate(ds, mutations):
                 raise SystemExit("pod_to_podman: mutation no-socket-hostpath: no hostPath /run/memplace")
             del vols[0]["hostPath"]
             vols[0]["emptyDir"] = {}
+        elif m.startswith("memory-limit:"):
+            qty = m.split(":", 1)[1]
+            quantity_bytes(qty)
+            c["resources"]["limits"]["memory"] = qty
+            c["resources"]["requests"]["memory"] = qty
         else:
             raise SystemExit(f"pod_to_podman: unknown mutation {m}")
 

@@ -49,6 +49,7 @@ const CHECKS: &[&str] = &[
     "guest-ram-checks-after-restart",
     "state-db-survives",
     "final-sigterm",
+    "populate-past-limit-oom-kills-agent",
     "capabilities-seccomp-nnp",
 ];
 
@@ -859,6 +860,65 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
     stop_and_check(&socket_dir, "final stop");
     assert!(alive(qemu), "QEMU died with the agent");
     checks.done("final-sigterm");
+
+    // A Populate past the memory limit: the pod again on the same hostPaths with a 96 MiB
+    // limit. The first 64 MiB fit; the next 64 MiB are not refused but get the agent
+    // OOM-killed by the kernel (exit 137), and after a restart that region no VMM held comes
+    // back empty (daemonset.yaml's comment on the limit says so).
+    let mut run = Command::new(root.join("deploy/run-pod.sh"));
+    run.arg("--root").arg(&dir).arg("--name").arg(NAME);
+    for m in mutations.split(',').filter(|m| !m.is_empty()) {
+        run.arg("--mutate").arg(m);
+    }
+    let o = run
+        .args(["--mutate", "memory-limit:96Mi"])
+        .env("MEMPLACE_KUSTOMIZE", &kustomize)
+        .output()
+        .expect("run-pod.sh");
+    assert!(
+        o.status.success(),
+        "deploy/run-pod.sh failed:\n{}",
+        text(&o)
+    );
+    wait_socket(&socket);
+    for name in ["r0", "r1"] {
+        ctl_ok(
+            &socket,
+            &[
+                "region", "create", "vmo", name, "--size", "64M", "--policy", "bind:0",
+            ],
+        );
+    }
+    ctl_ok(&socket, &["populate", "vmo", "r0"]);
+    let o = memplacectl(&socket, &["populate", "vmo", "r1"]);
+    assert!(
+        !o.status.success(),
+        "128 MiB populated in a 96 MiB pod: {}",
+        text(&o)
+    );
+    let code = podman_ok(&["wait", NAME]);
+    assert_eq!(
+        code,
+        "137",
+        "a Populate past the limit should get the agent OOM-killed (SIGKILL, 137); memplacectl said: {}",
+        text(&o)
+    );
+    podman_ok(&["start", NAME]);
+    wait_socket(&socket);
+    let mut c = Client::connect_unix(&socket).await.expect("connect");
+    let p = c.placement("vmo", "r0", 0, 0).await.expect("GetPlacement");
+    let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
+    assert_eq!(present, 0, "vmo/r0 should come back empty: {p:?}");
+    let events = stored_events(&mut c, "vmo", 0).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.name == "r0" && e.message.starts_with("file recreated empty")),
+        "no 'file recreated empty' event for vmo/r0: {events:#?}"
+    );
+    drop(c);
+    stop_and_check(&socket_dir, "after the OOM check");
+    checks.done("populate-past-limit-oom-kills-agent");
 
     // What the runtime gave the agent: exactly the three capabilities, no seccomp filter,
     // no_new_privs (checked last, so that a broken field fails the behaviour it breaks first).
