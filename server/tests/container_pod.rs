@@ -672,33 +672,6 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
     assert!(g.contains("\"pages\": \"4096\""), "GetPlacement: {g}");
     checks.done("grpcurl");
 
-    // memplacectl attach: a running process's memfd that it maps but holds no fd for.
-    let mut standin = StandIn::start();
-    let spid = standin.child.id().to_string();
-    let attached = ctl_ok(&socket, &["-o", "json", "attach", "vma", "--pid", &spid]);
-    assert!(
-        attached.contains("pod-attach-ram"),
-        "attach should make the stand-in's memfd a region: {attached}"
-    );
-    let mut c = Client::connect_unix(&socket).await.expect("connect");
-    let attached_region = c
-        .list_regions("vma")
-        .await
-        .expect("ListRegions")
-        .into_iter()
-        .next()
-        .expect("the attached region");
-    assert_eq!(attached_region.holder_pid.to_string(), spid);
-    let p = c
-        .placement("vma", &attached_region.name, 0, 0)
-        .await
-        .expect("GetPlacement");
-    let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
-    assert_eq!(present, 1024, "the stand-in's 4 MiB are counted: {p:?}");
-    assert_eq!(standin.check(), "pattern ok");
-    drop(c);
-    checks.done("attach-mapped-memfd");
-
     // QEMU on the host, started with memplacectl exec against the containerized agent: README's
     // block, as vmm_exec.rs runs it.
     let qemu_block = sh_blocks(section(&readme, "## Running VMs on memplace"))
@@ -814,21 +787,6 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         "the restarted agent in the pod must take the file back from QEMU (pid {qemu}): {about:#?}"
     );
     assert_held_by_qemu(&mut c, qemu, qemu_fd, "after the restart").await;
-    let back: Vec<_> = new
-        .iter()
-        .filter(|e| e.vm_id == "vma" && e.name == attached_region.name)
-        .map(|e| (e.kind(), e.message.clone()))
-        .collect();
-    assert!(
-        back.iter().any(|(k, _)| *k == pb::EventKind::FdRecovered),
-        "the restarted agent must take the attached memfd back from the stand-in: {back:#?}"
-    );
-    let r = c
-        .get_region("vma", &attached_region.name)
-        .await
-        .expect("GetRegion");
-    assert_eq!(r.status(), pb::RegionStatus::Active, "{r:?}");
-    assert_eq!(standin.check(), "pattern ok");
     checks.done("reacquire-after-restart");
 
     serial.drain();
@@ -854,6 +812,59 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         );
     }
     checks.done("state-db-survives");
+
+    // memplacectl attach: a running process's memfd that it maps but holds no fd for; then one
+    // more restart, after which the new agent takes that file back too.
+    let mut standin = StandIn::start();
+    let spid = standin.child.id().to_string();
+    let attached = ctl_ok(&socket, &["-o", "json", "attach", "vma", "--pid", &spid]);
+    assert!(
+        attached.contains("pod-attach-ram"),
+        "attach should make the stand-in's memfd a region: {attached}"
+    );
+    let attached_region = c
+        .list_regions("vma")
+        .await
+        .expect("ListRegions")
+        .into_iter()
+        .next()
+        .expect("the attached region");
+    assert_eq!(attached_region.holder_pid.to_string(), spid);
+    let p = c
+        .placement("vma", &attached_region.name, 0, 0)
+        .await
+        .expect("GetPlacement");
+    let present: u64 = p.nodes.iter().map(|n| n.pages).sum();
+    assert_eq!(present, 1024, "the stand-in's 4 MiB are counted: {p:?}");
+    assert_eq!(standin.check(), "pattern ok");
+    let seq = stored_events(&mut c, "", 0)
+        .await
+        .last()
+        .map_or(0, |e| e.sequence);
+    drop(c);
+    stop_and_check(&socket_dir, "restart after attach");
+    podman_ok(&["start", NAME]);
+    startup_probe(&container);
+    wait_socket(&socket);
+    let mut c = Client::connect_unix(&socket).await.expect("connect");
+    let new = stored_events(&mut c, "", seq).await;
+    let back: Vec<_> = new
+        .iter()
+        .filter(|e| e.vm_id == "vma" && e.name == attached_region.name)
+        .map(|e| (e.kind(), e.message.clone()))
+        .collect();
+    assert!(
+        back.iter().any(|(k, _)| *k == pb::EventKind::FdRecovered),
+        "the restarted agent must take the attached memfd back from the stand-in: {back:#?}"
+    );
+    let r = c
+        .get_region("vma", &attached_region.name)
+        .await
+        .expect("GetRegion");
+    assert_eq!(r.status(), pb::RegionStatus::Active, "{r:?}");
+    assert_eq!(standin.check(), "pattern ok");
+    assert_held_by_qemu(&mut c, qemu, qemu_fd, "after the second restart").await;
+    checks.done("attach-mapped-memfd");
 
     // The last stop, with QEMU still holding its region.
     drop(c);
@@ -896,7 +907,16 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
         "128 MiB populated in a 96 MiB pod: {}",
         text(&o)
     );
-    let code = podman_ok(&["wait", NAME]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while inspect("{{.State.Status}}") != "exited" {
+        assert!(
+            Instant::now() < deadline,
+            "the agent still runs 300 s after a Populate past its memory limit; memplacectl said: {}",
+            text(&o)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let code = inspect("{{.State.ExitCode}}");
     assert_eq!(
         code,
         "137",
