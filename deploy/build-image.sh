@@ -97,11 +97,17 @@ main() {
         [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b is missing"
         cp "$BIN_DIR/$b" "$ctx/"
     done
+    # The image TAG names now; it is removed once the new build has taken the name.
+    local old
+    old=$(podman image inspect --format '{{.Id}}' "$TAG" 2>/dev/null || true)
     log "buildah bud --target runtime-prebuilt -t $TAG (base $BASE)"
     buildah bud --pull=false --target runtime-prebuilt -f "$ROOT/deploy/Dockerfile" \
         --build-arg "RUNTIME_IMAGE=$BASE" --build-arg "VERSION=$VERSION" \
         --build-arg "REVISION=$REVISION" -t "$TAG" "$ctx" >&2 || die "buildah bud failed"
     podman image exists "$TAG" || die "podman does not see $TAG after the build"
+    if [ -n "$old" ] && [ "$old" != "$(podman image inspect --format '{{.Id}}' "$TAG")" ]; then
+        podman rmi "$old" >/dev/null 2>&1 || log "the previous $TAG ($old) is still in use; kept"
+    fi
     echo "$TAG"
 }
 
