@@ -36,6 +36,10 @@ done
 ensure_container_tools
 mkdir -p "$ROOT"
 ROOT=$(cd "$ROOT" && pwd)
+KUST=$(cd "$KUST" && pwd) || die "no kustomization directory $KUST"
+# conmon leaves an `oom` file in its working directory when the container is OOM-killed: keep it
+# under ROOT.
+cd "$ROOT"
 
 KUSTOMIZE=${MEMPLACE_KUSTOMIZE:-$("$HERE/tests/fetch-kustomize.sh")}
 "$KUSTOMIZE" build "$KUST" >"$ROOT/rendered.yaml" || die "kustomize build $KUST failed"

@@ -83,8 +83,10 @@ fn text(o: &Output) -> String {
 }
 
 fn podman(args: &[&str]) -> Output {
+    // conmon leaves an `oom` file in its working directory when a container is OOM-killed.
     Command::new("podman")
         .args(args)
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
         .env("CONTAINERS_CONF", conf())
         .output()
         .unwrap_or_else(|e| panic!("podman {args:?} could not run: {e}"))
@@ -904,6 +906,7 @@ async fn daemonset_pod_runs_the_agent_for_a_real_vm() {
     }
     let o = run
         .args(["--mutate", "memory-limit:96Mi"])
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
         .env("MEMPLACE_KUSTOMIZE", &kustomize)
         .output()
         .expect("run-pod.sh");
