@@ -10,8 +10,11 @@ checks that:
   - the builder is rust:1.95-bookworm, at least the workspace's rust-version, and runs
     cargo build --release --locked -p memplace-server -p memplace-client;
   - the runtime stage is debian:bookworm-slim, has memplaced and memplacectl in
-    /usr/local/bin, the OCI labels, an explicit USER, and memplaced as its entrypoint.
-It does not build the image: that needs a Docker engine, and this says so.
+    /usr/local/bin, the OCI labels, an explicit USER, and memplaced as its entrypoint;
+  - the registry-less target runtime-prebuilt (deploy/build-image.sh) is built on the same
+    runtime stage as the default target and only adds the two binaries from its own context.
+A stage FROM an earlier stage inherits that stage's base image and instructions. The image itself
+is built by deploy/build-image.sh and run by server/tests/container_pod.rs.
 
 Usage: check_dockerfile.py [REPO_ROOT]
 """
@@ -33,6 +36,9 @@ OCI_LABELS = {"org.opencontainers.image.title", "org.opencontainers.image.descri
               "org.opencontainers.image.version", "org.opencontainers.image.revision",
               "org.opencontainers.image.licenses"}
 BUILD = "cargo build --release --locked -p memplace-server -p memplace-client"
+# The registry-less target: the runtime stage plus binaries that deploy/build-image.sh puts in
+# its build context.
+PREBUILT = "runtime-prebuilt"
 
 
 def parse(text):
@@ -138,7 +144,11 @@ def main(argv):
             expect(len(words) in (1, 3) and "$" not in image, f"line {n}: cannot read FROM {rest}")
             if name:
                 expect(name not in [s["name"] for s in stages], f"line {n}: stage name {name} used twice")
-            stages.append({"name": name, "image": image, "lines": [], "args": dict(global_args)})
+            parent = next((s for s in stages if s["name"] == image), None)
+            stages.append({"name": name, "image": parent["image"] if parent else image,
+                           "parent": parent["name"] if parent else None,
+                           "inherited": (parent["inherited"] + parent["lines"]) if parent else [],
+                           "lines": [], "args": dict(global_args)})
             continue
         stages[-1]["lines"].append((n, kw, rest))
 
@@ -159,6 +169,10 @@ def main(argv):
                 words = json.loads(rest[rest.index("["):])
             expect(len(words) >= 2, f"line {n}: {kw} needs sources and a destination")
             sources = words[:-1]
+            if stage["name"] == PREBUILT:
+                expect(sorted(os.path.basename(w) for w in sources) == ["memplacectl", "memplaced"],
+                       f"line {n}: {PREBUILT} must copy exactly memplaced and memplacectl from its context")
+                continue
             if "from" in flags:
                 src_stage = flags["from"][0]
                 earlier = [s["name"] for s in stages[:i]] + [str(k) for k in range(i)]
@@ -200,7 +214,16 @@ def main(argv):
     installed = set()
     labels = set()
     user = entrypoint = None
-    for n, kw, rest in runtime["lines"]:
+    prebuilt = next((s for s in stages if s["name"] == PREBUILT), None)
+    if expect(prebuilt is not None, f"no {PREBUILT} stage (the target deploy/build-image.sh builds)"):
+        expect(prebuilt["parent"] is not None and prebuilt["parent"] == runtime["parent"],
+               f"{PREBUILT} must be built FROM the same runtime stage as the default target "
+               f"({prebuilt['parent']} vs {runtime['parent']})")
+        with open(os.path.join(repo, "deploy", "build-image.sh"), encoding="utf-8") as f:
+            script = f.read()
+        expect(f"--target {PREBUILT}" in script and BUILD in script,
+               f"deploy/build-image.sh must build --target {PREBUILT} from `{BUILD}`")
+    for n, kw, rest in runtime["inherited"] + runtime["lines"]:
         if kw == "COPY":
             flags, words = flags_and_args(rest)
             dest = words[-1]
@@ -222,8 +245,6 @@ def main(argv):
     expect(user is not None, "the runtime stage sets no USER: say which user it runs as, and why")
     expect(entrypoint is not None and entrypoint[0].endswith("/memplaced"), f"ENTRYPOINT is {entrypoint}, not memplaced")
 
-    print("note: the image was not built (that needs a Docker engine); the Dockerfile was only "
-          "parsed and checked")
     if failures:
         print(f"check_dockerfile: {len(failures)} checks FAILED, {ok} ok")
         return 1
