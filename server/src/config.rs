@@ -1,6 +1,7 @@
 //! Configuration: defaults, then a TOML file, then environment variables, then flags. Everything
 //! is parsed and checked before anything binds.
 
+use crate::store::Retention;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -105,6 +106,19 @@ pub struct Flags {
     /// testing the task-policy path on memfd) [default: auto].
     #[arg(long, env = "MEMPLACE_FORCE_STRATEGY")]
     pub force_strategy: Option<String>,
+    /// Seconds a request id's record (its first answer, replayed to a retry) is kept
+    /// [default: 86400].
+    #[arg(long, env = "MEMPLACE_REQUEST_RECORD_MAX_AGE_SECS")]
+    pub request_record_max_age_secs: Option<u64>,
+    /// Request records kept at most, the newest [default: 100000].
+    #[arg(long, env = "MEMPLACE_REQUEST_RECORD_MAX_COUNT")]
+    pub request_record_max_count: Option<u64>,
+    /// Seconds a pruned request id is still refused (tombstone) [default: 2592000].
+    #[arg(long, env = "MEMPLACE_REQUEST_TOMBSTONE_MAX_AGE_SECS")]
+    pub request_tombstone_max_age_secs: Option<u64>,
+    /// Tombstones of pruned request ids kept at most, the newest [default: 500000].
+    #[arg(long, env = "MEMPLACE_REQUEST_TOMBSTONE_MAX_COUNT")]
+    pub request_tombstone_max_count: Option<u64>,
 }
 
 /// The config file, and the effective configuration.
@@ -169,6 +183,14 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// auto, or task-policy to place every new region with the task-policy strategy.
     pub force_strategy: String,
+    /// Request record retention, seconds.
+    pub request_record_max_age_secs: u64,
+    /// Request records at most.
+    pub request_record_max_count: u64,
+    /// Tombstone retention, seconds.
+    pub request_tombstone_max_age_secs: u64,
+    /// Tombstones at most.
+    pub request_tombstone_max_count: u64,
 }
 
 impl Default for Config {
@@ -201,6 +223,10 @@ impl Default for Config {
             max_concurrent_requests: 64,
             max_message_bytes: 4 << 20,
             force_strategy: "auto".into(),
+            request_record_max_age_secs: Retention::default().record_max_age_secs,
+            request_record_max_count: Retention::default().record_max_count,
+            request_tombstone_max_age_secs: Retention::default().tombstone_max_age_secs,
+            request_tombstone_max_count: Retention::default().tombstone_max_count,
         }
     }
 }
@@ -361,7 +387,11 @@ impl Config {
             request_timeout_secs,
             max_concurrent_requests,
             max_message_bytes,
-            force_strategy
+            force_strategy,
+            request_record_max_age_secs,
+            request_record_max_count,
+            request_tombstone_max_age_secs,
+            request_tombstone_max_count
         );
         if flags.listen_tcp.is_some() {
             cfg.listen_tcp = flags.listen_tcp;
@@ -377,6 +407,16 @@ impl Config {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// How long and how many request records (and tombstones of pruned ones) are kept.
+    pub fn request_retention(&self) -> Retention {
+        Retention {
+            record_max_age_secs: self.request_record_max_age_secs,
+            record_max_count: self.request_record_max_count,
+            tombstone_max_age_secs: self.request_tombstone_max_age_secs,
+            tombstone_max_count: self.request_tombstone_max_count,
+        }
     }
 
     /// Checks values that parse but make no sense.
@@ -405,6 +445,9 @@ impl Config {
             || self.max_message_bytes < 1024
         {
             return bad("max_concurrent_requests and request_timeout_secs must be above 0, max_message_bytes at least 1024".into());
+        }
+        if self.request_record_max_age_secs == 0 || self.request_record_max_count == 0 {
+            return bad("request_record_max_age_secs and request_record_max_count must be above 0: a retry must find the answer it repeats".into());
         }
         if self.listen_tcp.is_some() {
             let tls = [&self.tls_cert, &self.tls_key, &self.tls_client_ca];
