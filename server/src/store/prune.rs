@@ -210,7 +210,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let rt = tokio::runtime::Runtime::new().unwrap();
-        drop(rt.block_on(Store::open(&path, Duration::from_secs(1))).unwrap());
+        drop(
+            rt.block_on(Store::open(&path, Duration::from_secs(1)))
+                .unwrap(),
+        );
         let conn = Connection::open(&path).unwrap();
         for (i, created) in [(1, 100), (2, 200), (3, 300)] {
             conn.execute(
