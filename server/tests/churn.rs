@@ -137,7 +137,6 @@ async fn cycles(c: &Client, from: u64, to: u64) {
                     vm_id: "cycle".into(),
                     name,
                     request_id: format!("delete-{k}-{i}"),
-                    ..Default::default()
                 })
                 .await
                 .unwrap_or_else(|e| panic!("delete {k}/{i}: {e}"));
