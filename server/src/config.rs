@@ -508,6 +508,38 @@ mod tests {
     }
 
     #[test]
+    fn request_retention_comes_from_file_and_flags_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "request_record_max_age_secs = 600\nrequest_tombstone_max_count = 0\n",
+        )
+        .unwrap();
+        let flags = Flags::try_parse_from([
+            "memplaced",
+            "--config",
+            f.to_str().unwrap(),
+            "--request-record-max-count",
+            "50",
+        ])
+        .unwrap();
+        let r = Config::load(&flags).unwrap().request_retention();
+        assert_eq!(
+            r,
+            Retention {
+                record_max_age_secs: 600,
+                record_max_count: 50,
+                tombstone_max_count: 0,
+                ..Retention::default()
+            }
+        );
+        let zero: Config = toml::from_str("request_record_max_count = 0").unwrap();
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("request_record_max_count"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<Config>("state_dirr = \"/x\"").is_err());
     }
