@@ -56,8 +56,9 @@ pub struct Mapping {
 unsafe impl Send for Mapping {}
 // SAFETY: as above: &Mapping methods only pass addresses to syscalls or copy bytes with volatile
 // loads and stores through raw pointers (`volatile_load`/`volatile_store`), never through
-// references, so concurrent use by two threads, or by a guest or VMM writing the same memory, is
-// not a data race on Rust-visible memory (the same contract rust-vmm's vm-memory relies on).
+// references. No Rust object lives in the mapping, the compiler may not assume its bytes are
+// unchanged between accesses, and a concurrent writer (another thread, a guest or a VMM) can only
+// make a copy see old or new words: the contract rust-vmm's vm-memory relies on for guest memory.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
