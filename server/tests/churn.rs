@@ -283,3 +283,44 @@ async fn history_stays_bounded_under_churn() {
         .expect("an id past its tombstone runs as new");
     assert_eq!(first.region.unwrap().generation, gen_before + 1);
 }
+
+/// Age pruning on an idle agent: with records kept 1 s, the writer's periodic pass (every 30 s,
+/// no traffic needed) prunes a SetPolicy's record; until then a retry replays the first answer,
+/// after it the retry is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_age_out_on_an_idle_agent() {
+    let agent = AgentProc::start_with(&["--request-record-max-age-secs", "1"]);
+    let mut c = agent.client().await;
+    c.create_region("churn", "r0", 2 * MIB, pb::Backend::Memfd, vec![])
+        .await
+        .expect("creating the region");
+    let req = set_request(0, "aging-1".into());
+    let first = c
+        .set_policy_with(req.clone())
+        .await
+        .expect("the first call");
+    let generation = first.region.unwrap().generation;
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    let refused = loop {
+        match c.set_policy_with(req.clone()).await {
+            Ok(again) => assert_eq!(
+                again.region.unwrap().generation,
+                generation,
+                "a retry before pruning replays the first answer"
+            ),
+            Err(e) => break e,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the record of aging-1 (kept 1 s) was not pruned within 120 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    assert_eq!(refused.code(), Some(Code::FailedPrecondition), "{refused}");
+    assert!(refused.to_string().contains("pruned"), "{refused}");
+    assert_eq!(
+        c.get_region("churn", "r0").await.unwrap().generation,
+        generation,
+        "a refused retry changes nothing"
+    );
+}

@@ -89,9 +89,11 @@ struct Pruner {
 }
 
 impl Pruner {
-    fn after_batch(&mut self, conn: &Connection, known: &KnownRequests) {
+    /// `ticked`: the batch holds the ticker's empty job, which always prunes.
+    fn after_batch(&mut self, conn: &Connection, known: &KnownRequests, ticked: bool) {
         self.batches += 1;
-        if !(self.more
+        if !(ticked
+            || self.more
             || self.batches >= PRUNE_EVERY_BATCHES
             || self.last.elapsed() >= PRUNE_PERIOD)
         {
@@ -142,6 +144,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        let ticked = jobs.iter().any(|j| j.ops.is_empty());
         let results = commit_batch(&conn, &jobs);
         // Before any answer: a retry that arrives after the acknowledgement must find its id.
         for (job, r) in jobs.iter().zip(&results) {
@@ -156,7 +159,7 @@ fn writer_loop(
         for (job, r) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(r);
         }
-        pruner.after_batch(&conn, &known_requests);
+        pruner.after_batch(&conn, &known_requests, ticked);
         since_trim += 1;
         if since_trim >= 256 {
             since_trim = 0;
