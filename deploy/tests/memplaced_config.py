@@ -32,15 +32,22 @@ DEFAULTS = {
     "request_timeout_secs": 30,
     "max_concurrent_requests": 64,
     "max_message_bytes": 4 << 20,
+    "request_record_max_age_secs": 86400,
+    "request_record_max_count": 100000,
+    "request_tombstone_max_age_secs": 30 * 86400,
+    "request_tombstone_max_count": 500000,
 }
 
 _STRINGS = {"state_dir", "runtime_dir", "listen_tcp", "metrics_addr", "socket_mode",
             "tls_cert", "tls_key", "tls_client_ca"}
 _UID_LISTS = {"admin_uids", "viewer_uids", "handoff_uids"}
 _COUNTS = {"max_regions", "max_ranges_per_region", "max_region_bytes", "request_timeout_secs",
-           "max_concurrent_requests", "max_message_bytes"}
+           "max_concurrent_requests", "max_message_bytes", "request_record_max_age_secs",
+           "request_record_max_count"}
 # 0 means "never" for these.
 _SECONDS = {"reconcile_interval_secs", "shutdown_grace_secs"}
+# 0 means "keep no tombstones" for these.
+_TOMBSTONES = {"request_tombstone_max_age_secs", "request_tombstone_max_count"}
 
 
 def check(path):
@@ -61,7 +68,7 @@ def check(path):
             problems.append(f"{path}: {key} must be a list of uids")
         elif key in _COUNTS and not (type(value) is int and value > 0):
             problems.append(f"{path}: {key} must be a positive integer")
-        elif key in _SECONDS and not (type(value) is int and value >= 0):
+        elif key in (_SECONDS | _TOMBSTONES) and not (type(value) is int and value >= 0):
             problems.append(f"{path}: {key} must be a non-negative integer")
     effective = dict(DEFAULTS)
     effective.update(raw)

@@ -1,6 +1,7 @@
 //! Configuration: defaults, then a TOML file, then environment variables, then flags. Everything
 //! is parsed and checked before anything binds.
 
+use crate::store::Retention;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -109,6 +110,19 @@ pub struct Flags {
     /// exited, for a VMM that restarts; "keep" keeps it until deleted [default: 300].
     #[arg(long, env = "MEMPLACE_RELEASE_AGENT_REGIONS_AFTER")]
     pub release_agent_regions_after: Option<String>,
+    /// Seconds a request id's record (its first answer, replayed to a retry) is kept
+    /// [default: 86400].
+    #[arg(long, env = "MEMPLACE_REQUEST_RECORD_MAX_AGE_SECS")]
+    pub request_record_max_age_secs: Option<u64>,
+    /// Request records kept at most, the newest [default: 100000].
+    #[arg(long, env = "MEMPLACE_REQUEST_RECORD_MAX_COUNT")]
+    pub request_record_max_count: Option<u64>,
+    /// Seconds a pruned request id is still refused (tombstone) [default: 2592000].
+    #[arg(long, env = "MEMPLACE_REQUEST_TOMBSTONE_MAX_AGE_SECS")]
+    pub request_tombstone_max_age_secs: Option<u64>,
+    /// Tombstones of pruned request ids kept at most, the newest [default: 500000].
+    #[arg(long, env = "MEMPLACE_REQUEST_TOMBSTONE_MAX_COUNT")]
+    pub request_tombstone_max_count: Option<u64>,
 }
 
 /// The config file, and the effective configuration.
@@ -175,6 +189,14 @@ pub struct Config {
     pub force_strategy: String,
     /// Seconds (or "keep") an agent-made region keeps its memory after its last holder exited.
     pub release_agent_regions_after: String,
+    /// Request record retention, seconds.
+    pub request_record_max_age_secs: u64,
+    /// Request records at most.
+    pub request_record_max_count: u64,
+    /// Tombstone retention, seconds.
+    pub request_tombstone_max_age_secs: u64,
+    /// Tombstones at most.
+    pub request_tombstone_max_count: u64,
 }
 
 impl Default for Config {
@@ -209,6 +231,10 @@ impl Default for Config {
             force_strategy: "auto".into(),
             release_agent_regions_after: crate::reconcile::DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS
                 .to_string(),
+            request_record_max_age_secs: Retention::default().record_max_age_secs,
+            request_record_max_count: Retention::default().record_max_count,
+            request_tombstone_max_age_secs: Retention::default().tombstone_max_age_secs,
+            request_tombstone_max_count: Retention::default().tombstone_max_count,
         }
     }
 }
@@ -370,7 +396,11 @@ impl Config {
             max_concurrent_requests,
             max_message_bytes,
             force_strategy,
-            release_agent_regions_after
+            release_agent_regions_after,
+            request_record_max_age_secs,
+            request_record_max_count,
+            request_tombstone_max_age_secs,
+            request_tombstone_max_count
         );
         if flags.listen_tcp.is_some() {
             cfg.listen_tcp = flags.listen_tcp;
@@ -386,6 +416,16 @@ impl Config {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// How long and how many request records (and tombstones of pruned ones) are kept.
+    pub fn request_retention(&self) -> Retention {
+        Retention {
+            record_max_age_secs: self.request_record_max_age_secs,
+            record_max_count: self.request_record_max_count,
+            tombstone_max_age_secs: self.request_tombstone_max_age_secs,
+            tombstone_max_count: self.request_tombstone_max_count,
+        }
     }
 
     /// Checks values that parse but make no sense.
@@ -415,6 +455,9 @@ impl Config {
             || self.max_message_bytes < 1024
         {
             return bad("max_concurrent_requests and request_timeout_secs must be above 0, max_message_bytes at least 1024".into());
+        }
+        if self.request_record_max_age_secs == 0 || self.request_record_max_count == 0 {
+            return bad("request_record_max_age_secs and request_record_max_count must be above 0: a retry must find the answer it repeats".into());
         }
         if self.listen_tcp.is_some() {
             let tls = [&self.tls_cert, &self.tls_key, &self.tls_client_ca];
@@ -507,6 +550,38 @@ mod tests {
         );
         let c: Config = toml::from_str("force_strategy = \"shared\"").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn request_retention_comes_from_file_and_flags_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "request_record_max_age_secs = 600\nrequest_tombstone_max_count = 0\n",
+        )
+        .unwrap();
+        let flags = Flags::try_parse_from([
+            "memplaced",
+            "--config",
+            f.to_str().unwrap(),
+            "--request-record-max-count",
+            "50",
+        ])
+        .unwrap();
+        let r = Config::load(&flags).unwrap().request_retention();
+        assert_eq!(
+            r,
+            Retention {
+                record_max_age_secs: 600,
+                record_max_count: 50,
+                tombstone_max_count: 0,
+                ..Retention::default()
+            }
+        );
+        let zero: Config = toml::from_str("request_record_max_count = 0").unwrap();
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("request_record_max_count"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub regions_lost: Gauge,
     /// Regions released after their last holder exited.
     pub regions_released: Counter,
+    /// Request ids the store keeps in memory (records and tombstones of pruned ones).
+    pub request_ids_known: Gauge,
     /// Handoffs by outcome.
     pub handoffs: Family<MethodCode, Counter>,
     /// Requests refused by the auth layer.
@@ -143,6 +145,7 @@ impl Metrics {
             commit_seconds: latency_buckets(),
             regions_lost: Gauge::default(),
             regions_released: Counter::default(),
+            request_ids_known: Gauge::default(),
             handoffs: Family::default(),
             denied: Counter::default(),
             shed: Counter::default(),
@@ -198,6 +201,11 @@ impl Metrics {
             "sqlite_commit_duration_seconds",
             "Latency of durable SQLite commits",
             m.commit_seconds.clone(),
+        );
+        registry.register(
+            "request_ids_known",
+            "Request ids the agent remembers, in memory and in SQLite: kept records plus tombstones of pruned ones (bounded by request_record_max_count + request_tombstone_max_count)",
+            m.request_ids_known.clone(),
         );
         registry.register(
             "regions_lost",
@@ -280,6 +288,8 @@ impl Metrics {
     /// Recomputes region gauges and per-node bytes from the engine's intent, and copies the
     /// engine's counters in.
     pub async fn refresh_regions(&self, agent: &crate::reconcile::Agent) {
+        self.request_ids_known
+            .set(agent.store().known_request_count() as i64);
         let Ok(regions) = agent.list_intents().await else {
             return;
         };

@@ -51,11 +51,14 @@ pub struct Mapping {
 }
 
 // SAFETY: the mapping is plain shared memory with no thread affinity. Mapping never hands out
-// references into it; reads and writes go through raw-pointer copies, and the kernel serializes
-// policy changes on the VMA.
+// references into it; reads and writes are volatile raw-pointer accesses, and the kernel
+// serializes policy changes on the VMA.
 unsafe impl Send for Mapping {}
-// SAFETY: as above: &Mapping methods only pass addresses to syscalls or copy bytes through raw
-// pointers, which is sound under concurrent use (the memory is shared with other processes anyway).
+// SAFETY: as above: &Mapping methods only pass addresses to syscalls or copy bytes with volatile
+// loads and stores through raw pointers (`volatile_load`/`volatile_store`), never through
+// references. No Rust object lives in the mapping, the compiler may not assume its bytes are
+// unchanged between accesses, and a concurrent writer (another thread, a guest or a VMM) can only
+// make a copy see old or new words: the contract rust-vmm's vm-memory relies on for guest memory.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -147,7 +150,9 @@ impl Mapping {
     /// binds the file's range, for anyone's later allocations.
     pub fn mbind(&self, offset: u64, len: u64, policy: &Policy, flags: u32) -> Result<(), Errno> {
         let addr = self.addr(offset, len)?;
-        mempolicy::mbind_raw(addr, len as usize, policy, flags)
+        // SAFETY: `addr` checked `[addr, addr+len)` lies inside this mapping, which stays mapped
+        // while `self` lives; mbind changes only its policy and page placement, never contents.
+        unsafe { mempolicy::mbind_raw(addr, len as usize, policy, flags) }
     }
 
     /// The policy the kernel reports at `offset` (get_mempolicy(MPOL_F_ADDR)). `Ok(None)` for a
@@ -262,20 +267,27 @@ impl Mapping {
         Ok(out)
     }
 
-    /// Copies `data` into the mapping at `offset`.
+    /// Copies `data` into the mapping at `offset`. The mapping is memory a running guest or VMM
+    /// may write at the same moment, so every store is volatile (as rust-vmm's vm-memory does):
+    /// the compiler may not elide, merge or invent accesses to it, and no Rust reference into it
+    /// is ever formed. Aligned runs go a machine word at a time.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let addr = self.addr(offset, data.len() as u64)?;
-        // SAFETY: the destination lies inside this live mapping and cannot overlap `data`, which
-        // is a Rust slice; no reference into the mapping exists.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
+        // SAFETY: `[addr, addr+data.len())` lies inside this live mapping (checked by `addr`) and
+        // cannot overlap `data`, which is a Rust slice; the mapping is never referenced, only
+        // accessed through raw pointers.
+        unsafe { volatile_store(addr as *mut u8, data) };
         Ok(())
     }
 
-    /// Copies `out.len()` bytes from the mapping at `offset`.
+    /// Copies `out.len()` bytes from the mapping at `offset`, with volatile loads (see
+    /// [`Mapping::write`]). Bytes the guest changes during the copy may be seen old or new, a
+    /// word at a time; the copy is never undefined behaviour.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Errno> {
         let addr = self.addr(offset, out.len() as u64)?;
-        // SAFETY: the source lies inside this live mapping and cannot overlap `out`.
-        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+        // SAFETY: `[addr, addr+out.len())` lies inside this live mapping (checked by `addr`) and
+        // cannot overlap `out`; the mapping is never referenced, only accessed through raw pointers.
+        unsafe { volatile_load(addr as *const u8, out) };
         Ok(())
     }
 
@@ -290,5 +302,127 @@ impl Drop for Mapping {
         // SAFETY: ptr/len came from a successful mmap and are unmapped exactly once, here; no
         // reference into the mapping outlives `self`.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+const WORD: usize = std::mem::size_of::<usize>();
+
+/// Stores `data` at `dst` with volatile writes: single bytes up to the first word boundary of
+/// `dst`, then whole words, then the tail bytes.
+///
+/// # Safety
+/// `[dst, dst+data.len())` must be valid for writes for the whole call and must not overlap
+/// `data`. Other threads or processes may write it concurrently (shared guest memory).
+unsafe fn volatile_store(dst: *mut u8, data: &[u8]) {
+    let head = dst.align_offset(WORD).min(data.len());
+    let (first, rest) = data.split_at(head);
+    for (i, b) in first.iter().enumerate() {
+        // SAFETY: `i < head <= data.len()`, inside the caller's range.
+        unsafe { dst.add(i).write_volatile(*b) };
+    }
+    let mut words = rest.chunks_exact(WORD);
+    // SAFETY: `head <= data.len()`, so this stays inside the caller's range.
+    let mut at = unsafe { dst.add(head) };
+    for w in &mut words {
+        let v = usize::from_ne_bytes(w.try_into().expect("chunks_exact gives WORD bytes"));
+        // SAFETY: `at` is word-aligned (past `head`) and the next WORD bytes lie inside the
+        // caller's range, since `w` is a whole word of `rest`.
+        unsafe {
+            at.cast::<usize>().write_volatile(v);
+            at = at.add(WORD);
+        }
+    }
+    for (i, b) in words.remainder().iter().enumerate() {
+        // SAFETY: the remainder's bytes are the last ones of the caller's range.
+        unsafe { at.add(i).write_volatile(*b) };
+    }
+}
+
+/// Loads `out.len()` bytes from `src` into `out` with volatile reads, in the same order of
+/// bytes, words and tail as [`volatile_store`].
+///
+/// # Safety
+/// `[src, src+out.len())` must be valid for reads for the whole call and must not overlap `out`.
+/// Other threads or processes may write it concurrently (shared guest memory).
+unsafe fn volatile_load(src: *const u8, out: &mut [u8]) {
+    let head = src.align_offset(WORD).min(out.len());
+    let (first, rest) = out.split_at_mut(head);
+    for (i, b) in first.iter_mut().enumerate() {
+        // SAFETY: `i < head <= out.len()`, inside the caller's range.
+        *b = unsafe { src.add(i).read_volatile() };
+    }
+    let mut words = rest.chunks_exact_mut(WORD);
+    // SAFETY: `head <= out.len()`, so this stays inside the caller's range.
+    let mut at = unsafe { src.add(head) };
+    for w in &mut words {
+        // SAFETY: `at` is word-aligned (past `head`) and the next WORD bytes lie inside the
+        // caller's range, since `w` is a whole word of `rest`.
+        let v = unsafe { at.cast::<usize>().read_volatile() };
+        w.copy_from_slice(&v.to_ne_bytes());
+        // SAFETY: as above, still inside (or one past the end of) the caller's range.
+        at = unsafe { at.add(WORD) };
+    }
+    for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        // SAFETY: the remainder's bytes are the last ones of the caller's range.
+        *b = unsafe { at.add(i).read_volatile() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every offset and length around word boundaries round-trips, and bytes outside the written
+    /// range stay as they were (the head/word/tail split neither drops nor spills a byte).
+    #[test]
+    fn volatile_copies_round_trip_at_every_alignment() {
+        let m = Mapping::anonymous(4096).unwrap();
+        for offset in 0..(2 * WORD as u64 + 1) {
+            for len in 0..(3 * WORD + 2) {
+                m.write(0, &[0xEE; 128]).unwrap();
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(7).wrapping_add(1))
+                    .collect();
+                m.write(offset, &data).unwrap();
+                let mut back = vec![0u8; len];
+                m.read(offset, &mut back).unwrap();
+                assert_eq!(back, data, "offset {offset} len {len}");
+                let mut all = [0u8; 128];
+                m.read(0, &mut all).unwrap();
+                let o = offset as usize;
+                assert!(
+                    all[..o].iter().all(|b| *b == 0xEE),
+                    "offset {offset} len {len}: head spilled"
+                );
+                assert!(
+                    all[o + len..].iter().all(|b| *b == 0xEE),
+                    "offset {offset} len {len}: tail spilled"
+                );
+            }
+        }
+        assert_eq!(m.write(4090, &[0; 7]), Err(Errno::EINVAL));
+        assert_eq!(m.read(4096, &mut [0; 1]), Err(Errno::EINVAL));
+    }
+
+    /// Two threads share one mapping, as the agent and a VMM do: one writes whole words of one
+    /// repeated byte while the other reads; every word read is one of the written patterns.
+    #[test]
+    fn concurrent_readers_see_whole_words() {
+        let m = Mapping::anonymous(4096).unwrap();
+        m.write(0, &[0; 64]).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..20_000u32 {
+                    m.write(0, &[(i % 251) as u8; 64]).unwrap();
+                }
+            });
+            let mut buf = [0u8; 64];
+            for _ in 0..20_000 {
+                m.read(0, &mut buf).unwrap();
+                for w in buf.chunks(WORD) {
+                    assert!(w.iter().all(|b| *b == w[0]), "torn word {w:?}");
+                }
+            }
+        });
     }
 }

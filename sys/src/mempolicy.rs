@@ -104,15 +104,26 @@ pub fn set_thread_policy(policy: &Policy) -> Result<(), Errno> {
 }
 
 /// mbind over `[addr, addr+len)`. Only [`super::Mapping`] calls this, with a range it owns.
-pub(super) fn mbind_raw(addr: usize, len: usize, policy: &Policy, flags: u32) -> Result<(), Errno> {
+///
+/// # Safety
+/// `[addr, addr+len)` must lie inside a live mapping the caller owns for the whole call. mbind on
+/// an arbitrary range could rebind (and with `MPOL_MF_MOVE` migrate) memory that other code in
+/// this process owns, such as the heap or a stack.
+pub(super) unsafe fn mbind_raw(
+    addr: usize,
+    len: usize,
+    policy: &Policy,
+    flags: u32,
+) -> Result<(), Errno> {
     let (mode, mask) = encode(policy);
     let mask_ptr = if policy.mode.takes_nodes() {
         mask.as_ptr()
     } else {
         std::ptr::null()
     };
-    // SAFETY: the caller passes a range inside a live mapping it owns (mbind changes only policy
-    // metadata and page placement, never contents); `mask` outlives the call and is large enough.
+    // SAFETY: by this fn's contract the range lies inside a live mapping the caller owns (mbind
+    // changes only policy metadata and page placement, never contents); `mask` outlives the call
+    // and is large enough.
     check(unsafe {
         libc::syscall(
             libc::SYS_mbind,

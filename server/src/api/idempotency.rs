@@ -8,6 +8,7 @@ use super::status_of;
 use crate::reconcile::{
     Agent, AgentError, AttachIdempotency, EncodeAnswer, Idempotency, RegionView,
 };
+use crate::store::RequestLookup;
 use memplace_proto::v1 as pb;
 use prost::Message;
 use sha2::Digest;
@@ -197,13 +198,24 @@ async fn replay<R: Message + Default>(
     if request_id.is_empty() {
         return Ok(None);
     }
-    let Some(stored) = agent
-        .store()
-        .request(request_id)
+    let store = agent.store();
+    let stored = match store
+        .lookup_request(request_id)
         .await
         .map_err(|e| status_of(e.into()))?
-    else {
-        return Ok(None);
+    {
+        RequestLookup::Unknown => return Ok(None),
+        RequestLookup::Answered(stored) => stored,
+        RequestLookup::Pruned => {
+            let r = store.retention();
+            return Err(status_of(AgentError::FailedPrecondition(format!(
+                "request_id {request_id:?} was answered before, but its record has been pruned \
+                 (records are kept {} s and at most {}): its answer is no longer known and the \
+                 request was not run again; read the current state, and send a new request_id \
+                 if the change is still wanted",
+                r.record_max_age_secs, r.record_max_count
+            ))));
+        }
     };
     if stored.method != method || stored.fingerprint != print {
         return Err(status_of(AgentError::RequestIdReused(

@@ -221,7 +221,10 @@ async fn start_agent(
 ) -> Result<Arc<Agent>, AppError> {
     let topology = TopologyReader::host();
     let usable: Vec<u32> = topology.read().usable.iter().collect();
-    let (store, caps) = tokio::join!(Store::open(db, Duration::from_secs(5)), caps::probe(usable));
+    let (store, caps) = tokio::join!(
+        Store::open_with(db, Duration::from_secs(5), cfg.request_retention()),
+        caps::probe(usable)
+    );
     let mut store = store?;
     let caps = caps?;
     let m = metrics.clone();

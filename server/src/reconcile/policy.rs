@@ -228,7 +228,10 @@ impl Agent {
             return Ok(());
         }
         if let Some(i) = idem
-            && self.store.request(&i.request_id).await?.is_some()
+            && !matches!(
+                self.store.lookup_request(&i.request_id).await?,
+                crate::store::RequestLookup::Unknown
+            )
         {
             return Err(AgentError::DuplicateRequest(i.request_id.clone()));
         }

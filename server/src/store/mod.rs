@@ -10,15 +10,18 @@
 use crate::domain::{Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
-use std::collections::HashSet;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+mod prune;
 mod rows;
 mod writer;
+
+pub use prune::Retention;
+use prune::id_hash;
 
 use rows::{ranges_from_json, region_from_row};
 use writer::start_writer;
@@ -159,33 +162,63 @@ pub struct Store {
     path: PathBuf,
     commit_observer: Option<CommitObserver>,
     known_requests: KnownRequests,
+    retention: Retention,
 }
 
-/// Hashes of every request id in the `requests` table, kept beside it so that the idempotency
-/// look-up every mutation makes costs no database read for a new id (almost every request). The
-/// writer adds a committed job's ids before it answers the job; a hash collision only costs the
-/// read it would have made anyway.
+/// Digests of every request id in the `requests` table or with a tombstone in
+/// `pruned_requests`, kept beside them so that the idempotency look-up every mutation makes
+/// costs no database read for a new id (almost every request). The writer adds a committed job's
+/// ids before it answers the job, and removes an id only after the commit that removed its
+/// tombstone, so the set is bounded by the two retention counts. A digest collision only costs
+/// the read it would have made anyway (counts keep colliding ids apart).
 #[derive(Clone, Debug, Default)]
-struct KnownRequests(Arc<Mutex<HashSet<u64>>>);
+struct KnownRequests(Arc<Mutex<HashMap<i64, u32>>>);
 
 impl KnownRequests {
-    fn hash(request_id: &str) -> u64 {
-        let mut h = DefaultHasher::new();
-        request_id.hash(&mut h);
-        h.finish()
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn insert_hash(&self, h: i64) {
+        *self.lock().entry(h).or_insert(0) += 1;
     }
     fn insert(&self, request_id: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(Self::hash(request_id));
+        self.insert_hash(id_hash(request_id));
+    }
+    /// Forgets one id per digest (its tombstone was pruned).
+    fn forget(&self, hashes: &[i64]) {
+        let mut m = self.lock();
+        for h in hashes {
+            if let Some(n) = m.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(h);
+                }
+            }
+        }
+        // Give memory back after a burst (the map never shrinks by itself).
+        if m.capacity() > 1024 && m.capacity() > 4 * m.len() {
+            let keep = 2 * m.len();
+            m.shrink_to(keep);
+        }
     }
     fn may_contain(&self, request_id: &str) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&Self::hash(request_id))
+        self.lock().contains_key(&id_hash(request_id))
     }
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// What the idempotency look-up knows of a request id.
+#[derive(Clone, Debug)]
+pub enum RequestLookup {
+    /// Never seen, or forgotten past its tombstone's retention: a new request.
+    Unknown,
+    /// Answered before; the record holds the first answer.
+    Answered(StoredRequest),
+    /// Answered before, but the record was pruned: the answer is gone and the request must not
+    /// run again.
+    Pruned,
 }
 
 /// Called with (commit latency, jobs in the batch) after each commit.
@@ -223,6 +256,15 @@ impl Store {
     /// embedded migrations, and refuses a database written by a newer memplace. A file that is not
     /// a healthy SQLite database is never overwritten.
     pub async fn open(path: &Path, busy: Duration) -> Result<Self, StoreError> {
+        Self::open_with(path, busy, Retention::default()).await
+    }
+
+    /// [`Store::open`] with request records kept as `retention` says.
+    pub async fn open_with(
+        path: &Path,
+        busy: Duration,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
         let open_err = |reason: String| StoreError::Open {
             path: path.to_path_buf(),
             reason,
@@ -266,18 +308,27 @@ impl Store {
         for id in &ids {
             known_requests.insert(id);
         }
+        let tombstones: Vec<i64> = sqlx::query_scalar("SELECT id_hash FROM pruned_requests")
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        for h in tombstones {
+            known_requests.insert_hash(h);
+        }
         // The writer opens its own connection; this one is done.
         conn.close().await.map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel(1024);
-        start_writer(path, busy, rx, known_requests.clone())
+        start_writer(path, busy, rx, known_requests.clone(), retention)
             .await
             .map_err(open_err)?;
+        writer::start_prune_ticker(&tx);
         Ok(Self {
             readers,
             writer: tx,
             path: path.to_path_buf(),
             commit_observer: None,
             known_requests,
+            retention,
         })
     }
 
@@ -362,7 +413,36 @@ impl Store {
         })
     }
 
-    /// The idempotency record of `request_id`.
+    /// How long and how many request records are kept.
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// Request ids the store remembers (records and tombstones): what its in-memory set holds.
+    pub fn known_request_count(&self) -> usize {
+        self.known_requests.len()
+    }
+
+    /// What is known of `request_id`: its record, a tombstone, or nothing.
+    pub async fn lookup_request(&self, request_id: &str) -> Result<RequestLookup, StoreError> {
+        if let Some(r) = self.request(request_id).await? {
+            return Ok(RequestLookup::Answered(r));
+        }
+        if !self.known_requests.may_contain(request_id) {
+            return Ok(RequestLookup::Unknown);
+        }
+        let tomb: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM pruned_requests WHERE id_hash = ? LIMIT 1")
+                .bind(id_hash(request_id))
+                .fetch_optional(&self.readers)
+                .await?;
+        Ok(match tomb {
+            Some(_) => RequestLookup::Pruned,
+            None => RequestLookup::Unknown,
+        })
+    }
+
+    /// The idempotency record of `request_id`, if it is still kept.
     pub async fn request(&self, request_id: &str) -> Result<Option<StoredRequest>, StoreError> {
         if !self.known_requests.may_contain(request_id) {
             return Ok(None);

@@ -13,6 +13,7 @@ pub(super) async fn start_writer(
     busy: Duration,
     rx: mpsc::Receiver<Job>,
     known_requests: KnownRequests,
+    retention: Retention,
 ) -> Result<(), String> {
     let (ready, opened) = oneshot::channel();
     let path = path.to_path_buf();
@@ -21,7 +22,7 @@ pub(super) async fn start_writer(
         .spawn(move || match open_writer(&path, busy) {
             Ok(conn) => {
                 let _ = ready.send(Ok(()));
-                writer_loop(conn, rx, known_requests);
+                writer_loop(conn, rx, known_requests, retention);
             }
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -55,7 +56,85 @@ fn open_writer(path: &Path, busy: Duration) -> Result<Connection, String> {
     Ok(conn)
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, known_requests: KnownRequests) {
+/// How often an idle agent prunes request records: a ticker sends the writer an empty job.
+const PRUNE_PERIOD: Duration = Duration::from_secs(30);
+/// A busy writer prunes after this many batches (or [`PRUNE_PERIOD`], whichever comes first).
+const PRUNE_EVERY_BATCHES: u32 = 64;
+
+/// Wakes the writer every [`PRUNE_PERIOD`] with an empty job, so records age out on an idle
+/// agent too. Holds only a weak sender: the writer still ends when the store is dropped.
+pub(super) fn start_prune_ticker(tx: &mpsc::Sender<Job>) {
+    let weak = tx.downgrade();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PRUNE_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(tx) = weak.upgrade() else { return };
+            let (reply, _) = oneshot::channel();
+            if tx.send(Job { ops: vec![], reply }).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Prunes request records when due, after the batch's answers went out.
+struct Pruner {
+    retention: Retention,
+    batches: u32,
+    last: Instant,
+    more: bool,
+}
+
+impl Pruner {
+    /// `ticked`: the batch holds the ticker's empty job, which always prunes.
+    fn after_batch(&mut self, conn: &Connection, known: &KnownRequests, ticked: bool) {
+        self.batches += 1;
+        if !(ticked
+            || self.more
+            || self.batches >= PRUNE_EVERY_BATCHES
+            || self.last.elapsed() >= PRUNE_PERIOD)
+        {
+            return;
+        }
+        self.batches = 0;
+        self.last = Instant::now();
+        match prune::prune(conn, &self.retention, unix_now()) {
+            Ok(p) => {
+                // Only now, with the tombstones' removal committed, may a lookup skip the
+                // database for these ids.
+                known.forget(&p.forgotten);
+                self.more = p.more;
+                if p.records > 0 || !p.forgotten.is_empty() {
+                    tracing::debug!(
+                        records = p.records,
+                        forgotten = p.forgotten.len(),
+                        "pruned request records"
+                    );
+                }
+            }
+            Err(e) => {
+                self.more = false;
+                tracing::warn!("pruning request records failed (retried later): {e}");
+            }
+        }
+    }
+}
+
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    known_requests: KnownRequests,
+    retention: Retention,
+) {
+    let mut pruner = Pruner {
+        retention,
+        batches: 0,
+        last: Instant::now(),
+        more: true,
+    };
     let mut since_trim = 0u32;
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -65,6 +144,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, known_requests: Kn
                 Err(_) => break,
             }
         }
+        let ticked = jobs.iter().any(|j| j.ops.is_empty());
         let results = commit_batch(&conn, &jobs);
         // Before any answer: a retry that arrives after the acknowledgement must find its id.
         for (job, r) in jobs.iter().zip(&results) {
@@ -79,6 +159,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, known_requests: Kn
         for (job, r) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(r);
         }
+        pruner.after_batch(&conn, &known_requests, ticked);
         since_trim += 1;
         if since_trim >= 256 {
             since_trim = 0;
@@ -92,7 +173,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, known_requests: Kn
 }
 
 /// Runs one statement without parameters (transaction and savepoint control).
-fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+pub(super) fn exec(conn: &Connection, sql: &str) -> Result<(), StoreError> {
     conn.prepare_cached(sql)?.execute([])?;
     Ok(())
 }
@@ -221,6 +302,11 @@ fn apply_ops(conn: &Connection, ops: &[WriteOp]) -> Result<Vec<u64>, StoreError>
                 fingerprint,
                 response,
             } => {
+                // An id whose record was pruned is taken: a retry that checked before the
+                // pruning must not run as new (its caller re-reads and finds the tombstone).
+                if prune::is_pruned(conn, request_id)? {
+                    return Err(StoreError::Conflict);
+                }
                 conn.prepare_cached(
                     "INSERT INTO requests (request_id, method, fingerprint, response, created_unix) VALUES (?,?,?,?,?)",
                 )?
