@@ -106,6 +106,16 @@ const GMEM_CASES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Writes a line of the run's record to stderr directly, past libtest's capture, so that CI's log
+/// shows where every case ran even when the test passes.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+pub(crate) use log;
+
 /// The text every guest_memfd case's `#[ignore = ...]` starts with.
 const IGNORE_REASON: &str = "guest_memfd case";
 
@@ -164,7 +174,7 @@ fn guest_memfd_cases_run_where_a_kernel_has_guest_memfd() {
     let host = host_makes_gmem();
     let wanted = std::env::var("MEMPLACE_GMEM_SITE").ok();
     let site = choose_site(host, wanted.as_deref()).unwrap_or_else(|e| panic!("{e}"));
-    println!(
+    log!(
         "guest_memfd cases: host KVM {} guest_memfd; MEMPLACE_GMEM_SITE={}; running {} cases {}",
         if host { "makes" } else { "makes no" },
         wanted.as_deref().unwrap_or("auto"),
@@ -181,13 +191,13 @@ fn guest_memfd_cases_run_where_a_kernel_has_guest_memfd() {
     let mut problems = Vec::new();
     for ((_, name), result) in GMEM_CASES.iter().zip(&results) {
         match result {
-            CaseResult::Passed(place) => println!("guest_memfd case {name}: PASS, ran {place}"),
+            CaseResult::Passed(place) => log!("guest_memfd case {name}: PASS, ran {place}"),
             CaseResult::Failed(place, why) => {
-                println!("guest_memfd case {name}: FAIL, ran {place}: {why}");
+                log!("guest_memfd case {name}: FAIL, ran {place}: {why}");
                 problems.push(format!("{name} failed {place}: {why}"));
             }
             CaseResult::NotRun(why) => {
-                println!("guest_memfd case {name}: RAN NOWHERE: {why}");
+                log!("guest_memfd case {name}: RAN NOWHERE: {why}");
                 problems.push(format!("{name} ran nowhere: {why}"));
             }
         }
@@ -372,7 +382,7 @@ fn run_in_guest(binaries: &[PathBuf]) -> Vec<CaseResult> {
     if !run.report.done {
         setup_problems.push("no MEMPLACE-DONE line: the guest did not finish".to_owned());
     }
-    println!(
+    log!(
         "gmem-cases guest: {} in {:.1} s, serial log {}",
         run.what,
         run.elapsed.as_secs_f64(),

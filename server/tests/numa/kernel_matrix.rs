@@ -8,6 +8,7 @@
 //! does on each kernel", which [`kernel_matrix_matches_readme`] compares with this run: a change in
 //! what any kernel does fails the suite until README says so.
 
+use super::gmem_cases::log;
 use super::{
     Guest, KernelKind, LOG_TAIL_LINES, NUMA_DIR, Payload, boot_guest_with, boot_status_problem,
     tail,
@@ -87,7 +88,7 @@ fn kernel_matrix_matches_readme() {
         // 6.1 panics at boot under TCG ("IO-APIC + timer doesn't work") without it; harmless on
         // the others.
         let run = boot_guest_with(&guest, "no_timer_check", &payload);
-        println!(
+        log!(
             "{}: {:.1} s, serial log {}",
             run.what,
             run.elapsed.as_secs_f64(),
@@ -138,7 +139,7 @@ fn kernel_matrix_matches_readme() {
         columns.push((*heading, rows));
     }
     let table = render_table(&columns);
-    println!(
+    log!(
         "kernel matrix of this run ({}):\n{table}",
         versions.join("; ")
     );
