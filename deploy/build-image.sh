@@ -4,7 +4,7 @@
 #   - the base is Debian bookworm from `debootstrap --variant=minbase` (cached), made an image
 #     with `podman import` (localhost/memplace-base:bookworm);
 #   - the binaries are the workspace's own `cargo build --release --locked -p memplace-server
-#     -p memplace-client` (or --bin-dir), built into the Dockerfile's `runtime-prebuilt` target,
+#     -p memplacectl` (or --bin-dir), built into the Dockerfile's `runtime-prebuilt` target,
 #     whose runtime stage is the one the registry path (target `runtime`) uses.
 # Prints the image name on stdout; everything else goes to stderr.
 #
@@ -84,8 +84,8 @@ main() {
     make_base
 
     if [ -z "$BIN_DIR" ]; then
-        log "cargo build --release --locked -p memplace-server -p memplace-client"
-        (cd "$ROOT" && cargo build --release --locked -p memplace-server -p memplace-client >&2) ||
+        log "cargo build --release --locked -p memplace-server -p memplacectl"
+        (cd "$ROOT" && cargo build --release --locked -p memplace-server -p memplacectl >&2) ||
             die "cargo build failed"
         BIN_DIR=$ROOT/target/release
     fi

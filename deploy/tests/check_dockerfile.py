@@ -8,7 +8,7 @@ checks that:
   - every file COPY takes from the build context (the repository root) exists and is not
     excluded by deploy/Dockerfile.dockerignore, and every workspace member is copied;
   - the builder is rust:1.95-bookworm, at least the workspace's rust-version, and runs
-    cargo build --release --locked -p memplace-server -p memplace-client;
+    cargo build --release --locked -p memplace-server -p memplacectl;
   - the runtime stage is debian:bookworm-slim, has memplaced and memplacectl in
     /usr/local/bin, the OCI labels, an explicit USER, and memplaced as its entrypoint;
   - the registry-less target runtime-prebuilt (deploy/build-image.sh) is built on the same
@@ -35,7 +35,7 @@ INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "A
 OCI_LABELS = {"org.opencontainers.image.title", "org.opencontainers.image.description",
               "org.opencontainers.image.version", "org.opencontainers.image.revision",
               "org.opencontainers.image.licenses"}
-BUILD = "cargo build --release --locked -p memplace-server -p memplace-client"
+BUILD = "cargo build --release --locked -p memplace-server -p memplacectl"
 # The registry-less target: the runtime stage plus binaries that deploy/build-image.sh puts in
 # its build context.
 PREBUILT = "runtime-prebuilt"
