@@ -229,7 +229,7 @@ impl Default for Config {
             max_concurrent_requests: 64,
             max_message_bytes: 4 << 20,
             force_strategy: "auto".into(),
-            release_agent_regions_after: crate::reconcile::DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS
+            release_agent_regions_after: crate::engine::DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS
                 .to_string(),
             request_record_max_age_secs: Retention::default().record_max_age_secs,
             request_record_max_count: Retention::default().record_max_count,

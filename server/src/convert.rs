@@ -4,8 +4,8 @@
 //! maps the engine's errors.
 
 use crate::domain::{Backend, Event, NodeSet, Origin, Policy, PolicyMode, RegionStatus, Strategy};
-use crate::kernel::probe::Capabilities;
-use crate::reconcile::{AgentError, NodeCount, Placement, RangeState, RegionView};
+use crate::engine::{AgentError, NodeCount, Placement, RangeState, RegionView};
+use crate::kernel::probe::Features;
 use crate::topology::Topology;
 use memplace_proto::v1 as pb;
 
@@ -206,7 +206,7 @@ pub fn event_to_pb(e: &Event) -> pb::WatchEventsResponse {
 /// Converts what GetNodeInfo reports: the host's nodes and the kernel's capabilities.
 pub fn node_info_to_pb(
     topo: &Topology,
-    c: &Capabilities,
+    c: &Features,
     agent_version: &str,
     page_size: u64,
 ) -> pb::GetNodeInfoResponse {

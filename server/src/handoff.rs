@@ -17,9 +17,9 @@ mod request;
 pub mod token;
 
 use crate::domain::VmId;
+use crate::engine::{Agent, AgentError};
 use crate::kernel::fdpass;
 use crate::metrics::Metrics;
-use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
 use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, listen, socket};

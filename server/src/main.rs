@@ -6,7 +6,7 @@ fn main() -> std::process::ExitCode {
     // The populate helper child: joins a memory cgroup and allocates, then exits.
     if args.get(1).map(String::as_str) == Some("__populate-worker") {
         return std::process::ExitCode::from(
-            memplace_server::reconcile::populate_child_main(&args[2..]).clamp(0, 255) as u8,
+            memplace_server::engine::populate_child_main(&args[2..]).clamp(0, 255) as u8,
         );
     }
     memplace_server::app::main()

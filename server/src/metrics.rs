@@ -287,7 +287,7 @@ impl Metrics {
 
     /// Recomputes region gauges and per-node bytes from the engine's intent, and copies the
     /// engine's counters in.
-    pub async fn refresh_regions(&self, agent: &crate::reconcile::Agent) {
+    pub async fn refresh_regions(&self, agent: &crate::engine::Agent) {
         self.request_ids_known
             .set(agent.store().known_request_count() as i64);
         let Ok(regions) = agent.list_intents().await else {
@@ -355,7 +355,7 @@ impl Metrics {
     /// Brings the drift counters up to the engine's, which count every pass (periodic or
     /// requested). The engine counts; these counters only follow, so each `Metrics` catches up
     /// on its own.
-    fn sync_counters(&self, counters: &crate::reconcile::AgentCounters) {
+    fn sync_counters(&self, counters: &crate::engine::AgentCounters) {
         use std::sync::atomic::Ordering::Relaxed;
         let follow = |c: &Counter, total: u64| {
             c.inc_by(total.saturating_sub(c.get()));
@@ -620,7 +620,7 @@ where
 mod tests {
     use super::*;
     use crate::domain::RegionKey;
-    use crate::reconcile::AgentCounters;
+    use crate::engine::AgentCounters;
     use std::sync::atomic::Ordering::Relaxed;
 
     /// The value of the sample `name` in a text exposition (0 when absent).

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 /// What the running kernel can do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Capabilities {
+pub struct Features {
     /// /dev/kvm opens and a VM can be created.
     pub kvm_usable: bool,
     /// Why KVM is not usable.
@@ -45,37 +45,37 @@ const INTERLEAVE_PROBE_PAGES: u64 = 16;
 
 /// Runs every probe. `usable` are the nodes the agent may allocate on, in order: the first is
 /// used by the single-node probes, the first two by the guest_memfd interleave probe.
-pub fn probe(usable: &[u32]) -> Capabilities {
+pub fn probe(usable: &[u32]) -> Features {
     let node = usable.first().copied().unwrap_or(0);
     let bind = Policy::new(
         PolicyMode::Bind,
         NodeSet::from_ids([node]).unwrap_or_default(),
     );
-    let mut caps = Capabilities {
+    let mut features = Features {
         kernel_release: super::kernel_release(),
         pidfd_getfd: super::pidfd::have_cap_sys_ptrace(),
         ..Default::default()
     };
     let page = super::page_size();
     if let Ok(fd) = create_memfd("probe", 2 * page, None) {
-        caps.memfd_shared_policy = shared_policy(&fd, 2 * page, &bind);
+        features.memfd_shared_policy = shared_policy(&fd, 2 * page, &bind);
     }
-    caps.preferred_many = mode_accepted(PolicyMode::PreferredMany, &bind.nodes);
-    caps.weighted_interleave = mode_accepted(PolicyMode::WeightedInterleave, &bind.nodes);
+    features.preferred_many = mode_accepted(PolicyMode::PreferredMany, &bind.nodes);
+    features.weighted_interleave = mode_accepted(PolicyMode::WeightedInterleave, &bind.nodes);
     match GuestMemfdVm::create() {
         Ok(vm) => {
-            caps.kvm_usable = true;
-            caps.guest_memfd_supported = vm.guest_memfd_supported();
-            caps.guest_memfd_flags = vm.guest_memfd_flags();
+            features.kvm_usable = true;
+            features.guest_memfd_supported = vm.guest_memfd_supported();
+            features.guest_memfd_flags = vm.guest_memfd_flags();
             let flags =
-                caps.guest_memfd_flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
-            if caps.guest_memfd_supported
+                features.guest_memfd_flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+            if features.guest_memfd_supported
                 && flags & GUEST_MEMFD_FLAG_MMAP != 0
                 && let Ok(fd) = vm.create_guest_memfd(2 * page, flags)
             {
-                caps.guest_memfd_shared_policy = shared_policy(&fd, 2 * page, &bind);
+                features.guest_memfd_shared_policy = shared_policy(&fd, 2 * page, &bind);
             }
-            let (exact, note) = if !caps.guest_memfd_shared_policy {
+            let (exact, note) = if !features.guest_memfd_shared_policy {
                 (
                     None,
                     "not probed: guest_memfd keeps no shared policy on this kernel".to_string(),
@@ -83,19 +83,19 @@ pub fn probe(usable: &[u32]) -> Capabilities {
             } else {
                 guest_memfd_interleave(&vm, flags, usable)
             };
-            caps.guest_memfd_interleave_exact = exact;
-            caps.guest_memfd_interleave_note = note;
+            features.guest_memfd_interleave_exact = exact;
+            features.guest_memfd_interleave_note = note;
         }
         Err(e) => {
-            caps.kvm_error = format!("/dev/kvm: {}", e.desc());
-            caps.guest_memfd_interleave_note = "not probed: KVM is not usable".to_string();
+            features.kvm_error = format!("/dev/kvm: {}", e.desc());
+            features.guest_memfd_interleave_note = "not probed: KVM is not usable".to_string();
         }
     }
     let huge = 2 << 20;
     if let Ok(fd) = create_memfd("probe-huge", huge, Some(huge)) {
-        caps.hugetlb_shared_policy = shared_policy(&fd, huge, &bind);
+        features.hugetlb_shared_policy = shared_policy(&fd, huge, &bind);
     }
-    caps
+    features
 }
 
 /// The two-mapping probe: bind through mapping A, read back through a different mapping B. Reading

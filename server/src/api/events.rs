@@ -4,7 +4,7 @@
 use super::status_of;
 use crate::convert::event_to_pb;
 use crate::domain::Event;
-use crate::reconcile::Agent;
+use crate::engine::Agent;
 use memplace_proto::v1 as pb;
 use std::sync::Arc;
 use tonic::Status;

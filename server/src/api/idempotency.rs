@@ -5,9 +5,7 @@
 //! mutation runs.
 
 use super::status_of;
-use crate::reconcile::{
-    Agent, AgentError, AttachIdempotency, EncodeAnswer, Idempotency, RegionView,
-};
+use crate::engine::{Agent, AgentError, AttachIdempotency, EncodeAnswer, Idempotency, RegionView};
 use crate::store::RequestLookup;
 use memplace_proto::v1 as pb;
 use prost::Message;

@@ -9,11 +9,11 @@ use crate::convert::{
     backend_from_pb, node_info_to_pb, node_pages, placement_to_pb, policy_from_pb, region_to_pb,
 };
 use crate::domain::{DomainError, RegionKey, VmId};
-use crate::metrics::Metrics;
-use crate::reconcile::{
+use crate::engine::{
     Agent, AgentError, CreateRequest, PopulateProgress, PopulateRequest, RegionView,
     SetPolicyRequest,
 };
+use crate::metrics::Metrics;
 use events::EventWatch;
 use idempotency::idempotent;
 use memplace_proto::v1 as pb;
@@ -60,9 +60,9 @@ pub fn status_of(e: AgentError) -> Status {
     Status::new(e.code().grpc(), e.to_string())
 }
 
-/// Kernel errno to gRPC code (see [`crate::reconcile::ErrorCode::of_errno`]).
+/// Kernel errno to gRPC code (see [`crate::engine::ErrorCode::of_errno`]).
 pub fn code_of_errno(errno: Errno) -> Code {
-    crate::reconcile::ErrorCode::of_errno(errno).grpc()
+    crate::engine::ErrorCode::of_errno(errno).grpc()
 }
 
 fn invalid(e: impl Into<DomainError>) -> Status {
@@ -91,7 +91,7 @@ impl NodeAgentService for NodeAgent {
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(node_info_to_pb(
             &topo,
-            self.agent.capabilities(),
+            self.agent.features(),
             VERSION,
             self.agent.page_size(),
         )))
@@ -204,18 +204,18 @@ impl NodeAgentService for NodeAgent {
         let agent = self.agent.clone();
         idempotent(&self.agent, req.into_inner(), |r, record| async move {
             let policy = policy_from_pb(r.policy.as_ref())?;
-            let caps = agent.capabilities().clone();
+            let features = agent.features().clone();
             let idem = record.map(|rec| {
                 rec.answer(Box::new(move |v: &RegionView| {
                     pb::SetPolicyResponse {
                         region: Some(region_to_pb(v)),
                         pages_migrated: 0,
                         pages_migrate_failed: 0,
-                        warnings: crate::reconcile::policy_warning(
+                        warnings: crate::engine::policy_warning(
                             v.intent.backend,
                             v.intent.strategy,
                             &policy,
-                            &caps,
+                            &features,
                         )
                         .into_iter()
                         .collect(),

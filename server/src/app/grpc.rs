@@ -5,8 +5,8 @@ use super::AppError;
 use crate::api::NodeAgent;
 use crate::auth::{AuthLayer, Roles};
 use crate::config::Config;
+use crate::engine::Agent;
 use crate::metrics::{Metrics, RequestMetricsLayer};
-use crate::reconcile::Agent;
 use memplace_proto::v1::node_agent_service_server::NodeAgentServiceServer;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +68,7 @@ pub(super) async fn serve(
         .max_encoding_message_size(cfg.max_message_bytes);
     let auth = AuthLayer::new(roles(cfg), metrics.clone());
     // One shedding budget shared by the Unix and TCP listeners.
-    let shed = crate::limits::ShedLayer::new(cfg.max_concurrent_requests, metrics.clone());
+    let shed = crate::shed::ShedLayer::new(cfg.max_concurrent_requests, metrics.clone());
     let metered = RequestMetricsLayer::new(metrics);
     let timeout = Duration::from_secs(cfg.request_timeout_secs);
     // The same stack serves the Unix socket (plain) and TCP (mTLS when configured).
@@ -85,7 +85,7 @@ pub(super) async fn serve(
             // Innermost, around the services where decoding happens: a body that is not valid
             // protobuf is the caller's error (INVALID_ARGUMENT), not the agent's (INTERNAL).
             .layer(tower::util::MapResponseLayer::new(
-                crate::limits::decode_error_is_invalid_argument,
+                crate::shed::decode_error_is_invalid_argument,
             ))
             // A deadline per request, enforced by tonic around the whole stack until the
             // response headers (unary calls; streams run until done or cancelled). Message size

@@ -1,7 +1,7 @@
 //! The Prometheus /metrics listener: plain HTTP/1, one path, stopped by the shutdown signal.
 
+use crate::engine::Agent;
 use crate::metrics::Metrics;
-use crate::reconcile::Agent;
 use std::sync::Arc;
 use tokio::sync::watch;
 

@@ -2,14 +2,14 @@
 //! state database is opened and checked, the kernel probed, regions recovered, and only then do
 //! the sockets open. Shutdown is one signal that every listener watches.
 
-mod caps;
 mod grpc;
+mod host;
 mod logging;
 mod metrics_http;
 
 use crate::config::{Config, Flags};
+use crate::engine::{Agent, EngineSettings};
 use crate::metrics::Metrics;
-use crate::reconcile::{Agent, Limits};
 use crate::store::Store;
 use crate::topology::TopologyReader;
 use clap::Parser;
@@ -34,7 +34,7 @@ pub enum AppError {
     Store(#[from] crate::store::StoreError),
     /// Recovery.
     #[error("recovering regions: {0}")]
-    Agent(#[from] crate::reconcile::AgentError),
+    Agent(#[from] crate::engine::AgentError),
     /// TLS files.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -74,7 +74,7 @@ pub fn main() -> ExitCode {
     }
     logging::init(&cfg);
     // Before the runtime starts any thread: capabilities are per thread and inherited.
-    caps::drop_capabilities(&cfg);
+    host::drop_capabilities(&cfg);
     // Also before any thread: each thread (blocking ones come and go) would otherwise get its own
     // malloc arena, and what recovery frees would stay in them (BENCHMARKS.md, P6).
     crate::kernel::limit_malloc_arenas(2);
@@ -221,22 +221,22 @@ async fn start_agent(
 ) -> Result<Arc<Agent>, AppError> {
     let topology = TopologyReader::host();
     let usable: Vec<u32> = topology.read().usable.iter().collect();
-    let (store, caps) = tokio::join!(
+    let (store, features) = tokio::join!(
         Store::open_with(db, Duration::from_secs(5), cfg.request_retention()),
-        caps::probe(usable)
+        host::probe(usable)
     );
     let mut store = store?;
-    let caps = caps?;
+    let features = features?;
     let m = metrics.clone();
     store.set_commit_observer(move |took, jobs| m.observe_commit(took, jobs));
-    let limits = Limits {
+    let limits = EngineSettings {
         max_regions: cfg.max_regions,
         max_ranges_per_region: cfg.max_ranges_per_region,
         max_region_bytes: cfg.max_region_bytes,
         force_strategy: cfg.forced_strategy()?,
         keep_after_holder_exit: cfg.keep_after_holder_exit()?,
     };
-    let agent = Agent::start(store, caps, topology, limits).await?;
+    let agent = Agent::start(store, features, topology, limits).await?;
     Ok(agent)
 }
 
@@ -255,7 +255,7 @@ async fn reconcile_every(
             _ = stop.changed() => return,
         }
         let start = std::time::Instant::now();
-        match agent.reconcile(None, crate::reconcile::AGENT_ACTOR).await {
+        match agent.reconcile(None, crate::engine::AGENT_ACTOR).await {
             Ok(r) => tracing::debug!(?r, "periodic reconcile"),
             Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
         }

@@ -4,8 +4,8 @@
 use super::{KVM_VM_LINK, Refusal, admit, authorize, code_of, error};
 use crate::convert::{backend_from_pb, region_to_pb};
 use crate::domain::{Backend, Holder, RegionKey};
+use crate::engine::{Agent, AgentError};
 use crate::kernel::{fdpass, pidfd};
-use crate::reconcile::{Agent, AgentError};
 use memplace_proto::v1 as pb;
 use prost::Message;
 use std::os::fd::{AsFd, OwnedFd};

@@ -2,7 +2,7 @@
 //! acquire, adopt and attach for that VM only; the secret lives in the state database, so a token
 //! survives restarts.
 
-use crate::reconcile::Agent;
+use crate::engine::Agent;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 

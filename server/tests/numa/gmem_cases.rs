@@ -102,7 +102,7 @@ const GMEM_CASES: &[(&str, &str)] = &[
     ),
     (
         "memplace_server",
-        "reconcile::plan::contract::migrate_contract_on_the_real_kernel",
+        "engine::plan::contract::migrate_contract_on_the_real_kernel",
     ),
 ];
 

@@ -4,9 +4,9 @@
 
 use super::RangeKernel;
 use crate::domain::Policy;
+use crate::engine::placement;
+use crate::engine::policy::bind_file_range;
 use crate::kernel::{self, Mapping};
-use crate::reconcile::placement;
-use crate::reconcile::policy::bind_file_range;
 use nix::errno::Errno;
 use std::os::fd::BorrowedFd;
 

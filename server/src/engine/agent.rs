@@ -10,7 +10,7 @@ use super::error::{AgentError, kerr};
 use super::live::Slot;
 use crate::domain::{Event, EventKind, RegionKey, Strategy, VmId};
 use crate::handoff::token::TokenKey;
-use crate::kernel::{self, GuestMemfdVm, probe::Capabilities};
+use crate::kernel::{self, GuestMemfdVm, probe::Features};
 use crate::store::{Store, WriteOp, unix_now_ms};
 use crate::topology::{Topology, TopologyCache, TopologyReader};
 use parking_lot::Mutex;
@@ -19,9 +19,9 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
-/// Limits on what callers may ask for.
+/// What callers may ask for (region limits), and the engine's fixed choices (forced strategy, how long memory outlives its holder).
 #[derive(Clone, Debug)]
-pub struct Limits {
+pub struct EngineSettings {
     /// Regions at most.
     pub max_regions: usize,
     /// Ranges per region at most (each can split a kernel VMA; vm.max_map_count is finite).
@@ -32,11 +32,11 @@ pub struct Limits {
     /// `None` picks per backend from the probed capabilities.
     pub force_strategy: Option<Strategy>,
     /// How long a region the agent made keeps its memory after its last holder exited, for a
-    /// VMM that restarts; `None` keeps it until it is deleted (see `reconcile::holders`).
+    /// VMM that restarts; `None` keeps it until it is deleted (see `engine::holders`).
     pub keep_after_holder_exit: Option<std::time::Duration>,
 }
 
-impl Default for Limits {
+impl Default for EngineSettings {
     fn default() -> Self {
         Self {
             max_regions: 4096,
@@ -97,17 +97,17 @@ impl AgentCounters {
 /// The engine.
 pub struct Agent {
     pub(crate) store: Store,
-    pub(crate) caps: Capabilities,
+    pub(crate) features: Features,
     pub(crate) topology: TopologyCache,
     pub(crate) page: u64,
-    pub(crate) limits: Limits,
+    pub(crate) limits: EngineSettings,
     pub(crate) regions: Mutex<BTreeMap<RegionKey, Slot>>,
     /// Serializes creates and deletes, so region counts and names stay consistent.
     pub(crate) membership: tokio::sync::Mutex<()>,
     pub(crate) vms: Mutex<HashMap<String, Arc<GuestMemfdVm>>>,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) tokens: TokenKey,
-    /// Holders to watch for exit (see `reconcile::holders`).
+    /// Holders to watch for exit (see `engine::holders`).
     pub(crate) holder_watch: super::holders::WatchSender,
     /// Counters for metrics.
     pub counters: AgentCounters,
@@ -127,9 +127,9 @@ impl Agent {
     /// region (see [`Agent::recover`]) and records that the agent started.
     pub async fn start(
         store: Store,
-        caps: Capabilities,
+        features: Features,
         topology: TopologyReader,
-        limits: Limits,
+        limits: EngineSettings,
     ) -> Result<Arc<Self>, AgentError> {
         let secret = store
             .meta_or_init("handoff_token_key", || {
@@ -142,7 +142,7 @@ impl Agent {
         let (holder_watch, holders_to_watch) = tokio::sync::mpsc::unbounded_channel();
         let agent = Arc::new(Self {
             store,
-            caps,
+            features,
             topology: TopologyCache::new(topology),
             page: kernel::page_size(),
             limits,
@@ -176,9 +176,9 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Probed capabilities.
-    pub fn capabilities(&self) -> &Capabilities {
-        &self.caps
+    /// The kernel features probed at start.
+    pub fn features(&self) -> &Features {
+        &self.features
     }
 
     /// The store.
@@ -388,7 +388,7 @@ pub(crate) fn new_uid() -> String {
 mod tests {
     use super::*;
     use crate::domain::{Backend, NodeSet, Policy, PolicyMode};
-    use crate::reconcile::CreateRequest;
+    use crate::engine::CreateRequest;
     use std::time::Duration;
 
     /// The engine runs on a current-thread runtime (`#[tokio::test]`'s default): kernel work goes
@@ -400,13 +400,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("state.db");
         let usable: Vec<u32> = TopologyReader::host().read().usable.iter().collect();
-        let caps = kernel::probe::probe(&usable);
+        let features = kernel::probe::probe(&usable);
         let open = || Store::open(&db, Duration::from_secs(5));
         let agent = Agent::start(
             open().await.unwrap(),
-            caps.clone(),
+            features.clone(),
             TopologyReader::host(),
-            Limits::default(),
+            EngineSettings::default(),
         )
         .await
         .unwrap();
@@ -425,7 +425,7 @@ mod tests {
         assert_eq!(v.ranges[0].observed, Some(bind0));
         let out = agent
             .set_policy(
-                crate::reconcile::SetPolicyRequest {
+                crate::engine::SetPolicyRequest {
                     key: key.clone(),
                     offset: page,
                     length: page,
@@ -442,8 +442,8 @@ mod tests {
         assert_eq!(agent.get_region(&key).await.unwrap().ranges.len(), 3);
         let report = agent.reconcile(None, "test").await.unwrap();
         assert_eq!((report.checked, report.reapplied), (3, 3), "{report:?}");
-        let progress = Arc::new(crate::reconcile::PopulateProgress::default());
-        let req = crate::reconcile::PopulateRequest {
+        let progress = Arc::new(crate::engine::PopulateProgress::default());
+        let req = crate::engine::PopulateRequest {
             key: key.clone(),
             offset: 0,
             length: 0,
@@ -459,9 +459,9 @@ mod tests {
         // Never handed off: the restart recreates the file (empty) and re-binds every range.
         let agent = Agent::start(
             open().await.unwrap(),
-            caps,
+            features,
             TopologyReader::host(),
-            Limits::default(),
+            EngineSettings::default(),
         )
         .await
         .unwrap();

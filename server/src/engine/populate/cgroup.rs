@@ -3,10 +3,10 @@
 //! charged rather than the agent's. The parent passes the region's fd and the chunks, and reads
 //! the bytes done back as lines.
 
-use super::AgentError;
-use super::populate::{CHILD_FD, PopulateProgress};
 use super::workers::{Chunk, run_workers};
+use super::{CHILD_FD, PopulateProgress};
 use crate::domain::{NodeSet, Policy, PolicyMode};
+use crate::engine::AgentError;
 use crate::kernel;
 use nix::errno::Errno;
 use std::io::{BufRead, Write};

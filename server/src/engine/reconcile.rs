@@ -206,7 +206,7 @@ fn rebound_event(key: &RegionKey, r: &crate::domain::RangeIntent, actor: &str) -
 #[cfg(test)]
 mod tests {
     use crate::domain::{Policy, RangeIntent};
-    use crate::reconcile::plan::sample_offsets;
+    use crate::engine::plan::sample_offsets;
 
     /// Samples: every page of a small range once, a stride of 1/512 of a large one, and always
     /// the last page.

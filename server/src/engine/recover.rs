@@ -151,10 +151,12 @@ impl Agent {
                 FileBack::Found(intent, file) => (intent, file),
                 FileBack::Without(live) => return live,
             },
-            Recovery::Recreate => match recreate(intent, vm, self.caps.guest_memfd_flags, out) {
-                FileBack::Found(intent, file) => (intent, file),
-                FileBack::Without(live) => return live,
-            },
+            Recovery::Recreate => {
+                match recreate(intent, vm, self.features.guest_memfd_flags, out) {
+                    FileBack::Found(intent, file) => (intent, file),
+                    FileBack::Without(live) => return live,
+                }
+            }
         };
         let mut live = LiveRegion {
             intent,
@@ -195,7 +197,7 @@ impl Agent {
         let (Some(recorded), Some(file_id)) = (intent.holder, intent.file_id) else {
             return FileBack::Without(lost(intent));
         };
-        let (holder, fd) = match take_back(recorded, file_id, holders) {
+        let (holder, fd) = match fd_from_holders(recorded, file_id, holders) {
             Ok(found) => found,
             Err(e) => return FileBack::Without(self.holder_gone(intent, e, out)),
         };
@@ -437,7 +439,7 @@ fn verify_fresh(
 
 /// Takes the file back from its recorded holder or, when that process is gone or no longer has
 /// it, from any other process that has it open (`others` is filled on first need).
-fn take_back(
+fn fd_from_holders(
     recorded: Holder,
     file_id: (u64, u64),
     holders: &mut Holders,
@@ -526,7 +528,7 @@ mod tests {
         let fd = kernel::create_memfd("apply-all-test", pages * page, None).unwrap();
         let mapping = Mapping::new(fd.as_fd(), pages * page).ok();
         LiveRegion {
-            intent: crate::reconcile::plan::contract::memfd_region(pages, ranges),
+            intent: crate::engine::plan::contract::memfd_region(pages, ranges),
             file: Some(RegionFile {
                 fd,
                 mapping,

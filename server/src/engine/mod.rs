@@ -18,11 +18,8 @@
 //! - `placement`: where pages are; `recover`: bringing regions back after a restart;
 //! - `holders`: a holder's exit (pidfd), and giving back the memory nobody holds any more.
 
-mod adopt;
 mod agent;
 mod attach;
-mod cgroup;
-mod drift;
 mod error;
 mod holders;
 mod live;
@@ -30,20 +27,21 @@ mod placement;
 mod plan;
 mod policy;
 mod populate;
-mod qemu;
+mod reconcile;
 mod recover;
 mod regions;
-mod workers;
 
-pub use agent::{AGENT_ACTOR, Agent, AgentCounters, DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS, Limits};
+pub use agent::{
+    AGENT_ACTOR, Agent, AgentCounters, DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS, EngineSettings,
+};
 pub use attach::AttachIdempotency;
-pub use cgroup::child_main as populate_child_main;
-pub use drift::ReconcileReport;
 pub use error::{AgentError, ErrorCode};
 pub use live::{RangeState, RangeView, RegionView};
 pub use placement::{NodeCount, Placement, RangePlacementView};
 pub use policy::{SetPolicyOutcome, SetPolicyRequest, policy_warning};
+pub use populate::cgroup::child_main as populate_child_main;
 pub use populate::{PopulateOutcome, PopulateProgress, PopulateRequest};
+pub use reconcile::ReconcileReport;
 pub use regions::{CreateRequest, EncodeAnswer, Idempotency};
 
 pub(crate) use agent::new_uid;

@@ -11,7 +11,7 @@ use crate::domain::{
     Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, Strategy,
     resolve_span,
 };
-use crate::kernel::{self, Mapping, probe::Capabilities};
+use crate::kernel::{self, Mapping, probe::Features};
 use crate::store::{StoreError, WriteOp};
 use nix::errno::Errno;
 use std::collections::HashMap;
@@ -58,7 +58,7 @@ pub fn policy_warning(
     backend: Backend,
     strategy: Strategy,
     policy: &Policy,
-    caps: &Capabilities,
+    features: &Features,
 ) -> Option<String> {
     let interleave = matches!(
         policy.mode,
@@ -68,19 +68,19 @@ pub fn policy_warning(
         || strategy != Strategy::SharedPolicy
         || !interleave
         || policy.nodes.len() < 2
-        || caps.guest_memfd_interleave_exact == Some(true)
+        || features.guest_memfd_interleave_exact == Some(true)
     {
         return None;
     }
-    let why = match caps.guest_memfd_interleave_exact {
+    let why = match features.guest_memfd_interleave_exact {
         Some(_) => format!(
             "is not exact on kernel {}: it takes the interleave index of guest_memfd pages from the inode, \
              not from the page offset (fixed in 7.2), so the pages will not alternate over nodes {}",
-            caps.kernel_release, policy.nodes
+            features.kernel_release, policy.nodes
         ),
         None => format!(
             "could not be verified on kernel {} ({}); kernels 6.19 to 7.1 do not alternate the pages by offset",
-            caps.kernel_release, caps.guest_memfd_interleave_note
+            features.kernel_release, features.guest_memfd_interleave_note
         ),
     };
     Some(format!(
@@ -94,10 +94,10 @@ impl Agent {
     pub fn check_policy(&self, policy: &Policy) -> Result<(), AgentError> {
         policy.validate().map_err(DomainError::from)?;
         let unsupported = match policy.mode {
-            PolicyMode::PreferredMany if !self.caps.preferred_many => {
+            PolicyMode::PreferredMany if !self.features.preferred_many => {
                 Some("preferred-many (5.15+)")
             }
-            PolicyMode::WeightedInterleave if !self.caps.weighted_interleave => {
+            PolicyMode::WeightedInterleave if !self.features.weighted_interleave => {
                 Some("weighted-interleave (6.9+)")
             }
             _ => None,
@@ -107,7 +107,7 @@ impl Agent {
                 what: "policy mode",
                 message: format!(
                     "policy mode {m} is not supported by kernel {}",
-                    self.caps.kernel_release
+                    self.features.kernel_release
                 ),
             });
         }
@@ -126,9 +126,9 @@ impl Agent {
             return s;
         }
         let shared = match backend {
-            Backend::Memfd => self.caps.memfd_shared_policy,
-            Backend::GuestMemfd => self.caps.guest_memfd_shared_policy,
-            Backend::MemfdHugetlb => self.caps.hugetlb_shared_policy,
+            Backend::Memfd => self.features.memfd_shared_policy,
+            Backend::GuestMemfd => self.features.guest_memfd_shared_policy,
+            Backend::MemfdHugetlb => self.features.hugetlb_shared_policy,
         };
         if shared {
             Strategy::SharedPolicy
@@ -188,7 +188,7 @@ impl Agent {
             live.intent.backend,
             live.intent.strategy,
             &policy,
-            &self.caps,
+            &self.features,
         )
         .into_iter()
         .collect();
@@ -513,10 +513,10 @@ pub(crate) fn bind_file_range(
 mod policy_warning_tests {
     use super::policy_warning;
     use crate::domain::{Backend, NodeSet, Policy, PolicyMode, Strategy};
-    use crate::kernel::probe::Capabilities;
+    use crate::kernel::probe::Features;
 
-    fn caps(exact: Option<bool>) -> Capabilities {
-        Capabilities {
+    fn features(exact: Option<bool>) -> Features {
+        Features {
             kernel_release: "7.0.4-cloud-amd64".into(),
             guest_memfd_interleave_exact: exact,
             guest_memfd_interleave_note:
@@ -539,7 +539,7 @@ mod policy_warning_tests {
             Backend::GuestMemfd,
             Strategy::SharedPolicy,
             &il,
-            &caps(Some(false)),
+            &features(Some(false)),
         )
         .expect("a warning");
         assert!(
@@ -553,7 +553,7 @@ mod policy_warning_tests {
                 Backend::GuestMemfd,
                 Strategy::SharedPolicy,
                 &wil,
-                &caps(Some(false))
+                &features(Some(false))
             )
             .is_some()
         );
@@ -562,7 +562,7 @@ mod policy_warning_tests {
             Backend::GuestMemfd,
             Strategy::SharedPolicy,
             &il,
-            &caps(None),
+            &features(None),
         )
         .expect("a warning");
         assert!(
@@ -574,14 +574,14 @@ mod policy_warning_tests {
     #[test]
     fn no_warning_where_interleave_is_exact_or_not_at_stake() {
         let il = policy(PolicyMode::Interleave, &[0, 1]);
-        let inexact = caps(Some(false));
+        let inexact = features(Some(false));
         // Exact (7.2+).
         assert_eq!(
             policy_warning(
                 Backend::GuestMemfd,
                 Strategy::SharedPolicy,
                 &il,
-                &caps(Some(true))
+                &features(Some(true))
             ),
             None
         );

@@ -3,9 +3,9 @@
 //! region is placed by task policy. Asked to verify, a worker reads each chunk's pages back right
 //! after allocating them.
 
-use super::placement;
-use super::populate::PopulateProgress;
+use super::PopulateProgress;
 use crate::domain::Policy;
+use crate::engine::placement;
 use crate::kernel::{self, Mapping, mempolicy};
 use nix::errno::Errno;
 use std::collections::BTreeMap;

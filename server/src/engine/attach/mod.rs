@@ -7,7 +7,9 @@
 //! attaching twice changes nothing. Everything is durable before the answer; nothing is written
 //! when any check fails.
 
-use super::qemu::{self, BackendMatch, FileShape};
+mod adopt;
+mod qemu;
+
 use super::{Agent, AgentError, LiveRegion, RegionFile, RegionView, kerr, new_uid};
 use crate::domain::{
     Backend, DomainError, Event, EventKind, Holder, RegionIntent, RegionKey, RegionStatus,
@@ -17,6 +19,7 @@ use crate::kernel::procmem::{self, FoundFile, MemKind, ProcessMemory};
 use crate::kernel::{Mapping, pidfd};
 use crate::store::{StoreError, WriteOp, unix_now};
 use nix::errno::Errno;
+use qemu::{BackendMatch, FileShape};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -360,20 +363,17 @@ impl Agent {
         let mapping = Mapping::new(f.fd.as_fd(), f.size).ok();
         let strategy = match backend {
             Backend::GuestMemfd if mapping.is_none() => Strategy::TaskPolicy,
-            Backend::GuestMemfd if self.caps.guest_memfd_shared_policy => Strategy::SharedPolicy,
+            Backend::GuestMemfd if self.features.guest_memfd_shared_policy => {
+                Strategy::SharedPolicy
+            }
             Backend::GuestMemfd => Strategy::TaskPolicy,
             b => self.strategy_for(b),
         };
         if mapping.is_none() && backend != Backend::GuestMemfd {
             return Err(kerr("mmap of the attached file")(Errno::EINVAL));
         }
-        let (ranges, kept) = super::adopt::kernel_ranges(
-            f.fd.as_fd(),
-            mapping.as_ref(),
-            strategy,
-            f.size,
-            file_page,
-        )?;
+        let (ranges, kept) =
+            adopt::kernel_ranges(f.fd.as_fd(), mapping.as_ref(), strategy, f.size, file_page)?;
         let intent = RegionIntent {
             key: key.clone(),
             uid: new_uid(),

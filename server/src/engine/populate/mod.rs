@@ -15,18 +15,21 @@
 //! The workers are in `workers`. With a memory cgroup named, the workers run in a short-lived child process that first joins
 //! that cgroup, so the VM's cgroup is charged rather than the agent's.
 
-use super::cgroup::{cgroup_procs_file, check_cgroup_room, run_in_cgroup};
+pub(super) mod cgroup;
+mod workers;
+
 use super::live::{LiveRegion, Slot};
 use super::placement::{self, Placement};
-use super::workers::{Chunk, allocated_after, plan, run_workers};
 use super::{Agent, AgentError, kerr};
 use crate::domain::{
     Backend, Event, EventKind, NodeSet, Policy, PolicyMode, RangeIntent, RegionKey, Strategy,
     resolve_span,
 };
 use crate::store::WriteOp;
+use cgroup::{cgroup_procs_file, check_cgroup_room, run_in_cgroup};
 use nix::errno::Errno;
 use std::collections::BTreeMap;
+use workers::{Chunk, allocated_after, plan, run_workers};
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;

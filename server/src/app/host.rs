@@ -5,28 +5,26 @@ use crate::config::Config;
 use crate::kernel;
 
 /// Probes the kernel's features on the usable nodes (off the runtime: it creates files and VMs).
-pub(super) async fn probe(
-    usable: Vec<u32>,
-) -> Result<kernel::probe::Capabilities, super::AppError> {
-    let caps = tokio::task::spawn_blocking(move || kernel::probe::probe(&usable))
+pub(super) async fn probe(usable: Vec<u32>) -> Result<kernel::probe::Features, super::AppError> {
+    let features = tokio::task::spawn_blocking(move || kernel::probe::probe(&usable))
         .await
         .map_err(|e| super::AppError::Serve(e.to_string()))?;
     // Tests only, compiled in only with the `failpoints` test feature: the multi-node KVM guest
     // proves SetPolicy's interleave warning on a kernel whose probe finds interleave exact (no
     // 6.19 to 7.1 Debian kernel with KVM modules exists). A production build never reads it.
     #[cfg(feature = "failpoints")]
-    let mut caps = caps;
+    let mut features = features;
     #[cfg(feature = "failpoints")]
     if std::env::var("MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT").as_deref() == Ok("false") {
-        tracing::warn!(probed = ?caps.guest_memfd_interleave_exact, "MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT=false overrides the guest_memfd interleave probe");
-        caps.guest_memfd_interleave_exact = Some(false);
-        caps.guest_memfd_interleave_note = format!(
+        tracing::warn!(probed = ?features.guest_memfd_interleave_exact, "MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT=false overrides the guest_memfd interleave probe");
+        features.guest_memfd_interleave_exact = Some(false);
+        features.guest_memfd_interleave_note = format!(
             "overridden to false by MEMPLACE_TEST_GMEM_INTERLEAVE_EXACT (tests only); the probe found: {}",
-            caps.guest_memfd_interleave_note
+            features.guest_memfd_interleave_note
         );
     }
-    log_capabilities(&caps);
-    Ok(caps)
+    log_features(&features);
+    Ok(features)
 }
 
 /// Keeps only the capabilities the agent uses (see `kernel::caps::KEEP`), plus
@@ -60,7 +58,7 @@ pub(super) fn drop_capabilities(cfg: &Config) {
     }
 }
 
-fn log_capabilities(c: &kernel::probe::Capabilities) {
+fn log_features(c: &kernel::probe::Features) {
     tracing::info!(
         kernel = %c.kernel_release,
         kvm = c.kvm_usable,

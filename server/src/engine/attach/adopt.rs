@@ -1,14 +1,14 @@
 //! Adopt: a file a VMM made (a guest_memfd of its own VM, or a memfd) becomes a region, durable
 //! first, then mapped.
 
-use super::agent::{Agent, new_uid};
-use super::error::{AgentError, kerr};
-use super::live::{LiveRegion, RegionFile, RegionView};
-use super::plan::{FileKernel, observed_ranges};
 use crate::domain::{
     Backend, DomainError, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus,
     Strategy,
 };
+use crate::engine::agent::{Agent, new_uid};
+use crate::engine::error::{AgentError, kerr};
+use crate::engine::live::{LiveRegion, RegionFile, RegionView};
+use crate::engine::plan::{FileKernel, observed_ranges};
 use crate::kernel::Mapping;
 use crate::store::{WriteOp, unix_now};
 use std::collections::HashMap;
@@ -56,7 +56,9 @@ impl Agent {
             ))
         })?;
         let strategy = match backend {
-            Backend::GuestMemfd if self.caps.guest_memfd_shared_policy => Strategy::SharedPolicy,
+            Backend::GuestMemfd if self.features.guest_memfd_shared_policy => {
+                Strategy::SharedPolicy
+            }
             Backend::GuestMemfd => Strategy::TaskPolicy,
             b => self.strategy_for(b),
         };

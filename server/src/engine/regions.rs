@@ -51,21 +51,21 @@ impl Agent {
     pub(crate) fn check_backend(&self, req: &CreateRequest) -> Result<u64, AgentError> {
         match req.backend {
             Backend::GuestMemfd => {
-                if !self.caps.kvm_usable {
+                if !self.features.kvm_usable {
                     return Err(AgentError::Unsupported {
                         what: "guest_memfd",
                         message: format!(
                             "guest_memfd regions need KVM, which is not usable here ({}); memfd regions still work",
-                            self.caps.kvm_error
+                            self.features.kvm_error
                         ),
                     });
                 }
-                if !self.caps.guest_memfd_supported {
+                if !self.features.guest_memfd_supported {
                     return Err(AgentError::Unsupported {
                         what: "guest_memfd",
                         message: format!(
                             "kernel {} does not support guest_memfd (KVM_CAP_GUEST_MEMFD); use a memfd backend",
-                            self.caps.kernel_release
+                            self.features.kernel_release
                         ),
                     });
                 }
@@ -166,7 +166,7 @@ impl Agent {
             Backend::GuestMemfd => Some(self.vm_for(&intent.key.vm_id).await?),
             _ => None,
         };
-        let gmem_flags = self.caps.guest_memfd_flags;
+        let gmem_flags = self.features.guest_memfd_flags;
         let (file, intent) = Agent::blocking(move || {
             let file = create_file(&intent, vm, gmem_flags)?;
             // The identity is how a restarted agent finds the file in a VMM: without it a
