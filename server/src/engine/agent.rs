@@ -7,14 +7,15 @@
 //! later request. Each region is a tokio `RwLock`, held across its kernel work.
 
 use super::error::{AgentError, kerr};
-use super::live::Slot;
+use super::live::{LiveRegion, RegionView, Slot};
 use crate::domain::{Event, EventKind, RegionKey, Strategy, VmId};
 use crate::handoff::token::TokenKey;
-use crate::kernel::{self, GuestMemfdVm, probe::Features};
+use crate::kernel::{GuestMemfdVm, probe::Features};
 use crate::store::{Store, WriteOp, unix_now_ms};
-use crate::topology::{Topology, TopologyCache, TopologyReader};
+use crate::topology::{Topology, TopologyCache};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Deref;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use tokio::sync::broadcast;
@@ -108,7 +109,7 @@ pub struct Agent {
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) tokens: TokenKey,
     /// Holders to watch for exit (see `engine::holders`).
-    pub(crate) holder_watch: super::holders::WatchSender,
+    pub(crate) holder_watch: tokio::sync::mpsc::UnboundedSender<crate::domain::Holder>,
     /// Counters for metrics.
     pub counters: AgentCounters,
 }
@@ -123,59 +124,6 @@ impl std::fmt::Debug for Agent {
 pub const AGENT_ACTOR: &str = "agent";
 
 impl Agent {
-    /// Builds the engine from an open store and probed capabilities, then recovers every stored
-    /// region (see [`Agent::recover`]) and records that the agent started.
-    pub async fn start(
-        store: Store,
-        features: Features,
-        topology: TopologyReader,
-        limits: EngineSettings,
-    ) -> Result<Arc<Self>, AgentError> {
-        let secret = store
-            .meta_or_init("handoff_token_key", || {
-                let mut k = vec![0u8; 32];
-                rand::fill(&mut k[..]);
-                k
-            })
-            .await?;
-        let (events, _) = broadcast::channel(4096);
-        let (holder_watch, holders_to_watch) = tokio::sync::mpsc::unbounded_channel();
-        let agent = Arc::new(Self {
-            store,
-            features,
-            topology: TopologyCache::new(topology),
-            page: kernel::page_size(),
-            limits,
-            regions: Mutex::new(BTreeMap::new()),
-            membership: tokio::sync::Mutex::new(()),
-            vms: Mutex::new(HashMap::new()),
-            events,
-            tokens: TokenKey::new(&secret),
-            holder_watch,
-            counters: AgentCounters::default(),
-        });
-        super::holders::start_watching(Arc::downgrade(&agent), holders_to_watch);
-        // The AGENT_STARTED event is committed with recovery's own writes: one commit.
-        let started = event(
-            EventKind::AgentStarted,
-            None,
-            "agent started".into(),
-            AGENT_ACTOR,
-        );
-        agent.recover(started).await?;
-        // Recovered regions' holders: watched from now on (an exit while the agent was down
-        // shows at once, as the pidfd of a process that is gone cannot be opened).
-        for slot in agent.slots(None) {
-            let live = slot.read().await;
-            if let Some(h) = live.intent.holder
-                && live.intent.status.has_file()
-            {
-                agent.watch_holder(h);
-            }
-        }
-        Ok(agent)
-    }
-
     /// The kernel features probed at start.
     pub fn features(&self) -> &Features {
         &self.features
@@ -384,11 +332,34 @@ pub(crate) fn new_uid() -> String {
     )
 }
 
+impl Agent {
+    /// A view without reading the kernel: every range pending. Used for stored first answers.
+    pub(crate) fn view_without_kernel(&self, live: &LiveRegion) -> RegionView {
+        live.view_without_kernel(self.page)
+    }
+
+    /// [`LiveRegion::view`] on a blocking thread; the region (an owned guard, or a boxed region
+    /// not yet in the map) is handed back with its view.
+    pub(crate) async fn view_of<G>(&self, live: G) -> Result<(G, RegionView), AgentError>
+    where
+        G: Deref<Target = LiveRegion> + Send + 'static,
+    {
+        let page = self.page;
+        Agent::blocking(move || {
+            let view = live.view(page);
+            (live, view)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::{Backend, NodeSet, Policy, PolicyMode};
     use crate::engine::CreateRequest;
+    use crate::kernel;
+    use crate::topology::TopologyReader;
     use std::time::Duration;
 
     /// The engine runs on a current-thread runtime (`#[tokio::test]`'s default): kernel work goes

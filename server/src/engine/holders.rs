@@ -24,9 +24,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{OwnedRwLockWriteGuard, mpsc};
 
-/// Where watch requests go: the holders to watch.
-pub(crate) type WatchSender = mpsc::UnboundedSender<Holder>;
-
 /// Starts the task that watches holders for `agent`; it ends when the agent is dropped.
 pub(crate) fn start_watching(agent: Weak<Agent>, mut rx: mpsc::UnboundedReceiver<Holder>) {
     tokio::spawn(async move {

@@ -1,14 +1,12 @@
 //! What the agent holds of a region (file, mapping, intent, per-range errors) and the views the
 //! API returns, read from the kernel.
 
-use super::agent::Agent;
-use super::error::AgentError;
 use super::placement;
-use super::plan::{FileKernel, find_drift_at_ends, policy_seen};
+use super::plan::{find_drift_at_ends, policy_seen};
+use super::syscalls::RealFile;
 use crate::domain::{Policy, RangeIntent, RegionIntent, Strategy};
 use crate::kernel::{GuestMemfdVm, Mapping};
 use std::collections::HashMap;
-use std::ops::Deref;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use tokio::sync::RwLock;
@@ -129,7 +127,7 @@ impl LiveRegion {
                         .zip(mapping)
                         .filter(|_| shared)
                         .and_then(|(f, m)| {
-                            let k = FileKernel {
+                            let k = RealFile {
                                 fd: f.fd.as_fd(),
                                 mapping: Some(m),
                                 page,
@@ -182,27 +180,6 @@ impl LiveRegion {
     }
 }
 
-impl Agent {
-    /// A view without reading the kernel: every range pending. Used for stored first answers.
-    pub(crate) fn view_without_kernel(&self, live: &LiveRegion) -> RegionView {
-        live.view_without_kernel(self.page)
-    }
-
-    /// [`LiveRegion::view`] on a blocking thread; the region (an owned guard, or a boxed region
-    /// not yet in the map) is handed back with its view.
-    pub(crate) async fn view_of<G>(&self, live: G) -> Result<(G, RegionView), AgentError>
-    where
-        G: Deref<Target = LiveRegion> + Send + 'static,
-    {
-        let page = self.page;
-        Agent::blocking(move || {
-            let view = live.view(page);
-            (live, view)
-        })
-        .await
-    }
-}
-
 /// The state of a task-policy range from what the kernel shows now (`check`, `None` when it
 /// could not be read), never from the database alone: the stored `placed` says only that
 /// Populate allocated the range under its policy once; pages punched since and faulted again by
@@ -229,8 +206,8 @@ impl LiveRegion {
     /// The region's file as the planner sees it (`None` without a file). Its `allocated_pages`
     /// is an error when the kernel cannot tell: a caller that must refuse on allocated pages must
     /// not read that as "none".
-    pub(crate) fn kernel(&self, page: u64) -> Option<FileKernel<'_>> {
-        self.file.as_ref().map(|f| FileKernel {
+    pub(crate) fn kernel(&self, page: u64) -> Option<RealFile<'_>> {
+        self.file.as_ref().map(|f| RealFile {
             fd: f.fd.as_fd(),
             mapping: f.mapping.as_ref(),
             page,
@@ -240,9 +217,9 @@ impl LiveRegion {
 
 #[cfg(test)]
 mod tests {
-    use super::super::plan::RangeKernel;
     use super::*;
     use crate::domain::{Backend, PolicyMode, RangeMap, RegionKey, RegionStatus};
+    use crate::engine::syscalls::Syscalls;
     use crate::kernel;
     use nix::errno::Errno;
 

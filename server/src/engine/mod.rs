@@ -8,9 +8,12 @@
 //! - `live`: what the agent holds of a region, and the views read from the kernel;
 //! - `regions`: create, get, list, delete, and the handoff's holder record;
 //! - `policy`: SetPolicy (check, commit, bind, read back);
-//! - `drift`: Reconcile (sample, report drift, re-bind);
-//! - `plan`: the pure decisions (reconcile, recovery, migrate) over a small kernel trait, with a
-//!   fake kernel and contract tests that run the same cases on the real one;
+//! - `reconcile`: Reconcile (sample, report drift, re-bind);
+//! - `syscalls`: the one kernel interface ([`syscalls::Syscalls`]): bind, read-back, residency
+//!   and allocation under a task policy, on a real file or the fake kernel, with the contract
+//!   suite that runs every case on both;
+//! - `plan`: the pure decisions (reconcile, recovery, migrate) over that trait;
+//! - `apply`: SetPolicy's, create's, recovery's binds over that trait;
 //! - `adopt`, `attach`: files a VMM made or holds become regions (`qemu`: which file is which of
 //!   QEMU's memory backends);
 //! - `populate` (its worker threads in `workers`, its cgroup helper child in `cgroup`):
@@ -19,6 +22,7 @@
 //! - `holders`: a holder's exit (pidfd), and giving back the memory nobody holds any more.
 
 mod agent;
+mod apply;
 mod attach;
 mod error;
 mod holders;
@@ -30,6 +34,8 @@ mod populate;
 mod reconcile;
 mod recover;
 mod regions;
+mod start;
+mod syscalls;
 
 pub use agent::{
     AGENT_ACTOR, Agent, AgentCounters, DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS, EngineSettings,

@@ -9,7 +9,7 @@
 //! counted per node by the kernel's walk of that window (`/proc/self/numa_maps`). Each range says
 //! which way it was counted ([`RangePlacementView::counted_from`]). The engine's migrate and the
 //! populate proof need each page's node before and after, so they read-fault allocated runs into
-//! a mapping and ask move_pages ([`map_resident`], [`nodes_of`]).
+//! a mapping and ask move_pages (`syscalls::map_resident`, `syscalls::nodes_of`).
 
 use super::{Agent, AgentError};
 use crate::domain::RangeIntent;
@@ -78,71 +78,6 @@ impl Placement {
     }
 }
 
-/// Read-faults the allocated pages of a span into `mapping` and returns each page's node, -ENOENT
-/// for a page not allocated, or another negative errno where the kernel could not tell. Pages not
-/// allocated are never touched, so nothing is allocated.
-pub(crate) fn map_resident(
-    fd: BorrowedFd<'_>,
-    mapping: &Mapping,
-    offset: u64,
-    length: u64,
-    page: u64,
-) -> Vec<i32> {
-    let pages = (length / page) as usize;
-    let resident = match allocated(fd, mapping, offset, length, page) {
-        Ok(r) => r,
-        Err(e) => return vec![-(e as i32); pages],
-    };
-    let mut nodes = vec![ENOENT; pages];
-    let mut i = 0;
-    while i < resident.len() {
-        if !resident[i] {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < resident.len() && resident[i] {
-            i += 1;
-        }
-        let (at, len) = (offset + start as u64 * page, (i - start) as u64 * page);
-        // A page punched between the allocation check and here would be allocated by this read
-        // fault; that race needs a concurrent hole punch and costs one zero page.
-        nodes[start..i].copy_from_slice(&fault_and_query(mapping, at, len, page));
-    }
-    nodes
-}
-
-/// Read-faults a run of allocated pages into `mapping` and returns each page's node. When the
-/// fault fails, the pages' nodes are unknown (the errno), never "not present": they are
-/// allocated, only not mapped here.
-fn fault_and_query(mapping: &Mapping, offset: u64, length: u64, page: u64) -> Vec<i32> {
-    match mapping.populate_read(offset, length) {
-        Ok(()) => nodes_of(mapping, offset, length, page),
-        Err(e) => vec![-(e as i32); (length / page) as usize],
-    }
-}
-
-/// Each page's node as mapped in this process now (-ENOENT where not mapped here).
-pub(crate) fn nodes_of(mapping: &Mapping, offset: u64, length: u64, page: u64) -> Vec<i32> {
-    mapping
-        .page_nodes(offset, length, page)
-        .unwrap_or_else(|e| vec![-(e as i32); (length / page) as usize])
-}
-
-/// Which pages of a span are allocated. From the page cache (cachestat), which sees pages that
-/// fallocate allocated and nobody touched. hugetlbfs has no cachestat and its mincore sees only
-/// pages mapped in this process, so there each huge page is probed through a mapping whose holes
-/// fail instead of allocating.
-pub(crate) fn allocated(
-    fd: BorrowedFd<'_>,
-    mapping: &Mapping,
-    offset: u64,
-    length: u64,
-    page: u64,
-) -> Result<Vec<bool>, nix::errno::Errno> {
-    kernel::residency::allocated(fd, mapping.len(), offset, length, page)
-}
-
 /// Counts the placement of one range of a file of `file_len` bytes: from the holder's mappings
 /// where they map every allocated page of the range exactly once, otherwise by read-faulting the
 /// allocated pages into a window of exactly the range and letting the kernel count them
@@ -189,7 +124,7 @@ fn holder_mappings(
 }
 
 /// The placement of one range from `(status, pages)` pairs, where a status is what
-/// [`map_resident`] reports for a page: a node id, -ENOENT for a page not allocated, or another
+/// `syscalls::map_resident` reports for a page: a node id, -ENOENT for a page not allocated, or another
 /// negative errno.
 pub(crate) fn range_view(
     r: &RangeIntent,
@@ -352,7 +287,7 @@ mod tests {
         mapping.write(0, &[1]).unwrap();
         let _uffd = mapping.fail_faults_on_holes(0, 2 * page).unwrap();
         assert!(mapping.populate_read(0, 2 * page).is_err());
-        let nodes = fault_and_query(&mapping, 0, 2 * page, page);
+        let nodes = crate::engine::syscalls::fault_and_query(&mapping, 0, 2 * page, page);
         assert_eq!(nodes.len(), 2);
         for n in &nodes {
             assert!(

@@ -2,20 +2,19 @@
 //! it through a fresh window and read it back.
 
 use super::agent::Agent;
+use super::apply::apply_range;
 use super::error::AgentError;
 use super::live::{LiveRegion, RegionView};
-use super::placement;
 use super::plan::{Migrate, plan_migrate};
 use super::regions::{Idempotency, save_request};
 use crate::domain::{
     Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, Strategy,
     resolve_span,
 };
-use crate::kernel::{self, Mapping, probe::Features};
+use crate::kernel::probe::Features;
 use crate::store::{StoreError, WriteOp};
 use nix::errno::Errno;
 use std::collections::HashMap;
-use std::os::fd::AsFd;
 use tokio::sync::OwnedRwLockWriteGuard;
 
 /// A SetPolicy request in domain terms.
@@ -362,151 +361,6 @@ async fn refuse_unmovable(
         what: "guest_memfd migrate",
         message,
     })
-}
-
-/// Applies the intent over `[offset, offset+length)` to the kernel. With `migrate`, moves
-/// resident pages (memfd). Returns (pages moved, pages that failed to move). Blocking.
-pub(crate) fn apply_range(
-    live: &mut LiveRegion,
-    offset: u64,
-    length: u64,
-    migrate: bool,
-    base_page: u64,
-) -> (u64, u64) {
-    if live.intent.strategy != Strategy::SharedPolicy {
-        return (0, 0);
-    }
-    let page = live.intent.page_size(base_page);
-    let Some(fd) = live.file.as_ref().map(|f| f.fd.as_fd()) else {
-        return (0, 0);
-    };
-    let mut moved = 0;
-    let mut failed = 0;
-    for r in live.intent.ranges.clipped(offset, offset + length) {
-        let window = match Mapping::window(fd, r.offset, r.length) {
-            Ok(w) => w,
-            Err(e) => {
-                live.errors.insert(r.offset, format!("mmap: {}", e.desc()));
-                continue;
-            }
-        };
-        let mapping = &window;
-        let mut flags = 0;
-        let mut before = Vec::new();
-        if migrate {
-            // mbind moves only pages mapped in this process: map the resident ones first.
-            before = placement::map_resident(fd, mapping, r.offset, r.length, page);
-            flags = kernel::mempolicy::MPOL_MF_MOVE;
-            if kernel::pidfd::have_cap_sys_nice() {
-                // Pages the VMM also maps are shared; MOVE alone skips them.
-                flags |= kernel::mempolicy::MPOL_MF_MOVE_ALL;
-            }
-        }
-        let result = bind_file_range(mapping, r.offset, r.length, &r.policy, flags);
-        // Errors are recorded per range of the intent that contains this piece.
-        let owner = live
-            .intent
-            .ranges
-            .ranges()
-            .iter()
-            .find(|x| x.offset <= r.offset && r.end() <= x.end())
-            .map_or(r.offset, |x| x.offset);
-        match result {
-            Ok(()) => {
-                live.errors.remove(&owner);
-            }
-            Err(e) => {
-                live.errors.insert(owner, format!("mbind: {}", e.desc()));
-            }
-        }
-        if migrate {
-            let after = placement::nodes_of(mapping, r.offset, r.length, page);
-            for (b, a) in before.iter().zip(after.iter()) {
-                if *b < 0 {
-                    continue;
-                }
-                match r.policy.allows(*a as u32) {
-                    Some(false) => failed += 1,
-                    _ if a != b => moved += 1,
-                    _ => {}
-                }
-            }
-            let _ = mapping.unmap_pages(r.offset, r.length);
-        }
-    }
-    (moved, failed)
-}
-
-/// Applies every shared-policy range of a live region. Returns the number applied. Blocking.
-///
-/// Every range is bound in order of offset through one fresh mapping of the whole file (one
-/// mmap for the region instead of one window per range; a restart binds 16,000 ranges). That is
-/// as exact as a window per range (see [`bind_file_range`]), because on a fresh mapping:
-/// - the range's part of the mapping has no policy of its own yet, so mbind never skips it;
-/// - mbind can merge the range only with a neighbour of equal policy: a lower range this call
-///   just bound to that same policy (re-set to it, atomically), never the unbound rest above,
-///   whose policy is none. A DEFAULT range is the exception: its bind ends on none, which would
-///   merge with the unbound rest and clear the file's policy there until those ranges are bound,
-///   so it gets a window of its own.
-///
-/// Where the whole file cannot be mapped, each range falls back to a window of its own.
-pub(crate) fn apply_all(live: &mut LiveRegion) -> u32 {
-    if live.intent.strategy != Strategy::SharedPolicy {
-        return 0;
-    }
-    let Some(file) = live.file.as_ref() else {
-        return 0;
-    };
-    let fd = file.fd.as_fd();
-    let binder = Mapping::new(fd, live.intent.size_bytes).ok();
-    let mut n = 0;
-    for r in live.intent.ranges.ranges() {
-        let bound = match &binder {
-            Some(b) if r.policy.mode != PolicyMode::Default => {
-                bind_file_range(b, r.offset, r.length, &r.policy, 0)
-            }
-            _ => Mapping::window(fd, r.offset, r.length)
-                .and_then(|w| bind_file_range(&w, r.offset, r.length, &r.policy, 0)),
-        };
-        match bound {
-            Ok(()) => {
-                live.errors.remove(&r.offset);
-                n += 1;
-            }
-            Err(e) => {
-                live.errors.insert(r.offset, format!("mbind: {}", e.desc()));
-            }
-        }
-    }
-    n
-}
-
-/// Binds a file range's shared policy through `binder`, a fresh window mapping exactly that
-/// range (never the agent's long-lived mapping):
-/// - the kernel skips mbind on a VMA whose own policy already equals the new one, so re-binding
-///   through the long-lived mapping would leave in place a policy someone changed through another
-///   mapping;
-/// - when mbind merges a VMA with an equal-policy neighbour it sets the policy over the merged
-///   span, so a window wider than the range could overwrite its neighbours' policies;
-/// - a fresh VMA has no policy, which equals DEFAULT, so DEFAULT goes through LOCAL first.
-///
-/// The long-lived mapping also stays one VMA however many ranges there are.
-pub(crate) fn bind_file_range(
-    binder: &Mapping,
-    offset: u64,
-    length: u64,
-    policy: &Policy,
-    flags: u32,
-) -> Result<(), Errno> {
-    if policy.mode == PolicyMode::Default {
-        binder.mbind(
-            offset,
-            length,
-            &Policy::new(PolicyMode::Local, crate::domain::NodeSet::new()),
-            0,
-        )?;
-    }
-    binder.mbind(offset, length, policy, flags)
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 use super::agent::{Agent, event};
 use super::error::AgentError;
 use super::live::LiveRegion;
-use super::plan::{self, Done, FileKernel, FileState, Skip};
+use super::plan::{self, Done, FileState, Skip};
+use super::syscalls::RealFile;
 use crate::domain::{Event, EventKind, RegionKey, VmId};
 use std::os::fd::AsFd;
 
@@ -126,7 +127,7 @@ fn reconcile_region(
     let page = live.intent.page_size(base_page);
     let key = live.intent.key.clone();
     let kernel = live.file.as_ref().and_then(|f| {
-        Some(FileKernel {
+        Some(RealFile {
             fd: f.fd.as_fd(),
             mapping: Some(f.mapping.as_ref()?),
             page,

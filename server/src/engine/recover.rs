@@ -1,7 +1,7 @@
 //! Bringing regions back when the agent starts. The memory outlives the agent only while some
 //! process (a VMM) holds the file, so each region's fd is taken back from its recorded holder with
 //! pidfd_getfd; then the agent maps it again, re-binds every range from intent (through one
-//! fresh mapping of the whole file, see [`apply_all`]), and verifies the binding through another
+//! fresh mapping of the whole file, see `Syscalls::bind_each`), and verifies the binding through another
 //! mapping, its own.
 //!
 //! Only the last holder is recorded. When it is gone, every other process is searched for the
@@ -17,9 +17,10 @@
 //! creator, so a VM fd from a holder (or the dead agent's own VM) would be of no use here.
 
 use super::agent::event;
-use super::plan::{FileKernel, Recovery, find_drift, find_drift_at_ends, plan_recovery};
-use super::policy::apply_all;
+use super::apply::apply_all;
+use super::plan::{Recovery, find_drift, find_drift_at_ends, plan_recovery};
 use super::regions::create_file;
+use super::syscalls::RealFile;
 use super::{Agent, AgentError, LiveRegion, RegionFile};
 use crate::domain::{
     Backend, Event, EventKind, Holder, RangeIntent, RangeMap, RegionIntent, RegionStatus, Strategy,
@@ -254,7 +255,7 @@ impl Agent {
     /// Re-binds every range of a recovered region on its new mapping and verifies the binding
     /// through a second, fresh mapping.
     fn rebind_recovered(&self, live: &mut LiveRegion, out: &mut Writes) {
-        let applied = apply_all(live);
+        let applied = apply_all(live, self.page);
         let total = live.intent.ranges.ranges().len() as u32;
         if live.intent.strategy != Strategy::SharedPolicy {
             return;
@@ -412,7 +413,7 @@ fn verify_fresh(
             &fresh
         }
     };
-    let k = FileKernel {
+    let k = RealFile {
         fd: file.fd.as_fd(),
         mapping: Some(mapping),
         page,
@@ -528,7 +529,7 @@ mod tests {
         let fd = kernel::create_memfd("apply-all-test", pages * page, None).unwrap();
         let mapping = Mapping::new(fd.as_fd(), pages * page).ok();
         LiveRegion {
-            intent: crate::engine::plan::contract::memfd_region(pages, ranges),
+            intent: crate::engine::syscalls::contract::memfd_region(pages, ranges),
             file: Some(RegionFile {
                 fd,
                 mapping,
@@ -564,7 +565,7 @@ mod tests {
         let vmm = Mapping::new(fd, 6 * page).unwrap();
         vmm.mbind(0, 6 * page, &preferred, 0).unwrap();
         let total = live.intent.ranges.ranges().len() as u32;
-        assert_eq!(apply_all(&mut live), total - 1);
+        assert_eq!(apply_all(&mut live, kernel::page_size()), total - 1);
         assert_eq!(live.errors.keys().copied().collect::<Vec<_>>(), vec![page]);
         assert!(
             live.errors[&page].starts_with("mbind: "),

@@ -2,9 +2,9 @@
 //! the handoff's holder record and fd access.
 
 use super::agent::{Agent, new_uid};
+use super::apply::apply_all;
 use super::error::{AgentError, kerr};
 use super::live::{LiveRegion, RegionFile, RegionView};
-use super::policy::apply_all;
 use crate::domain::{
     Backend, DomainError, EventKind, Holder, Policy, RangeMap, RegionIntent, RegionKey,
     RegionStatus, VmId, resolve_span,
@@ -207,7 +207,7 @@ impl Agent {
         let page = self.page;
         let (live, applied, view) = Agent::blocking(move || {
             let mut live = live;
-            let applied = apply_all(&mut live);
+            let applied = apply_all(&mut live, page);
             let view = live.view(page);
             (live, applied, view)
         })

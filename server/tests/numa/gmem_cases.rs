@@ -102,7 +102,7 @@ const GMEM_CASES: &[(&str, &str)] = &[
     ),
     (
         "memplace_server",
-        "engine::plan::contract::migrate_contract_on_the_real_kernel",
+        "engine::syscalls::contract::migrate_contract_on_the_real_kernel",
     ),
 ];
 

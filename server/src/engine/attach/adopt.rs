@@ -8,7 +8,8 @@ use crate::domain::{
 use crate::engine::agent::{Agent, new_uid};
 use crate::engine::error::{AgentError, kerr};
 use crate::engine::live::{LiveRegion, RegionFile, RegionView};
-use crate::engine::plan::{FileKernel, observed_ranges};
+use crate::engine::plan::observed_ranges;
+use crate::engine::syscalls::RealFile;
 use crate::kernel::Mapping;
 use crate::store::{WriteOp, unix_now};
 use std::collections::HashMap;
@@ -129,7 +130,7 @@ pub(crate) fn kernel_ranges(
             "the file holds no shared policy: intent starts DEFAULT".into(),
         ));
     };
-    let k = FileKernel {
+    let k = RealFile {
         fd,
         mapping: Some(mapping),
         page,

@@ -78,7 +78,12 @@ pub fn child_main(args: &[String]) -> i32 {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
-        let r = run_workers(fd.as_fd(), &chunks, threads, &progress, None);
+        let k = crate::engine::syscalls::RealFile {
+            fd: fd.as_fd(),
+            mapping: None,
+            page: kernel::page_size(),
+        };
+        let r = run_workers(&k, &chunks, threads, &progress, None);
         stop.store(true, Ordering::Relaxed);
         r
     });

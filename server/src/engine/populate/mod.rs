@@ -20,6 +20,7 @@ mod workers;
 
 use super::live::{LiveRegion, Slot};
 use super::placement::{self, Placement};
+use super::syscalls::{RealFile, Syscalls};
 use super::{Agent, AgentError, kerr};
 use crate::domain::{
     Backend, Event, EventKind, NodeSet, Policy, PolicyMode, RangeIntent, RegionKey, Strategy,
@@ -391,12 +392,14 @@ async fn missing_pages(
                     .file
                     .as_ref()
                     .and_then(|f| {
-                        let m = f.mapping.as_ref()?;
-                        placement::allocated(f.fd.as_fd(), m, r.offset, r.length, page).ok()
+                        let k = RealFile {
+                            fd: f.fd.as_fd(),
+                            mapping: Some(f.mapping.as_ref()?),
+                            page,
+                        };
+                        k.allocated_pages(r.offset, r.length).ok()
                     })
-                    .map_or(r.length / page, |v| {
-                        v.iter().filter(|b| !**b).count() as u64
-                    });
+                    .map_or(r.length / page, |allocated| r.length / page - allocated);
                 (r.policy, missing)
             })
             .collect();
@@ -441,9 +444,15 @@ fn run_blocking(live: &LiveRegion, span: &Span, work: &Work) -> Ran {
     // only its progress).
     let result = match work.cgroup.as_deref() {
         Some(cg) => run_in_cgroup(fd, &work.chunks, work.threads, cg, progress).map(|()| None),
-        None => run_workers(fd, &work.chunks, work.threads, progress, verify_in_workers)
-            .map(Some)
-            .map_err(kerr("fallocate")),
+        None => run_workers(
+            &RealFile { fd, mapping, page },
+            &work.chunks,
+            work.threads,
+            progress,
+            verify_in_workers,
+        )
+        .map(Some)
+        .map_err(kerr("fallocate")),
     };
     let result = result.map_err(|e| match e {
         AgentError::Kernel { errno, .. } if matches!(errno, Errno::ENOMEM | Errno::ENOSPC) => {

@@ -5,8 +5,8 @@
 
 use super::PopulateProgress;
 use crate::domain::Policy;
-use crate::engine::placement;
-use crate::kernel::{self, Mapping, mempolicy};
+use crate::engine::syscalls::{RealFile, Syscalls, nodes_of};
+use crate::kernel::Mapping;
 use nix::errno::Errno;
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
@@ -46,7 +46,7 @@ pub fn plan(ranges: &[(u64, u64, Option<Policy>)], page: u64) -> Vec<Chunk> {
     out
 }
 
-/// Pages of one chunk per kernel status, as [`placement::map_resident`] reports a page: a node
+/// Pages of one chunk per kernel status, as `syscalls::map_resident` reports a page: a node
 /// id, -ENOENT for a page not allocated, or another negative errno.
 pub type ChunkStatus = BTreeMap<i32, u64>;
 
@@ -57,7 +57,7 @@ fn read_back(mapping: &Mapping, c: &Chunk, page: u64) -> ChunkStatus {
     let mut status = ChunkStatus::new();
     match mapping.populate_read(c.offset, c.length) {
         Ok(()) => {
-            for n in placement::nodes_of(mapping, c.offset, c.length, page) {
+            for n in nodes_of(mapping, c.offset, c.length, page) {
                 *status.entry(n).or_default() += 1;
             }
         }
@@ -69,13 +69,14 @@ fn read_back(mapping: &Mapping, c: &Chunk, page: u64) -> ChunkStatus {
     status
 }
 
-/// Runs `threads` workers over `chunks` on `fd`. Returns the first error, if any, or else per
+/// Runs `threads` workers over `chunks` on the file `k` (its allocation under a task policy goes
+/// through [`Syscalls`]). Returns the first error, if any, or else per
 /// chunk `Some` once fallocate allocated every page of it (so no page cache walk is needed to
 /// count it), holding its status as read back through `verify` (the mapping and page size) right
 /// after the allocation, empty without `verify`; `None` for a chunk that never ran (cancelled).
 /// Each worker is a fresh thread, so a task policy it sets for its chunks dies with it.
 pub fn run_workers(
-    fd: BorrowedFd<'_>,
+    k: &(impl Syscalls + Sync),
     chunks: &[Chunk],
     threads: usize,
     progress: &PopulateProgress,
@@ -99,10 +100,10 @@ pub fn run_workers(
                         if let Some(p) = c.policy
                             && current != Some(p)
                         {
-                            mempolicy::set_thread_policy(&p)?;
+                            k.set_task_policy(&p)?;
                             current = Some(p);
                         }
-                        kernel::fallocate(fd, c.offset, c.length, false)
+                        k.allocate(c.offset, c.length)
                     })();
                     match r {
                         Ok(()) => {
@@ -148,12 +149,8 @@ fn allocated_bytes(
     length: u64,
     page: u64,
 ) -> Option<u64> {
-    let map = match mapping {
-        Some(m) => placement::allocated(fd, m, offset, length, page),
-        None => kernel::files::allocated_map(fd, offset, length, page),
-    };
-    map.ok()
-        .map(|v| v.iter().filter(|allocated| **allocated).count() as u64 * page)
+    let k = RealFile { fd, mapping, page };
+    k.allocated_pages(offset, length).ok().map(|n| n * page)
 }
 
 /// Bytes of the span `(offset, length, page)` allocated once the workers are done, without
@@ -200,6 +197,7 @@ pub(super) fn allocated_after(
 mod tests {
     use super::*;
     use crate::domain::{NodeSet, PolicyMode};
+    use crate::kernel;
 
     #[test]
     fn plan_splits_at_chunk_size() {

@@ -3,23 +3,14 @@
 //! The decisions are pure functions: [`plan`] (Reconcile: which ranges to report as drifted and
 //! re-bind, which regions to skip), [`plan_recovery`] (a restart: take the file back, recreate
 //! it, or mark the region lost) and [`plan_migrate`] (SetPolicy with migrate on guest_memfd).
-//! What they decide from is read through [`RangeKernel`], the few kernel calls they need, so the
-//! same cases run against a fake kernel (unit tests below) and the real one
-//! (`server/tests/engine_contract.rs`), and [`execute`] carries a plan out through the same trait.
+//! What they decide from is read through [`Syscalls`], the engine's one kernel interface, so the
+//! same cases run against the fake kernel (unit tests below) and the real one (the contract suite,
+//! `engine/syscalls/contract.rs`), and [`execute`] carries a plan out through the same trait.
+//! This module imports only the domain and `syscalls`: nothing in the engine imports back.
 
+use super::syscalls::Syscalls;
 use crate::domain::{Backend, Policy, RangeIntent, RegionIntent, RegionStatus, Strategy};
 use nix::errno::Errno;
-
-/// The kernel calls the planner needs, over one region's file.
-pub trait RangeKernel {
-    /// The file's shared policy at `offset` as the kernel reports it; `None` when unreadable.
-    fn policy_at(&self, offset: u64) -> Option<Policy>;
-    /// Binds `[offset, offset+length)` of the file to `policy` (replacing whatever any mapping
-    /// set there before).
-    fn bind(&self, offset: u64, length: u64, policy: &Policy) -> Result<(), Errno>;
-    /// Pages of `[offset, offset+length)` allocated in the file.
-    fn allocated_pages(&self, offset: u64, length: u64) -> Result<u64, Errno>;
-}
 
 /// Sample points per range for drift detection, besides its first and last page.
 pub const DRIFT_SAMPLES: u64 = 512;
@@ -56,18 +47,18 @@ impl Drift {
 
 /// The first sample of a range whose policy, as the kernel reports it, is not the range's
 /// intent; `None` when every sample matches.
-pub fn find_drift(k: &impl RangeKernel, r: &RangeIntent, page: u64) -> Option<Drift> {
+pub fn find_drift(k: &impl Syscalls, r: &RangeIntent, page: u64) -> Option<Drift> {
     first_drift(k, r, sample_offsets(r, page))
 }
 
 /// [`find_drift`] at the range's first and last page only.
-pub fn find_drift_at_ends(k: &impl RangeKernel, r: &RangeIntent, page: u64) -> Option<Drift> {
+pub fn find_drift_at_ends(k: &impl Syscalls, r: &RangeIntent, page: u64) -> Option<Drift> {
     let last = r.end().saturating_sub(page).max(r.offset);
     first_drift(k, r, [r.offset, last].into_iter())
 }
 
 fn first_drift(
-    k: &impl RangeKernel,
+    k: &impl Syscalls,
     r: &RangeIntent,
     mut offsets: impl Iterator<Item = u64>,
 ) -> Option<Drift> {
@@ -79,7 +70,7 @@ fn first_drift(
 
 /// The policy the kernel holds over a range as far as its samples tell: the intent when every
 /// sample matches, else what the first differing sample reports (`None` when unreadable).
-pub fn policy_seen(k: &impl RangeKernel, r: &RangeIntent, page: u64) -> Option<Policy> {
+pub fn policy_seen(k: &impl Syscalls, r: &RangeIntent, page: u64) -> Option<Policy> {
     match find_drift(k, r, page) {
         None => Some(r.policy),
         Some(d) => d.found,
@@ -97,7 +88,7 @@ pub const ADOPT_SAMPLES: u64 = 4096;
 /// by bisection, to the page. A file of up to [`ADOPT_SAMPLES`] pages is read at every page; in a
 /// larger one a foreign run shorter than a stride between two samples that agree is not seen (as
 /// with drift). `None` when some sample cannot be read.
-pub fn observed_ranges(k: &impl RangeKernel, size: u64, page: u64) -> Option<Vec<RangeIntent>> {
+pub fn observed_ranges(k: &impl Syscalls, size: u64, page: u64) -> Option<Vec<RangeIntent>> {
     let pages = (size / page).max(1);
     let stride = pages.div_ceil(ADOPT_SAMPLES);
     let at = |p: u64| k.policy_at(p * page);
@@ -164,7 +155,7 @@ pub struct Observed {
 /// Reads what [`plan`] decides from: the drift of every range, where the region has a mapped
 /// file placed through the kernel's shared policy.
 pub fn observe(
-    k: Option<&impl RangeKernel>,
+    k: Option<&impl Syscalls>,
     intent: &RegionIntent,
     file: FileState,
     page: u64,
@@ -278,7 +269,7 @@ pub fn plan(intent: &RegionIntent, observed: &Observed) -> Vec<Action> {
 /// Carries out one re-bind: bind the whole range, then read it back as `verify` says. `Ok` when
 /// the kernel reports the intent afterwards, else why not.
 pub fn rebind(
-    k: &impl RangeKernel,
+    k: &impl Syscalls,
     range: &RangeIntent,
     verify: Verify,
     page: u64,
@@ -313,7 +304,7 @@ pub enum Done {
 }
 
 /// Carries a plan out against a kernel.
-pub fn execute(k: Option<&impl RangeKernel>, actions: &[Action], page: u64) -> Vec<Done> {
+pub fn execute(k: Option<&impl Syscalls>, actions: &[Action], page: u64) -> Vec<Done> {
     actions
         .iter()
         .map(|a| match (a, k) {
@@ -368,7 +359,7 @@ pub enum Migrate {
 }
 
 /// [`Migrate`] for a range of a region of `backend`.
-pub fn plan_migrate(backend: Backend, k: &impl RangeKernel, offset: u64, length: u64) -> Migrate {
+pub fn plan_migrate(backend: Backend, k: &impl Syscalls, offset: u64, length: u64) -> Migrate {
     if backend != Backend::GuestMemfd {
         return Migrate::Go;
     }
@@ -380,17 +371,10 @@ pub fn plan_migrate(backend: Backend, k: &impl RangeKernel, offset: u64, length:
 }
 
 #[cfg(test)]
-pub(crate) mod contract;
-#[cfg(test)]
-pub(crate) mod fake;
-mod file;
-pub(crate) use file::FileKernel;
-
-#[cfg(test)]
 mod tests {
-    use super::fake::FakeKernel;
     use super::*;
     use crate::domain::{Holder, NodeSet, PolicyMode, RangeMap, RegionKey};
+    use crate::engine::syscalls::fake::FakeKernel;
 
     const PAGE: u64 = 4096;
 

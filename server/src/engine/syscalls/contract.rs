@@ -1,17 +1,23 @@
-//! The planner's contract: the same cases run against the fake kernel and against the real one
-//! on this machine (memfd and guest_memfd files, mbind and get_mempolicy on node 0). A case
-//! passes on the fake only if the fake behaves as the kernel does, so a planner test against the
-//! fake says something about the agent.
+//! The engine's contract with the kernel: the same cases run against the fake kernel and against
+//! the real one on this machine (memfd and guest_memfd files, mbind and get_mempolicy on node 0),
+//! through the engine's own code: the planner (Reconcile's drift and re-bind, migrate), SetPolicy's
+//! span binds, recovery's and create's whole-region binds, attach's read-back of what a VMM set,
+//! and populate's allocation under a task policy. A case passes on the fake only if the fake
+//! behaves as the kernel does, so an engine test against the fake says something about the agent.
 
 use super::fake::FakeKernel;
 use super::*;
-use crate::domain::{NodeSet, PolicyMode, RangeMap, RegionKey};
+use crate::domain::{
+    Backend, NodeSet, PolicyMode, RangeMap, RegionIntent, RegionKey, RegionStatus, Strategy,
+};
+use crate::engine::apply::{ApplyErrors, apply_span, bind_all};
+use crate::engine::plan::*;
 use crate::kernel::{self, GuestMemfdVm, Mapping};
 use std::os::fd::{AsFd, OwnedFd};
 
 /// Makes files for the cases.
 trait Harness {
-    type File: RangeKernel;
+    type File: Syscalls;
     /// A new, empty file of `pages` pages: a memfd, or a guest_memfd that can be mapped.
     fn file(&self, backend: Backend, pages: u64) -> Self::File;
     /// Allocates `[offset, offset+length)` of the file.
@@ -35,28 +41,40 @@ impl Harness for Fake {
 
 struct Real;
 
-/// A real file with the agent's kind of mapping.
-struct RealFile {
+/// A real file with the agent's kind of mapping, seen through [`RealFile`].
+struct TestFile {
     mapping: Mapping,
     fd: OwnedFd,
     _vm: Option<GuestMemfdVm>,
 }
 
-impl RangeKernel for RealFile {
+impl Syscalls for TestFile {
     fn policy_at(&self, offset: u64) -> Option<Policy> {
         self.kernel().policy_at(offset)
     }
     fn bind(&self, offset: u64, length: u64, policy: &Policy) -> Result<(), Errno> {
         self.kernel().bind(offset, length, policy)
     }
+    fn bind_each(&self, ranges: &[(u64, u64, Policy)]) -> Vec<Result<(), Errno>> {
+        self.kernel().bind_each(ranges)
+    }
+    fn bind_moving(&self, offset: u64, length: u64, policy: &Policy) -> Result<Moved, Errno> {
+        self.kernel().bind_moving(offset, length, policy)
+    }
     fn allocated_pages(&self, offset: u64, length: u64) -> Result<u64, Errno> {
         self.kernel().allocated_pages(offset, length)
     }
+    fn set_task_policy(&self, policy: &Policy) -> Result<(), Errno> {
+        self.kernel().set_task_policy(policy)
+    }
+    fn allocate(&self, offset: u64, length: u64) -> Result<(), Errno> {
+        self.kernel().allocate(offset, length)
+    }
 }
 
-impl RealFile {
-    fn kernel(&self) -> super::FileKernel<'_> {
-        super::FileKernel {
+impl TestFile {
+    fn kernel(&self) -> RealFile<'_> {
+        RealFile {
             fd: self.fd.as_fd(),
             mapping: Some(&self.mapping),
             page: kernel::page_size(),
@@ -65,8 +83,8 @@ impl RealFile {
 }
 
 impl Harness for Real {
-    type File = RealFile;
-    fn file(&self, backend: Backend, pages: u64) -> RealFile {
+    type File = TestFile;
+    fn file(&self, backend: Backend, pages: u64) -> TestFile {
         let size = pages * kernel::page_size();
         let (fd, vm) = match backend {
             Backend::GuestMemfd => {
@@ -85,13 +103,13 @@ impl Harness for Real {
             ),
         };
         let mapping = Mapping::new(fd.as_fd(), size).expect("mmap");
-        RealFile {
+        TestFile {
             mapping,
             fd,
             _vm: vm,
         }
     }
-    fn allocate(&self, f: &RealFile, offset: u64, length: u64) {
+    fn allocate(&self, f: &TestFile, offset: u64, length: u64) {
         kernel::fallocate(f.fd.as_fd(), offset, length, false).expect("fallocate");
     }
 }
@@ -281,16 +299,6 @@ fn migrate_contract(h: &impl Harness) {
 }
 
 #[test]
-fn drift_contract_on_the_fake_kernel() {
-    drift_contract(&Fake);
-}
-
-#[test]
-fn drift_contract_on_the_real_kernel() {
-    drift_contract(&Real);
-}
-
-#[test]
 fn migrate_contract_on_the_fake_kernel() {
     migrate_contract(&Fake);
 }
@@ -299,4 +307,178 @@ fn migrate_contract_on_the_fake_kernel() {
 #[ignore = "guest_memfd case: run by numa_guest's guest_memfd_cases_run_where_a_kernel_has_guest_memfd, on the host or in a guest whose KVM has guest_memfd"]
 fn migrate_contract_on_the_real_kernel() {
     migrate_contract(&Real);
+}
+
+/// The policy each page reads back, for comparing a whole file.
+fn read_all(f: &impl Syscalls, pages: u64) -> Vec<Option<Policy>> {
+    let page = kernel::page_size();
+    (0..pages).map(|p| f.policy_at(p * page)).collect()
+}
+
+/// What each page should read: `ranges` (first page, pages, mode) over a `base` everywhere else.
+fn expect(pages: u64, base: PolicyMode, ranges: &[(u64, u64, PolicyMode)]) -> Vec<Option<Policy>> {
+    let mut want = vec![Some(policy(base)); pages as usize];
+    for (o, l, m) in ranges {
+        for p in *o..o + l {
+            want[p as usize] = Some(policy(*m));
+        }
+    }
+    want
+}
+
+fn intent_of(ranges: &[(u64, u64, PolicyMode)]) -> RegionIntent {
+    let ranges: Vec<_> = ranges
+        .iter()
+        .map(|(o, l, m)| (*o, *l, policy(*m)))
+        .collect();
+    memfd_region(PAGES, &ranges)
+}
+
+/// SetPolicy's binds (`apply_span`): a span cut across three ranges binds exactly the clipped
+/// pieces and leaves the file's policy outside the span as it was; with migrate, allocated pages
+/// already on an allowed node stay (node 0 is the only node here), and the policy reads back.
+fn setpolicy_contract(h: &impl Harness) {
+    let page = kernel::page_size();
+    let layout = [
+        (0, 2, PolicyMode::Preferred),
+        (2, 4, PolicyMode::Bind),
+        (6, 2, PolicyMode::Default),
+    ];
+    let intent = intent_of(&layout);
+    let f = h.file(Backend::Memfd, PAGES);
+    f.bind(0, PAGES * page, &policy(PolicyMode::Interleave))
+        .expect("the foreign bind");
+    let mut errors = ApplyErrors::new();
+    let moved = apply_span(&f, &intent, &mut errors, page, 6 * page, false);
+    assert_eq!(moved, (0, 0), "without migrate nothing moves");
+    assert!(errors.is_empty(), "{errors:?}");
+    let mut want = expect(
+        PAGES,
+        PolicyMode::Interleave,
+        &[(1, 1, PolicyMode::Preferred)],
+    );
+    want[2..6].fill(Some(policy(PolicyMode::Bind)));
+    want[6] = Some(policy(PolicyMode::Default));
+    assert_eq!(read_all(&f, PAGES), want, "only the span [1, 7) is bound");
+    h.allocate(&f, page, 3 * page);
+    let moved = apply_span(&f, &intent, &mut errors, 0, PAGES * page, true);
+    assert_eq!(moved, (0, 0), "every allocated page is on node 0 already");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        read_all(&f, PAGES),
+        expect(PAGES, PolicyMode::Default, &layout)
+    );
+}
+
+/// Recovery's and create's binds (`bind_all`): every range of the intent is bound in one call
+/// over a file someone left under another policy, DEFAULT ranges between and after bound ones
+/// included (the one-mapping path must not let a DEFAULT range clear its neighbours).
+fn recovery_contract(h: &impl Harness) {
+    let page = kernel::page_size();
+    let layout = [
+        (0, 1, PolicyMode::Bind),
+        (1, 2, PolicyMode::Default),
+        (3, 2, PolicyMode::Preferred),
+        (5, 1, PolicyMode::Local),
+        (6, 2, PolicyMode::Default),
+    ];
+    let intent = intent_of(&layout);
+    let f = h.file(Backend::Memfd, PAGES);
+    f.bind(0, PAGES * page, &policy(PolicyMode::Interleave))
+        .expect("the foreign bind");
+    let mut errors = ApplyErrors::new();
+    assert_eq!(bind_all(&f, &intent, &mut errors), 5, "{errors:?}");
+    assert_eq!(
+        read_all(&f, PAGES),
+        expect(PAGES, PolicyMode::Default, &layout)
+    );
+    // Binding again changes nothing.
+    assert_eq!(bind_all(&f, &intent, &mut errors), 5);
+    assert_eq!(
+        read_all(&f, PAGES),
+        expect(PAGES, PolicyMode::Default, &layout)
+    );
+}
+
+/// Attach's read-back (`observed_ranges`): what a VMM bound becomes the intent to the page, and
+/// binding that intent (as recovery would) leaves every page as the VMM set it.
+fn attach_contract(h: &impl Harness) {
+    let page = kernel::page_size();
+    let f = h.file(Backend::Memfd, PAGES);
+    let vmm = [(1, 3, PolicyMode::Bind), (5, 1, PolicyMode::Interleave)];
+    for (o, l, m) in vmm {
+        f.bind(o * page, l * page, &policy(m))
+            .expect("the VMM's bind");
+    }
+    let seen = observed_ranges(&f, PAGES * page, page).expect("every page is readable");
+    let got: Vec<_> = seen
+        .iter()
+        .map(|r| (r.offset / page, r.length / page, r.policy.mode))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (0, 1, PolicyMode::Default),
+            (1, 3, PolicyMode::Bind),
+            (4, 1, PolicyMode::Default),
+            (5, 1, PolicyMode::Interleave),
+            (6, 2, PolicyMode::Default),
+        ]
+    );
+    let before = read_all(&f, PAGES);
+    let mut errors = ApplyErrors::new();
+    assert_eq!(bind_all(&f, &intent_of(&got), &mut errors), 5, "{errors:?}");
+    assert_eq!(read_all(&f, PAGES), before);
+}
+
+/// Populate's allocation under a task policy: the pages of the span are allocated, none outside
+/// it, and allocating them again allocates nothing more. The task policy is the calling thread's,
+/// so it is reset to DEFAULT before the case returns.
+fn allocation_contract(h: &impl Harness) {
+    let page = kernel::page_size();
+    let f = h.file(Backend::Memfd, PAGES);
+    f.set_task_policy(&policy(PolicyMode::Bind))
+        .expect("set_mempolicy BIND on node 0");
+    let allocated = f.allocate(2 * page, 3 * page);
+    let again = f.allocate(2 * page, 3 * page);
+    f.set_task_policy(&Policy::DEFAULT)
+        .expect("set_mempolicy DEFAULT");
+    assert_eq!((allocated, again), (Ok(()), Ok(())));
+    assert_eq!(f.allocated_pages(0, PAGES * page), Ok(3));
+    assert_eq!(f.allocated_pages(2 * page, 3 * page), Ok(3));
+    assert_eq!(f.allocated_pages(5 * page, 3 * page), Ok(0));
+}
+
+/// One contract case: its name, and the case over a harness.
+type Case<H> = (&'static str, fn(&H));
+
+/// Every contract case, on one kernel.
+fn cases<H: Harness>() -> [Case<H>; 5] {
+    [
+        ("reconcile drift and re-bind", |h: &H| drift_contract(h)),
+        ("SetPolicy's span binds", |h: &H| setpolicy_contract(h)),
+        ("recovery's and create's whole-region binds", |h: &H| {
+            recovery_contract(h)
+        }),
+        ("attach's read-back", |h: &H| attach_contract(h)),
+        ("populate's allocation under a task policy", |h: &H| {
+            allocation_contract(h)
+        }),
+    ]
+}
+
+#[test]
+fn engine_contract_on_the_fake_kernel() {
+    for (name, case) in cases::<Fake>() {
+        eprintln!("contract case on the fake kernel: {name}");
+        case(&Fake);
+    }
+}
+
+#[test]
+fn engine_contract_on_the_real_kernel() {
+    for (name, case) in cases::<Real>() {
+        eprintln!("contract case on the real kernel: {name}");
+        case(&Real);
+    }
 }
