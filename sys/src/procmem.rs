@@ -181,14 +181,7 @@ pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
     let mappings = memory_mappings(pid)?;
     let mut out = ProcessMemory {
         comm: comm(pid),
-        cmdline: std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| {
-                b.split(|c| *c == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect()
-            })
-            .unwrap_or_default(),
+        cmdline: cmdline(pid),
         ..Default::default()
     };
     let shared_mappings_of = |ino: u64| -> Vec<FileMapping> {
@@ -212,17 +205,7 @@ pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
             e.1 = true;
         }
     }
-    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map_err(io_errno)?
-        .flatten()
-        .filter_map(|e| {
-            let n: i32 = e.file_name().to_str()?.parse().ok()?;
-            let link = std::fs::read_link(e.path()).ok()?.into_os_string();
-            Some((n, link.into_string().ok()?))
-        })
-        .filter(|(_, link)| memfd_name(link).is_some() || maybe_gmem(link))
-        .collect();
-    fds.sort_unstable_by_key(|(n, _)| *n);
+    let fds = memory_fds(pid)?;
     let mut seen = std::collections::HashSet::new();
     for (n, link) in fds {
         let Ok(fd) = pidfd::getfd(&pidfd, n) else {
@@ -305,6 +288,35 @@ pub fn scan(pid: i32, start: u64) -> Result<ProcessMemory, Errno> {
         return Err(Errno::ESRCH);
     }
     Ok(out)
+}
+
+/// The command line of `pid`, one argument each; empty when it cannot be read.
+fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The fds of `pid` that may be guest memory (a memfd, or what may be a guest_memfd), with their
+/// links, in fd order.
+fn memory_fds(pid: i32) -> Result<Vec<(i32, String)>, Errno> {
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(io_errno)?
+        .flatten()
+        .filter_map(|e| {
+            let n: i32 = e.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?.into_os_string();
+            Some((n, link.into_string().ok()?))
+        })
+        .filter(|(_, link)| memfd_name(link).is_some() || maybe_gmem(link))
+        .collect();
+    fds.sort_unstable_by_key(|(n, _)| *n);
+    Ok(fds)
 }
 
 /// Opens the file (dev, ino) through /proc/PID/map_files when process `pid`, still the one that

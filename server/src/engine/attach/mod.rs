@@ -326,38 +326,7 @@ impl Agent {
                 f.size
             )));
         }
-        let base = match f.kind {
-            MemKind::GuestMemfd => loop {
-                let n = format!("gmem{}", known.gmem_index);
-                known.gmem_index += 1;
-                if !known.taken.contains(&n) {
-                    break n;
-                }
-            },
-            _ => match &naming {
-                Some(BackendMatch::Proven { backend, .. }) => name_from_memfd(&backend.id),
-                _ => name_from_memfd(&f.name),
-            },
-        };
-        let (guest_cell, named) = match &naming {
-            Some(BackendMatch::Proven { backend, how }) => (
-                backend.cell,
-                format!(
-                    "; named after QEMU memory backend {}{}: {how}",
-                    backend.id,
-                    backend
-                        .cell
-                        .map_or(String::new(), |c| format!(" (guest NUMA cell {c})"))
-                ),
-            ),
-            Some(BackendMatch::Unproven(why)) => (
-                None,
-                format!("; named after the memfd, not a QEMU backend: {why}"),
-            ),
-            None => (None, String::new()),
-        };
-        let name = unique(&base, &known.taken);
-        known.taken.insert(name.clone());
+        let (name, guest_cell, named) = attached_name(known, &f, naming.as_ref());
         let key = RegionKey::in_vm(vm_id, &name)?;
         // guest_memfd without MMAP cannot be mapped: such a region is placed by task policy.
         let mapping = Mapping::new(f.fd.as_fd(), f.size).ok();
@@ -544,6 +513,49 @@ async fn scan_process(pid: i32, start: u64) -> Result<ProcessMemory, AgentError>
         )));
     }
     Ok(found)
+}
+
+/// The name of a region attached from `f`, its guest NUMA cell, and what the event says of the
+/// name: `gmemN` for a guest_memfd, the QEMU backend's id where the file is proven to be that
+/// backend, else the memfd's own name; made unique among `known` names and added to them.
+fn attached_name(
+    known: &mut Known,
+    f: &FoundFile,
+    naming: Option<&BackendMatch>,
+) -> (String, Option<u32>, String) {
+    let base = match f.kind {
+        MemKind::GuestMemfd => loop {
+            let n = format!("gmem{}", known.gmem_index);
+            known.gmem_index += 1;
+            if !known.taken.contains(&n) {
+                break n;
+            }
+        },
+        _ => match naming {
+            Some(BackendMatch::Proven { backend, .. }) => name_from_memfd(&backend.id),
+            _ => name_from_memfd(&f.name),
+        },
+    };
+    let (guest_cell, named) = match naming {
+        Some(BackendMatch::Proven { backend, how }) => (
+            backend.cell,
+            format!(
+                "; named after QEMU memory backend {}{}: {how}",
+                backend.id,
+                backend
+                    .cell
+                    .map_or(String::new(), |c| format!(" (guest NUMA cell {c})"))
+            ),
+        ),
+        Some(BackendMatch::Unproven(why)) => (
+            None,
+            format!("; named after the memfd, not a QEMU backend: {why}"),
+        ),
+        None => (None, String::new()),
+    };
+    let name = unique(&base, &known.taken);
+    known.taken.insert(name.clone());
+    (name, guest_cell, named)
 }
 
 #[cfg(test)]
