@@ -33,6 +33,7 @@
 
 pub mod handoff;
 
+use backon::{ExponentialBuilder, Retryable};
 pub use memplace_proto::v1 as pb;
 use pb::node_agent_service_client::NodeAgentServiceClient;
 use std::path::{Path, PathBuf};
@@ -148,9 +149,7 @@ pub fn parse_mode(name: &str) -> Result<pb::PolicyMode, ClientError> {
 
 /// A fresh request id for an idempotent mutation.
 pub fn new_request_id() -> String {
-    let mut b = [0u8; 16];
-    rand::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// PEM files for [`Client::connect_tls`].
@@ -291,17 +290,19 @@ impl Client {
         F: FnMut(NodeAgentServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut attempt = 0;
-        loop {
-            match f(self.inner.clone()).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if s.code() == tonic::Code::Unavailable && attempt < self.retries => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                }
-                Err(s) => return Err(s.into()),
-            }
-        }
+        // Exponential from 100 ms, with jitter so clients shed together do not come back
+        // together.
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_times(self.retries as usize)
+            .with_jitter();
+        let inner = self.inner.clone();
+        (|| f(inner.clone()))
+            .retry(backoff)
+            .when(|s: &tonic::Status| s.code() == tonic::Code::Unavailable)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(Into::into)
     }
 
     /// GetNodeInfo.

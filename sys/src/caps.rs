@@ -2,7 +2,10 @@
 //! per thread and threads inherit them), the agent keeps only the capabilities its paths use and
 //! drops every other one from its bounding, permitted, effective and inheritable sets, so a
 //! compromised agent cannot mount, load modules, reconfigure the network or become another user.
+//! capget, capset and the bounding-set prctls are the `caps` crate's; this module keeps the
+//! agent's list and its one rule (keep these, drop the rest, then no new privileges).
 
+use caps::{CapSet, Capability, CapsHashSet};
 use nix::errno::Errno;
 
 /// `CAP_DAC_OVERRIDE`: open sockets, cgroup files and state files whoever made their directory.
@@ -42,98 +45,53 @@ pub const KEEP: &[u32] = &[
     CAP_CHECKPOINT_RESTORE,
 ];
 
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// The process's capability sets as 64-bit masks.
+/// The effective, permitted and inheritable sets, as bit masks (bit N = capability N).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CapSets {
-    /// Effective.
+    /// Effective set.
     pub effective: u64,
-    /// Permitted.
+    /// Permitted set.
     pub permitted: u64,
-    /// Inheritable.
+    /// Inheritable set.
     pub inheritable: u64,
 }
 
 impl CapSets {
-    /// Whether `cap` is effective.
+    /// Whether `cap` is in the effective set.
     pub fn has(&self, cap: u32) -> bool {
         cap < 64 && self.effective & (1u64 << cap) != 0
     }
 }
 
-/// Reads this process's capability sets.
+/// The `caps` crate's errors carry text, not the errno: the errno its failed call left.
+fn errno(_: caps::errors::CapsError) -> Errno {
+    match Errno::last() {
+        Errno::UnknownErrno => Errno::EPERM,
+        e => e,
+    }
+}
+
+fn mask(set: &CapsHashSet) -> u64 {
+    set.iter()
+        .map(|c| c.index())
+        .filter(|i| *i < 64)
+        .fold(0, |m, i| m | (1u64 << i))
+}
+
+fn capability(index: u32) -> Option<Capability> {
+    caps::all()
+        .into_iter()
+        .find(|c| u32::from(c.index()) == index)
+}
+
+/// This thread's capability sets.
 pub fn current() -> Result<CapSets, Errno> {
-    let mut hdr = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: capget writes two CapData structs (the v3 layout) into `data`, which is exactly that
-    // size, and reads the header we own.
-    super::check(unsafe {
-        libc::syscall(
-            libc::SYS_capget,
-            &mut hdr as *mut CapHeader,
-            data.as_mut_ptr(),
-        )
-    })?;
-    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    let read = |set| caps::read(None, set).map(|s| mask(&s)).map_err(errno);
     Ok(CapSets {
-        effective: join(data[0].effective, data[1].effective),
-        permitted: join(data[0].permitted, data[1].permitted),
-        inheritable: join(data[0].inheritable, data[1].inheritable),
+        effective: read(CapSet::Effective)?,
+        permitted: read(CapSet::Permitted)?,
+        inheritable: read(CapSet::Inheritable)?,
     })
-}
-
-fn set(sets: CapSets) -> Result<(), Errno> {
-    let mut hdr = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let split = |m: u64| (m as u32, (m >> 32) as u32);
-    let (e0, e1) = split(sets.effective);
-    let (p0, p1) = split(sets.permitted);
-    let (i0, i1) = split(sets.inheritable);
-    let data = [
-        CapData {
-            effective: e0,
-            permitted: p0,
-            inheritable: i0,
-        },
-        CapData {
-            effective: e1,
-            permitted: p1,
-            inheritable: i1,
-        },
-    ];
-    // SAFETY: capset reads the header and two CapData structs (the v3 layout) that we own.
-    super::check(unsafe {
-        libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr())
-    })
-    .map(|_| ())
-}
-
-/// The highest capability number this kernel knows.
-fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40)
 }
 
 /// What [`drop_all_but`] did.
@@ -141,42 +99,37 @@ fn last_cap() -> u32 {
 pub struct Dropped {
     /// Capabilities removed from the bounding set.
     pub bounding: Vec<u32>,
-    /// The sets after the drop.
+    /// The sets afterwards.
     pub after: CapSets,
 }
 
-/// Drops every capability not in `keep` from the bounding set, then from the permitted,
-/// effective and inheritable sets, and sets no_new_privs so no exec can regain them. Without
-/// CAP_SETPCAP (not root) the bounding set cannot shrink; the other sets still do.
+/// Keeps only `keep` in every set of this thread: the bounding set (with CAP_SETPCAP; without
+/// it, the bounding set is left as it is), then permitted, effective and inheritable. Then sets
+/// no_new_privs, so nothing this process execs gains privileges. Call it before any other thread
+/// starts.
 pub fn drop_all_but(keep: &[u32]) -> Result<Dropped, Errno> {
-    let keep_mask = keep
-        .iter()
-        .filter(|c| **c < 64)
-        .fold(0u64, |m, c| m | (1u64 << c));
+    let keep: CapsHashSet = keep.iter().filter_map(|c| capability(*c)).collect();
     let mut out = Dropped::default();
-    let have_setpcap = current()?.has(CAP_SETPCAP);
-    for cap in 0..=last_cap().min(63) {
-        if keep_mask & (1u64 << cap) != 0 || !have_setpcap {
-            continue;
-        }
-        // SAFETY: PR_CAPBSET_READ/PR_CAPBSET_DROP take plain integers and touch no memory.
-        let present = unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) };
-        if present == 1 {
-            // SAFETY: as above.
-            super::check(unsafe {
-                libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
-            } as libc::c_long)?;
-            out.bounding.push(cap);
+    if current()?.has(CAP_SETPCAP) {
+        let supported = caps::runtime::procfs_all_supported(None).unwrap_or_else(|_| caps::all());
+        let mut bounding: Vec<Capability> = supported
+            .into_iter()
+            .filter(|c| !keep.contains(c))
+            .filter(|c| caps::has_cap(None, CapSet::Bounding, *c).unwrap_or(false))
+            .collect();
+        bounding.sort_by_key(|c| c.index());
+        for c in bounding {
+            caps::drop(None, CapSet::Bounding, c).map_err(errno)?;
+            out.bounding.push(u32::from(c.index()));
         }
     }
-    let now = current()?;
-    set(CapSets {
-        effective: now.effective & keep_mask,
-        permitted: now.permitted & keep_mask,
-        inheritable: now.inheritable & keep_mask,
-    })?;
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers and touches no memory.
-    super::check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long)?;
+    // Effective first: it must stay within permitted at every step.
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+        let now = caps::read(None, set).map_err(errno)?;
+        let kept: CapsHashSet = now.intersection(&keep).copied().collect();
+        caps::set(None, set, &kept).map_err(errno)?;
+    }
+    nix::sys::prctl::set_no_new_privs()?;
     out.after = current()?;
     Ok(out)
 }

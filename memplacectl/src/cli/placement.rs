@@ -1,11 +1,11 @@
 //! `memplacectl populate`, `placement` and `reconcile`: allocating a range's pages, seeing where
 //! they are, and re-applying drift.
 
-use super::render::{self, alarm, human, stderr_is_tty};
+use super::render::{self, alarm, human};
 use super::{Output, SpanArgs, parse_size};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use memplace_client::{Client, ClientError, pb};
-use std::io::Write;
 
 #[derive(Args, Debug)]
 pub(crate) struct PopulateArgs {
@@ -38,11 +38,20 @@ pub(crate) async fn populate(
         cgroup: p.cgroup.clone(),
         verify: !p.no_verify,
     };
-    let start = std::time::Instant::now();
-    let show = out == Output::Table && stderr_is_tty();
+    // A progress bar on a terminal (indicatif draws nothing where stderr is not one).
+    let bar = (out == Output::Table).then(|| {
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template(
+                "[{bar:30}] {bytes} / {total_bytes}  {bytes_per_sec}  ETA {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("#."),
+        )
+    });
     let work = c.populate(req, |done, total| {
-        if show {
-            progress(start, done, total);
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
         }
     });
     // Ctrl-C drops the stream, which the agent treats as cancellation.
@@ -53,38 +62,11 @@ pub(crate) async fn populate(
             return Err(ClientError::Status(tonic::Status::cancelled("cancelled by the user")));
         }
     };
-    if show {
-        eprintln!();
+    if let Some(b) = bar {
+        b.finish();
     }
     render::print(out, &s, || populate_table(&s));
     Ok(())
-}
-
-/// Redraws the progress bar on stderr.
-fn progress(start: std::time::Instant, done: u64, total: u64) {
-    let secs = start.elapsed().as_secs_f64().max(0.001);
-    let rate = done as f64 / secs;
-    let eta = if rate > 0.0 {
-        (total.saturating_sub(done)) as f64 / rate
-    } else {
-        0.0
-    };
-    let width = 30usize;
-    let filled = if total > 0 {
-        (done as f64 / total as f64 * width as f64) as usize
-    } else {
-        0
-    };
-    eprint!(
-        "\r[{}{}] {} / {}  {}/s  ETA {:.0}s   ",
-        "#".repeat(filled.min(width)),
-        ".".repeat(width - filled.min(width)),
-        human(done),
-        human(total),
-        human(rate as u64),
-        eta
-    );
-    let _ = std::io::stderr().flush();
 }
 
 fn populate_table(s: &pb::PopulateSummary) {

@@ -53,29 +53,10 @@ pub(crate) fn human(bytes: u64) -> String {
     }
 }
 
-/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS.mmm` (UTC).
+/// Unix milliseconds as RFC 3339 in UTC, to the millisecond (`2026-12-07T11:41:43.123Z`).
 pub(crate) fn utc_time(unix_ms: i64) -> String {
-    let (days, ms) = (
-        unix_ms.div_euclid(86_400_000),
-        unix_ms.rem_euclid(86_400_000),
-    );
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
-        ms / 3_600_000,
-        ms / 60_000 % 60,
-        ms / 1000 % 60,
-        ms % 1000
-    )
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 pub(crate) fn policy_text(p: Option<&pb::Policy>) -> String {
@@ -131,12 +112,6 @@ pub(crate) fn print_region_table(r: &pb::Region) {
             note
         );
     }
-}
-
-/// Whether stderr is a terminal, so a progress bar can redraw in place.
-pub(crate) fn stderr_is_tty() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal()
 }
 
 /// Bold red when stdout is a terminal, plain text otherwise (pipes, files, tests).

@@ -317,19 +317,7 @@ fn vm_of_fd(fd: OwnedFd) -> Result<GuestMemfdVm, AgentError> {
 
 /// A random (version 4) UUID for a new region.
 pub(crate) fn new_uid() -> String {
-    let mut b = [0u8; 16];
-    rand::fill(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    uuid::Uuid::new_v4().to_string()
 }
 
 impl Agent {
