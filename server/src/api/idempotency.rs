@@ -5,16 +5,13 @@
 //! mutation runs.
 
 use super::status_of;
-use crate::engine::{Agent, AgentError, AttachIdempotency, EncodeAnswer, Idempotency, RegionView};
+use crate::engine::{Agent, AgentError, Idempotency};
 use crate::store::RequestLookup;
 use memplace_proto::v1 as pb;
 use prost::Message;
 use sha2::Digest;
 use std::future::Future;
 use tonic::Status;
-
-/// Encodes AttachProcess's answer from the regions it took over.
-type EncodeRegions = Box<dyn Fn(&[RegionView]) -> Vec<u8> + Send + Sync>;
 
 /// Longest request_id accepted.
 const MAX_REQUEST_ID: usize = 128;
@@ -93,22 +90,22 @@ pub(super) struct Record {
 }
 
 impl Record {
-    /// The record for a mutation of one region, answered by `encode` from the committed region.
-    pub fn answer(self, encode: EncodeAnswer) -> Idempotency {
+    /// The engine's record, whose stored answer is `to_pb` of the engine's outcome: the same
+    /// conversion the handler answers the first call with, so a replay answers with what the
+    /// engine said at the commit.
+    pub fn answer<O, Resp>(
+        self,
+        to_pb: impl Fn(&O) -> Resp + Send + Sync + 'static,
+    ) -> Idempotency<O>
+    where
+        O: ?Sized,
+        Resp: Message,
+    {
         Idempotency {
             request_id: self.request_id,
             method: self.method,
             fingerprint: self.fingerprint,
-            encode,
-        }
-    }
-
-    /// The record for AttachProcess, answered by `encode` from the regions it took over.
-    pub fn answer_regions(self, encode: EncodeRegions) -> AttachIdempotency {
-        AttachIdempotency {
-            request_id: self.request_id,
-            fingerprint: self.fingerprint,
-            encode,
+            encode: Box::new(move |o| to_pb(o).encode_to_vec()),
         }
     }
 }

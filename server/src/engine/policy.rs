@@ -3,16 +3,16 @@
 
 use super::agent::Agent;
 use super::error::AgentError;
+use super::idempotency::{Idempotency, committed_first, request_id};
 use super::live::{LiveRegion, RegionView};
 use super::placement;
 use super::plan::{Migrate, plan_migrate};
-use super::regions::{Idempotency, save_request};
 use crate::domain::{
     Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, Strategy,
     resolve_span,
 };
 use crate::kernel::{self, Mapping, probe::Features};
-use crate::store::{StoreError, WriteOp};
+use crate::store::WriteOp;
 use nix::errno::Errno;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -54,7 +54,7 @@ pub struct SetPolicyOutcome {
 /// 6.19 to 7.1 take the interleave index from the inode, not the page offset). The agent applies
 /// the policy anyway (pages still go to the named nodes, only not alternating by offset), and says
 /// so in SetPolicy's answer and in a POLICY_WARNING event.
-pub fn policy_warning(
+pub(crate) fn policy_warning(
     backend: Backend,
     strategy: Strategy,
     policy: &Policy,
@@ -142,7 +142,7 @@ impl Agent {
         &self,
         req: SetPolicyRequest,
         actor: &str,
-        idem: Option<Idempotency>,
+        idem: Option<Idempotency<SetPolicyOutcome>>,
     ) -> Result<SetPolicyOutcome, AgentError> {
         let SetPolicyRequest {
             key,
@@ -194,10 +194,7 @@ impl Agent {
         .collect();
         self.commit_policy(&next, &change, &warnings, actor, idem.as_ref())
             .await?;
-        crate::failpoint::hit(
-            "SetPolicy.after-commit",
-            idem.as_ref().map_or("", |i| i.request_id.as_str()),
-        );
+        crate::failpoint::hit("SetPolicy.after-commit", request_id(idem.as_ref()));
         live.intent = next;
         let base_page = self.page;
         let ((moved, failed), region) = Agent::blocking(move || {
@@ -222,7 +219,7 @@ impl Agent {
         &self,
         intent: &RegionIntent,
         expected: u64,
-        idem: Option<&Idempotency>,
+        idem: Option<&Idempotency<SetPolicyOutcome>>,
     ) -> Result<(), AgentError> {
         if expected == 0 || expected == intent.generation {
             return Ok(());
@@ -265,7 +262,7 @@ impl Agent {
         change: &PolicyChange,
         warnings: &[String],
         actor: &str,
-        idem: Option<&Idempotency>,
+        idem: Option<&Idempotency<SetPolicyOutcome>>,
     ) -> Result<(), AgentError> {
         let key = &next.key;
         let PolicyChange {
@@ -286,7 +283,14 @@ impl Agent {
                 file: None,
                 errors: HashMap::new(),
             };
-            ops.push(save_request(i, &self.view_without_kernel(&pending)));
+            // The first answer, as the engine knows it at the commit: the committed intent and
+            // the warnings; the kernel change (and any migrate) follows the commit.
+            ops.push(i.save(&SetPolicyOutcome {
+                region: self.view_without_kernel(&pending),
+                pages_migrated: 0,
+                pages_migrate_failed: 0,
+                warnings: warnings.to_vec(),
+            }));
         }
         let mut events = vec![self.event(
             EventKind::PolicyApplied,
@@ -306,15 +310,10 @@ impl Agent {
                 actor,
             ));
         }
-        match self.commit(ops, events).await {
-            // Only the request record can conflict here (ranges are replaced, not added to).
-            Err(AgentError::Store(StoreError::Conflict)) if idem.is_some() => {
-                Err(AgentError::DuplicateRequest(
-                    idem.map(|i| i.request_id.clone()).unwrap_or_default(),
-                ))
-            }
-            r => r,
-        }
+        // Only the request record can conflict here (ranges are replaced, not added to).
+        self.commit(ops, events)
+            .await
+            .map_err(committed_first(idem))
     }
 }
 
