@@ -137,7 +137,14 @@ async fn accept_loop(
         if let Ok(permit) = served.clone().try_acquire_owned() {
             conns.spawn(serve_conn(conn, shared.clone(), stop.clone(), permit));
         } else if let Ok(permit) = refusing.clone().try_acquire_owned() {
-            conns.spawn(refuse_conn(conn, shared.clone(), max_connections, permit));
+            let refuse = refuse_conn(conn, shared.clone(), max_connections, permit);
+            let mut stop = stop.clone();
+            conns.spawn(async move {
+                tokio::select! {
+                    _ = stop.changed() => {}
+                    _ = refuse => {}
+                }
+            });
         } else {
             tracing::warn!(
                 max_connections,
