@@ -3,9 +3,11 @@
 //! SCM_RIGHTS on the same packet. Peers are checked by SO_PEERCRED uid, and tokens compare in
 //! constant time.
 //!
-//! Connections are few and short, so each gets a plain thread that waits on its socket (and on
-//! the stop pipe that the shutdown signal closes) and calls into the engine through the runtime
-//! handle. `request` decodes and answers one request.
+//! Connections are tasks on the agent's runtime, waiting on their sockets through tokio's reactor
+//! ([`AsyncFd`]) and on the shutdown signal. At most [`MAX_CONNECTIONS`] are served at once; a
+//! connection over the bound gets its first request answered RESOURCE_EXHAUSTED (see
+//! [`MAX_CONNECTIONS`]). `request` decodes and answers one request; every refusal is an
+//! [`AgentError`], whose code ([`AgentError::code`]) is the handoff code, as for gRPC.
 //!
 //! What KVM allows shapes the requests: a VM fd answers only in the process that created it, and a
 //! guest_memfd binds only to the VM it was created on. So acquire sends the region's file alone
@@ -16,25 +18,38 @@
 mod request;
 pub mod token;
 
-use crate::domain::VmId;
 use crate::engine::{Agent, AgentError};
 use crate::kernel::fdpass;
 use crate::metrics::Metrics;
+use fdpass::AsyncSeqpacket;
 use memplace_proto::v1 as pb;
 use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, listen, socket};
 use prost::Message;
 use std::collections::HashSet;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::watch;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
 
 /// How /proc names a KVM VM fd.
 const KVM_VM_LINK: &str = "anon_inode:kvm-vm";
 
-/// Binds the handoff socket at `path` with `mode`. The listener does not block: [`serve`] polls
-/// it next to its stop pipe.
+/// The most handoff connections served at once. A VMM holds its connection only while it
+/// acquires or adopts its regions, so a few dozen cover every VM a host starts at once. A
+/// connection over the bound is not served: its first request is answered RESOURCE_EXHAUSTED
+/// ("retry once one closes") and the connection closed; the agent waits [`REFUSE_WAIT`] at most
+/// for that request. As many refusals run at once at most; a connection beyond those is closed
+/// at once (the client reads that the agent closed the connection).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection over [`MAX_CONNECTIONS`] may take to send the request to refuse.
+const REFUSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Binds the handoff socket at `path` with `mode`. The listener does not block: [`serve`] waits
+/// on it through the runtime.
 pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
     let fd = socket(
@@ -52,166 +67,171 @@ pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// What every connection needs.
+struct Shared {
+    agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
+    allowed: HashSet<u32>,
+}
+
 /// Serves the handoff socket until `stop` changes (or its sender is gone): the same signal the
-/// gRPC listeners follow. Each connection gets a plain thread of its own. At the signal the
-/// listener closes, and each connection closes once its current request is answered; the
-/// returned task ends when every handoff thread has.
+/// gRPC listeners follow. Each connection is a task, at most `max_connections` at once (the agent
+/// uses [`MAX_CONNECTIONS`]). At the signal the listener closes, and each connection closes once
+/// its current request is answered; the returned task ends when every connection's has.
 pub fn serve(
     listener: OwnedFd,
     agent: Arc<Agent>,
     metrics: Arc<Metrics>,
     allowed_uids: HashSet<u32>,
-    mut stop: watch::Receiver<bool>,
+    max_connections: usize,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    // Dropping the write end wakes every handoff thread (POLLHUP on the read end).
-    let (wake, woken) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let accept = Accept {
-        listener,
-        woken: Arc::new(woken),
+    let listener = AsyncSeqpacket::new(listener)?;
+    let shared = Arc::new(Shared {
         agent,
         metrics,
-        allowed: Arc::new(allowed_uids),
-        rt: tokio::runtime::Handle::current(),
-    };
-    let thread = std::thread::Builder::new()
-        .name("handoff-accept".into())
-        .spawn(move || accept.run())?;
-    Ok(tokio::spawn(async move {
-        let _ = stop.changed().await;
-        drop(wake);
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    }))
+        allowed: allowed_uids,
+    });
+    Ok(tokio::spawn(accept_loop(
+        listener,
+        shared,
+        max_connections,
+        stop,
+    )))
 }
 
-/// What a handoff thread's wait ended with.
-enum Wait {
-    /// The socket has something to read.
-    Ready,
-    /// The stop pipe closed, or polling failed: the thread returns.
-    Stop,
-}
-
-/// Waits until `fd` is readable or the stop pipe `woken` closes.
-fn wait(fd: BorrowedFd<'_>, woken: BorrowedFd<'_>) -> Wait {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+/// Accepts connections until the stop signal, then waits for every connection's task; the
+/// listener closes first.
+async fn accept_loop(
+    listener: AsyncSeqpacket,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let served = Arc::new(Semaphore::new(max_connections));
+    let refusing = Arc::new(Semaphore::new(max_connections));
+    let mut conns = JoinSet::new();
     loop {
-        let mut fds = [
-            PollFd::new(fd, PollFlags::POLLIN),
-            PollFd::new(woken, PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) if fds[1].any().unwrap_or(true) => return Wait::Stop,
-            Ok(_) => return Wait::Ready,
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::error!(error = %e, "handoff socket: poll failed");
-                return Wait::Stop;
-            }
-        }
-    }
-}
-
-/// The accept loop's state: the listener, the stop pipe, and what connections need.
-struct Accept {
-    listener: OwnedFd,
-    woken: Arc<OwnedFd>,
-    agent: Arc<Agent>,
-    metrics: Arc<Metrics>,
-    allowed: Arc<HashSet<u32>>,
-    rt: tokio::runtime::Handle,
-}
-
-impl Accept {
-    /// Accepts connections until the stop pipe closes, then waits for every connection's
-    /// thread; the listener closes on return.
-    fn run(self) {
-        let mut conns: Vec<std::thread::JoinHandle<()>> = Vec::new();
-        while let Wait::Ready = wait(self.listener.as_fd(), self.woken.as_fd()) {
-            // The listener does not block; accepted sockets do not inherit O_NONBLOCK.
-            let conn = match fdpass::accept(self.listener.as_fd()) {
-                Ok(fd) => fd,
-                Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "handoff accept failed");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    continue;
-                }
-            };
-            conns.retain(|c| !c.is_finished());
-            let conn = Conn {
-                fd: conn,
-                woken: self.woken.clone(),
-                agent: self.agent.clone(),
-                metrics: self.metrics.clone(),
-                allowed: self.allowed.clone(),
-                rt: self.rt.clone(),
-            };
-            match std::thread::Builder::new()
-                .name("handoff-conn".into())
-                .spawn(move || conn.serve())
-            {
-                Ok(c) => conns.push(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "handoff connection dropped: no thread for it")
-                }
-            }
-        }
-        drop(self.listener);
-        for c in conns {
-            let _ = c.join();
-        }
-    }
-}
-
-/// One connection and what its thread needs.
-struct Conn {
-    fd: OwnedFd,
-    woken: Arc<OwnedFd>,
-    agent: Arc<Agent>,
-    metrics: Arc<Metrics>,
-    allowed: Arc<HashSet<u32>>,
-    rt: tokio::runtime::Handle,
-}
-
-impl Conn {
-    /// Answers requests until the peer hangs up or the stop pipe closes.
-    fn serve(self) {
-        let (conn, agent, allowed, rt) = (&self.fd, &*self.agent, &*self.allowed, &self.rt);
-        let cred = match fdpass::peer_credentials(conn.as_fd()) {
-            Ok(c) => c,
-            Err(_) => return,
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            r = listener.accept() => r,
         };
-        let actor = format!("uid:{} pid:{}", cred.uid(), cred.pid());
-        while let Wait::Ready = wait(conn.as_fd(), self.woken.as_fd()) {
-            let packet = match fdpass::recv(conn.as_fd()) {
+        let fd = match accepted {
+            Ok(fd) => fd,
+            Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
+            Err(e) => {
+                // Out of fds, most likely: let some close before accepting again.
+                tracing::warn!(error = %e, "handoff accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let conn = match AsyncSeqpacket::new(fd) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "handoff connection dropped: cannot wait on it");
+                continue;
+            }
+        };
+        if let Ok(permit) = served.clone().try_acquire_owned() {
+            conns.spawn(serve_conn(conn, shared.clone(), stop.clone(), permit));
+        } else if let Ok(permit) = refusing.clone().try_acquire_owned() {
+            let refuse = refuse_conn(conn, shared.clone(), max_connections, permit);
+            let mut stop = stop.clone();
+            conns.spawn(async move {
+                tokio::select! {
+                    _ = stop.changed() => {}
+                    _ = refuse => {}
+                }
+            });
+        } else {
+            tracing::warn!(
+                max_connections,
+                "handoff connection closed at once: the agent serves and refuses as many as it may"
+            );
+        }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+/// Sends `resp` with `fds` on `conn`; false when the peer is gone.
+async fn send(conn: &AsyncSeqpacket, resp: pb::HandoffResponse, fds: &[OwnedFd]) -> bool {
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let data = pb::HandoffResponse {
+        fd_count: borrowed.len() as u32,
+        ..resp
+    }
+    .encode_to_vec();
+    conn.send(&data, &borrowed).await.is_ok()
+}
+
+/// Answers requests on one connection until the peer hangs up or the stop signal; holds one of
+/// the [`MAX_CONNECTIONS`] permits meanwhile.
+async fn serve_conn(
+    conn: AsyncSeqpacket,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Ok(cred) = fdpass::peer_credentials(conn.fd()) else {
+        return;
+    };
+    let actor = format!("uid:{} pid:{}", cred.uid(), cred.pid());
+    loop {
+        let packet = tokio::select! {
+            _ = stop.changed() => return,
+            p = conn.recv() => match p {
                 Ok(Some(p)) => p,
                 Ok(None) | Err(_) => return,
-            };
-            let (kind, vm_id, name) = describe(&packet.data);
-            let (resp, fds) = if !allowed.contains(&cred.uid()) {
-                (
-                    error(
-                        pb::HandoffCode::PermissionDenied,
-                        format!("uid {} may not use the handoff socket", cred.uid()),
-                    ),
-                    vec![],
-                )
-            } else {
-                request::handle(agent, rt, packet, cred.pid(), &actor)
-            };
-            let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
-            self.metrics.count_handoff(kind, code.as_str_name());
-            tracing::info!(%vm_id, %name, caller = %actor, code = code.as_str_name(), detail = %resp.message, "handoff {kind}");
-            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-            let resp = pb::HandoffResponse {
-                fd_count: borrowed.len() as u32,
-                ..resp
-            };
-            if fdpass::send(conn.as_fd(), &resp.encode_to_vec(), &borrowed).is_err() {
-                return;
-            }
+            },
+        };
+        let (kind, vm_id, name) = describe(&packet.data);
+        // Once read, a request is answered: the stop signal waits for it.
+        let (resp, fds) = if shared.allowed.contains(&cred.uid()) {
+            request::handle(&shared.agent, packet, cred.pid(), &actor).await
+        } else {
+            let e = AgentError::PermissionDenied(format!(
+                "uid {} may not use the handoff socket",
+                cred.uid()
+            ));
+            (refusal(&e), vec![])
+        };
+        let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
+        shared.metrics.count_handoff(kind, code.as_str_name());
+        tracing::info!(%vm_id, %name, caller = %actor, code = code.as_str_name(), detail = %resp.message, "handoff {kind}");
+        if !send(&conn, resp, &fds).await {
+            return;
         }
     }
+}
+
+/// Answers the first request of a connection over the bound RESOURCE_EXHAUSTED and closes it
+/// (after [`REFUSE_WAIT`] without a request, closes it unanswered).
+async fn refuse_conn(
+    conn: AsyncSeqpacket,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Ok(Ok(Some(packet))) = tokio::time::timeout(REFUSE_WAIT, conn.recv()).await else {
+        return;
+    };
+    let (kind, ..) = describe(&packet.data);
+    drop(packet);
+    let e = AgentError::ResourceExhausted(format!(
+        "the handoff socket serves at most {max_connections} connections at once and all are \
+         taken: the request was not run; retry once a connection closes"
+    ));
+    let resp = refusal(&e);
+    let code = pb::HandoffCode::try_from(resp.code).unwrap_or(pb::HandoffCode::Unspecified);
+    shared.metrics.count_handoff(kind, code.as_str_name());
+    tracing::warn!(
+        max_connections,
+        "handoff {kind} refused: too many connections"
+    );
+    send(&conn, resp, &[]).await;
 }
 
 /// What a packet asks, for the log line and metrics: kind, vm_id and name (empty if unknown).
@@ -225,37 +245,13 @@ fn describe(data: &[u8]) -> (&'static str, String, String) {
     }
 }
 
-fn error(code: pb::HandoffCode, message: String) -> pb::HandoffResponse {
+/// The response to a refused request: the code is [`AgentError::code`], the one mapping both
+/// edges use, and the message is the error's.
+pub(crate) fn refusal(e: &AgentError) -> pb::HandoffResponse {
     pb::HandoffResponse {
-        code: code as i32,
-        message,
+        code: e.code().handoff() as i32,
+        message: e.to_string(),
         region: None,
         fd_count: 0,
     }
-}
-
-/// A refusal: the response, sent without fds.
-type Refusal = Box<pb::HandoffResponse>;
-
-/// Checks a request's vm_id and that its token is that VM's; the checked id.
-fn admit(agent: &Agent, vm_id: &str, token: &str) -> Result<VmId, Refusal> {
-    let vm = VmId::parse(vm_id)
-        .map_err(|e| Box::new(error(pb::HandoffCode::InvalidArgument, e.to_string())))?;
-    authorize(agent, vm_id, token)?;
-    Ok(vm)
-}
-
-/// Checks that a token is VM `vm_id`'s (in constant time); the vm_id is already checked.
-fn authorize(agent: &Agent, vm_id: &str, token: &str) -> Result<(), Refusal> {
-    if !agent.check_token(vm_id, token) {
-        return Err(Box::new(error(
-            pb::HandoffCode::PermissionDenied,
-            format!("wrong handoff token for VM {vm_id}"),
-        )));
-    }
-    Ok(())
-}
-
-pub(crate) fn code_of(e: &AgentError) -> pb::HandoffCode {
-    e.code().handoff()
 }

@@ -236,6 +236,51 @@ async fn retries_are_idempotent_and_generations_conflict() {
     );
     assert_eq!(c.get_region("vm", "r").await.unwrap().generation, 2);
 
+    // The region changes under another request; a replay of set-1 still answers as set-1 did
+    // (its generation and warnings, as the engine stored them with the first commit), not with
+    // the region as it is now, and twice the same.
+    let moved = c
+        .set_policy_with(pb::SetPolicyRequest {
+            request_id: String::new(),
+            policy: Some(policy(M::Preferred, &[0])),
+            expected_generation: 2,
+            ..set.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(moved.region.as_ref().unwrap().generation, 3);
+    let replay = c.set_policy_with(set.clone()).await.unwrap();
+    let replayed = replay.region.as_ref().unwrap();
+    assert_eq!(
+        replayed.generation, 2,
+        "a replay answers the first generation"
+    );
+    assert_eq!(
+        replay.warnings, first.warnings,
+        "a replay answers the first warnings"
+    );
+    let modes = |r: &pb::Region| -> Vec<Option<pb::Policy>> {
+        r.ranges.iter().map(|x| x.intended.clone()).collect()
+    };
+    assert_eq!(modes(replayed), modes(first.region.as_ref().unwrap()));
+    assert_ne!(modes(replayed), modes(moved.region.as_ref().unwrap()));
+    assert_eq!(
+        c.set_policy_with(set.clone()).await.unwrap(),
+        replay,
+        "every replay is the same stored answer"
+    );
+    assert_eq!(c.get_region("vm", "r").await.unwrap().generation, 3);
+    // The same id with another request is refused, and runs nothing.
+    let e = c
+        .set_policy_with(pb::SetPolicyRequest {
+            policy: Some(policy(M::Interleave, &[0])),
+            ..set.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::AlreadyExists), "{e}");
+    assert_eq!(c.get_region("vm", "r").await.unwrap().generation, 3);
+
     // A stale generation is refused with ABORTED and changes nothing.
     let stale = pb::SetPolicyRequest {
         request_id: "set-2".into(),
@@ -244,7 +289,7 @@ async fn retries_are_idempotent_and_generations_conflict() {
     };
     let e = c.set_policy_with(stale).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::Aborted), "{e}");
-    assert_eq!(c.get_region("vm", "r").await.unwrap().generation, 2);
+    assert_eq!(c.get_region("vm", "r").await.unwrap().generation, 3);
 
     // Retrying a delete returns the first answer too.
     let del = pb::DeleteRegionRequest {

@@ -15,6 +15,7 @@ use common::holder::HolderProc;
 use common::metrics::scrape;
 use common::net::free_port;
 use common::procfs::{fd_count, fds_of, file_id_in, signal, start_time};
+use common::wait::{PATIENCE, until_async, within};
 use common::{AgentProc, MIB, ctl_path, policy, standin_path, whole};
 use memplace_client::handoff::Handoff;
 use memplace_client::{Client, pb};
@@ -1127,4 +1128,82 @@ async fn test_vmm_runs_a_guest_on_its_adopted_guest_memfd() {
         "{:?}",
         v.lines.seen
     );
+}
+
+/// The handoff socket serves at most `MAX_CONNECTIONS` connections at once. One more is not left
+/// hanging: its request is answered RESOURCE_EXHAUSTED, saying why, and not run. The connections
+/// served go on being served, and once one closes a new connection is served again.
+#[tokio::test(flavor = "multi_thread")]
+async fn handoff_connections_over_the_bound_are_refused_clearly() {
+    use memplace_server::handoff::MAX_CONNECTIONS;
+    use pb::HandoffCode as Code;
+    let agent = AgentProc::start();
+    let sock = agent.handoff_socket();
+    // One acquire without a token: PERMISSION_DENIED when served (the request was checked),
+    // RESOURCE_EXHAUSTED when over the bound. Each exchange has a deadline.
+    let ask = |h: Handoff| async move {
+        within(
+            "an answer on the handoff socket",
+            PATIENCE,
+            tokio::task::spawn_blocking(move || {
+                let msg = pb::HandoffRequest {
+                    request: Some(pb::handoff_request::Request::Acquire(pb::AcquireRequest {
+                        vm_id: "vm-bound".into(),
+                        name: "nosuch".into(),
+                        token: String::new(),
+                    })),
+                }
+                .encode_to_vec();
+                let answer = h.exchange_raw(&msg, &[]);
+                (h, answer)
+            }),
+        )
+        .await
+        .expect("the exchange's thread")
+    };
+    let mut held = Vec::new();
+    for i in 0..MAX_CONNECTIONS {
+        let (h, r) = ask(Handoff::connect(&sock).unwrap()).await;
+        let (r, _) = r.unwrap_or_else(|e| panic!("connection {i} is answered: {e}"));
+        assert_eq!(
+            r.code,
+            Code::PermissionDenied as i32,
+            "connection {i} is served (the empty token is refused): {r:?}"
+        );
+        held.push(h);
+    }
+    let (over, r) = ask(Handoff::connect(&sock).unwrap()).await;
+    let (r, _) = r.expect("a connection over the bound gets an answer");
+    assert_eq!(r.code, Code::ResourceExhausted as i32, "{r:?}");
+    assert!(
+        r.message
+            .contains(&format!("at most {MAX_CONNECTIONS} connections")),
+        "{}",
+        r.message
+    );
+    // The refused connection is closed after its answer.
+    let (_, again) = ask(over).await;
+    assert!(
+        again.is_err(),
+        "the refused connection is closed: {again:?}"
+    );
+    // The connections served are still served.
+    let (h, r) = ask(held.pop().unwrap()).await;
+    assert_eq!(r.unwrap().0.code, Code::PermissionDenied as i32);
+    // Once one closes, a new connection is served (after the agent has seen the close).
+    drop(h);
+    until_async(
+        "a new handoff connection to be served once another closed",
+        PATIENCE,
+        Duration::from_millis(20),
+        || {
+            let (ask, sock) = (&ask, &sock);
+            async move {
+                let (h, r) = ask(Handoff::connect(sock).unwrap()).await;
+                let code = r.expect("every connection is answered").0.code;
+                (code == Code::PermissionDenied as i32).then_some(h)
+            }
+        },
+    )
+    .await;
 }

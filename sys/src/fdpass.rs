@@ -29,18 +29,22 @@ pub struct Packet {
     pub truncated: bool,
 }
 
-/// Accepts one connection on a listening socket, close-on-exec, and returns the connection's
-/// descriptor, owned. `EINTR` and the other accept errors are returned to the caller.
+/// Accepts one connection on a listening socket, close-on-exec and non-blocking (the agent waits
+/// on it through its async runtime, and [`recv`] and [`send`] then answer `EAGAIN` instead of
+/// waiting), and returns the connection's descriptor, owned. `EAGAIN`, `EINTR` and the other
+/// accept errors are returned to the caller.
 pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    use nix::sys::socket::SockFlag;
     let fd = nix::sys::socket::accept4(
         listener.as_raw_fd(),
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
     )?;
     // SAFETY: accept4 just returned this descriptor to this process; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Sends one packet with `fds` in SCM_RIGHTS.
+/// Sends one packet with `fds` in SCM_RIGHTS (`EAGAIN` on a full non-blocking socket: nothing
+/// was sent).
 pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let iov = [IoSlice::new(data)];
@@ -53,7 +57,8 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result
     Ok(())
 }
 
-/// Receives one packet. Returns `Ok(None)` at end of stream.
+/// Receives one packet. Returns `Ok(None)` at end of stream (`EAGAIN` on a non-blocking socket
+/// with nothing to read).
 pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<Packet>, Errno> {
     let mut buf = vec![0u8; MAX_PACKET];
     let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
@@ -144,5 +149,63 @@ pub fn file_kind(fd: BorrowedFd<'_>) -> FileKind {
     match nix::sys::statfs::fstatfs(fd).map(|s| s.filesystem_type().0 as libc::c_long) {
         Ok(ANON_INODE_FS_MAGIC | GUEST_MEMFD_MAGIC) => FileKind::GuestMemfd,
         _ => FileKind::Other,
+    }
+}
+
+/// A non-blocking SOCK_SEQPACKET socket (the listener, or a connection from [`accept`]) that
+/// waits through tokio's reactor: the handoff socket's listener and connections are tasks, not
+/// threads. Must be made inside a tokio runtime.
+#[cfg(feature = "tokio")]
+pub struct AsyncSeqpacket(tokio::io::unix::AsyncFd<OwnedFd>);
+
+#[cfg(feature = "tokio")]
+impl AsyncSeqpacket {
+    /// Registers `sock`, which must be non-blocking, with the runtime's reactor.
+    pub fn new(sock: OwnedFd) -> std::io::Result<Self> {
+        // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and refers to the
+        // same socket for the AsyncFd's whole life, and OwnedFd::as_raw_fd always returns it.
+        let afd =
+            unsafe { tokio::io::unix::AsyncFd::register(sock) }.map_err(std::io::Error::from)?;
+        Ok(Self(afd))
+    }
+
+    /// The socket.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.0.get_ref().as_fd()
+    }
+
+    /// Runs `op` on the socket once it is ready for `interest`, again after each `EAGAIN`.
+    async fn when_ready<R>(
+        &self,
+        interest: tokio::io::Interest,
+        mut op: impl FnMut(BorrowedFd<'_>) -> Result<R, Errno>,
+    ) -> Result<R, Errno> {
+        use std::os::fd::AsFd;
+        let errno = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        loop {
+            let mut ready = self.0.ready(interest).await.map_err(errno)?;
+            match ready.try_io(|s| op(s.get_ref().as_fd()).map_err(std::io::Error::from)) {
+                Ok(r) => return r.map_err(errno),
+                // EAGAIN: the readiness was stale and is cleared; wait for the next.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Waits for a connection on a listener and accepts it (see [`accept`]).
+    pub async fn accept(&self) -> Result<OwnedFd, Errno> {
+        self.when_ready(tokio::io::Interest::READABLE, accept).await
+    }
+
+    /// Waits for one packet (see [`recv`]).
+    pub async fn recv(&self) -> Result<Option<Packet>, Errno> {
+        self.when_ready(tokio::io::Interest::READABLE, recv).await
+    }
+
+    /// Sends one packet, waiting for room (see [`send`]).
+    pub async fn send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
+        self.when_ready(tokio::io::Interest::WRITABLE, |s| send(s, data, fds))
+            .await
     }
 }

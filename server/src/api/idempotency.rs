@@ -1,20 +1,19 @@
 //! Idempotent mutations: a request that carries a `request_id` is answered once. A retry with the
 //! same id and the same request gets the stored first answer; the same id with another request
-//! is refused. The record is written by the engine in the same transaction as the intent (so an
-//! acknowledged answer is durable), and read here, before and (after a lost race) after the
-//! mutation runs.
+//! is refused. The record is the engine's [`Idempotency`], made here from the handler's conversion
+//! of the engine's outcome to its response ([`Record::answer`]): the engine encodes the outcome it
+//! answers with and writes the record in the same transaction as the intent (so an acknowledged
+//! answer is durable, and a replay answers with the engine's facts at that commit). It is read
+//! here, before and (after a lost race) after the mutation runs.
 
 use super::status_of;
-use crate::engine::{Agent, AgentError, AttachIdempotency, EncodeAnswer, Idempotency, RegionView};
+use crate::engine::{Agent, AgentError, Idempotency};
 use crate::store::RequestLookup;
 use memplace_proto::v1 as pb;
 use prost::Message;
 use sha2::Digest;
 use std::future::Future;
 use tonic::Status;
-
-/// Encodes AttachProcess's answer from the regions it took over.
-type EncodeRegions = Box<dyn Fn(&[RegionView]) -> Vec<u8> + Send + Sync>;
 
 /// Longest request_id accepted.
 const MAX_REQUEST_ID: usize = 128;
@@ -93,22 +92,22 @@ pub(super) struct Record {
 }
 
 impl Record {
-    /// The record for a mutation of one region, answered by `encode` from the committed region.
-    pub fn answer(self, encode: EncodeAnswer) -> Idempotency {
+    /// The engine's record, whose stored answer is `to_pb` of the engine's outcome: the same
+    /// conversion the handler answers the first call with, so a replay answers with what the
+    /// engine said at the commit.
+    pub fn answer<O, Resp>(
+        self,
+        to_pb: impl Fn(&O) -> Resp + Send + Sync + 'static,
+    ) -> Idempotency<O>
+    where
+        O: ?Sized,
+        Resp: Message,
+    {
         Idempotency {
             request_id: self.request_id,
             method: self.method,
             fingerprint: self.fingerprint,
-            encode,
-        }
-    }
-
-    /// The record for AttachProcess, answered by `encode` from the regions it took over.
-    pub fn answer_regions(self, encode: EncodeRegions) -> AttachIdempotency {
-        AttachIdempotency {
-            request_id: self.request_id,
-            fingerprint: self.fingerprint,
-            encode,
+            encode: Box::new(move |o| to_pb(o).encode_to_vec()),
         }
     }
 }
@@ -227,4 +226,64 @@ async fn replay<R: Message + Default>(
                 "stored response for {request_id:?} is unreadable: {e}"
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Backend, Origin, RangeMap, RegionIntent, RegionKey, RegionStatus};
+    use crate::engine::{RegionView, SetPolicyOutcome};
+    use crate::store::WriteOp;
+
+    /// What SetPolicy stores is its answer to the engine's outcome, warnings and all: the edge
+    /// computes nothing of its own for a replay.
+    #[test]
+    fn a_set_policy_record_stores_the_outcome_with_its_warnings() {
+        let record = Record {
+            request_id: "set-1".into(),
+            method: "SetPolicy",
+            fingerprint: vec![1],
+        };
+        let idem = record.answer(super::super::set_policy_answer);
+        let region = RegionView {
+            intent: RegionIntent {
+                key: RegionKey::parse("vm", "r").unwrap(),
+                uid: "u".into(),
+                backend: Backend::GuestMemfd,
+                size_bytes: 1 << 20,
+                hugepage_size_bytes: 0,
+                generation: 7,
+                strategy: crate::domain::Strategy::SharedPolicy,
+                ranges: RangeMap::new(1 << 20),
+                created_unix: 0,
+                status: RegionStatus::Active,
+                holder: None,
+                file_id: None,
+                origin: Origin::Agent,
+                guest_cell: None,
+            },
+            ranges: vec![],
+            page_size: 4096,
+        };
+        let outcome = SetPolicyOutcome {
+            region,
+            pages_migrated: 0,
+            pages_migrate_failed: 0,
+            warnings: vec!["interleave is not exact here".into()],
+        };
+        let WriteOp::SaveRequest {
+            request_id,
+            method,
+            response,
+            ..
+        } = idem.save(&outcome)
+        else {
+            panic!("not a request record");
+        };
+        assert_eq!((request_id.as_str(), method), ("set-1", "SetPolicy"));
+        let stored = pb::SetPolicyResponse::decode(response.as_slice()).unwrap();
+        assert_eq!(stored, super::super::set_policy_answer(&outcome));
+        assert_eq!(stored.warnings, outcome.warnings);
+        assert_eq!(stored.region.unwrap().generation, 7);
+    }
 }

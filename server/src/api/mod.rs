@@ -11,7 +11,7 @@ use crate::convert::{
 use crate::domain::{DomainError, RegionKey, VmId};
 use crate::engine::{
     Agent, AgentError, CreateRequest, PopulateProgress, PopulateRequest, RegionView,
-    SetPolicyRequest,
+    SetPolicyOutcome, SetPolicyRequest,
 };
 use crate::metrics::Metrics;
 use events::EventWatch;
@@ -19,7 +19,6 @@ use idempotency::idempotent;
 use memplace_proto::v1 as pb;
 use memplace_proto::v1::node_agent_service_server::NodeAgentService;
 use nix::errno::Errno;
-use prost::Message;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -110,16 +109,11 @@ impl NodeAgentService for NodeAgent {
                 policies.push((p.offset, p.length, policy_from_pb(p.policy.as_ref())?));
             }
             let token = agent.vm_token(&r.vm_id);
-            let stored_token = token.clone();
-            let idem = record.map(|rec| {
-                rec.answer(Box::new(move |v: &RegionView| {
-                    pb::CreateRegionResponse {
-                        region: Some(region_to_pb(v)),
-                        handoff_token: stored_token.clone(),
-                    }
-                    .encode_to_vec()
-                }))
-            });
+            let to_pb = move |v: &RegionView| pb::CreateRegionResponse {
+                region: Some(region_to_pb(v)),
+                handoff_token: token.clone(),
+            };
+            let idem = record.map(|rec| rec.answer(to_pb.clone()));
             tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, size = r.size_bytes, "CreateRegion");
             let key = RegionKey::parse(&r.vm_id, &r.name)?;
             let create = CreateRequest {
@@ -130,10 +124,7 @@ impl NodeAgentService for NodeAgent {
                 policies,
             };
             let view = agent.create_region(create, &who, idem).await?;
-            Ok(pb::CreateRegionResponse {
-                region: Some(region_to_pb(&view)),
-                handoff_token: token,
-            })
+            Ok(to_pb(&view))
         })
         .await
         .map(Response::new)
@@ -177,20 +168,11 @@ impl NodeAgentService for NodeAgent {
         let who = caller(&req);
         let agent = self.agent.clone();
         idempotent(&self.agent, req.into_inner(), |r, record| async move {
-            let idem = record.map(|rec| {
-                rec.answer(Box::new(|v: &RegionView| {
-                    pb::DeleteRegionResponse {
-                        region: Some(region_to_pb(v)),
-                    }
-                    .encode_to_vec()
-                }))
-            });
+            let idem = record.map(|rec| rec.answer(delete_answer));
             tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, "DeleteRegion");
             let key = RegionKey::parse(&r.vm_id, &r.name)?;
             let v = agent.delete_region(&key, &who, idem).await?;
-            Ok(pb::DeleteRegionResponse {
-                region: Some(region_to_pb(&v)),
-            })
+            Ok(delete_answer(&v))
         })
         .await
         .map(Response::new)
@@ -204,25 +186,8 @@ impl NodeAgentService for NodeAgent {
         let agent = self.agent.clone();
         idempotent(&self.agent, req.into_inner(), |r, record| async move {
             let policy = policy_from_pb(r.policy.as_ref())?;
-            let features = agent.features().clone();
-            let idem = record.map(|rec| {
-                rec.answer(Box::new(move |v: &RegionView| {
-                    pb::SetPolicyResponse {
-                        region: Some(region_to_pb(v)),
-                        pages_migrated: 0,
-                        pages_migrate_failed: 0,
-                        warnings: crate::engine::policy_warning(
-                            v.intent.backend,
-                            v.intent.strategy,
-                            &policy,
-                            &features,
-                        )
-                        .into_iter()
-                        .collect(),
-                    }
-                    .encode_to_vec()
-                }))
-            });
+            // The warnings of a replay are the engine's, stored with the first answer.
+            let idem = record.map(|rec| rec.answer(set_policy_answer));
             tracing::info!(vm_id = %r.vm_id, name = %r.name, request_id = %r.request_id, caller = %who, %policy, offset = r.offset, length = r.length, migrate = r.migrate, "SetPolicy");
             let req = SetPolicyRequest {
                 key: RegionKey::parse(&r.vm_id, &r.name)?,
@@ -233,12 +198,7 @@ impl NodeAgentService for NodeAgent {
                 expected_generation: r.expected_generation,
             };
             let o = agent.set_policy(req, &who, idem).await?;
-            Ok(pb::SetPolicyResponse {
-                region: Some(region_to_pb(&o.region)),
-                pages_migrated: o.pages_migrated,
-                pages_migrate_failed: o.pages_migrate_failed,
-                warnings: o.warnings,
-            })
+            Ok(set_policy_answer(&o))
         })
         .await
         .map(Response::new)
@@ -348,20 +308,11 @@ impl NodeAgentService for NodeAgent {
         let who = caller(&req);
         let agent = self.agent.clone();
         idempotent(&self.agent, req.into_inner(), |r, record| async move {
-            let idem = record.map(|rec| {
-                rec.answer_regions(Box::new(|v: &[RegionView]| {
-                    pb::AttachProcessResponse {
-                        regions: v.iter().map(region_to_pb).collect(),
-                    }
-                    .encode_to_vec()
-                }))
-            });
+            let idem = record.map(|rec| rec.answer(attach_answer));
             tracing::info!(vm_id = %r.vm_id, pid = r.pid, request_id = %r.request_id, caller = %who, "AttachProcess");
             let vm = VmId::parse(&r.vm_id)?;
             let v = agent.attach_process(&vm, r.pid, &who, idem).await?;
-            Ok(pb::AttachProcessResponse {
-                regions: v.iter().map(region_to_pb).collect(),
-            })
+            Ok(attach_answer(&v))
         })
         .await
         .map(Response::new)
@@ -394,6 +345,30 @@ impl NodeAgentService for NodeAgent {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// DeleteRegion's answer from the region as deleted (also its stored first answer).
+fn delete_answer(v: &RegionView) -> pb::DeleteRegionResponse {
+    pb::DeleteRegionResponse {
+        region: Some(region_to_pb(v)),
+    }
+}
+
+/// SetPolicy's answer from the engine's outcome (also its stored first answer).
+fn set_policy_answer(o: &SetPolicyOutcome) -> pb::SetPolicyResponse {
+    pb::SetPolicyResponse {
+        region: Some(region_to_pb(&o.region)),
+        pages_migrated: o.pages_migrated,
+        pages_migrate_failed: o.pages_migrate_failed,
+        warnings: o.warnings.clone(),
+    }
+}
+
+/// AttachProcess's answer from the regions it took over (also its stored first answer).
+fn attach_answer(v: &[RegionView]) -> pb::AttachProcessResponse {
+    pb::AttachProcessResponse {
+        regions: v.iter().map(region_to_pb).collect(),
     }
 }
 

@@ -145,9 +145,14 @@ impl Agent {
         self.topology.read_now()
     }
 
-    /// The handoff token secret.
-    pub(crate) fn tokens(&self) -> &TokenKey {
-        &self.tokens
+    /// The handoff token of a VM (see [`crate::handoff::token`]).
+    pub fn vm_token(&self, vm_id: &str) -> String {
+        self.tokens.token(vm_id)
+    }
+
+    /// Whether `token` is the VM's handoff token, compared in constant time.
+    pub fn check_token(&self, vm_id: &str, token: &str) -> bool {
+        self.tokens.check(vm_id, token)
     }
 
     /// Runs kernel work on tokio's blocking pool and waits for it without blocking the runtime

@@ -60,6 +60,9 @@ pub enum AgentError {
     /// The host or region cannot do this now.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this (a handoff peer's uid, a wrong handoff token).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// expected_generation did not match.
     #[error("region {key} is at generation {actual}, not the expected {expected}")]
     GenerationConflict {
@@ -226,6 +229,7 @@ impl AgentError {
                 ErrorCode::ResourceExhausted
             }
             AgentError::Cancelled => ErrorCode::Cancelled,
+            AgentError::PermissionDenied(_) => ErrorCode::PermissionDenied,
             AgentError::Kernel { errno, .. } => ErrorCode::of_errno(*errno),
             AgentError::Store(s) => match s {
                 StoreError::Locked | StoreError::WriterGone => ErrorCode::Unavailable,
@@ -312,6 +316,10 @@ mod tests {
             (AgentError::Store(StoreError::Full), C::ResourceExhausted),
             (AgentError::Store(StoreError::Conflict), C::AlreadyExists),
             (AgentError::Cancelled, C::Cancelled),
+            (
+                AgentError::PermissionDenied("x".into()),
+                C::PermissionDenied,
+            ),
             (AgentError::Internal("x".into()), C::Internal),
         ]
     }
@@ -339,8 +347,10 @@ mod tests {
         }
         // The two edges' own functions delegate to the one mapping.
         for (e, want) in cases() {
-            assert_eq!(crate::handoff::code_of(&e), want.handoff(), "{e:?}");
             let msg = e.to_string();
+            let refusal = crate::handoff::refusal(&e);
+            assert_eq!(refusal.code, want.handoff() as i32, "{e:?}");
+            assert_eq!(refusal.message, msg);
             let status = crate::api::status_of(e);
             assert_eq!(status.code(), want.grpc(), "{msg}");
             assert_eq!(status.message(), msg);

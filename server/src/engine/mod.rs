@@ -7,6 +7,7 @@
 //! - `error`: [`AgentError`] and its one status code ([`AgentError::code`]);
 //! - `live`: what the agent holds of a region, and the views read from the kernel;
 //! - `regions`: create, get, list, delete, and the handoff's holder record;
+//! - `idempotency`: the one request record of a keyed mutation, encoded from its outcome;
 //! - `policy`: SetPolicy (check, commit, bind, read back);
 //! - `reconcile`: Reconcile (sample, report drift, re-bind);
 //! - `syscalls`: the one kernel interface ([`syscalls::Syscalls`]): bind, read-back, residency
@@ -26,6 +27,7 @@ mod apply;
 mod attach;
 mod error;
 mod holders;
+mod idempotency;
 mod live;
 mod placement;
 mod plan;
@@ -40,15 +42,15 @@ mod syscalls;
 pub use agent::{
     AGENT_ACTOR, Agent, AgentCounters, DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS, EngineSettings,
 };
-pub use attach::AttachIdempotency;
 pub use error::{AgentError, ErrorCode};
+pub use idempotency::{EncodeAnswer, Idempotency};
 pub use live::{RangeState, RangeView, RegionView};
 pub use placement::{NodeCount, Placement, RangePlacementView};
-pub use policy::{SetPolicyOutcome, SetPolicyRequest, policy_warning};
+pub use policy::{SetPolicyOutcome, SetPolicyRequest};
 pub use populate::cgroup::child_main as populate_child_main;
 pub use populate::{PopulateOutcome, PopulateProgress, PopulateRequest};
 pub use reconcile::ReconcileReport;
-pub use regions::{CreateRequest, EncodeAnswer, Idempotency};
+pub use regions::CreateRequest;
 
 pub(crate) use agent::new_uid;
 pub(crate) use error::kerr;

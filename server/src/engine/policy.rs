@@ -4,15 +4,15 @@
 use super::agent::Agent;
 use super::apply::apply_range;
 use super::error::AgentError;
+use super::idempotency::{Idempotency, committed_first, request_id};
 use super::live::{LiveRegion, RegionView};
 use super::plan::{Migrate, plan_migrate};
-use super::regions::{Idempotency, save_request};
 use crate::domain::{
     Backend, DomainError, EventKind, Policy, PolicyMode, RegionIntent, RegionKey, Strategy,
     resolve_span,
 };
 use crate::kernel::probe::Features;
-use crate::store::{StoreError, WriteOp};
+use crate::store::WriteOp;
 use nix::errno::Errno;
 use std::collections::HashMap;
 use tokio::sync::OwnedRwLockWriteGuard;
@@ -53,7 +53,7 @@ pub struct SetPolicyOutcome {
 /// 6.19 to 7.1 take the interleave index from the inode, not the page offset). The agent applies
 /// the policy anyway (pages still go to the named nodes, only not alternating by offset), and says
 /// so in SetPolicy's answer and in a POLICY_WARNING event.
-pub fn policy_warning(
+pub(crate) fn policy_warning(
     backend: Backend,
     strategy: Strategy,
     policy: &Policy,
@@ -141,7 +141,7 @@ impl Agent {
         &self,
         req: SetPolicyRequest,
         actor: &str,
-        idem: Option<Idempotency>,
+        idem: Option<Idempotency<SetPolicyOutcome>>,
     ) -> Result<SetPolicyOutcome, AgentError> {
         let SetPolicyRequest {
             key,
@@ -193,10 +193,7 @@ impl Agent {
         .collect();
         self.commit_policy(&next, &change, &warnings, actor, idem.as_ref())
             .await?;
-        crate::failpoint::hit(
-            "SetPolicy.after-commit",
-            idem.as_ref().map_or("", |i| i.request_id.as_str()),
-        );
+        crate::failpoint::hit("SetPolicy.after-commit", request_id(idem.as_ref()));
         live.intent = next;
         let base_page = self.page;
         let ((moved, failed), region) = Agent::blocking(move || {
@@ -221,7 +218,7 @@ impl Agent {
         &self,
         intent: &RegionIntent,
         expected: u64,
-        idem: Option<&Idempotency>,
+        idem: Option<&Idempotency<SetPolicyOutcome>>,
     ) -> Result<(), AgentError> {
         if expected == 0 || expected == intent.generation {
             return Ok(());
@@ -264,7 +261,7 @@ impl Agent {
         change: &PolicyChange,
         warnings: &[String],
         actor: &str,
-        idem: Option<&Idempotency>,
+        idem: Option<&Idempotency<SetPolicyOutcome>>,
     ) -> Result<(), AgentError> {
         let key = &next.key;
         let PolicyChange {
@@ -285,7 +282,14 @@ impl Agent {
                 file: None,
                 errors: HashMap::new(),
             };
-            ops.push(save_request(i, &self.view_without_kernel(&pending)));
+            // The first answer, as the engine knows it at the commit: the committed intent and
+            // the warnings; the kernel change (and any migrate) follows the commit.
+            ops.push(i.save(&SetPolicyOutcome {
+                region: self.view_without_kernel(&pending),
+                pages_migrated: 0,
+                pages_migrate_failed: 0,
+                warnings: warnings.to_vec(),
+            }));
         }
         let mut events = vec![self.event(
             EventKind::PolicyApplied,
@@ -305,15 +309,10 @@ impl Agent {
                 actor,
             ));
         }
-        match self.commit(ops, events).await {
-            // Only the request record can conflict here (ranges are replaced, not added to).
-            Err(AgentError::Store(StoreError::Conflict)) if idem.is_some() => {
-                Err(AgentError::DuplicateRequest(
-                    idem.map(|i| i.request_id.clone()).unwrap_or_default(),
-                ))
-            }
-            r => r,
-        }
+        // Only the request record can conflict here (ranges are replaced, not added to).
+        self.commit(ops, events)
+            .await
+            .map_err(committed_first(idem))
     }
 }
 

@@ -4,6 +4,7 @@
 use super::agent::{Agent, new_uid};
 use super::apply::apply_all;
 use super::error::{AgentError, kerr};
+use super::idempotency::{Idempotency, request_id};
 use super::live::{LiveRegion, RegionFile, RegionView};
 use crate::domain::{
     Backend, DomainError, EventKind, Holder, Policy, RangeMap, RegionIntent, RegionKey,
@@ -15,22 +16,6 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use tokio::sync::RwLock;
-
-/// Encodes the first answer to a request from the committed region.
-pub type EncodeAnswer = Box<dyn Fn(&RegionView) -> Vec<u8> + Send + Sync>;
-
-/// An idempotency record to commit with a mutation: the request id, a digest of the request, and
-/// the encoded first answer.
-pub struct Idempotency {
-    /// The id.
-    pub request_id: String,
-    /// The method.
-    pub method: &'static str,
-    /// Digest of the request.
-    pub fingerprint: Vec<u8>,
-    /// Encodes the answer from the committed intent (and token, for creates).
-    pub encode: EncodeAnswer,
-}
 
 /// A CreateRegion request in domain terms.
 #[derive(Clone, Debug)]
@@ -113,7 +98,7 @@ impl Agent {
         &self,
         req: CreateRequest,
         actor: &str,
-        idem: Option<Idempotency>,
+        idem: Option<Idempotency<RegionView>>,
     ) -> Result<RegionView, AgentError> {
         let page = self.check_backend(&req)?;
         if req.size_bytes == 0 || req.size_bytes > self.limits.max_region_bytes {
@@ -183,7 +168,7 @@ impl Agent {
         let pending_view = self.view_without_kernel(&live);
         let mut ops = vec![WriteOp::InsertRegion(intent.clone())];
         if let Some(i) = &idem {
-            ops.push(save_request(i, &pending_view));
+            ops.push(i.save(&pending_view));
         }
         let ev = self.event(
             EventKind::RegionCreated,
@@ -200,10 +185,7 @@ impl Agent {
             AgentError::Store(StoreError::Conflict) => AgentError::AlreadyExists(req.key.clone()),
             e => e,
         })?;
-        crate::failpoint::hit(
-            "CreateRegion.after-commit",
-            idem.as_ref().map_or("", |i| i.request_id.as_str()),
-        );
+        crate::failpoint::hit("CreateRegion.after-commit", request_id(idem.as_ref()));
         let page = self.page;
         let (live, applied, view) = Agent::blocking(move || {
             let mut live = live;
@@ -289,14 +271,14 @@ impl Agent {
         &self,
         key: &RegionKey,
         actor: &str,
-        idem: Option<Idempotency>,
+        idem: Option<Idempotency<RegionView>>,
     ) -> Result<RegionView, AgentError> {
         let _m = self.membership.lock().await;
         let live = self.slot(key)?.write_owned().await;
         let (mut live, view) = self.view_of(live).await?;
         let mut ops = vec![WriteOp::DeleteRegion(key.clone())];
         if let Some(i) = &idem {
-            ops.push(save_request(i, &view));
+            ops.push(i.save(&view));
         }
         let ev = self.event(
             EventKind::RegionDeleted,
@@ -305,10 +287,7 @@ impl Agent {
             actor,
         );
         self.commit(ops, vec![ev]).await?;
-        crate::failpoint::hit(
-            "DeleteRegion.after-commit",
-            idem.as_ref().map_or("", |i| i.request_id.as_str()),
-        );
+        crate::failpoint::hit("DeleteRegion.after-commit", request_id(idem.as_ref()));
         self.regions.lock().remove(key);
         // Close the fd and mapping now: a held guest_memfd keeps its whole KVM VM alive.
         live.file = None;
@@ -366,16 +345,6 @@ impl Agent {
         };
         let vm = file.vm.as_ref().map(|v| v.as_fd());
         Ok(f(&live.intent, file.fd.as_fd(), vm))
-    }
-}
-
-/// The idempotency record of a request, with its first answer encoded from `view`.
-pub(crate) fn save_request(i: &Idempotency, view: &RegionView) -> WriteOp {
-    WriteOp::SaveRequest {
-        request_id: i.request_id.clone(),
-        method: i.method,
-        fingerprint: i.fingerprint.clone(),
-        response: (i.encode)(view),
     }
 }
 

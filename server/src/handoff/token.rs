@@ -1,8 +1,8 @@
 //! Handoff tokens: HMAC-SHA256 of a vm_id under the agent's secret. One token per VM lets its VMM
 //! acquire, adopt and attach for that VM only; the secret lives in the state database, so a token
-//! survives restarts.
+//! survives restarts. The agent answers with [`crate::engine::Agent::vm_token`] and
+//! [`crate::engine::Agent::check_token`].
 
-use crate::engine::Agent;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -50,18 +50,6 @@ impl TokenKey {
         use subtle::ConstantTimeEq;
         let want = self.token(vm_id);
         want.len() == token.len() && bool::from(want.as_bytes().ct_eq(token.as_bytes()))
-    }
-}
-
-impl Agent {
-    /// The handoff token of a VM (see the module docs).
-    pub fn vm_token(&self, vm_id: &str) -> String {
-        self.tokens().token(vm_id)
-    }
-
-    /// Whether `token` is the VM's token, compared in constant time.
-    pub fn check_token(&self, vm_id: &str, token: &str) -> bool {
-        self.tokens().check(vm_id, token)
     }
 }
 

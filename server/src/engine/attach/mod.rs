@@ -10,33 +10,21 @@
 mod adopt;
 mod qemu;
 
-use super::{Agent, AgentError, LiveRegion, RegionFile, RegionView, kerr, new_uid};
+use super::idempotency::committed_first;
+use super::{Agent, AgentError, Idempotency, LiveRegion, RegionFile, RegionView, kerr, new_uid};
 use crate::domain::{
     Backend, DomainError, Event, EventKind, Holder, RegionIntent, RegionKey, RegionStatus,
     Strategy, VmId,
 };
 use crate::kernel::procmem::{self, FoundFile, MemKind, ProcessMemory};
 use crate::kernel::{Mapping, pidfd};
-use crate::store::{StoreError, WriteOp, unix_now};
+use crate::store::{WriteOp, unix_now};
 use nix::errno::Errno;
 use qemu::{BackendMatch, FileShape};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use tokio::sync::RwLock;
-
-/// Encodes the first answer to an AttachProcess from its regions.
-pub type EncodeRegions = Box<dyn Fn(&[RegionView]) -> Vec<u8> + Send + Sync>;
-
-/// The idempotency record of an AttachProcess: like [`super::Idempotency`], for several regions.
-pub struct AttachIdempotency {
-    /// The id.
-    pub request_id: String,
-    /// Digest of the request.
-    pub fingerprint: Vec<u8>,
-    /// Encodes the answer from the regions.
-    pub encode: EncodeRegions,
-}
 
 /// What to tell a caller whose process has no shared guest memory.
 const HOW_TO_SHARE: &str = "memplace can take over only guest RAM kept in a shared file. QEMU: \
@@ -157,7 +145,7 @@ impl Agent {
         vm_id: &VmId,
         pid: i32,
         actor: &str,
-        idem: Option<AttachIdempotency>,
+        idem: Option<Idempotency<[RegionView]>>,
     ) -> Result<Vec<RegionView>, AgentError> {
         let start = check_pid(pid)?;
         let holder = Holder {
@@ -202,22 +190,12 @@ impl Agent {
         // request id answers exactly as the first call did.
         let (regions, pending) = self.attached_views(regions, holder).await?;
         if let Some(i) = &idem {
-            ops.push(WriteOp::SaveRequest {
-                request_id: i.request_id.clone(),
-                method: "AttachProcess",
-                fingerprint: i.fingerprint.clone(),
-                response: (i.encode)(&pending),
-            });
+            ops.push(i.save(&pending));
         }
         if !ops.is_empty() {
-            match self.commit(ops, events).await {
-                Err(AgentError::Store(StoreError::Conflict)) if idem.is_some() => {
-                    return Err(AgentError::DuplicateRequest(
-                        idem.map(|i| i.request_id).unwrap_or_default(),
-                    ));
-                }
-                r => r?,
-            }
+            self.commit(ops, events)
+                .await
+                .map_err(committed_first(idem.as_ref()))?;
         }
         self.install_attached(regions, holder).await
     }
