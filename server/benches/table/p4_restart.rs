@@ -108,16 +108,30 @@ pub(crate) async fn create_regions(agent: &AgentProc, n: u64, size: u64) -> Vec<
 /// memfd_create first, as for files nobody holds.
 pub(crate) struct FloorFiles {
     files: Arc<Vec<OwnedFd>>,
+    /// Files the pass with memfd_create makes.
+    n: usize,
     size: u64,
 }
 
 impl FloorFiles {
+    /// `n` files of the bench's own.
     pub(crate) fn new(n: u64, size: u64) -> Self {
         let files = (0..n)
             .map(|i| kernel::create_memfd(&format!("floor{i}"), size, None).expect("memfd"))
             .collect();
+        Self::of(files, n, size)
+    }
+
+    /// No files of its own: the held floor runs on the files the bench holds for the agent (S1,
+    /// where two sets of 10,000 fds would pass this process's RLIMIT_NOFILE).
+    pub(crate) fn none(n: u64, size: u64) -> Self {
+        Self::of(Vec::new(), n, size)
+    }
+
+    fn of(files: Vec<OwnedFd>, n: u64, size: u64) -> Self {
         Self {
             files: Arc::new(files),
+            n: n as usize,
             size,
         }
     }
@@ -125,11 +139,11 @@ impl FloorFiles {
     /// One pass of the raw loop over every file (`create`: over new files made in the pass).
     pub(crate) async fn raw_loop(&self, create: bool) -> std::time::Duration {
         let files = self.files.clone();
-        let size = self.size;
+        let (n, size) = (self.n, self.size);
         blocking(move || {
             let t = Instant::now();
             let maps = if create {
-                let fresh: Vec<OwnedFd> = (0..files.len())
+                let fresh: Vec<OwnedFd> = (0..n)
                     .map(|i| kernel::create_memfd(&format!("again{i}"), size, None).expect("memfd"))
                     .collect();
                 let maps = remap_rebind_verify(fresh.iter().map(|f| f.as_fd()), size);
@@ -161,13 +175,13 @@ pub(crate) struct Restarts {
 
 /// Restarts the agent `samples` times unheld, then makes this process the holder of every region
 /// and restarts it `samples` times held. Returns the samples and the fds held (drop them to let
-/// go).
+/// go). Without files of its own, the held floor runs on the fds held.
 pub(crate) async fn restarts(
     agent: &mut AgentProc,
     tokens: &[(u64, String)],
     floor_files: &FloorFiles,
     samples: usize,
-) -> (Restarts, Vec<OwnedFd>) {
+) -> (Restarts, Arc<Vec<OwnedFd>>) {
     let n = tokens.len();
     let mut unheld = Series::new("restart unheld", "ms");
     let mut floor_create = Series::new("raw loop with memfd_create", "ms");
@@ -194,6 +208,18 @@ pub(crate) async fn restarts(
         let (vm, name) = region_key(*i);
         holder.push(hand.acquire(&vm, &name, token).expect("acquire").fd);
     }
+    let holder = Arc::new(holder);
+    let on_held;
+    let held_floor = if floor_files.files.is_empty() {
+        on_held = FloorFiles {
+            files: holder.clone(),
+            n,
+            size: floor_files.size,
+        };
+        &on_held
+    } else {
+        floor_files
+    };
     for _ in 0..samples {
         agent.kill();
         held.push_ms(agent.spawn());
@@ -202,7 +228,7 @@ pub(crate) async fn restarts(
         if ok != n {
             bad.push(format!("held: {ok}/{n} regions ok"));
         }
-        floor.push_ms(floor_files.raw_loop(false).await);
+        floor.push_ms(held_floor.raw_loop(false).await);
     }
     let r = Restarts {
         held,
