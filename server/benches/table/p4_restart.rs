@@ -273,7 +273,7 @@ fn p4_row(n: u64, r: Restarts, empty_start: &Series) -> Row {
                 empty_start.show()
             ),
             "held: this bench process holds all fds (acquired over the handoff socket), so each is taken back with pidfd_getfd; unheld: never handed off, so each file is recreated".into(),
-            "raw loop per region: mmap, 16 mbind, a second mmap, 16 get_mempolicy (MPOL_F_ADDR); \"with memfd_create\" adds memfd_create+ftruncate first".into(),
+            "raw loop per region: mmap, 16 mbind, a second mmap, 16 get_mempolicy (MPOL_F_ADDR), munmap of the first (the agent keeps an unbound mapping); \"with memfd_create\" adds memfd_create+ftruncate first".into(),
             if correct {
                 format!("after every restart ListRegions showed all {n} regions active with {RANGES} applied ranges")
             } else {
