@@ -22,6 +22,8 @@ pub mod sqlite;
 pub mod tls;
 pub mod wait;
 
+// Not every test binary starts an agent.
+#[allow(unused_imports)]
 pub use agent::AgentProc;
 
 use memplace_client::pb;
