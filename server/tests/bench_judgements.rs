@@ -1,7 +1,7 @@
-//! The bench table's judgements (benches/judge.rs, the same file the bench includes), checked
+//! The bench table's judgements (benches/table/judge.rs, the same file the bench includes), checked
 //! without running the bench.
 
-#[path = "../benches/judge.rs"]
+#[path = "../benches/table/judge.rs"]
 mod judge;
 
 use std::time::Duration;
@@ -43,4 +43,67 @@ fn p5_is_not_verified_without_ranges() {
     assert!(none.contains("no ranges"), "{none}");
     let other = judge::p5_ranges_problem(&[7, 0], 7).expect("a range counted elsewhere");
     assert!(other.contains("did not count from the holder"), "{other}");
+}
+
+/// S1's goals, each judged on its own: a figure just inside its goal passes, one just outside
+/// misses, and the pass's share is taken of the interval it is spread over.
+#[test]
+fn s1_judges_each_goal() {
+    let good = judge::ScaleFigures {
+        held_ms: 1000.0,
+        unheld_ms: 900.0,
+        held_ratio: 3.0,
+        unheld_ratio: 2.0,
+        rss_mib: 128.0,
+        pass_cpu_ms: 300.0,
+        interval_secs: 30,
+        list_ms: 50.0,
+    };
+    let met = |f: &judge::ScaleFigures| -> Vec<bool> {
+        judge::s1_goals(f).into_iter().map(|(_, _, m)| m).collect()
+    };
+    assert_eq!(met(&good), vec![true; 5]);
+    let miss = |f: judge::ScaleFigures, which: usize| {
+        let mut want = vec![true; 5];
+        want[which] = false;
+        assert_eq!(met(&f), want, "{f:?}");
+    };
+    miss(
+        judge::ScaleFigures {
+            unheld_ms: 1001.0,
+            ..good.clone()
+        },
+        0,
+    );
+    miss(
+        judge::ScaleFigures {
+            held_ratio: 3.1,
+            ..good.clone()
+        },
+        1,
+    );
+    miss(
+        judge::ScaleFigures {
+            rss_mib: 129.0,
+            ..good.clone()
+        },
+        2,
+    );
+    // 300 ms per 30 s is 1 %; per 10 s it is 3 %.
+    miss(
+        judge::ScaleFigures {
+            interval_secs: 10,
+            ..good.clone()
+        },
+        3,
+    );
+    miss(
+        judge::ScaleFigures {
+            list_ms: 50.5,
+            ..good.clone()
+        },
+        4,
+    );
+    let shown = judge::s1_goals(&good);
+    assert!(shown[3].1.contains("1.000 %"), "{:?}", shown[3]);
 }
