@@ -947,7 +947,7 @@ async fn drift_through_another_mapping_is_repaired() {
     let preferred = Policy::new(PolicyMode::Preferred, NodeSet::from_ids([0]).unwrap());
     // Drift both ranges: the BIND one and the DEFAULT one.
     theirs.mbind(0, 8 * MIB, &preferred, 0).unwrap();
-    let r = c.get_region("vm", "r").await.unwrap();
+    let r = c.get_region_with("vm", "r", true).await.unwrap();
     assert!(
         r.ranges
             .iter()
@@ -960,7 +960,8 @@ async fn drift_through_another_mapping_is_repaired() {
         (rep.ranges_drifted, rep.ranges_reapplied, rep.ranges_failed),
         (2, 2, 0)
     );
-    let r = c.get_region("vm", "r").await.unwrap();
+    // Read now: the last check is the pass's reading from before it re-bound.
+    let r = c.get_region_with("vm", "r", true).await.unwrap();
     for x in &r.ranges {
         assert_eq!(x.observed, x.intended, "repaired: {x:?}");
         assert_eq!(x.state(), pb::RangeState::Applied);

@@ -439,7 +439,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out.region.ranges.len(), 3);
-        assert_eq!(agent.get_region(&key).await.unwrap().ranges.len(), 3);
+        assert_eq!(agent.get_region(&key, false).await.unwrap().ranges.len(), 3);
         let report = agent.reconcile(None, "test").await.unwrap();
         assert_eq!((report.checked, report.reapplied), (3, 3), "{report:?}");
         let progress = Arc::new(crate::engine::PopulateProgress::default());

@@ -204,7 +204,7 @@ impl Agent {
             let moved = apply_range(&mut live, offset, length, migrate, base_page);
             (
                 moved,
-                live.view_after(base_page, Some((offset, offset + length))),
+                live.fresh_view_after(base_page, Some((offset, offset + length))),
             )
         })
         .await?;
@@ -285,6 +285,7 @@ impl Agent {
                 intent: next.clone(),
                 file: None,
                 errors: HashMap::new(),
+                checked: None,
             };
             ops.push(save_request(i, &self.view_without_kernel(&pending)));
         }

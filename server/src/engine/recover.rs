@@ -162,6 +162,7 @@ impl Agent {
             intent,
             file: Some(file),
             errors: HashMap::new(),
+            checked: None,
         };
         self.rebind_recovered(&mut live, out);
         live
@@ -463,6 +464,7 @@ fn lost(intent: RegionIntent) -> LiveRegion {
         intent,
         file: None,
         errors: HashMap::new(),
+        checked: None,
     }
 }
 
@@ -535,6 +537,7 @@ mod tests {
                 vm: None,
             }),
             errors: HashMap::new(),
+            checked: None,
         }
     }
 

@@ -100,6 +100,7 @@ impl Agent {
                 vm: None,
             }),
             errors: HashMap::new(),
+            checked: None,
         });
         let (live, view) = self.view_of(live).await?;
         self.regions

@@ -418,6 +418,7 @@ impl Agent {
                 vm: None,
             }),
             errors: HashMap::new(),
+            checked: None,
         };
         Ok((live, event))
     }
