@@ -684,6 +684,7 @@ async fn bad_requests_get_clear_codes_and_change_nothing() {
                 .get_region(pb::GetRegionRequest {
                     vm_id: "vm".into(),
                     name: "zz".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err(),
@@ -695,6 +696,7 @@ async fn bad_requests_get_clear_codes_and_change_nothing() {
                 .get_region(pb::GetRegionRequest {
                     vm_id: "vm".into(),
                     name: "".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err(),
