@@ -271,11 +271,12 @@ impl LiveRegion {
             Some(c) if from_last => c.at_unix_ms,
             _ => now,
         };
-        let check =
-            (matches!(read, Read::Now { .. }) && shared && mapping.is_some()).then(|| LastCheck {
+        let check = (matches!(read, Read::Now { .. }) && shared && mapping.is_some()).then_some(
+            LastCheck {
                 at_unix_ms: now,
                 ranges: made,
-            });
+            },
+        );
         let view = RegionView {
             intent: live.intent.clone(),
             ranges,
