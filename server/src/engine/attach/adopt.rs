@@ -102,7 +102,7 @@ impl Agent {
             errors: HashMap::new(),
             checked: None,
         });
-        let (live, view) = self.view_of(live).await?;
+        let (live, view) = self.fresh_view_of(live).await?;
         self.regions
             .lock()
             .insert(key, Arc::new(RwLock::new(*live)));
