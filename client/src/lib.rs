@@ -346,9 +346,21 @@ impl Client {
 
     /// GetRegion.
     pub async fn get_region(&mut self, vm_id: &str, name: &str) -> Result<pb::Region, ClientError> {
+        self.get_region_with(vm_id, name, false).await
+    }
+
+    /// GetRegion; with `fresh`, the agent reads every range's policy from the kernel now instead
+    /// of answering from its last check (`observed_at_unix_ms` says when that was).
+    pub async fn get_region_with(
+        &mut self,
+        vm_id: &str,
+        name: &str,
+        fresh: bool,
+    ) -> Result<pb::Region, ClientError> {
         let req = pb::GetRegionRequest {
             vm_id: vm_id.into(),
             name: name.into(),
+            fresh,
         };
         let r = self
             .retrying(|mut c| {

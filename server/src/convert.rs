@@ -146,6 +146,7 @@ pub fn region_to_pb(v: &RegionView) -> pb::Region {
         } as i32,
         page_size_bytes: v.page_size,
         created_unix: i.created_unix,
+        observed_at_unix_ms: v.observed_at_unix_ms,
         holder_pid: i.holder.map_or(0, |h| h.pid),
         origin: match i.origin {
             Origin::Agent => pb::RegionOrigin::Agent,

@@ -215,6 +215,7 @@ fn cases() -> Vec<Case> {
                 Call::Get(pb::GetRegionRequest {
                     vm_id: vm.clone(),
                     name: name.clone(),
+                    ..Default::default()
                 }),
             ));
             v.push(case(
@@ -471,6 +472,7 @@ fn cases() -> Vec<Case> {
             pb::GetRegionRequest {
                 vm_id: "vm".into(),
                 name: "r".into(),
+                ..Default::default()
             }
             .encode_to_vec(),
         ),

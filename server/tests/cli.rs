@@ -67,6 +67,21 @@ fn every_read_command_speaks_table_json_and_yaml() {
     );
     let y = ctl(&agent, &["-o", "yaml", "region", "get", "vm1", "ram0"]).ok();
     assert!(y.contains("vm_id: vm1") && y.contains("mode: bind"), "{y}");
+    // When the kernel was read, and a fresh read on request.
+    assert!(table.contains("observed at "), "{table}");
+    let last = got["observed_at_unix_ms"]
+        .as_i64()
+        .expect("observed_at_unix_ms");
+    let fresh = ctl(
+        &agent,
+        &["region", "get", "vm1", "ram0", "--fresh", "-o", "json"],
+    )
+    .json();
+    assert!(
+        fresh["observed_at_unix_ms"].as_i64().unwrap() >= last,
+        "{fresh}"
+    );
+    assert_eq!(fresh["ranges"][0]["state"], "applied", "{fresh}");
 
     ctl(&agent, &["region", "create", "vm2", "ram0", "--size", "4M"]).ok();
     let all = ctl(&agent, &["-o", "json", "region", "list"]).json();

@@ -32,6 +32,106 @@ fn open_agents_memfd(agent: &AgentProc, vm: &str, name: &str) -> std::fs::File {
         .expect("open /proc/PID/fd/N")
 }
 
+/// GetRegion answers from the last check of the kernel (creation's read-back here, with its
+/// time in `observed_at_unix_ms`) without reading it again; with `fresh` it reads every range
+/// now, so a foreign mbind in the middle of a range shows at once. Without `fresh`, the periodic
+/// reconcile pass's reading shows it within one interval (the pass also re-binds the range).
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_mbind_shows_at_once_when_fresh_and_within_one_pass_otherwise() {
+    let size = 64 * MIB;
+    let bind0 = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+    let interleave = Policy::new(PolicyMode::Interleave, NodeSet::from_ids([0]).unwrap());
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+
+    // No periodic pass: only creation and fresh reads check the kernel.
+    let agent = AgentProc::start();
+    let mut c = agent.client().await;
+    let created = c
+        .create_region(
+            "fresh",
+            "r",
+            size,
+            pb::Backend::Memfd,
+            whole(policy(M::Bind, &[0])),
+        )
+        .await
+        .unwrap()
+        .region
+        .unwrap();
+    assert!(created.observed_at_unix_ms > 0, "{created:?}");
+    let file = open_agents_memfd(&agent, "fresh", "r");
+    let theirs = Mapping::new(file.as_fd(), size).unwrap();
+    let before = unix_ms();
+    theirs.mbind(24 * MIB, 2 * MIB, &interleave, 0).unwrap();
+    assert_eq!(theirs.policy_at(25 * MIB).unwrap(), Some(interleave));
+    // From the last check: creation's, unchanged.
+    let r = c.get_region("fresh", "r").await.unwrap();
+    assert_eq!(r.observed_at_unix_ms, created.observed_at_unix_ms, "{r:?}");
+    assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
+    // Fresh: read now, drift at once.
+    let r = c.get_region_with("fresh", "r", true).await.unwrap();
+    assert_eq!(r.ranges[0].state(), pb::RangeState::Drifted, "{r:?}");
+    assert_eq!(r.ranges[0].observed, Some(policy(M::Interleave, &[0])));
+    assert!(
+        r.observed_at_unix_ms >= before,
+        "{r:?} read before {before}"
+    );
+    // That reading is now the last check.
+    let again = c.get_region("fresh", "r").await.unwrap();
+    assert_eq!(
+        again.ranges[0].state(),
+        pb::RangeState::Drifted,
+        "{again:?}"
+    );
+    assert_eq!(again.observed_at_unix_ms, r.observed_at_unix_ms);
+    drop(theirs);
+    drop(file);
+    drop(agent);
+
+    // A pass every second: GetRegion without fresh shows the drift after at most one.
+    let agent = AgentProc::start_with(&["--reconcile-interval-secs", "1"]);
+    let mut c = agent.client().await;
+    c.create_region(
+        "pass",
+        "r",
+        size,
+        pb::Backend::Memfd,
+        whole(policy(M::Bind, &[0])),
+    )
+    .await
+    .unwrap();
+    let file = open_agents_memfd(&agent, "pass", "r");
+    let theirs = Mapping::new(file.as_fd(), size).unwrap();
+    let before = unix_ms();
+    theirs.mbind(24 * MIB, 2 * MIB, &interleave, 0).unwrap();
+    let limit = std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + limit;
+    let seen = loop {
+        let r = c.get_region("pass", "r").await.unwrap();
+        if r.ranges[0].state() == pb::RangeState::Drifted {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {limit:?} (10 reconcile intervals) for GetRegion without fresh to show the \
+             foreign INTERLEAVE at 24 MiB of pass/r; last answer {r:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(seen.ranges[0].observed, Some(policy(M::Interleave, &[0])));
+    assert!(seen.observed_at_unix_ms >= before, "{seen:?}");
+    assert_eq!(
+        theirs.policy_at(25 * MIB).unwrap(),
+        Some(bind0),
+        "the pass that found the drift re-bound the range"
+    );
+}
+
 /// The issue's reproduction: a 64 MiB memfd region bound to node 0; another process maps the
 /// agent's file through /proc/PID/fd/N and binds 16–20 MiB to INTERLEAVE. GetRegion shows the
 /// drift, Reconcile reports it with an event and a metric naming the region and range, and
@@ -65,8 +165,9 @@ async fn drift_in_the_middle_of_a_range_is_seen_reported_and_repaired() {
     assert_eq!(theirs.policy_at(0).unwrap(), Some(bind0));
     assert_eq!(theirs.policy_at(size - PAGE).unwrap(), Some(bind0));
 
-    // Seen without a reconcile: the kernel's answer, not the intent.
-    let r = c.get_region("drift", "r").await.unwrap();
+    // Seen without a reconcile when asked for a fresh reading: the kernel's answer, not the
+    // intent.
+    let r = c.get_region_with("drift", "r", true).await.unwrap();
     assert_eq!(r.ranges[0].state(), pb::RangeState::Drifted, "{r:?}");
     assert_eq!(
         r.ranges[0].observed,
@@ -90,7 +191,8 @@ async fn drift_in_the_middle_of_a_range_is_seen_reported_and_repaired() {
         Some(bind0),
         "repaired for every mapping of the file"
     );
-    let r = c.get_region("drift", "r").await.unwrap();
+    // Read now: repaired (an answer from the last check would show what the pass found).
+    let r = c.get_region_with("drift", "r", true).await.unwrap();
     assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
 
     let evs = stored_events(&mut c, "", 0).await;

@@ -917,8 +917,11 @@ async fn qemu_host_nodes_on_a_region_is_drift_that_reconcile_repairs() {
     );
     assert_eq!(fresh(size - PAGE), Some(interleave0));
 
-    // The agent sees it from the kernel, with no reconcile yet.
-    let r = c.get_region("vm1", "ram0").await.expect("GetRegion");
+    // The agent sees it from the kernel when asked to read now, with no reconcile yet.
+    let r = c
+        .get_region_with("vm1", "ram0", true)
+        .await
+        .expect("GetRegion");
     assert_eq!(r.holder_pid, qemu, "{r:?}");
     assert_eq!(r.ranges[0].state(), pb::RangeState::Drifted, "{r:?}");
     assert_eq!(
@@ -948,7 +951,10 @@ async fn qemu_host_nodes_on_a_region_is_drift_that_reconcile_repairs() {
     assert_eq!(fresh(0), Some(bind0), "not repaired");
     assert_eq!(fresh(size / 2), Some(bind0));
     assert_eq!(fresh(size - PAGE), Some(bind0));
-    let r = c.get_region("vm1", "ram0").await.expect("GetRegion");
+    let r = c
+        .get_region_with("vm1", "ram0", true)
+        .await
+        .expect("GetRegion");
     assert_eq!(r.ranges[0].state(), pb::RangeState::Applied, "{r:?}");
     assert!(alive(qemu), "QEMU died");
 }

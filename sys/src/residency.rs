@@ -63,7 +63,9 @@ pub fn count_nodes(
 
 /// [`count_nodes`], but first from a holder's page tables where they map every allocated page of
 /// the range exactly once ([`HolderMappings::exact_counts`]): the holder already faulted them,
-/// so nothing is faulted here. Otherwise as [`count_nodes`].
+/// so nothing is faulted here. Where they map every page of the range (a VMM that touched all
+/// of its memory), every page is allocated, and the page cache is not read either. Otherwise as
+/// [`count_nodes`].
 pub fn count_nodes_held(
     fd: BorrowedFd<'_>,
     file_len: u64,
@@ -72,6 +74,17 @@ pub fn count_nodes_held(
     page: u64,
     holder: Option<&HolderMappings>,
 ) -> Result<NodeCounts, Errno> {
+    // A page mapped in a shared mapping of the file is a page of its page cache: if the holder's
+    // mappings map each page of the range once, all are allocated and all are counted.
+    if let Some(h) = holder
+        && let Some(nodes) = h.exact_counts(offset, len, len / page)
+    {
+        return Ok(NodeCounts {
+            nodes,
+            counted_from: Some(h.pid),
+            ..Default::default()
+        });
+    }
     let map = allocated(fd, file_len, offset, len, page)?;
     let allocated_pages = map.iter().filter(|a| **a).count() as u64;
     let mut counts = NodeCounts {
@@ -370,7 +383,8 @@ fn move_pages_nodes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::fs::OpenOptionsExt;
 
     #[test]
     fn numa_maps_fields_are_parsed() {
@@ -507,6 +521,20 @@ mod tests {
         assert_eq!(
             c.nodes,
             count_nodes(fd.as_fd(), size, 0, size, page).unwrap().nodes
+        );
+        // Every page of [8, 24) is mapped in the holder: counted from it without reading the
+        // page cache (an O_PATH descriptor, which cachestat refuses, still counts).
+        let path: std::os::fd::OwnedFd = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .into();
+        assert!(count_nodes(path.as_fd(), size, 8 * page, 16 * page, page).is_err());
+        let c = count_nodes_held(path.as_fd(), size, 8 * page, 16 * page, page, Some(&h)).unwrap();
+        assert_eq!(
+            (c.counted_from, c.nodes.values().sum::<u64>(), c.not_present),
+            (Some(me), 16, 0)
         );
     }
 

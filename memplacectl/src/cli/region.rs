@@ -27,12 +27,16 @@ pub(crate) enum RegionCmd {
         #[arg(long)]
         policy: Option<String>,
     },
-    /// Show a region with intended and observed policies.
+    /// Show a region with intended and observed policies (as of the agent's last check; its
+    /// time is printed).
     Get {
         /// VM id.
         vm: String,
         /// Region name.
         name: String,
+        /// Read every range's policy from the kernel now instead of the last check.
+        #[arg(long)]
+        fresh: bool,
     },
     /// List regions.
     List {
@@ -101,8 +105,8 @@ pub(crate) async fn run(c: &mut Client, cmd: RegionCmd, out: Output) -> Result<(
                 println!("handoff token: {}", r.handoff_token);
             });
         }
-        RegionCmd::Get { vm, name } => {
-            let r = c.get_region(&vm, &name).await?;
+        RegionCmd::Get { vm, name, fresh } => {
+            let r = c.get_region_with(&vm, &name, fresh).await?;
             render::print(out, &r, || print_region_table(&r));
         }
         RegionCmd::List { vm } => {

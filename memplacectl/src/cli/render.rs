@@ -90,6 +90,9 @@ pub(crate) fn print_region_table(r: &pb::Region) {
         r.generation,
         enum_name(r.status().as_str_name(), "REGION_STATUS_"),
     );
+    if r.observed_at_unix_ms > 0 {
+        println!("  observed at {} UTC", utc_time(r.observed_at_unix_ms));
+    }
     println!(
         "  {:<14} {:<12} {:<24} {:<24} {:<9} note",
         "OFFSET", "LENGTH", "INTENDED", "OBSERVED", "STATE"

@@ -264,6 +264,7 @@ mod tests {
             },
             ranges: vec![],
             page_size: 4096,
+            observed_at_unix_ms: 0,
         };
         let outcome = SetPolicyOutcome {
             region,

@@ -137,7 +137,7 @@ impl NodeAgentService for NodeAgent {
         let r = req.into_inner();
         let v = self
             .agent
-            .get_region(&key(&r.vm_id, &r.name)?)
+            .get_region(&key(&r.vm_id, &r.name)?, r.fresh)
             .await
             .map_err(status_of)?;
         Ok(Response::new(pb::GetRegionResponse {

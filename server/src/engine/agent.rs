@@ -331,15 +331,33 @@ impl Agent {
         live.view_without_kernel(self.page)
     }
 
-    /// [`LiveRegion::view`] on a blocking thread; the region (an owned guard, or a boxed region
-    /// not yet in the map) is handed back with its view.
+    /// [`LiveRegion::view`]: inline when it needs no kernel call, else on a blocking thread; the
+    /// region (an owned guard, or a boxed region not yet in the map) is handed back with its view.
     pub(crate) async fn view_of<G>(&self, live: G) -> Result<(G, RegionView), AgentError>
     where
         G: Deref<Target = LiveRegion> + Send + 'static,
     {
         let page = self.page;
+        if live.answers_from_check() {
+            let view = live.view(page);
+            return Ok((live, view));
+        }
         Agent::blocking(move || {
             let view = live.view(page);
+            (live, view)
+        })
+        .await
+    }
+
+    /// [`LiveRegion::fresh_view`] on a blocking thread.
+    pub(crate) async fn fresh_view_of<G>(&self, live: G) -> Result<(G, RegionView), AgentError>
+    where
+        G: std::ops::DerefMut<Target = LiveRegion> + Send + 'static,
+    {
+        let page = self.page;
+        Agent::blocking(move || {
+            let mut live = live;
+            let view = live.fresh_view(page);
             (live, view)
         })
         .await
@@ -403,7 +421,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out.region.ranges.len(), 3);
-        assert_eq!(agent.get_region(&key).await.unwrap().ranges.len(), 3);
+        assert_eq!(agent.get_region(&key, false).await.unwrap().ranges.len(), 3);
         let report = agent.reconcile(None, "test").await.unwrap();
         assert_eq!((report.checked, report.reapplied), (3, 3), "{report:?}");
         let progress = Arc::new(crate::engine::PopulateProgress::default());

@@ -2,7 +2,7 @@
 //! API returns, read from the kernel.
 
 use super::placement;
-use super::plan::{find_drift_at_ends, policy_seen};
+use super::plan::{Drift, find_drift_at_ends, policy_seen};
 use super::syscalls::RealFile;
 use crate::domain::{Policy, RangeIntent, RegionIntent, Strategy};
 use crate::kernel::{GuestMemfdVm, Mapping};
@@ -28,6 +28,8 @@ pub(crate) struct LiveRegion {
     pub(crate) file: Option<RegionFile>,
     /// Last apply error by range offset; cleared on success.
     pub(crate) errors: HashMap<u64, String>,
+    /// The last full check of the shared policy; `None` until one is made.
+    pub(crate) checked: Option<LastCheck>,
 }
 
 /// A live region's lock. Owned guards (`read_owned`, `write_owned`) carry a region into
@@ -74,6 +76,48 @@ pub struct RegionView {
     pub ranges: Vec<RangeView>,
     /// Page size of the file.
     pub page_size: u64,
+    /// When the kernel was read for `ranges`' observed policies (Unix milliseconds): the last
+    /// check's time where the view answers from it.
+    pub observed_at_unix_ms: i64,
+}
+
+/// What the last full kernel check of a region's shared-policy ranges found: when, and the policy
+/// the kernel showed over each range then (`None`: unreadable). Written by the reconcile pass
+/// (what it read before re-binding), by CreateRegion's and SetPolicy's read-back, and by a
+/// GetRegion with `fresh`; GetRegion and ListRegions answer from it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LastCheck {
+    /// When the kernel was read, Unix milliseconds.
+    pub(crate) at_unix_ms: i64,
+    /// Each range read, as its intent was then, with what the kernel showed over it.
+    pub(crate) ranges: Vec<(RangeIntent, Option<Policy>)>,
+}
+
+impl LastCheck {
+    /// What this check saw over `r`, if it read a range with exactly that span and intent.
+    fn seen(&self, r: &RangeIntent) -> Option<Option<Policy>> {
+        self.ranges
+            .iter()
+            .find(|(c, _)| c.offset == r.offset && c.length == r.length && c.policy == r.policy)
+            .map(|(_, p)| *p)
+    }
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// How a view reads the shared policy of each range.
+#[derive(Clone, Copy, Debug)]
+enum Read {
+    /// From the last check ([`LiveRegion::checked`]); a range it did not read is read now.
+    LastCheck,
+    /// From the kernel now, every range at its samples; a range inside `applied`, which this
+    /// call just bound, at its first and last page.
+    Now { applied: Option<(u64, u64)> },
 }
 
 impl LiveRegion {
@@ -95,23 +139,93 @@ impl LiveRegion {
                 })
                 .collect(),
             page_size: live.intent.page_size(base_page),
+            observed_at_unix_ms: 0,
             intent: live.intent.clone(),
         }
     }
 
-    /// A view with each range's policy read from the kernel now. Blocking.
+    /// A view from the last check (see [`LastCheck`]): no kernel call for a shared-policy range
+    /// the last check read. A range it did not read (none made yet, e.g. after a restart until
+    /// the first pass) and every task-policy range are read now. Blocking unless
+    /// [`Self::answers_from_check`].
     pub(crate) fn view(&self, base_page: u64) -> RegionView {
-        self.view_after(base_page, None)
+        self.view_with(base_page, Read::LastCheck).0
     }
 
-    /// [`Self::view`] right after this call bound `applied` (start, end): a range inside it whose
-    /// mbind just succeeded is read back at its first and last page only; every other range is
-    /// sampled in full as [`Self::view`] does (drift elsewhere is still seen). Blocking.
-    pub(crate) fn view_after(&self, base_page: u64, applied: Option<(u64, u64)>) -> RegionView {
+    /// Whether [`Self::view`] needs no kernel call: a shared-policy region with a mapped file
+    /// whose last check read every current range (or a region without a file).
+    pub(crate) fn answers_from_check(&self) -> bool {
+        let Some(file) = &self.file else {
+            return true;
+        };
+        if self.intent.strategy != Strategy::SharedPolicy || file.mapping.is_none() {
+            return false;
+        }
+        self.checked.as_ref().is_some_and(|c| {
+            self.intent
+                .ranges
+                .ranges()
+                .iter()
+                .all(|r| c.seen(r).is_some())
+        })
+    }
+
+    /// A view read from the kernel now (every range sampled), kept as the region's last check.
+    /// Blocking.
+    pub(crate) fn fresh_view(&mut self, base_page: u64) -> RegionView {
+        self.fresh_view_after(base_page, None)
+    }
+
+    /// [`Self::fresh_view`] right after this call bound `applied` (start, end): a range inside it
+    /// whose mbind just succeeded is read back at its first and last page only; every other range
+    /// is sampled in full (drift elsewhere is still seen). Blocking.
+    pub(crate) fn fresh_view_after(
+        &mut self,
+        base_page: u64,
+        applied: Option<(u64, u64)>,
+    ) -> RegionView {
+        let (view, check) = self.view_with(base_page, Read::Now { applied });
+        if check.is_some() {
+            self.checked = check;
+        }
+        view
+    }
+
+    /// Records what a reconcile pass read before it re-bound: per range of the intent in order,
+    /// the first differing sample (`drifts`, empty when nothing was read). Ranges in `failed`
+    /// (their re-bind did not read back) are left out, so views read them again.
+    pub(crate) fn record_pass(&mut self, drifts: &[Option<Drift>], failed: &[u64], at: i64) {
+        if drifts.is_empty() {
+            return;
+        }
+        let ranges = self
+            .intent
+            .ranges
+            .ranges()
+            .iter()
+            .zip(drifts)
+            .filter(|(r, _)| !failed.contains(&r.offset))
+            .map(|(r, d)| (*r, d.map_or(Some(r.policy), |d| d.found)))
+            .collect();
+        self.checked = Some(LastCheck {
+            at_unix_ms: at,
+            ranges,
+        });
+    }
+
+    /// The view, and (for `Read::Now` over a mapped shared-policy file) the check it made.
+    fn view_with(&self, base_page: u64, read: Read) -> (RegionView, Option<LastCheck>) {
         let live = self;
         let mapping = live.file.as_ref().and_then(|f| f.mapping.as_ref());
         let page = live.intent.page_size(base_page);
         let shared = live.intent.strategy == Strategy::SharedPolicy;
+        let now = now_unix_ms();
+        let last = live
+            .checked
+            .as_ref()
+            .filter(|_| matches!(read, Read::LastCheck));
+        let mut from_last = false;
+        let mut made = Vec::new();
         let ranges = live
             .intent
             .ranges
@@ -119,64 +233,97 @@ impl LiveRegion {
             .iter()
             .map(|r| {
                 let last_error = live.errors.get(&r.offset).cloned().unwrap_or_default();
-                let just_bound = last_error.is_empty()
-                    && applied.is_some_and(|(start, end)| start <= r.offset && r.end() <= end);
                 let observed =
                     live.file
                         .as_ref()
                         .zip(mapping)
                         .filter(|_| shared)
                         .and_then(|(f, m)| {
+                            if let Some(seen) = last.and_then(|c| c.seen(r)) {
+                                from_last = true;
+                                return seen;
+                            }
                             let k = RealFile {
                                 fd: f.fd.as_fd(),
                                 mapping: Some(m),
                                 page,
                             };
-                            if just_bound {
+                            let just_bound = last_error.is_empty()
+                                && matches!(read, Read::Now { applied: Some((start, end)) }
+                                if start <= r.offset && r.end() <= end);
+                            let seen = if just_bound {
                                 match find_drift_at_ends(&k, r, page) {
                                     None => Some(r.policy),
                                     Some(d) => d.found,
                                 }
                             } else {
                                 policy_seen(&k, r, page)
-                            }
+                            };
+                            made.push((*r, seen));
+                            seen
                         });
-                // A task-policy range's only effect is where its pages are: read it now.
-                let check = live.file.as_ref().filter(|_| !shared).and_then(|f| {
-                    placement::check_range(f.fd.as_fd(), live.intent.size_bytes, r, page).ok()
-                });
-                let state = match live.intent.strategy {
-                    _ if live.file.is_none() => RangeState::Failed,
-                    Strategy::SharedPolicy => match observed {
-                        Some(p) if p == r.policy => RangeState::Applied,
-                        _ if !last_error.is_empty() => RangeState::Failed,
-                        Some(_) => RangeState::Drifted,
-                        None => RangeState::Pending,
-                    },
-                    Strategy::TaskPolicy if !last_error.is_empty() => RangeState::Failed,
-                    Strategy::TaskPolicy => task_state(r, check),
-                };
-                let last_error = if live.intent.status == crate::domain::RegionStatus::Released {
-                    "region released: the last process holding its file exited".to_string()
-                } else if live.file.is_none() && last_error.is_empty() {
-                    "region lost: no process held its file while the agent was down".to_string()
-                } else {
-                    last_error
-                };
-                RangeView {
-                    intent: *r,
-                    observed,
-                    state,
-                    last_error,
-                    check,
-                }
+                range_view(live, r, observed, last_error, page)
             })
             .collect();
-        RegionView {
+        let at = match last {
+            Some(c) if from_last => c.at_unix_ms,
+            _ => now,
+        };
+        let check = (matches!(read, Read::Now { .. }) && shared && mapping.is_some()).then_some(
+            LastCheck {
+                at_unix_ms: now,
+                ranges: made,
+            },
+        );
+        let view = RegionView {
             intent: live.intent.clone(),
             ranges,
             page_size: page,
-        }
+            observed_at_unix_ms: at,
+        };
+        (view, check)
+    }
+}
+
+/// One range's view from what was observed of its shared policy (task-policy ranges are read
+/// here, from where their pages are). Blocking for a task-policy range.
+fn range_view(
+    live: &LiveRegion,
+    r: &RangeIntent,
+    observed: Option<Policy>,
+    last_error: String,
+    page: u64,
+) -> RangeView {
+    let shared = live.intent.strategy == Strategy::SharedPolicy;
+    // A task-policy range's only effect is where its pages are: read it now.
+    let check =
+        live.file.as_ref().filter(|_| !shared).and_then(|f| {
+            placement::check_range(f.fd.as_fd(), live.intent.size_bytes, r, page).ok()
+        });
+    let state = match live.intent.strategy {
+        _ if live.file.is_none() => RangeState::Failed,
+        Strategy::SharedPolicy => match observed {
+            Some(p) if p == r.policy => RangeState::Applied,
+            _ if !last_error.is_empty() => RangeState::Failed,
+            Some(_) => RangeState::Drifted,
+            None => RangeState::Pending,
+        },
+        Strategy::TaskPolicy if !last_error.is_empty() => RangeState::Failed,
+        Strategy::TaskPolicy => task_state(r, check),
+    };
+    let last_error = if live.intent.status == crate::domain::RegionStatus::Released {
+        "region released: the last process holding its file exited".to_string()
+    } else if live.file.is_none() && last_error.is_empty() {
+        "region lost: no process held its file while the agent was down".to_string()
+    } else {
+        last_error
+    };
+    RangeView {
+        intent: *r,
+        observed,
+        state,
+        last_error,
+        check,
     }
 }
 
@@ -248,6 +395,7 @@ mod tests {
                 vm: None,
             }),
             errors: HashMap::new(),
+            checked: None,
         }
     }
 

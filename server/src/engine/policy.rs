@@ -200,7 +200,7 @@ impl Agent {
             let moved = apply_range(&mut live, offset, length, migrate, base_page);
             (
                 moved,
-                live.view_after(base_page, Some((offset, offset + length))),
+                live.fresh_view_after(base_page, Some((offset, offset + length))),
             )
         })
         .await?;
@@ -281,6 +281,7 @@ impl Agent {
                 intent: next.clone(),
                 file: None,
                 errors: HashMap::new(),
+                checked: None,
             };
             // The first answer, as the engine knows it at the commit: the committed intent and
             // the warnings; the kernel change (and any migrate) follows the commit.

@@ -111,7 +111,8 @@ impl ReconcileReport {
 }
 
 /// Reconciles one region: observe, plan, execute (see [`plan::plan`]), then record what happened
-/// as events, counts (the offsets of drifted ranges into `drifts`) and per-range errors. Blocking.
+/// as events, counts (the offsets of drifted ranges into `drifts`), per-range errors and the
+/// region's last check (what the pass read, which GetRegion answers from). Blocking.
 ///
 /// Detecting drift at samples rather than every page keeps a pass cheap (a get_mempolicy per
 /// sample, and about 2 µs of mbind through a fresh window per range; verifying a range that did
@@ -138,9 +139,19 @@ fn reconcile_region(
         (Some(_), None) => FileState::Unmapped,
         (Some(_), Some(_)) => FileState::Mapped,
     };
+    let at = super::live::now_unix_ms();
     let observed = plan::observe(kernel.as_ref(), &live.intent, file, page);
     let actions = plan::plan(&live.intent, &observed);
     let done = plan::execute(kernel.as_ref(), &actions, page);
+    let failed: Vec<u64> = done
+        .iter()
+        .filter_map(|d| match d {
+            Done::Failed(r, _) => Some(r.offset),
+            _ => None,
+        })
+        .collect();
+    // What GetRegion answers until the next check: what this pass read, before it re-bound.
+    live.record_pass(&observed.drift, &failed, at);
     let mut events = Vec::new();
     for d in done {
         match d {

@@ -163,6 +163,7 @@ impl Agent {
             intent,
             file: Some(file),
             errors: HashMap::new(),
+            checked: None,
         };
         self.rebind_recovered(&mut live, out);
         live
@@ -464,6 +465,7 @@ fn lost(intent: RegionIntent) -> LiveRegion {
         intent,
         file: None,
         errors: HashMap::new(),
+        checked: None,
     }
 }
 
@@ -536,6 +538,7 @@ mod tests {
                 vm: None,
             }),
             errors: HashMap::new(),
+            checked: None,
         }
     }
 

@@ -164,6 +164,7 @@ impl Agent {
             intent: intent.clone(),
             file: Some(file),
             errors: HashMap::new(),
+            checked: None,
         });
         let pending_view = self.view_without_kernel(&live);
         let mut ops = vec![WriteOp::InsertRegion(intent.clone())];
@@ -190,7 +191,7 @@ impl Agent {
         let (live, applied, view) = Agent::blocking(move || {
             let mut live = live;
             let applied = apply_all(&mut live, page);
-            let view = live.view(page);
+            let view = live.fresh_view(page);
             (live, applied, view)
         })
         .await?;
@@ -241,8 +242,14 @@ impl Agent {
         Ok(())
     }
 
-    /// One region with observed state.
-    pub async fn get_region(&self, key: &RegionKey) -> Result<RegionView, AgentError> {
+    /// One region with observed state: from its last check (see [`super::live::LastCheck`]),
+    /// or with `fresh` read from the kernel now (every range at its samples) and kept as the
+    /// last check.
+    pub async fn get_region(&self, key: &RegionKey, fresh: bool) -> Result<RegionView, AgentError> {
+        if fresh {
+            let live = self.slot(key)?.write_owned().await;
+            return Ok(self.fresh_view_of(live).await?.1);
+        }
         let live = self.slot(key)?.read_owned().await;
         Ok(self.view_of(live).await?.1)
     }

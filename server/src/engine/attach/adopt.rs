@@ -101,8 +101,9 @@ impl Agent {
                 vm: None,
             }),
             errors: HashMap::new(),
+            checked: None,
         });
-        let (live, view) = self.view_of(live).await?;
+        let (live, view) = self.fresh_view_of(live).await?;
         self.regions
             .lock()
             .insert(key, Arc::new(RwLock::new(*live)));

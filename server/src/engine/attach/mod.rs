@@ -365,6 +365,7 @@ impl Agent {
                 vm: None,
             }),
             errors: HashMap::new(),
+            checked: None,
         };
         Ok((live, event))
     }
@@ -387,7 +388,9 @@ impl Agent {
                     out.push(Attached::Existing(key));
                 }
                 Attached::New(live) => {
-                    let (live, v) = self.view_of(live).await?;
+                    // Read now and kept as the region's last check, so later answers (and a
+                    // retry's) show the same reading until the next check.
+                    let (live, v) = self.fresh_view_of(live).await?;
                     views.push(v);
                     out.push(Attached::New(live));
                 }
