@@ -6,7 +6,8 @@
 //! across an await or a syscall), and they do not poison: a panic elsewhere cannot wedge every
 //! later request. Each region is a tokio `RwLock`, held across its kernel work.
 
-use super::error::{AgentError, kerr};
+use super::error::AgentError;
+use super::handles::{Journal, Regions, Vms};
 use super::live::{LiveRegion, RegionView, Slot};
 use crate::domain::{Event, EventKind, RegionKey, Strategy, VmId};
 use crate::handoff::token::TokenKey;
@@ -14,7 +15,7 @@ use crate::kernel::{GuestMemfdVm, probe::Features};
 use crate::store::{Store, WriteOp, unix_now_ms};
 use crate::topology::{Topology, TopologyCache};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -95,21 +96,21 @@ impl AgentCounters {
     }
 }
 
-/// The engine.
+/// The engine. Its state is private: each job takes the narrow handle it needs
+/// ([`Agent::regions`]; the journal through [`Agent::commit`], [`Agent::store`] and
+/// [`Agent::subscribe`]; the VMs through [`Agent::vm_for`]) and the host's facts through
+/// accessors.
 pub struct Agent {
-    pub(crate) store: Store,
-    pub(crate) features: Features,
-    pub(crate) topology: TopologyCache,
-    pub(crate) page: u64,
-    pub(crate) limits: EngineSettings,
-    pub(crate) regions: Mutex<BTreeMap<RegionKey, Slot>>,
-    /// Serializes creates and deletes, so region counts and names stay consistent.
-    pub(crate) membership: tokio::sync::Mutex<()>,
-    pub(crate) vms: Mutex<HashMap<String, Arc<GuestMemfdVm>>>,
-    pub(crate) events: broadcast::Sender<Event>,
-    pub(crate) tokens: TokenKey,
+    journal: Journal,
+    regions: Regions,
+    vms: Vms,
+    features: Features,
+    topology: TopologyCache,
+    page: u64,
+    settings: EngineSettings,
+    tokens: TokenKey,
     /// Holders to watch for exit (see `engine::holders`).
-    pub(crate) holder_watch: tokio::sync::mpsc::UnboundedSender<crate::domain::Holder>,
+    holder_watch: tokio::sync::mpsc::UnboundedSender<crate::domain::Holder>,
     /// Counters for metrics.
     pub counters: AgentCounters,
 }
@@ -124,6 +125,44 @@ impl std::fmt::Debug for Agent {
 pub const AGENT_ACTOR: &str = "agent";
 
 impl Agent {
+    /// An engine with no region yet (see `start.rs`, which recovers the stored ones).
+    pub(crate) fn new(
+        store: Store,
+        features: Features,
+        topology: TopologyCache,
+        settings: EngineSettings,
+        secret: &[u8],
+        holder_watch: tokio::sync::mpsc::UnboundedSender<crate::domain::Holder>,
+    ) -> Self {
+        Self {
+            journal: Journal::new(store),
+            regions: Regions::default(),
+            vms: Vms::default(),
+            features,
+            topology,
+            page: crate::kernel::page_size(),
+            settings,
+            tokens: TokenKey::new(secret),
+            holder_watch,
+            counters: AgentCounters::default(),
+        }
+    }
+
+    /// The live regions.
+    pub(crate) fn regions(&self) -> &Regions {
+        &self.regions
+    }
+
+    /// What callers may ask for, and the engine's fixed choices.
+    pub(crate) fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// The host's topology as last cached (policy checks; see [`TopologyCache`]).
+    pub(crate) fn cached_topology(&self) -> &TopologyCache {
+        &self.topology
+    }
+
     /// The kernel features probed at start.
     pub fn features(&self) -> &Features {
         &self.features
@@ -131,7 +170,7 @@ impl Agent {
 
     /// The store.
     pub fn store(&self) -> &Store {
-        &self.store
+        self.journal.store()
     }
 
     /// Base page size.
@@ -155,6 +194,11 @@ impl Agent {
         self.tokens.check(vm_id, token)
     }
 
+    /// Watches holder `h`: when it exits, `Agent::holder_exited` (`engine::holders`) runs.
+    pub(crate) fn watch_holder(&self, h: crate::domain::Holder) {
+        let _ = self.holder_watch.send(h);
+    }
+
     /// Runs kernel work on tokio's blocking pool and waits for it without blocking the runtime
     /// (on any runtime flavour; `block_in_place` panics on a current-thread runtime). The closure
     /// owns what it touches: a region is passed in as an owned guard and handed back with the
@@ -171,24 +215,15 @@ impl Agent {
 
     /// Subscribes to live events.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.journal.subscribe()
     }
 
     pub(crate) fn slot(&self, key: &RegionKey) -> Result<Slot, AgentError> {
-        self.regions
-            .lock()
-            .get(key)
-            .cloned()
-            .ok_or_else(|| AgentError::NotFound(key.clone()))
+        self.regions.get(key)
     }
 
     pub(crate) fn slots(&self, vm_id: Option<&str>) -> Vec<Slot> {
-        self.regions
-            .lock()
-            .iter()
-            .filter(|(k, _)| vm_id.is_none_or(|v| k.vm_id == v))
-            .map(|(_, s)| s.clone())
-            .collect()
+        self.regions.all(vm_id)
     }
 
     /// Appends an event durably and broadcasts it.
@@ -199,18 +234,9 @@ impl Agent {
         message: String,
         actor: &str,
     ) -> Result<(), AgentError> {
-        self.emit_event(event(kind, key, message, actor)).await
-    }
-
-    /// Appends a built event durably and broadcasts it.
-    async fn emit_event(&self, mut event: Event) -> Result<(), AgentError> {
-        let seqs = self
-            .store
-            .write(vec![WriteOp::AppendEvent(event.clone())])
-            .await?;
-        event.sequence = seqs.first().copied().unwrap_or(0);
-        let _ = self.events.send(event);
-        Ok(())
+        self.journal
+            .commit(Vec::new(), vec![event(kind, key, message, actor)])
+            .await
     }
 
     /// An event to commit (its sequence is set when it is written).
@@ -224,13 +250,13 @@ impl Agent {
         event(kind, key, message, actor)
     }
 
-    /// Commits `ops` plus events, then broadcasts the events with their sequence numbers.
+    /// Commits `ops` plus events, then broadcasts the events with their sequence numbers, and
+    /// watches every holder it recorded.
     pub(crate) async fn commit(
         &self,
-        mut ops: Vec<WriteOp>,
+        ops: Vec<WriteOp>,
         events: Vec<Event>,
     ) -> Result<(), AgentError> {
-        let n = events.len();
         let holders: Vec<_> = ops
             .iter()
             .filter_map(|op| match op {
@@ -239,43 +265,22 @@ impl Agent {
                 _ => None,
             })
             .collect();
-        ops.extend(events.iter().cloned().map(WriteOp::AppendEvent));
-        let seqs = self.store.write(ops).await?;
+        self.journal.commit(ops, events).await?;
         // A holder recorded durably is watched for exit from now on.
         for h in holders {
             self.watch_holder(h);
         }
-        for (mut e, seq) in events.into_iter().zip(seqs).take(n) {
-            e.sequence = seq;
-            let _ = self.events.send(e);
-        }
         Ok(())
     }
 
-    /// The VM this vm_id's guest_memfd files are made on: the one a VMM attached, else one the
-    /// agent creates. The VM is created without holding the map's lock (creating a KVM VM takes
-    /// milliseconds); when two calls race, the first inserted wins and the other's VM is dropped.
+    /// The VM this vm_id's guest_memfd files are made on (see [`Vms::for_vm`]).
     pub(crate) async fn vm_for(&self, vm_id: &str) -> Result<Arc<GuestMemfdVm>, AgentError> {
-        if let Some(vm) = self.vms.lock().get(vm_id).cloned() {
-            return Ok(vm);
-        }
-        let vm = Agent::blocking(GuestMemfdVm::create)
-            .await?
-            .map_err(kerr("creating a KVM VM"))?;
-        Ok(self
-            .vms
-            .lock()
-            .entry(vm_id.to_string())
-            .or_insert(Arc::new(vm))
-            .clone())
+        self.vms.for_vm(vm_id).await
     }
 
     /// Forgets a vm_id's VM once no region of that VM is left.
     pub(crate) fn release_vm_if_unused(&self, vm_id: &str) {
-        let regions = self.regions.lock();
-        if !regions.keys().any(|k| k.vm_id == vm_id) {
-            self.vms.lock().remove(vm_id);
-        }
+        self.vms.release_if_unused(vm_id, &self.regions);
     }
 
     /// Uses a VMM's VM fd for this vm_id's later guest_memfd regions, with its audit event: the
@@ -291,8 +296,8 @@ impl Agent {
         let vm = vm_of_fd(fd)?;
         let mut ev = event(EventKind::VmAttached, None, message, actor);
         ev.vm_id = vm_id.to_string();
-        self.emit_event(ev).await?;
-        self.vms.lock().insert(vm_id.to_string(), Arc::new(vm));
+        self.journal.commit(Vec::new(), vec![ev]).await?;
+        self.vms.insert(vm_id.as_str(), vm);
         Ok(())
     }
 }

@@ -71,11 +71,6 @@ async fn wait_for_exit(h: Holder) {
 }
 
 impl Agent {
-    /// Watches holder `h`: when it exits, [`Agent::holder_exited`] runs.
-    pub(crate) fn watch_holder(&self, h: Holder) {
-        let _ = self.holder_watch.send(h);
-    }
-
     /// Holder `h` exited: each region it held gets a new holder, or is released now (a VMM's
     /// file) or after the keep time (the agent's).
     pub(crate) async fn holder_exited(self: &Arc<Self>, h: Holder) -> Result<(), AgentError> {
@@ -112,7 +107,7 @@ impl Agent {
                 self.release(live, why).await?;
                 continue;
             }
-            match self.limits.keep_after_holder_exit {
+            match self.settings().keep_after_holder_exit {
                 None => {
                     drop(live);
                     self.emit(

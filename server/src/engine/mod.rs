@@ -4,6 +4,8 @@
 //!
 //! One file per job:
 //! - `agent`: the [`Agent`], its maps, events, commits and the blocking-thread helper;
+//! - `handles`: the narrow handles a job takes from the agent (regions, journal = store and
+//!   events, VMs);
 //! - `error`: [`AgentError`] and its one status code ([`AgentError::code`]);
 //! - `live`: what the agent holds of a region, and the views read from the kernel;
 //! - `regions`: create, get, list, delete, and the handoff's holder record;
@@ -26,6 +28,7 @@ mod agent;
 mod apply;
 mod attach;
 mod error;
+mod handles;
 mod holders;
 mod idempotency;
 mod live;

@@ -236,7 +236,7 @@ impl Agent {
         length: u64,
     ) -> Result<Placement, AgentError> {
         let live = self.slot(key)?.read_owned().await;
-        let page = live.intent.page_size(self.page);
+        let page = live.intent.page_size(self.page_size());
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
         if live
             .file

@@ -93,10 +93,10 @@ impl Agent {
     pub fn check_policy(&self, policy: &Policy) -> Result<(), AgentError> {
         policy.validate().map_err(DomainError::from)?;
         let unsupported = match policy.mode {
-            PolicyMode::PreferredMany if !self.features.preferred_many => {
+            PolicyMode::PreferredMany if !self.features().preferred_many => {
                 Some("preferred-many (5.15+)")
             }
-            PolicyMode::WeightedInterleave if !self.features.weighted_interleave => {
+            PolicyMode::WeightedInterleave if !self.features().weighted_interleave => {
                 Some("weighted-interleave (6.9+)")
             }
             _ => None,
@@ -106,12 +106,12 @@ impl Agent {
                 what: "policy mode",
                 message: format!(
                     "policy mode {m} is not supported by kernel {}",
-                    self.features.kernel_release
+                    self.features().kernel_release
                 ),
             });
         }
         policy
-            .check_usable(&self.topology.cached().usable)
+            .check_usable(&self.cached_topology().cached().usable)
             .map_err(DomainError::from)?;
         Ok(())
     }
@@ -121,13 +121,13 @@ impl Agent {
     pub(crate) fn strategy_for(&self, backend: Backend) -> Strategy {
         // The `force_strategy` config key (tests prove the task-policy path on memfd in
         // multi-node guests, where KVM is absent).
-        if let Some(s) = self.limits.force_strategy {
+        if let Some(s) = self.settings().force_strategy {
             return s;
         }
         let shared = match backend {
-            Backend::Memfd => self.features.memfd_shared_policy,
-            Backend::GuestMemfd => self.features.guest_memfd_shared_policy,
-            Backend::MemfdHugetlb => self.features.hugetlb_shared_policy,
+            Backend::Memfd => self.features().memfd_shared_policy,
+            Backend::GuestMemfd => self.features().guest_memfd_shared_policy,
+            Backend::MemfdHugetlb => self.features().hugetlb_shared_policy,
         };
         if shared {
             Strategy::SharedPolicy
@@ -156,7 +156,7 @@ impl Agent {
         let mut live = self.slot(key)?.write_owned().await;
         // A concurrent call with the same request id is caught when its request record conflicts
         // at commit (below), so the common path reads nothing here.
-        let page = live.intent.page_size(self.page);
+        let page = live.intent.page_size(self.page_size());
         let (offset, length) = resolve_span(offset, length, live.intent.size_bytes, page)?;
         self.check_generation(&live.intent, expected_generation, idem.as_ref())
             .await?;
@@ -187,7 +187,7 @@ impl Agent {
             live.intent.backend,
             live.intent.strategy,
             &policy,
-            &self.features,
+            self.features(),
         )
         .into_iter()
         .collect();
@@ -195,7 +195,7 @@ impl Agent {
             .await?;
         crate::failpoint::hit("SetPolicy.after-commit", request_id(idem.as_ref()));
         live.intent = next;
-        let base_page = self.page;
+        let base_page = self.page_size();
         let ((moved, failed), region) = Agent::blocking(move || {
             let moved = apply_range(&mut live, offset, length, migrate, base_page);
             (
@@ -225,7 +225,7 @@ impl Agent {
         }
         if let Some(i) = idem
             && !matches!(
-                self.store.lookup_request(&i.request_id).await?,
+                self.store().lookup_request(&i.request_id).await?,
                 crate::store::RequestLookup::Unknown
             )
         {

@@ -62,7 +62,7 @@ impl Agent {
                 lives.push(live);
                 next += 1;
             }
-            let (base_page, who) = (self.page, actor.to_string());
+            let (base_page, who) = (self.page_size(), actor.to_string());
             let done = Agent::blocking(move || {
                 lives
                     .into_iter()

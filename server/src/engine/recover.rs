@@ -92,7 +92,7 @@ impl Agent {
             (lives, writes)
         });
         let loaded = async {
-            let mut stored = std::pin::pin!(self.store.stream_regions());
+            let mut stored = std::pin::pin!(self.store().stream_regions());
             let mut batch = Vec::with_capacity(RECOVER_CHUNK);
             while let Some(intent) = stored.next().await {
                 let intent = intent?;
@@ -123,7 +123,7 @@ impl Agent {
         })?;
         loaded?;
         {
-            let mut map = self.regions.lock();
+            let mut map = self.regions().map();
             for live in lives {
                 map.insert(live.intent.key.clone(), Arc::new(RwLock::new(live)));
             }
@@ -153,7 +153,7 @@ impl Agent {
                 FileBack::Without(live) => return live,
             },
             Recovery::Recreate => {
-                match recreate(intent, vm, self.features.guest_memfd_flags, out) {
+                match recreate(intent, vm, self.features().guest_memfd_flags, out) {
                     FileBack::Found(intent, file) => (intent, file),
                     FileBack::Without(live) => return live,
                 }
@@ -256,7 +256,7 @@ impl Agent {
     /// Re-binds every range of a recovered region on its new mapping and verifies the binding
     /// through a second, fresh mapping.
     fn rebind_recovered(&self, live: &mut LiveRegion, out: &mut Writes) {
-        let applied = apply_all(live, self.page);
+        let applied = apply_all(live, self.page_size());
         let total = live.intent.ranges.ranges().len() as u32;
         if live.intent.strategy != Strategy::SharedPolicy {
             return;
@@ -274,7 +274,7 @@ impl Agent {
         if applied == 0 {
             return;
         }
-        let page = live.intent.page_size(self.page);
+        let page = live.intent.page_size(self.page_size());
         let checked = verify_fresh(
             live.file.as_ref(),
             live.intent.size_bytes,

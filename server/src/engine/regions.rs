@@ -36,21 +36,21 @@ impl Agent {
     pub(crate) fn check_backend(&self, req: &CreateRequest) -> Result<u64, AgentError> {
         match req.backend {
             Backend::GuestMemfd => {
-                if !self.features.kvm_usable {
+                if !self.features().kvm_usable {
                     return Err(AgentError::Unsupported {
                         what: "guest_memfd",
                         message: format!(
                             "guest_memfd regions need KVM, which is not usable here ({}); memfd regions still work",
-                            self.features.kvm_error
+                            self.features().kvm_error
                         ),
                     });
                 }
-                if !self.features.guest_memfd_supported {
+                if !self.features().guest_memfd_supported {
                     return Err(AgentError::Unsupported {
                         what: "guest_memfd",
                         message: format!(
                             "kernel {} does not support guest_memfd (KVM_CAP_GUEST_MEMFD); use a memfd backend",
-                            self.features.kernel_release
+                            self.features().kernel_release
                         ),
                     });
                 }
@@ -59,7 +59,7 @@ impl Agent {
                         "hugepage_size_bytes applies only to BACKEND_MEMFD_HUGETLB".into(),
                     ));
                 }
-                Ok(self.page)
+                Ok(self.page_size())
             }
             Backend::Memfd => {
                 if req.hugepage_size_bytes != 0 {
@@ -67,11 +67,11 @@ impl Agent {
                         "hugepage_size_bytes applies only to BACKEND_MEMFD_HUGETLB".into(),
                     ));
                 }
-                Ok(self.page)
+                Ok(self.page_size())
             }
             Backend::MemfdHugetlb => {
                 let sizes: Vec<u64> = self
-                    .topology
+                    .cached_topology()
                     .cached()
                     .nodes
                     .iter()
@@ -101,10 +101,10 @@ impl Agent {
         idem: Option<Idempotency<RegionView>>,
     ) -> Result<RegionView, AgentError> {
         let page = self.check_backend(&req)?;
-        if req.size_bytes == 0 || req.size_bytes > self.limits.max_region_bytes {
+        if req.size_bytes == 0 || req.size_bytes > self.settings().max_region_bytes {
             return Err(DomainError::BadSize {
                 size: req.size_bytes,
-                max: self.limits.max_region_bytes,
+                max: self.settings().max_region_bytes,
             }
             .into());
         }
@@ -123,7 +123,7 @@ impl Agent {
             ranges.apply(o, l, *policy);
         }
         self.check_range_count(&req.key, &ranges)?;
-        let _m = self.membership.lock().await;
+        let _m = self.regions().changing().await;
         self.check_new_key(&req.key)?;
         let mut intent = RegionIntent {
             key: req.key.clone(),
@@ -151,7 +151,7 @@ impl Agent {
             Backend::GuestMemfd => Some(self.vm_for(&intent.key.vm_id).await?),
             _ => None,
         };
-        let gmem_flags = self.features.guest_memfd_flags;
+        let gmem_flags = self.features().guest_memfd_flags;
         let (file, intent) = Agent::blocking(move || {
             let file = create_file(&intent, vm, gmem_flags)?;
             // The identity is how a restarted agent finds the file in a VMM: without it a
@@ -187,7 +187,7 @@ impl Agent {
             e => e,
         })?;
         crate::failpoint::hit("CreateRegion.after-commit", request_id(idem.as_ref()));
-        let page = self.page;
+        let page = self.page_size();
         let (live, applied, view) = Agent::blocking(move || {
             let mut live = live;
             let applied = apply_all(&mut live, page);
@@ -195,8 +195,8 @@ impl Agent {
             (live, applied, view)
         })
         .await?;
-        self.regions
-            .lock()
+        self.regions()
+            .map()
             .insert(req.key.clone(), Arc::new(RwLock::new(*live)));
         if applied > 0 {
             tracing::debug!(region = %req.key, applied, "initial policies applied");
@@ -210,7 +210,7 @@ impl Agent {
         key: &RegionKey,
         ranges: &RangeMap,
     ) -> Result<(), AgentError> {
-        let max = self.limits.max_ranges_per_region;
+        let max = self.settings().max_ranges_per_region;
         if ranges.ranges().len() > max {
             return Err(AgentError::OverLimit {
                 limit: "max_ranges_per_region",
@@ -227,11 +227,11 @@ impl Agent {
     /// Refuses a new region whose key is taken, or one over the agent's region limit. Call with
     /// `membership` held, so the answer stands until the region is inserted.
     pub(crate) fn check_new_key(&self, key: &RegionKey) -> Result<(), AgentError> {
-        let regions = self.regions.lock();
+        let regions = self.regions().map();
         if regions.contains_key(key) {
             return Err(AgentError::AlreadyExists(key.clone()));
         }
-        let max = self.limits.max_regions;
+        let max = self.settings().max_regions;
         if regions.len() >= max {
             return Err(AgentError::OverLimit {
                 limit: "max_regions",
@@ -280,7 +280,7 @@ impl Agent {
         actor: &str,
         idem: Option<Idempotency<RegionView>>,
     ) -> Result<RegionView, AgentError> {
-        let _m = self.membership.lock().await;
+        let _m = self.regions().changing().await;
         let live = self.slot(key)?.write_owned().await;
         let (mut live, view) = self.view_of(live).await?;
         let mut ops = vec![WriteOp::DeleteRegion(key.clone())];
@@ -295,7 +295,7 @@ impl Agent {
         );
         self.commit(ops, vec![ev]).await?;
         crate::failpoint::hit("DeleteRegion.after-commit", request_id(idem.as_ref()));
-        self.regions.lock().remove(key);
+        self.regions().map().remove(key);
         // Close the fd and mapping now: a held guest_memfd keeps its whole KVM VM alive.
         live.file = None;
         drop(live);

@@ -2,17 +2,13 @@
 //! (`recover`), record that the agent started, and watch the holders of what came back
 //! (`holders`).
 
-use super::agent::{AGENT_ACTOR, Agent, AgentCounters, EngineSettings, event};
+use super::agent::{AGENT_ACTOR, Agent, EngineSettings, event};
 use super::error::AgentError;
 use crate::domain::EventKind;
-use crate::handoff::token::TokenKey;
-use crate::kernel::{self, probe::Features};
+use crate::kernel::probe::Features;
 use crate::store::Store;
 use crate::topology::{TopologyCache, TopologyReader};
-use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use tokio::sync::broadcast;
 
 impl Agent {
     /// Builds the engine from an open store and probed capabilities, then recovers every stored
@@ -30,22 +26,15 @@ impl Agent {
                 k
             })
             .await?;
-        let (events, _) = broadcast::channel(4096);
         let (holder_watch, holders_to_watch) = tokio::sync::mpsc::unbounded_channel();
-        let agent = Arc::new(Self {
+        let agent = Arc::new(Self::new(
             store,
             features,
-            topology: TopologyCache::new(topology),
-            page: kernel::page_size(),
+            TopologyCache::new(topology),
             limits,
-            regions: Mutex::new(BTreeMap::new()),
-            membership: tokio::sync::Mutex::new(()),
-            vms: Mutex::new(HashMap::new()),
-            events,
-            tokens: TokenKey::new(&secret),
+            &secret,
             holder_watch,
-            counters: AgentCounters::default(),
-        });
+        ));
         super::holders::start_watching(Arc::downgrade(&agent), holders_to_watch);
         // The AGENT_STARTED event is committed with recovery's own writes: one commit.
         let started = event(

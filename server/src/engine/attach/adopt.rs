@@ -37,17 +37,17 @@ impl Agent {
             )));
         }
         if size_bytes == 0
-            || !size_bytes.is_multiple_of(self.page)
-            || size_bytes > self.limits.max_region_bytes
+            || !size_bytes.is_multiple_of(self.page_size())
+            || size_bytes > self.settings().max_region_bytes
         {
             return Err(DomainError::BadSize {
                 size: size_bytes,
-                max: self.limits.max_region_bytes,
+                max: self.settings().max_region_bytes,
             }
             .into());
         }
-        let _m = self.membership.lock().await;
-        if self.regions.lock().contains_key(&key) {
+        let _m = self.regions().changing().await;
+        if self.regions().map().contains_key(&key) {
             return Err(AgentError::AlreadyExists(key));
         }
         let mapping = Mapping::new(fd.as_fd(), size_bytes).map_err(|e| {
@@ -57,14 +57,19 @@ impl Agent {
             ))
         })?;
         let strategy = match backend {
-            Backend::GuestMemfd if self.features.guest_memfd_shared_policy => {
+            Backend::GuestMemfd if self.features().guest_memfd_shared_policy => {
                 Strategy::SharedPolicy
             }
             Backend::GuestMemfd => Strategy::TaskPolicy,
             b => self.strategy_for(b),
         };
-        let (ranges, kept) =
-            kernel_ranges(fd.as_fd(), Some(&mapping), strategy, size_bytes, self.page)?;
+        let (ranges, kept) = kernel_ranges(
+            fd.as_fd(),
+            Some(&mapping),
+            strategy,
+            size_bytes,
+            self.page_size(),
+        )?;
         let intent = RegionIntent {
             key: key.clone(),
             uid: new_uid(),
@@ -104,8 +109,8 @@ impl Agent {
             checked: None,
         });
         let (live, view) = self.fresh_view_of(live).await?;
-        self.regions
-            .lock()
+        self.regions()
+            .map()
             .insert(key, Arc::new(RwLock::new(*live)));
         Ok(view)
     }

@@ -153,7 +153,7 @@ impl Agent {
             start_time: start,
         };
         // Creates and deletes wait, so names and the region count stay consistent.
-        let _m = self.membership.lock().await;
+        let _m = self.regions().changing().await;
         let found = scan_process(pid, start).await?;
         let mut known = self.known_files(vm_id.as_str()).await;
         let mut plan = AttachPlan::default();
@@ -167,8 +167,8 @@ impl Agent {
         for (f, naming) in found.files.into_iter().zip(names) {
             self.plan_file(&mut plan, &mut known, f, naming, &who)?;
         }
-        let existing = self.regions.lock().len();
-        let max = self.limits.max_regions;
+        let existing = self.regions().map().len();
+        let max = self.settings().max_regions;
         if existing + plan.new_count > max {
             return Err(AgentError::OverLimit {
                 limit: "max_regions",
@@ -283,16 +283,16 @@ impl Agent {
             actor,
         } = *who;
         let pid = holder.pid;
-        let page = self.page;
+        let page = self.page_size();
         let (backend, file_page, hugepage) = match f.kind {
             MemKind::Memfd => (Backend::Memfd, page, 0),
             MemKind::MemfdHugetlb(hp) => (Backend::MemfdHugetlb, hp, hp),
             MemKind::GuestMemfd => (Backend::GuestMemfd, page, 0),
         };
-        if f.size == 0 || f.size > self.limits.max_region_bytes {
+        if f.size == 0 || f.size > self.settings().max_region_bytes {
             return Err(DomainError::BadSize {
                 size: f.size,
-                max: self.limits.max_region_bytes,
+                max: self.settings().max_region_bytes,
             }
             .into());
         }
@@ -310,7 +310,7 @@ impl Agent {
         let mapping = Mapping::new(f.fd.as_fd(), f.size).ok();
         let strategy = match backend {
             Backend::GuestMemfd if mapping.is_none() => Strategy::TaskPolicy,
-            Backend::GuestMemfd if self.features.guest_memfd_shared_policy => {
+            Backend::GuestMemfd if self.features().guest_memfd_shared_policy => {
                 Strategy::SharedPolicy
             }
             Backend::GuestMemfd => Strategy::TaskPolicy,
@@ -416,8 +416,8 @@ impl Agent {
                 Attached::New(live) => {
                     let (live, v) = self.view_of(live).await?;
                     views.push(v);
-                    self.regions
-                        .lock()
+                    self.regions()
+                        .map()
                         .insert(live.intent.key.clone(), Arc::new(RwLock::new(*live)));
                 }
             }

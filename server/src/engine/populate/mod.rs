@@ -253,7 +253,7 @@ impl Agent {
         if let Some(e) = AgentError::without_file(&live.intent) {
             return Err(e);
         }
-        let page = live.intent.page_size(self.page);
+        let page = live.intent.page_size(self.page_size());
         let (offset, length) = resolve_span(req.offset, req.length, live.intent.size_bytes, page)?;
         if live.file.is_none() {
             return Err(AgentError::FailedPrecondition(format!(
