@@ -2,7 +2,7 @@
 //! The only code that touches SQLite, all of it through sqlx.
 //!
 //! Writes go through one writer task that owns the write connection. It takes every job waiting
-//! in its queue (up to [`MAX_BATCH`]), runs each in its own savepoint inside one transaction,
+//! in its queue (up to `MAX_BATCH`), runs each in its own savepoint inside one transaction,
 //! commits once (WAL, `synchronous=FULL`), and only then answers each job: group commit. A job's
 //! failure rolls back only its savepoint; any other failure, the commit's included, fails every
 //! job of the batch. No caller learns of success before its data is on disk. Opening (integrity

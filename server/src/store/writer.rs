@@ -303,8 +303,8 @@ impl<'a> Query<'a> {
         self
     }
 
-    /// Sends the query and reads every statement's outcome; returns the sequences of the events
-    /// it appended.
+    /// Sends the query and reads every statement's outcome, adding the sequence of each event it
+    /// appended to `seqs`.
     async fn run(self, conn: &mut SqliteConnection, seqs: &mut Vec<u64>) -> Result<(), Failed> {
         if let Some(e) = self.bad_arg {
             return Err(Failed::Batch(StoreError::Sql(e)));
