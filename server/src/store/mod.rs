@@ -1,7 +1,7 @@
 //! Durable state in SQLite: the intent of every region, idempotency records and the event log.
 //! The only code that touches SQLite, all of it through sqlx.
 //!
-//! Writes go through one writer task that owns the write connection. It takes every job waiting
+//! Writes go through one writer (a task on a thread of its own) that owns the write connection. It takes every job waiting
 //! in its queue (up to `MAX_BATCH`), runs each in its own savepoint inside one transaction,
 //! commits once (WAL, `synchronous=FULL`), and only then answers each job: group commit. A job's
 //! failure rolls back only its savepoint; any other failure, the commit's included, fails every

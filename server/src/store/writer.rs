@@ -1,5 +1,6 @@
-//! The one writer: a tokio task that owns the write connection (sqlx, like every read), commits
-//! queued jobs in groups (see the module above), then answers each job.
+//! The one writer: a task on a thread and runtime of its own that owns the write connection
+//! (sqlx, like every read), commits queued jobs in groups (see the module above), then answers
+//! each job.
 //!
 //! sqlx runs each connection's statements on a thread of its own, and every query is a round trip
 //! to it. So a job goes as one query of several statements (sqlx binds the arguments of each
@@ -22,8 +23,8 @@ const OPS_PER_QUERY: usize = 16;
 /// Ranges inserted by one statement at most (9 arguments each).
 const RANGES_PER_INSERT: usize = 64;
 
-/// Opens the write connection and starts the writer task. Returns once the connection is open and
-/// set up (or failed to be).
+/// Opens the write connection and starts the writer on its thread. Returns once the connection is
+/// open and set up (or failed to be).
 pub(super) async fn start_writer(
     path: &Path,
     busy: Duration,
@@ -32,7 +33,16 @@ pub(super) async fn start_writer(
     retention: Retention,
 ) -> Result<(), String> {
     let conn = open_writer(path, busy).await?;
-    tokio::spawn(writer_loop(conn, rx, known_requests, retention));
+    // Its own thread and runtime: the wake-ups from sqlx's SQLite thread land here, not on the
+    // workers that serve requests.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the writer's runtime: {e}"))?;
+    std::thread::Builder::new()
+        .name("memplace-writer".into())
+        .spawn(move || rt.block_on(writer_loop(conn, rx, known_requests, retention)))
+        .map_err(|e| format!("starting the writer thread: {e}"))?;
     Ok(())
 }
 
