@@ -1,11 +1,12 @@
 //! Durable state in SQLite: the intent of every region, idempotency records and the event log.
-//! The only code that touches sqlx and rusqlite.
+//! The only code that touches SQLite, all of it through sqlx.
 //!
-//! Writes go through one writer thread that owns the write connection (rusqlite, synchronous
-//! calls). It takes every job waiting in its queue, runs each in its own savepoint inside one
-//! transaction, commits once (WAL, `synchronous=FULL`), and only then answers each job: group
-//! commit. A job's failure rolls back only its savepoint. No caller learns of success before its
-//! data is on disk. Opening (integrity check, migrations) and every read go through sqlx.
+//! Writes go through one writer (a task on a thread of its own) that owns the write connection. It takes every job waiting
+//! in its queue (up to `MAX_BATCH`), runs each in its own savepoint inside one transaction,
+//! commits once (WAL, `synchronous=FULL`), and only then answers each job: group commit. A job's
+//! failure rolls back only its savepoint; any other failure, the commit's included, fails every
+//! job of the batch. No caller learns of success before its data is on disk. Opening (integrity
+//! check, migrations) and every read go through a pool of read-only connections.
 
 use crate::domain::{Event, EventKind, Holder, RangeMap, RegionIntent, RegionKey, RegionStatus};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -69,22 +70,6 @@ impl From<sqlx::Error> for StoreError {
                 13 => StoreError::Full,
                 19 if db.is_unique_violation() => StoreError::Conflict,
                 _ => StoreError::Sql(db.message().to_string()),
-            };
-        }
-        StoreError::Sql(e.to_string())
-    }
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        if let rusqlite::Error::SqliteFailure(err, message) = &e {
-            // The same codes as for sqlx above; 1555/2067 are the primary-key and unique
-            // violations.
-            return match err.extended_code & 0xff {
-                5 | 6 => StoreError::Locked,
-                13 => StoreError::Full,
-                19 if matches!(err.extended_code, 1555 | 2067) => StoreError::Conflict,
-                _ => StoreError::Sql(message.clone().unwrap_or_else(|| err.to_string())),
             };
         }
         StoreError::Sql(e.to_string())

@@ -1,4 +1,4 @@
-//! Bounded idempotency history. The writer thread prunes request records by age and by count,
+//! Bounded idempotency history. The writer prunes request records by age and by count,
 //! a chunk at a time in its own transaction between batches, so no request waits behind a long
 //! delete. A pruned record leaves a tombstone (a 64-bit digest of its id): a retry of that id is
 //! refused as "record pruned" rather than run again. Tombstones are pruned by age and count in
@@ -6,7 +6,6 @@
 
 use super::writer::exec;
 use super::*;
-use rusqlite::{Connection, params};
 
 /// Rows removed from one table in one pruning transaction at most.
 const CHUNK: i64 = 2_000;
@@ -60,67 +59,78 @@ fn as_i64(v: u64) -> i64 {
 
 /// One pruning pass in its own transaction: records past age or count become tombstones, then
 /// tombstones past age or count go. Each step removes at most [`CHUNK`] rows.
-pub(super) fn prune(conn: &Connection, r: &Retention, now: i64) -> Result<Pruned, StoreError> {
-    exec(conn, "BEGIN IMMEDIATE")?;
-    match prune_in_tx(conn, r, now) {
-        Ok(p) => {
-            exec(conn, "COMMIT")?;
-            Ok(p)
-        }
-        Err(e) => {
-            let _ = exec(conn, "ROLLBACK");
-            Err(e)
-        }
+pub(super) async fn prune(
+    conn: &mut SqliteConnection,
+    r: &Retention,
+    now: i64,
+) -> Result<Pruned, StoreError> {
+    exec(conn, "BEGIN IMMEDIATE").await?;
+    let done = match prune_in_tx(conn, r, now).await {
+        Ok(p) => exec(conn, "COMMIT").await.map(|()| p),
+        Err(e) => Err(e),
+    };
+    if done.is_err() {
+        let _ = exec(conn, "ROLLBACK").await;
     }
+    done
 }
 
-fn prune_in_tx(conn: &Connection, r: &Retention, now: i64) -> Result<Pruned, StoreError> {
+async fn prune_in_tx(
+    conn: &mut SqliteConnection,
+    r: &Retention,
+    now: i64,
+) -> Result<Pruned, StoreError> {
     let mut out = Pruned::default();
     let record_cutoff = now.saturating_sub(as_i64(r.record_max_age_secs));
     // Oldest first: by count (rowids grow with each insert), then by age.
-    let ids: Vec<String> = conn
-        .prepare_cached(
-            "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE rowid <= (SELECT max(rowid) FROM requests) - ? ORDER BY rowid LIMIT ?) RETURNING request_id",
-        )?
-        .query_map(params![as_i64(r.record_max_count), CHUNK], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
-    let mut ids = ids;
+    let mut ids: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE rowid <= (SELECT max(rowid) FROM requests) - ? ORDER BY rowid LIMIT ?) RETURNING request_id",
+    )
+    .bind(as_i64(r.record_max_count))
+    .bind(CHUNK)
+    .fetch_all(&mut *conn)
+    .await?;
     if (ids.len() as i64) < CHUNK {
-        let by_age: Vec<String> = conn
-            .prepare_cached(
-                "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE created_unix < ? LIMIT ?) RETURNING request_id",
-            )?
-            .query_map(params![record_cutoff, CHUNK - ids.len() as i64], |row| {
-                row.get(0)
-            })?
-            .collect::<Result<_, _>>()?;
+        let by_age: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE created_unix < ? LIMIT ?) RETURNING request_id",
+        )
+        .bind(record_cutoff)
+        .bind(CHUNK - ids.len() as i64)
+        .fetch_all(&mut *conn)
+        .await?;
         ids.extend(by_age);
     }
     out.more |= ids.len() as i64 >= CHUNK;
     out.records = ids.len();
-    {
-        let mut tomb = conn
-            .prepare_cached("INSERT INTO pruned_requests (id_hash, pruned_unix) VALUES (?, ?)")?;
-        for id in &ids {
-            tomb.execute(params![id_hash(id), now])?;
-        }
+    if !ids.is_empty() {
+        // Every tombstone in one statement (one round trip to sqlx's SQLite thread), in the
+        // order the records were made: a JSON array of the digests.
+        let hashes: Vec<i64> = ids.iter().map(|id| id_hash(id)).collect();
+        let hashes = serde_json::to_string(&hashes).map_err(|e| StoreError::Sql(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO pruned_requests (id_hash, pruned_unix) SELECT value, ? FROM json_each(?) ORDER BY key",
+        )
+        .bind(now)
+        .bind(hashes)
+        .execute(&mut *conn)
+        .await?;
     }
     let tomb_cutoff = now.saturating_sub(as_i64(r.tombstone_max_age_secs));
-    let mut forgotten: Vec<i64> = conn
-        .prepare_cached(
-            "DELETE FROM pruned_requests WHERE seq IN (SELECT seq FROM pruned_requests WHERE seq <= (SELECT max(seq) FROM pruned_requests) - ? ORDER BY seq LIMIT ?) RETURNING id_hash",
-        )?
-        .query_map(params![as_i64(r.tombstone_max_count), CHUNK], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
+    let mut forgotten: Vec<i64> = sqlx::query_scalar(
+        "DELETE FROM pruned_requests WHERE seq IN (SELECT seq FROM pruned_requests WHERE seq <= (SELECT max(seq) FROM pruned_requests) - ? ORDER BY seq LIMIT ?) RETURNING id_hash",
+    )
+    .bind(as_i64(r.tombstone_max_count))
+    .bind(CHUNK)
+    .fetch_all(&mut *conn)
+    .await?;
     if (forgotten.len() as i64) < CHUNK {
-        let by_age: Vec<i64> = conn
-            .prepare_cached(
-                "DELETE FROM pruned_requests WHERE seq IN (SELECT seq FROM pruned_requests WHERE pruned_unix < ? LIMIT ?) RETURNING id_hash",
-            )?
-            .query_map(params![tomb_cutoff, CHUNK - forgotten.len() as i64], |row| {
-                row.get(0)
-            })?
-            .collect::<Result<_, _>>()?;
+        let by_age: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM pruned_requests WHERE seq IN (SELECT seq FROM pruned_requests WHERE pruned_unix < ? LIMIT ?) RETURNING id_hash",
+        )
+        .bind(tomb_cutoff)
+        .bind(CHUNK - forgotten.len() as i64)
+        .fetch_all(&mut *conn)
+        .await?;
         forgotten.extend(by_age);
     }
     out.more |= forgotten.len() as i64 >= CHUNK;
@@ -129,10 +139,14 @@ fn prune_in_tx(conn: &Connection, r: &Retention, now: i64) -> Result<Pruned, Sto
 }
 
 /// Whether `request_id` has a tombstone (its record was pruned).
-pub(super) fn is_pruned(conn: &Connection, request_id: &str) -> Result<bool, StoreError> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM pruned_requests WHERE id_hash = ? LIMIT 1")?
-        .exists([id_hash(request_id)])?)
+#[cfg(test)]
+async fn is_pruned(conn: &mut SqliteConnection, request_id: &str) -> Result<bool, StoreError> {
+    let row: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM pruned_requests WHERE id_hash = ? LIMIT 1")
+            .bind(id_hash(request_id))
+            .fetch_optional(conn)
+            .await?;
+    Ok(row.is_some())
 }
 
 #[cfg(test)]
@@ -205,22 +219,21 @@ mod tests {
     }
 
     /// Age pruning: records and tombstones older than their horizons go, whatever the counts.
-    #[test]
-    fn age_prunes_records_then_tombstones() {
+    #[tokio::test(flavor = "multi_thread")]
+    async fn age_prunes_records_then_tombstones() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        drop(
-            rt.block_on(Store::open(&path, Duration::from_secs(1)))
-                .unwrap(),
-        );
-        let conn = Connection::open(&path).unwrap();
-        for (i, created) in [(1, 100), (2, 200), (3, 300)] {
-            conn.execute(
-                "INSERT INTO requests VALUES (?, 'SetPolicy', x'01', x'02', ?)",
-                params![format!("id-{i}"), created],
-            )
+        drop(Store::open(&path, Duration::from_secs(1)).await.unwrap());
+        let mut conn = SqliteConnection::connect_with(&options(&path, Duration::from_secs(1)))
+            .await
             .unwrap();
+        for (i, created) in [(1, 100), (2, 200), (3, 300)] {
+            sqlx::query("INSERT INTO requests VALUES (?, 'SetPolicy', x'01', x'02', ?)")
+                .bind(format!("id-{i}"))
+                .bind(created)
+                .execute(&mut conn)
+                .await
+                .unwrap();
         }
         let r = Retention {
             record_max_age_secs: 150,
@@ -229,17 +242,19 @@ mod tests {
             tombstone_max_count: 1000,
         };
         // At 400: records before 250 go (ids 1, 2); their fresh tombstones stay.
-        let p = prune(&conn, &r, 400).unwrap();
+        let p = prune(&mut conn, &r, 400).await.unwrap();
         assert_eq!((p.records, p.forgotten.len()), (2, 0));
-        assert!(is_pruned(&conn, "id-1").unwrap() && !is_pruned(&conn, "id-3").unwrap());
+        assert!(is_pruned(&mut conn, "id-1").await.unwrap());
+        assert!(!is_pruned(&mut conn, "id-3").await.unwrap());
         // At 451: record 3 (300 < 301) goes; tombstones made at 400 (< 401) are forgotten.
-        let p = prune(&conn, &r, 451).unwrap();
+        let p = prune(&mut conn, &r, 451).await.unwrap();
         assert_eq!(p.records, 1);
         assert_eq!(
             p.forgotten,
             vec![id_hash("id-1"), id_hash("id-2")],
             "the older tombstones"
         );
-        assert!(!is_pruned(&conn, "id-1").unwrap() && is_pruned(&conn, "id-3").unwrap());
+        assert!(!is_pruned(&mut conn, "id-1").await.unwrap());
+        assert!(is_pruned(&mut conn, "id-3").await.unwrap());
     }
 }
