@@ -147,7 +147,8 @@ impl Agent {
         actor: &str,
         idem: Option<Idempotency<[RegionView]>>,
     ) -> Result<Vec<RegionView>, AgentError> {
-        let start = check_pid(pid)?;
+        // /proc is read off the runtime.
+        let start = Agent::blocking(move || check_pid(pid)).await??;
         let holder = Holder {
             pid,
             start_time: start,
@@ -165,7 +166,8 @@ impl Agent {
         };
         let names = backend_names(&found);
         for (f, naming) in found.files.into_iter().zip(names) {
-            self.plan_file(&mut plan, &mut known, f, naming, &who)?;
+            self.plan_file(&mut plan, &mut known, f, naming, &who)
+                .await?;
         }
         let existing = self.regions().map().len();
         let max = self.settings().max_regions;
@@ -221,7 +223,7 @@ impl Agent {
 
     /// Plans one file of the process: an existing region of the VM (its holder recorded anew),
     /// or a new region.
-    fn plan_file(
+    async fn plan_file(
         &self,
         plan: &mut AttachPlan,
         known: &mut Known,
@@ -237,7 +239,7 @@ impl Agent {
         } = *who;
         let pid = holder.pid;
         let Some((key, recorded)) = known.by_file.get(&f.file_id) else {
-            let (live, event) = self.new_attached(known, f, naming, who)?;
+            let (live, event) = self.new_attached(known, f, naming, who).await?;
             plan.ops.push(WriteOp::InsertRegion(live.intent.clone()));
             plan.events.push(event);
             plan.new_count += 1;
@@ -269,7 +271,7 @@ impl Agent {
 
     /// A new region for a file of the process, with its event: named after the QEMU backend the
     /// file is proven to be, else after the memfd.
-    fn new_attached(
+    async fn new_attached(
         &self,
         known: &mut Known,
         f: FoundFile,
@@ -307,20 +309,33 @@ impl Agent {
         let (name, guest_cell, named) = attached_name(known, &f, naming.as_ref());
         let key = RegionKey::in_vm(vm_id, &name)?;
         // guest_memfd without MMAP cannot be mapped: such a region is placed by task policy.
-        let mapping = Mapping::new(f.fd.as_fd(), f.size).ok();
-        let strategy = match backend {
-            Backend::GuestMemfd if mapping.is_none() => Strategy::TaskPolicy,
-            Backend::GuestMemfd if self.features().guest_memfd_shared_policy => {
-                Strategy::SharedPolicy
-            }
-            Backend::GuestMemfd => Strategy::TaskPolicy,
-            b => self.strategy_for(b),
-        };
-        if mapping.is_none() && backend != Backend::GuestMemfd {
-            return Err(kerr("mmap of the attached file")(Errno::EINVAL));
-        }
-        let (ranges, kept) =
-            adopt::kernel_ranges(f.fd.as_fd(), mapping.as_ref(), strategy, f.size, file_page)?;
+        let gmem_shared = self.features().guest_memfd_shared_policy;
+        let by_backend = self.strategy_for(backend);
+        // The mapping and the read of the file's policy are kernel work: off the runtime.
+        let (f, mapping, strategy, read) = Agent::blocking(move || {
+            let mapping = Mapping::new(f.fd.as_fd(), f.size).ok();
+            let strategy = match backend {
+                Backend::GuestMemfd if mapping.is_none() => Strategy::TaskPolicy,
+                Backend::GuestMemfd if gmem_shared => Strategy::SharedPolicy,
+                Backend::GuestMemfd => Strategy::TaskPolicy,
+                _ => by_backend,
+            };
+            let read = match &mapping {
+                None if backend != Backend::GuestMemfd => {
+                    Err(kerr("mmap of the attached file")(Errno::EINVAL))
+                }
+                _ => adopt::kernel_ranges(
+                    f.fd.as_fd(),
+                    mapping.as_ref(),
+                    strategy,
+                    f.size,
+                    file_page,
+                ),
+            };
+            (f, mapping, strategy, read)
+        })
+        .await?;
+        let (ranges, kept) = read?;
         let intent = RegionIntent {
             key: key.clone(),
             uid: new_uid(),
