@@ -449,36 +449,29 @@ fn allocation_contract(h: &impl Harness) {
     assert_eq!(f.allocated_pages(5 * page, 3 * page), Ok(0));
 }
 
-/// One contract case: its name, and the case over a harness.
-type Case<H> = (&'static str, fn(&H));
-
-/// Every contract case, on one kernel.
-fn cases<H: Harness>() -> [Case<H>; 5] {
-    [
-        ("reconcile drift and re-bind", |h: &H| drift_contract(h)),
-        ("SetPolicy's span binds", |h: &H| setpolicy_contract(h)),
-        ("recovery's and create's whole-region binds", |h: &H| {
-            recovery_contract(h)
-        }),
-        ("attach's read-back", |h: &H| attach_contract(h)),
-        ("populate's allocation under a task policy", |h: &H| {
-            allocation_contract(h)
-        }),
-    ]
+/// Each contract case as two tests, one per kernel, so `cargo test -- --list` lists every case
+/// on both: `contract::on_the_fake_kernel::NAME` and `contract::on_the_real_kernel::NAME`.
+macro_rules! on_both_kernels {
+    ($($name:ident => $case:ident),* $(,)?) => {
+        mod on_the_fake_kernel {
+            $(#[test]
+            fn $name() {
+                super::$case(&super::Fake);
+            })*
+        }
+        mod on_the_real_kernel {
+            $(#[test]
+            fn $name() {
+                super::$case(&super::Real);
+            })*
+        }
+    };
 }
 
-#[test]
-fn engine_contract_on_the_fake_kernel() {
-    for (name, case) in cases::<Fake>() {
-        eprintln!("contract case on the fake kernel: {name}");
-        case(&Fake);
-    }
-}
-
-#[test]
-fn engine_contract_on_the_real_kernel() {
-    for (name, case) in cases::<Real>() {
-        eprintln!("contract case on the real kernel: {name}");
-        case(&Real);
-    }
+on_both_kernels! {
+    reconcile_reports_drift_and_rebinds => drift_contract,
+    setpolicy_binds_exactly_its_span => setpolicy_contract,
+    recovery_and_create_bind_every_range => recovery_contract,
+    attach_reads_back_what_a_vmm_set => attach_contract,
+    populate_allocates_under_a_task_policy => allocation_contract,
 }
