@@ -14,6 +14,7 @@ pub mod fdpass;
 pub mod files;
 pub mod kvm;
 pub mod mapping;
+mod maps;
 pub mod mempolicy;
 pub mod pidfd;
 pub mod policy;

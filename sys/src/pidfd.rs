@@ -221,7 +221,7 @@ fn take_file_among(
         .iter()
         .find_map(|&n| getfd_of_file(&pidfd, n, file_id))
         // A holder that maps the file without an fd (an attached VMM that closed its memfd).
-        .or_else(|| super::procmem::open_mapped(pid, start, file_id))
+        .or_else(|| open_mapped(pid, start, file_id))
         .ok_or(Errno::ENOENT)
 }
 
@@ -245,4 +245,28 @@ fn has_effective_cap(bit: u32) -> bool {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+/// Opens the file (dev, ino) through /proc/PID/map_files when process `pid`, still the one that
+/// started at `start`, maps it but may hold no fd for it (a VMM that closed its memfd after
+/// mmap). The copy is confirmed by (st_dev, st_ino).
+pub fn open_mapped(pid: i32, start: u64, file_id: (u64, u64)) -> Option<OwnedFd> {
+    if start_time(pid) != Some(start) {
+        return None;
+    }
+    let fd = super::maps::memory_mappings(pid)
+        .ok()?
+        .into_iter()
+        .filter(|m| m.shared && m.ino == file_id.1)
+        .find_map(|m| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/{pid}/map_files/{}", m.range))
+                .ok()?;
+            let fd = OwnedFd::from(f);
+            let st = nix::sys::stat::fstat(&fd).ok()?;
+            ((st.st_dev, st.st_ino) == file_id).then_some(fd)
+        })?;
+    // Opened from the process that was checked, not from one that reused its pid meanwhile.
+    (start_time(pid) == Some(start)).then_some(fd)
 }

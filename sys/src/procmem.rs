@@ -4,6 +4,7 @@
 //! by (st_dev, st_ino) on the copy taken, so a link that changed meanwhile is not mistaken for it.
 
 use super::fdpass::{self, FileKind};
+use super::maps::{io_errno, maybe_gmem, memfd_name, memory_mappings};
 use super::pidfd;
 use nix::errno::Errno;
 use std::collections::BTreeMap;
@@ -90,62 +91,6 @@ pub fn tgid_and_state(pid: i32) -> Option<(i32, char)> {
     let tgid = field("Tgid:")?.parse().ok()?;
     let state = field("State:")?.chars().next()?;
     Some((tgid, state))
-}
-
-/// The memfd name in a /proc link such as `/memfd:memory-backend-memfd (deleted)`.
-fn memfd_name(link: &str) -> Option<&str> {
-    let rest = link.strip_prefix("/memfd:")?;
-    Some(rest.strip_suffix(" (deleted)").unwrap_or(rest))
-}
-
-/// Whether a /proc link may name a guest_memfd: `anon_inode:[kvm-gmem]` before 6.19, a file of
-/// the `guest_memfd` pseudo-filesystem after. The kind is confirmed on the fd taken.
-fn maybe_gmem(link: &str) -> bool {
-    link.contains("kvm-gmem") || link.contains("guest_memfd")
-}
-
-/// One line of /proc/PID/maps that names a memfd or a guest_memfd.
-#[derive(Debug)]
-struct MapLine {
-    range: String,
-    start: u64,
-    end: u64,
-    offset: u64,
-    shared: bool,
-    ino: u64,
-    link: String,
-}
-
-fn memory_mappings(pid: i32) -> Result<Vec<MapLine>, Errno> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(io_errno)?;
-    Ok(maps
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.splitn(6, ' ');
-            let range = f.next()?.to_string();
-            let (start, end) = range.split_once('-')?;
-            let start = u64::from_str_radix(start, 16).ok()?;
-            let end = u64::from_str_radix(end, 16).ok()?;
-            let perms = f.next()?;
-            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
-            let _dev = f.next()?;
-            let ino: u64 = f.next()?.parse().ok()?;
-            let link = f.next()?.trim_start().to_string();
-            (memfd_name(&link).is_some() || maybe_gmem(&link)).then(|| MapLine {
-                range,
-                start,
-                end,
-                offset,
-                shared: perms.as_bytes().get(3) == Some(&b's'),
-                ino,
-                link,
-            })
-        })
-        .collect())
-}
-
-fn io_errno(e: std::io::Error) -> Errno {
-    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Classifies a file taken from the process.
@@ -317,31 +262,6 @@ fn memory_fds(pid: i32) -> Result<Vec<(i32, String)>, Errno> {
         .collect();
     fds.sort_unstable_by_key(|(n, _)| *n);
     Ok(fds)
-}
-
-/// Opens the file (dev, ino) through /proc/PID/map_files when process `pid`, still the one that
-/// started at `start`, maps it but may hold no fd for it (a VMM that closed its memfd after
-/// mmap). The copy is confirmed by (st_dev, st_ino).
-pub fn open_mapped(pid: i32, start: u64, file_id: (u64, u64)) -> Option<OwnedFd> {
-    if pidfd::start_time(pid) != Some(start) {
-        return None;
-    }
-    let fd = memory_mappings(pid)
-        .ok()?
-        .into_iter()
-        .filter(|m| m.shared && m.ino == file_id.1)
-        .find_map(|m| {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(format!("/proc/{pid}/map_files/{}", m.range))
-                .ok()?;
-            let fd = OwnedFd::from(f);
-            let st = nix::sys::stat::fstat(&fd).ok()?;
-            ((st.st_dev, st.st_ino) == file_id).then_some(fd)
-        })?;
-    // Opened from the process that was checked, not from one that reused its pid meanwhile.
-    (pidfd::start_time(pid) == Some(start)).then_some(fd)
 }
 
 #[cfg(test)]
