@@ -107,3 +107,54 @@ fn s1_judges_each_goal() {
     let shown = judge::s1_goals(&good);
     assert!(shown[3].1.contains("1.000 %"), "{:?}", shown[3]);
 }
+
+/// P1 is judged against the faster of the one-file floors, not only the one at the agent's
+/// thread count: on memfd a second thread on one file is slower than one (round 3: 1 thread
+/// 3429 ms, 2 threads 4107 ms), and an agent that only beats the slower floor misses.
+#[test]
+fn p1_judges_against_the_best_one_file_floor() {
+    assert_eq!(judge::p1_best_one_file(3429.0, 4107.0), 3429.0);
+    assert_eq!(judge::p1_best_one_file(565.0, 466.0), 466.0);
+    let met = |agent_ms: f64| judge::p1_met(judge::p1_best_one_file(3429.0, 4107.0) / agent_ms);
+    // Round 3's 3734 ms: 0.92x the best floor (1.10x the 2-thread one): met.
+    assert!(met(3734.0));
+    // 4000 ms beats the 2-thread floor (1.03x) but is 0.86x the 1-thread one: missed.
+    assert!(!met(4000.0));
+    // The boundary: exactly 0.9x is met, just under is not.
+    assert!(judge::p1_met(0.9));
+    assert!(!judge::p1_met(0.899));
+}
+
+/// P5's two rows have two goals: the held path at least numastat's speed, the fallback at least
+/// half of it; the ratio is numastat's median over the agent's (higher is faster).
+#[test]
+fn p5_rows_have_their_own_goals() {
+    use judge::{P5_FALLBACK_GOAL, P5_HELD_GOAL, p5_met};
+    // Round 3's holder path, 407 ms against numastat 268 ms (0.66x): met the old 0.5x, not 1x.
+    assert!(!p5_met(268.0, 407.0, P5_HELD_GOAL));
+    assert!(p5_met(268.0, 407.0, P5_FALLBACK_GOAL));
+    assert!(p5_met(268.0, 268.0, P5_HELD_GOAL));
+    assert!(!p5_met(268.0, 269.0, P5_HELD_GOAL));
+    // The fallback: 1784 ms against 268 ms (0.15x) misses; twice numastat's time is met.
+    assert!(!p5_met(268.0, 1784.0, P5_FALLBACK_GOAL));
+    assert!(p5_met(268.0, 536.0, P5_FALLBACK_GOAL));
+    assert!(!p5_met(268.0, 537.0, P5_FALLBACK_GOAL));
+}
+
+/// P5-fallback's answer is wrong if it misses a page, puts one elsewhere, says nothing about its
+/// ranges, or claims a process's page tables for a region no process maps.
+#[test]
+fn p5_fallback_is_counted_by_the_agent() {
+    let pages = 1 << 20;
+    assert_eq!(judge::p5_fallback_problem(pages, pages, pages, &[0]), None);
+    let short =
+        judge::p5_fallback_problem(pages - 1, pages - 1, pages, &[0]).expect("a page short");
+    assert!(short.contains("pages on node 0"), "{short}");
+    let elsewhere =
+        judge::p5_fallback_problem(pages - 1, pages, pages, &[0]).expect("a page on node 1");
+    assert!(elsewhere.contains("pages on node 0"), "{elsewhere}");
+    let none = judge::p5_fallback_problem(pages, pages, pages, &[]).expect("no ranges");
+    assert!(none.contains("no ranges"), "{none}");
+    let holder = judge::p5_fallback_problem(pages, pages, pages, &[0, 42]).expect("a holder pid");
+    assert!(holder.contains("counted from a process"), "{holder}");
+}

@@ -30,6 +30,57 @@ pub fn p2_met(ratio: f64, samples: &[Vec<Duration>]) -> bool {
     ratio >= P2_RATIO_GOAL && p2_p99_over_all(samples).as_secs_f64() * 1e3 <= P2_P99_GOAL_MS
 }
 
+/// P1's goal: the agent at least this many times the best one-file floor.
+pub const P1_RATIO_GOAL: f64 = 0.9;
+
+/// P1's floor: the faster of the one-file floors (1 thread, and the agent's thread count), in ms.
+/// On memfd a second thread on one file can be slower than one, so the goal is judged against
+/// whichever is faster, not only the one at the agent's thread count.
+pub fn p1_best_one_file(one_thread_ms: f64, same_threads_ms: f64) -> f64 {
+    one_thread_ms.min(same_threads_ms)
+}
+
+/// Whether P1 met its goal, given the best one-file floor over the agent (median over median).
+pub fn p1_met(ratio_to_best_one_file: f64) -> bool {
+    ratio_to_best_one_file >= P1_RATIO_GOAL
+}
+
+/// P5's goal with a holder (the agent counts from the numa_maps of a process mapping every page):
+/// at least numastat -p's speed.
+pub const P5_HELD_GOAL: f64 = 1.0;
+/// P5-fallback's goal (no process maps the region; the agent counts itself): half numastat -p.
+pub const P5_FALLBACK_GOAL: f64 = 0.5;
+
+/// Whether a P5 row met `goal`: numastat -p's median over the agent's GetPlacement median.
+pub fn p5_met(numastat_ms: f64, agent_ms: f64, goal: f64) -> bool {
+    numastat_ms / agent_ms >= goal
+}
+
+/// What is wrong with P5-fallback's answer, if anything: every one of `pages` pages on node 0
+/// (`on0` of `all` counted), at least one range, and no range counted from a process (a pid of
+/// 0 is the agent's own count; a region nobody maps has no holder to count from).
+pub fn p5_fallback_problem(
+    on0: u64,
+    all: u64,
+    pages: u64,
+    counted_from_pids: &[i32],
+) -> Option<String> {
+    if on0 != pages || all != on0 {
+        return Some(format!(
+            "GetPlacement without a holder found {on0} of {all} pages on node 0, {pages} expected"
+        ));
+    }
+    if counted_from_pids.is_empty() {
+        return Some("GetPlacement without a holder returned no ranges".into());
+    }
+    if counted_from_pids.iter().any(|&p| p != 0) {
+        return Some(format!(
+            "GetPlacement without a holder counted from a process: {counted_from_pids:?}"
+        ));
+    }
+    None
+}
+
 /// What is wrong with P5's GetPlacement ranges, if anything: there must be at least one range,
 /// and every range must be counted from the holder's page tables (`holder`, the bench process).
 /// No ranges at all verifies nothing.

@@ -16,7 +16,8 @@
 //! so the bench and the tests run the agent the same way.
 //!
 //! Environment (for development; the reported run uses the defaults):
-//! - `MEMPLACE_BENCH_ONLY=P1,P4`: run only these rows.
+//! - `MEMPLACE_BENCH_ONLY=P1,P4`: run only these rows (`P1` runs `P1` on memfd and, where the
+//!   host's KVM has guest_memfd, `P1-gmem`; `P5` runs `P5` and `P5-fallback`).
 //! - `MEMPLACE_BENCH_SAMPLES`: samples per side (default 5).
 //! - `MEMPLACE_BENCH_POPULATE_BYTES`: size for P1 and P5 (default 4 GiB, halved while free memory is short).
 //! - `MEMPLACE_BENCH_P1_THREADS`: thread counts P1 sweeps (default `1,2,4`; the row is at 2).
@@ -93,7 +94,11 @@ async fn run() -> (Vec<String>, Vec<Row>) {
     let mut rows = Vec::new();
     let size = populate_size();
     if selected("P1") {
-        rows.push(p1_populate::p1(size).await);
+        let (files, which) = p1_populate::p1_files();
+        println!("P1: file types measured: {which}");
+        for file in files {
+            rows.push(p1_populate::p1(size, file, &which).await);
+        }
     }
     if selected("P2") || selected("P3") {
         let (p2, p3) = p2_setpolicy::p2_p3().await;
@@ -101,7 +106,7 @@ async fn run() -> (Vec<String>, Vec<Row>) {
         rows.extend(p3);
     }
     if selected("P5") {
-        rows.push(p5_placement::p5(size).await);
+        rows.extend(p5_placement::p5(size).await);
     }
     if selected("P4") || selected("P6") {
         rows.extend(p4_restart::p4_p6(&empty_start).await);
