@@ -41,8 +41,9 @@ mod report;
 mod s1_scale;
 
 use common::AgentProc;
+use memplace_client::pb;
 use memplace_server::kernel;
-use report::{GIB, MIB, Row, Series, env_u64, loadavg, meminfo, samples, selected};
+use report::{CLIENTS, GIB, MIB, Row, Series, env_u64, loadavg, meminfo, samples, selected};
 use std::path::Path;
 
 /// Starts the agent with its state under the target dir (on the disk the build uses, not /tmp);
@@ -101,7 +102,7 @@ async fn run() -> (Vec<String>, Vec<Row>) {
         }
     }
     if selected("P2") || selected("P3") {
-        let (p2, p3) = p2_setpolicy::p2_p3().await;
+        let (p2, p3) = p2_p3().await;
         rows.extend(p2);
         rows.extend(p3);
     }
@@ -130,4 +131,37 @@ fn populate_size() -> u64 {
         size /= 2;
     }
     size
+}
+
+/// P2 and P3: durable SetPolicy and GetRegion with [`CLIENTS`] clients, on one agent with a
+/// region per client.
+async fn p2_p3() -> (Option<Row>, Option<Row>) {
+    let (agent, _) = crate::start_agent(&["--reconcile-interval-secs", "0"]);
+    let mut c = agent.client().await;
+    for i in 0..CLIENTS {
+        c.create_region(
+            &format!("p2vm{i}"),
+            "ram",
+            2 * MIB,
+            pb::Backend::Memfd,
+            vec![],
+        )
+        .await
+        .expect("CreateRegion");
+    }
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(agent.client().await);
+    }
+    let p2 = if selected("P2") {
+        Some(p2_setpolicy::p2(&agent, &mut clients).await)
+    } else {
+        None
+    };
+    let p3 = if selected("P3") {
+        Some(p3_getregion::p3(&agent, &clients).await)
+    } else {
+        None
+    };
+    (p2, p3)
 }

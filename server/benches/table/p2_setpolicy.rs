@@ -1,5 +1,5 @@
-//! P2: durable SetPolicy with 32 clients against sequential SQLite commits; it shares its agent
-//! and clients with P3 (p3_getregion.rs).
+//! P2: durable SetPolicy with 32 clients against sequential SQLite commits, on the agent and
+//! clients `shared_agent` (main.rs) sets up for P2 and P3.
 
 use crate::common::AgentProc;
 use crate::judge::percentile;
@@ -7,42 +7,6 @@ use crate::report::*;
 use memplace_client::{Client, pb};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-pub(crate) const CLIENTS: usize = 32;
-
-// ---------------------------------------------------------------------------------------------
-// P2 and P3: durable SetPolicy and GetRegion with 32 clients.
-
-pub(crate) async fn p2_p3() -> (Option<Row>, Option<Row>) {
-    let (agent, _) = crate::start_agent(&["--reconcile-interval-secs", "0"]);
-    let mut c = agent.client().await;
-    for i in 0..CLIENTS {
-        c.create_region(
-            &format!("p2vm{i}"),
-            "ram",
-            2 * MIB,
-            pb::Backend::Memfd,
-            vec![],
-        )
-        .await
-        .expect("CreateRegion");
-    }
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        clients.push(agent.client().await);
-    }
-    let p2 = if selected("P2") {
-        Some(p2(&agent, &mut clients).await)
-    } else {
-        None
-    };
-    let p3 = if selected("P3") {
-        Some(crate::p3_getregion::p3(&agent, &clients).await)
-    } else {
-        None
-    };
-    (p2, p3)
-}
 
 pub(crate) async fn p2(agent: &AgentProc, clients: &mut [Client]) -> Row {
     let per_client = env_u64("MEMPLACE_BENCH_REQUESTS", 100) as usize;

@@ -1,7 +1,6 @@
 //! P3: GetRegion with 32 clients against a tonic echo of the same Region.
 
 use crate::common::AgentProc;
-use crate::p2_setpolicy::CLIENTS;
 use crate::report::*;
 use memplace_client::{Client, pb};
 use std::path::Path;

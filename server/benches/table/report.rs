@@ -281,3 +281,6 @@ pub(crate) fn write_json(header: &[String], rows: &[Row]) {
         Err(e) => println!("\nJSON not written to {}: {e}", path.display()),
     }
 }
+
+/// Clients of P2 and P3, each with a region of its own.
+pub(crate) const CLIENTS: usize = 32;
