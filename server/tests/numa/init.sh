@@ -13,7 +13,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mkdir -p /dev/shm /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# A checkout under /tmp brings its test binaries into the initramfs at their /tmp/... build paths:
+# a tmpfs over /tmp would hide them, so /tmp gets one only when the initramfs put nothing there.
+if [ -z "$(ls -A /tmp 2>/dev/null)" ]; then
+    mount -t tmpfs -o mode=1777 tmpfs /tmp
+else
+    chmod 1777 /tmp
+fi
 mount -t tmpfs -o mode=755 tmpfs /run
 # No network device, but loopback is up so a scenario can talk to memplaced over TCP too.
 ip link set lo up
