@@ -188,11 +188,13 @@ region_create() {
     echo "created $vm/$name: $(flat_get "$WORK/create.flat" strategy), $(flat_get "$WORK/create.flat" backend)"
 }
 
-# expect_region VM NAME PATH=VALUE...: fields of `region get` have these values.
+# expect_region VM NAME PATH=VALUE...: fields of `region get --fresh` have these values: what the
+# kernel shows now, not the region's last check (which a reconcile pass refreshes only every
+# interval).
 expect_region() {
     local vm=$1 name=$2
     shift 2
-    ctl_json region region get "$vm" "$name" || return 1
+    ctl_json region region get "$vm" "$name" --fresh || return 1
     expect_flat "$WORK/region.flat" "$@"
 }
 
