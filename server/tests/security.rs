@@ -373,7 +373,17 @@ fn tcp_without_tls_is_refused_unless_insecure_and_then_warned_every_start() {
 
     let mut agent = AgentProc::start_with(&["--listen-tcp", &addr, "--insecure-tcp", "true"]);
     agent.restart();
-    let log = std::fs::read_to_string(agent.log()).unwrap();
+    // The agent answers on its Unix socket before it logs the TCP listener's warning: wait for
+    // the second start's line, then count.
+    let log = common::wait::until(
+        "the second start's WITHOUT TLS warning in the agent's log",
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(20),
+        || {
+            let log = std::fs::read_to_string(agent.log()).unwrap();
+            (log.matches("WITHOUT TLS").count() >= 2).then_some(log)
+        },
+    );
     assert_eq!(
         log.matches("WITHOUT TLS").count(),
         2,
