@@ -32,6 +32,7 @@ DEFAULTS = {
     "request_timeout_secs": 30,
     "max_concurrent_requests": 64,
     "max_message_bytes": 4 << 20,
+    "placement_map_max_bytes": 16 << 30,
     "request_record_max_age_secs": 86400,
     "request_record_max_count": 100000,
     "request_tombstone_max_age_secs": 30 * 86400,
@@ -46,8 +47,9 @@ _COUNTS = {"max_regions", "max_ranges_per_region", "max_region_bytes", "request_
            "request_record_max_count"}
 # 0 means "never" for these.
 _SECONDS = {"reconcile_interval_secs", "shutdown_grace_secs"}
-# 0 means "keep no tombstones" for these.
-_TOMBSTONES = {"request_tombstone_max_age_secs", "request_tombstone_max_count"}
+# 0 means "keep none" for these (tombstones, pages kept mapped).
+_TOMBSTONES = {"request_tombstone_max_age_secs", "request_tombstone_max_count",
+               "placement_map_max_bytes"}
 
 
 def check(path):

@@ -102,6 +102,10 @@ pub struct Flags {
     /// Largest gRPC message in bytes [default: 4 MiB].
     #[arg(long, env = "MEMPLACE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Bytes of guest memory GetPlacement may keep mapped in the agent between counts, over all
+    /// regions (0 keeps none: every count faults again) [default: 16 GiB].
+    #[arg(long, env = "MEMPLACE_PLACEMENT_MAP_MAX_BYTES")]
+    pub placement_map_max_bytes: Option<u64>,
     /// Placement strategy of new regions: auto (probed per backend) or task-policy (for
     /// testing the task-policy path on memfd) [default: auto].
     #[arg(long, env = "MEMPLACE_FORCE_STRATEGY")]
@@ -185,6 +189,8 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Message size limit.
     pub max_message_bytes: usize,
+    /// What GetPlacement keeps mapped between counts, at most.
+    pub placement_map_max_bytes: u64,
     /// auto, or task-policy to place every new region with the task-policy strategy.
     pub force_strategy: String,
     /// Seconds (or "keep") an agent-made region keeps its memory after its last holder exited.
@@ -228,6 +234,7 @@ impl Default for Config {
             request_timeout_secs: 30,
             max_concurrent_requests: 64,
             max_message_bytes: 4 << 20,
+            placement_map_max_bytes: crate::engine::DEFAULT_PLACEMENT_MAP_MAX_BYTES,
             force_strategy: "auto".into(),
             release_agent_regions_after: crate::engine::DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS
                 .to_string(),
@@ -395,6 +402,7 @@ impl Config {
             request_timeout_secs,
             max_concurrent_requests,
             max_message_bytes,
+            placement_map_max_bytes,
             force_strategy,
             release_agent_regions_after,
             request_record_max_age_secs,

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::os::fd::BorrowedFd;
 
+const ENOENT: i32 = -libc::ENOENT;
+
 /// Which pages of `[offset, offset+len)` of a file of `file_len` bytes are allocated, one bool per
 /// page of `page` bytes: from the page cache (cachestat), or for hugetlbfs, which has none, by
 /// probing each huge page through a mapping whose holes fail instead of allocating.
@@ -120,6 +122,198 @@ pub fn count_nodes_held(
     counts.unknown = allocated_pages.saturating_sub(mapped_total);
     counts.nodes = mapped;
     Ok(counts)
+}
+
+/// The file intervals a census mapping has had read-faulted into it by [`count_nodes_census`]:
+/// pages outside them are not mapped there, so they are never asked about page by page (a
+/// sparse range is read from the page cache, which skips holes cheaply). Sorted, disjoint,
+/// merged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CensusRuns(Vec<(u64, u64)>);
+
+impl CensusRuns {
+    /// Bytes recorded as mapped.
+    pub fn bytes(&self) -> u64 {
+        self.0.iter().map(|r| r.1).sum()
+    }
+
+    /// Forgets every interval (after the census's pages were unmapped).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Records the intervals `(at, len)` as mapped.
+    pub fn insert(&mut self, runs: impl IntoIterator<Item = (u64, u64)>) {
+        self.0.extend(runs);
+        self.0.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.0.len());
+        for &(a, l) in &self.0 {
+            match merged.last_mut() {
+                Some((pa, pl)) if a <= *pa + *pl => *pl = (*pl).max(a + l - *pa),
+                _ => merged.push((a, l)),
+            }
+        }
+        self.0 = merged;
+    }
+
+    /// `[offset, offset+len)` split into `(at, len, recorded)` pieces in order.
+    fn split(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut at = offset;
+        for &(a, l) in &self.0 {
+            let (s, e) = (a.max(at), (a + l).min(end));
+            if s >= e {
+                continue;
+            }
+            if s > at {
+                out.push((at, s - at, false));
+            }
+            out.push((s, e - s, true));
+            at = e;
+        }
+        if at < end {
+            out.push((at, end - at, false));
+        }
+        out
+    }
+}
+
+/// [`count_nodes_held`], counted through `census`, a long-lived shared mapping of the whole file
+/// that keeps the pages it counted mapped from one call to the next, so that what is already
+/// mapped is never faulted again. `runs` records what the census maps:
+/// - move_pages asks the census for the node of every page it maps in the range (in parallel
+///   where that is large). A page mapped in a shared mapping of the file is a page of its page
+///   cache, so each one that answers a node is allocated and counted; a page punched since was
+///   unmapped from the census by the punch itself.
+/// - The page cache is read only over the rest of the range (and over recorded pages that no
+///   longer answer); its allocated pages are read-faulted into the census (a read fault on an
+///   allocated page allocates nothing) and asked.
+///
+/// Where the holder's mappings count the range exactly, they answer as in [`count_nodes_held`].
+/// With `keep` false the pages this call faulted are unmapped again before it returns (the
+/// census is over its budget), which leaves the census as it was.
+pub fn count_nodes_census(
+    fd: BorrowedFd<'_>,
+    census: &Mapping,
+    runs_mapped: &mut CensusRuns,
+    (offset, len, page): (u64, u64, u64),
+    holder: Option<&HolderMappings>,
+    keep: bool,
+) -> Result<NodeCounts, Errno> {
+    if let Some(h) = holder
+        && let Some(nodes) = h.exact_counts(offset, len, len / page)
+    {
+        return Ok(NodeCounts {
+            nodes,
+            counted_from: Some(h.pid),
+            ..Default::default()
+        });
+    }
+    let mut status = vec![ENOENT; (len / page) as usize];
+    let mut ask = Vec::new();
+    for (at, l, recorded) in runs_mapped.split(offset, len) {
+        if recorded {
+            let first = ((at - offset) / page) as usize;
+            let got = page_nodes_parallel(census, at, l, page)?;
+            status[first..first + got.len()].copy_from_slice(&got);
+            ask.extend(runs_where(&got, at, page, |s| s < 0));
+        } else {
+            ask.push((at, l));
+        }
+    }
+    // Which of the pages not mapped in the census are allocated: the page cache, over those only.
+    let mut faulted = Vec::new();
+    let mut allocated_elsewhere = 0u64;
+    for &(at, l) in &ask {
+        let map = allocated(fd, census.len(), at, l, page)?;
+        allocated_elsewhere += map.iter().filter(|a| **a).count() as u64;
+        faulted.extend(runs(&map, at, page));
+    }
+    let mapped = status.iter().filter(|s| **s >= 0).count() as u64;
+    let allocated_pages = mapped + allocated_elsewhere;
+    let mut counts = NodeCounts {
+        not_present: len / page - allocated_pages,
+        ..Default::default()
+    };
+    if allocated_pages == 0 {
+        return Ok(counts);
+    }
+    if let Some(h) = holder
+        && let Some(nodes) = h.exact_counts(offset, len, allocated_pages)
+    {
+        counts.nodes = nodes;
+        counts.counted_from = Some(h.pid);
+        return Ok(counts);
+    }
+    for &(at, l) in &faulted {
+        // A failed fault leaves pages unmapped, which the count reports as unknown.
+        let _ = census.populate_read(at, l);
+        let first = ((at - offset) / page) as usize;
+        let got = page_nodes_parallel(census, at, l, page)?;
+        status[first..first + got.len()].copy_from_slice(&got);
+        if !keep {
+            let _ = census.unmap_pages(at, l);
+        }
+    }
+    if keep {
+        runs_mapped.insert(faulted);
+    }
+    let now_mapped = status.iter().filter(|s| **s >= 0).count() as u64;
+    counts.unknown = allocated_pages.saturating_sub(now_mapped);
+    for s in status {
+        if let Ok(n) = u32::try_from(s) {
+            *counts.nodes.entry(n).or_default() += 1;
+        }
+    }
+    Ok(counts)
+}
+
+/// Pages at or above which [`page_nodes_parallel`] splits the query over threads (256 MiB of base
+/// pages): below it a thread costs more than it saves.
+const PARALLEL_PAGES: u64 = 1 << 16;
+
+/// [`Mapping::page_nodes`], split over up to four threads (and no more than the CPUs this
+/// process may run on) for a large range: move_pages takes the mapping lock for reading only, so
+/// the parts do not wait for each other.
+fn page_nodes_parallel(
+    mapping: &Mapping,
+    offset: u64,
+    len: u64,
+    page: u64,
+) -> Result<Vec<i32>, Errno> {
+    let pages = len / page;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let parts = (pages / PARALLEL_PAGES).min(cpus).clamp(1, 4);
+    if parts == 1 {
+        return mapping.page_nodes(offset, len, page);
+    }
+    let per = pages.div_ceil(parts);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..parts)
+            .map(|i| {
+                let first = i * per;
+                let n = per.min(pages - first);
+                s.spawn(move || mapping.page_nodes(offset + first * page, n * page, page))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(pages as usize);
+        for h in handles {
+            out.extend(h.join().map_err(|_| Errno::EIO)??);
+        }
+        Ok(out)
+    })
+}
+
+/// The runs `(offset, len)` of pages whose status satisfies `pick`.
+fn runs_where(
+    status: &[i32],
+    offset: u64,
+    page: u64,
+    pick: impl Fn(i32) -> bool,
+) -> Vec<(u64, u64)> {
+    let map: Vec<bool> = status.iter().map(|s| pick(*s)).collect();
+    runs(&map, offset, page)
 }
 
 /// One `MAP_SHARED` mapping of a file in another process (a holder): the file interval it maps
@@ -564,5 +758,121 @@ mod tests {
         let by_move_pages = move_pages_nodes(&w, &[(40 * page, 10 * page)], page).unwrap();
         let by_numa_maps = numa_maps_nodes(w.guest_address()).unwrap();
         assert_eq!(by_move_pages, by_numa_maps);
+    }
+
+    /// Pages of `[offset, offset+len)` mapped in `m` now (move_pages answers a node).
+    fn mapped_in(m: &Mapping, offset: u64, len: u64, page: u64) -> usize {
+        m.page_nodes(offset, len, page)
+            .unwrap()
+            .iter()
+            .filter(|s| **s >= 0)
+            .count()
+    }
+
+    /// The census counts exactly what is allocated, keeps what it faulted mapped (so a second
+    /// count faults nothing and asks the page cache nothing), follows punched holes and new
+    /// pages, allocates nothing, and with `keep` false leaves the mapping as it found it.
+    #[test]
+    fn census_counts_keeps_its_pages_and_follows_changes() {
+        let page = super::super::page_size();
+        let size = 64 * page;
+        let fd = super::super::create_memfd("census-test", size, None).unwrap();
+        super::super::fallocate(fd.as_fd(), page, 3 * page, false).unwrap();
+        super::super::fallocate(fd.as_fd(), 40 * page, 10 * page, false).unwrap();
+        let census = Mapping::new(fd.as_fd(), size).unwrap();
+        let mut runs = CensusRuns::default();
+        let count = |runs: &mut CensusRuns, keep| {
+            count_nodes_census(fd.as_fd(), &census, runs, (0, size, page), None, keep).unwrap()
+        };
+        // Not kept: counted, and nothing left mapped or recorded.
+        let c = count(&mut runs, false);
+        assert_eq!(
+            (c.nodes.values().sum::<u64>(), c.not_present, c.unknown),
+            (13, 51, 0)
+        );
+        assert_eq!((mapped_in(&census, 0, size, page), runs.bytes()), (0, 0));
+        // Kept: the 13 allocated pages stay mapped, in two recorded runs, and nothing else.
+        let c = count(&mut runs, true);
+        assert_eq!((c.nodes.values().sum::<u64>(), c.not_present), (13, 51));
+        assert_eq!(mapped_in(&census, 0, size, page), 13);
+        assert_eq!(
+            runs,
+            CensusRuns(vec![(page, 3 * page), (40 * page, 10 * page)])
+        );
+        assert_eq!(
+            super::super::files::cached_pages(fd.as_fd(), 0, size).unwrap(),
+            13,
+            "counting allocated nothing"
+        );
+        // Counted again from what is mapped: the same answer, the same pages mapped. A file
+        // descriptor the page cache cannot be read through still counts the recorded runs (an
+        // O_PATH one: cachestat refuses it), so the recorded pages were not read from it.
+        let path: std::os::fd::OwnedFd = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .into();
+        let c = count_nodes_census(
+            path.as_fd(),
+            &census,
+            &mut runs,
+            (40 * page, 10 * page, page),
+            None,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.nodes.values().sum::<u64>(), c.not_present),
+            (10, 0),
+            "{c:?}"
+        );
+        // A punched page leaves the mapping; a new one is found and faulted.
+        super::super::fallocate(fd.as_fd(), 41 * page, page, true).unwrap();
+        super::super::fallocate(fd.as_fd(), 60 * page, 2 * page, false).unwrap();
+        let c = count(&mut runs, true);
+        assert_eq!(
+            (c.nodes.values().sum::<u64>(), c.not_present, c.unknown),
+            (14, 50, 0)
+        );
+        assert_eq!(mapped_in(&census, 0, size, page), 14);
+        // A sub-range starting inside a run: pages 2 and 3, and 40 (41 was punched).
+        let c = count_nodes_census(
+            fd.as_fd(),
+            &census,
+            &mut runs,
+            (2 * page, 40 * page, page),
+            None,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.nodes.values().sum::<u64>(), c.not_present),
+            (2 + 1, 37),
+            "{c:?}"
+        );
+    }
+
+    /// Recorded intervals merge, and a range splits into recorded and unrecorded pieces.
+    #[test]
+    fn census_runs_merge_and_split() {
+        let mut r = CensusRuns::default();
+        r.insert([(10, 5), (30, 10)]);
+        r.insert([(15, 5), (50, 1)]);
+        assert_eq!(r, CensusRuns(vec![(10, 10), (30, 10), (50, 1)]));
+        assert_eq!(r.bytes(), 21);
+        assert_eq!(
+            r.split(0, 45),
+            vec![
+                (0, 10, false),
+                (10, 10, true),
+                (20, 10, false),
+                (30, 10, true),
+                (40, 5, false)
+            ]
+        );
+        assert_eq!(r.split(12, 3), vec![(12, 3, true)]);
+        r.clear();
+        assert_eq!(r.split(0, 8), vec![(0, 8, false)]);
     }
 }

@@ -236,6 +236,7 @@ async fn start_agent(
         max_region_bytes: cfg.max_region_bytes,
         force_strategy: cfg.forced_strategy()?,
         keep_after_holder_exit: cfg.keep_after_holder_exit()?,
+        placement_map_max_bytes: cfg.placement_map_max_bytes,
     };
     let agent = Agent::start(store, features, topology, limits).await?;
     Ok(agent)

@@ -36,6 +36,10 @@ pub struct EngineSettings {
     /// How long a region the agent made keeps its memory after its last holder exited, for a
     /// VMM that restarts; `None` keeps it until it is deleted (see `engine::holders`).
     pub keep_after_holder_exit: Option<std::time::Duration>,
+    /// Bytes of guest memory GetPlacement may keep mapped in the agent between calls, over all
+    /// regions, so that a count does not fault again what it faulted before (see
+    /// `engine::placement::Census`). Each GiB kept costs about 2 MiB of page tables.
+    pub placement_map_max_bytes: u64,
 }
 
 impl Default for EngineSettings {
@@ -48,9 +52,13 @@ impl Default for EngineSettings {
             keep_after_holder_exit: Some(std::time::Duration::from_secs(
                 DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS,
             )),
+            placement_map_max_bytes: DEFAULT_PLACEMENT_MAP_MAX_BYTES,
         }
     }
 }
+
+/// The default of `placement_map_max_bytes`: 16 GiB, whose page tables take about 32 MiB.
+pub const DEFAULT_PLACEMENT_MAP_MAX_BYTES: u64 = 16 << 30;
 
 /// The default of `release_agent_regions_after`: five minutes, long enough for a supervisor
 /// (systemd, libvirt, a Kubernetes restart) to bring a crashed VMM back to the memory it had,
@@ -111,6 +119,8 @@ pub struct Agent {
     tokens: TokenKey,
     /// Holders to watch for exit (see `engine::holders`).
     holder_watch: tokio::sync::mpsc::UnboundedSender<crate::domain::Holder>,
+    /// Bytes GetPlacement keeps mapped, over all regions (see `engine::placement::Census`).
+    census_budget: std::sync::Arc<super::placement::CensusBudget>,
     /// Counters for metrics.
     pub counters: AgentCounters,
 }
@@ -134,6 +144,9 @@ impl Agent {
         secret: &[u8],
         holder_watch: tokio::sync::mpsc::UnboundedSender<crate::domain::Holder>,
     ) -> Self {
+        let census_budget = std::sync::Arc::new(super::placement::CensusBudget::new(
+            settings.placement_map_max_bytes,
+        ));
         Self {
             journal: Journal::new(store),
             regions: Regions::default(),
@@ -144,6 +157,7 @@ impl Agent {
             settings,
             tokens: TokenKey::new(secret),
             holder_watch,
+            census_budget,
             counters: AgentCounters::default(),
         }
     }
@@ -151,6 +165,11 @@ impl Agent {
     /// The live regions.
     pub(crate) fn regions(&self) -> &Regions {
         &self.regions
+    }
+
+    /// Bytes GetPlacement keeps mapped, over all regions.
+    pub(crate) fn census_budget(&self) -> &std::sync::Arc<super::placement::CensusBudget> {
+        &self.census_budget
     }
 
     /// What callers may ask for, and the engine's fixed choices.

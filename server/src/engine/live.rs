@@ -14,6 +14,9 @@ use tokio::sync::RwLock;
 /// The agent's open file of a region.
 #[derive(Debug)]
 pub(crate) struct RegionFile {
+    /// What GetPlacement's counts keep mapped in `mapping` between calls
+    /// (see [`super::placement::Census`]).
+    pub(crate) census: std::sync::Mutex<super::placement::Census>,
     pub(crate) fd: OwnedFd,
     /// The agent's own shared mapping; None where the file cannot be mapped.
     pub(crate) mapping: Option<Mapping>,
@@ -390,6 +393,7 @@ mod tests {
                 guest_cell: None,
             },
             file: Some(RegionFile {
+                census: Default::default(),
                 fd,
                 mapping: None,
                 vm: None,

@@ -43,7 +43,8 @@ mod start;
 mod syscalls;
 
 pub use agent::{
-    AGENT_ACTOR, Agent, AgentCounters, DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS, EngineSettings,
+    AGENT_ACTOR, Agent, AgentCounters, DEFAULT_KEEP_AFTER_HOLDER_EXIT_SECS,
+    DEFAULT_PLACEMENT_MAP_MAX_BYTES, EngineSettings,
 };
 pub use error::{AgentError, ErrorCode};
 pub use idempotency::{EncodeAnswer, Idempotency};

@@ -1,15 +1,18 @@
 //! Where a range's pages are, read from the kernel without allocating.
 //!
-//! GetPlacement counts each range with [`kernel::residency::count_nodes_held`]. Where the region's
-//! holder (the process the file was handed to, adopted from or attached from) maps the file
-//! shared and its mappings hold every allocated page of the range exactly once, the per-node
-//! counts of those mappings in its `/proc/PID/numa_maps` are the answer: the holder already
-//! faulted the pages, so reading them costs one walk of page tables that exist. Otherwise the
-//! allocated runs (from the page cache) are read-faulted into a window of exactly the range and
-//! counted per node by the kernel's walk of that window (`/proc/self/numa_maps`). Each range says
-//! which way it was counted ([`RangePlacementView::counted_from`]). The engine's migrate and the
-//! populate proof need each page's node before and after, so they read-fault allocated runs into
-//! a mapping and ask move_pages (`syscalls::map_resident`, `syscalls::nodes_of`).
+//! GetPlacement counts each range through the region's [`Census`]
+//! ([`kernel::residency::count_nodes_census`]). Where the region's holder (the process the file
+//! was handed to, adopted from or attached from) maps the file shared and its mappings hold every
+//! allocated page of the range exactly once, the per-node counts of those mappings in its
+//! `/proc/PID/numa_maps` are the answer: the holder already faulted the pages, so reading them
+//! costs one walk of page tables that exist. Otherwise move_pages names the node of each page
+//! the agent's long-lived mapping of the file already maps, and only the allocated pages it does
+//! not map yet (from the page cache, read over those runs only) are read-faulted into it and
+//! asked. They stay mapped for the next count, within the agent's [`CensusBudget`]; a punched
+//! page leaves the mapping by itself. Each range says which way it was counted
+//! ([`RangePlacementView::counted_from`]). The engine's migrate and the populate proof need each
+//! page's node before and after, so they read-fault allocated runs into a mapping and ask
+//! move_pages (`syscalls::map_resident`, `syscalls::nodes_of`).
 
 use super::{Agent, AgentError};
 use crate::domain::RangeIntent;
@@ -17,8 +20,99 @@ use crate::domain::{RegionKey, resolve_span};
 use crate::kernel::{self, Mapping};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const ENOENT: i32 = -2;
+
+/// What GetPlacement keeps mapped in a region's long-lived mapping between counts (the census):
+/// the pages it read-faulted there to learn their nodes stay mapped, so the next count asks
+/// move_pages about them without faulting them again (`kernel::residency::count_nodes_census`).
+/// The bytes kept are charged to the agent's [`CensusBudget`] and given back when the region's
+/// file is dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Census {
+    runs: kernel::residency::CensusRuns,
+    budget: Option<Arc<CensusBudget>>,
+}
+
+impl Drop for Census {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.used.fetch_sub(self.runs.bytes(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The bytes all censuses may keep mapped (`EngineSettings::placement_map_max_bytes`), and how
+/// many they keep.
+#[derive(Debug)]
+pub(crate) struct CensusBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl CensusBudget {
+    pub(crate) fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Reserves `bytes`, if they fit.
+    fn reserve(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                u.checked_add(bytes).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+}
+
+impl Census {
+    /// Unmaps every page the census keeps mapped in `mapping` and gives its bytes back: before a
+    /// VMM gets the file, whose own mbind with `MPOL_MF_MOVE` (QEMU's `host-nodes`, with
+    /// `MPOL_MF_STRICT`) would otherwise find those pages shared with the agent, leave them where
+    /// they are and fail.
+    pub(crate) fn forget(&mut self, mapping: Option<&Mapping>) {
+        if self.runs.bytes() == 0 {
+            return;
+        }
+        if let Some(m) = mapping {
+            let _ = m.unmap_pages(0, m.len());
+        }
+        if let Some(b) = &self.budget {
+            b.used.fetch_sub(self.runs.bytes(), Ordering::Relaxed);
+        }
+        self.runs.clear();
+    }
+
+    /// Counts one range through the census `mapping`, keeping what it faults mapped when the
+    /// budget has room for the whole range.
+    fn count(
+        &mut self,
+        budget: &Arc<CensusBudget>,
+        fd: BorrowedFd<'_>,
+        mapping: &Mapping,
+        span: (u64, u64, u64),
+        holder: Option<&kernel::residency::HolderMappings>,
+    ) -> Result<kernel::residency::NodeCounts, nix::errno::Errno> {
+        let budget = self.budget.get_or_insert_with(|| budget.clone()).clone();
+        let before = self.runs.bytes();
+        let keep = budget.reserve(span.1);
+        let counted =
+            kernel::residency::count_nodes_census(fd, mapping, &mut self.runs, span, holder, keep);
+        let after = self.runs.bytes();
+        if keep {
+            // What was reserved for the range, less what it added.
+            budget
+                .used
+                .fetch_sub(span.1 - (after - before).min(span.1), Ordering::Relaxed);
+        }
+        counted
+    }
+}
 
 /// Pages on one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,18 +172,18 @@ impl Placement {
     }
 }
 
-/// Counts the placement of one range of a file of `file_len` bytes: from the holder's mappings
-/// where they map every allocated page of the range exactly once, otherwise by read-faulting the
-/// allocated pages into a window of exactly the range and letting the kernel count them
-/// ([`kernel::residency::count_nodes_held`]); the agent's own mapping is left alone.
+/// Counts the placement of one range: from the holder's mappings where they map every allocated
+/// page of the range exactly once, otherwise through the region's census (its long-lived
+/// mapping, [`Census`]), which keeps the pages it faulted mapped for the next count.
 fn count_range(
-    fd: BorrowedFd<'_>,
-    file_len: u64,
+    census: &mut Census,
+    budget: &Arc<CensusBudget>,
+    (fd, mapping): (BorrowedFd<'_>, &Mapping),
     r: &RangeIntent,
     page: u64,
     holder: Option<&kernel::residency::HolderMappings>,
 ) -> RangePlacementView {
-    match kernel::residency::count_nodes_held(fd, file_len, r.offset, r.length, page, holder) {
+    match census.count(budget, fd, mapping, (r.offset, r.length, page), holder) {
         Ok(c) => RangePlacementView {
             counted_from: c.counted_from,
             ..range_view(
@@ -248,20 +342,33 @@ impl Agent {
                 "region {key} has no mapping in the agent (lost, or a guest_memfd without MMAP), so its placement cannot be read"
             )));
         }
+        let budget = self.census_budget().clone();
         let ranges = Agent::blocking(move || {
-            let Some((fd, mapping)) = live
+            let Some((file, mapping)) = live
                 .file
                 .as_ref()
-                .and_then(|f| Some((f.fd.as_fd(), f.mapping.as_ref()?)))
+                .and_then(|f| Some((f, f.mapping.as_ref()?)))
             else {
                 return Vec::new();
             };
+            let fd = file.fd.as_fd();
             let ranges = live.intent.ranges.clipped(offset, offset + length);
             let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.offset, r.length)).collect();
             let holder = holder_mappings(fd, live.intent.holder, &spans);
+            // One count of a region at a time: they share its census.
+            let mut census = file.census.lock().unwrap_or_else(|p| p.into_inner());
             ranges
                 .iter()
-                .map(|r| count_range(fd, mapping.len(), r, page, holder.as_ref()))
+                .map(|r| {
+                    count_range(
+                        &mut census,
+                        &budget,
+                        (fd, mapping),
+                        r,
+                        page,
+                        holder.as_ref(),
+                    )
+                })
                 .collect()
         })
         .await?;
@@ -275,6 +382,101 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pages of a region's long-lived mapping that are mapped now.
+    async fn mapped_pages(agent: &Agent, key: &RegionKey) -> usize {
+        let live = agent.slot(key).unwrap().read_owned().await;
+        let m = live.file.as_ref().unwrap().mapping.as_ref().unwrap();
+        m.page_nodes(0, m.len(), agent.page_size())
+            .unwrap()
+            .iter()
+            .filter(|s| **s >= 0)
+            .count()
+    }
+
+    /// What GetPlacement keeps mapped is charged to the budget and kept only while it fits;
+    /// counts are right either way; a handoff unmaps the region's pages and gives its bytes back,
+    /// and so does a delete.
+    #[tokio::test]
+    async fn placement_keeps_what_fits_its_budget_and_gives_it_back() {
+        use crate::domain::{Backend, NodeSet, Policy, PolicyMode};
+        use crate::engine::{CreateRequest, EngineSettings};
+        let dir = tempfile::tempdir().unwrap();
+        let usable: Vec<u32> = crate::topology::TopologyReader::host()
+            .read()
+            .usable
+            .iter()
+            .collect();
+        let page = kernel::page_size();
+        let agent = Agent::start(
+            crate::store::Store::open(&dir.path().join("s.db"), std::time::Duration::from_secs(5))
+                .await
+                .unwrap(),
+            kernel::probe::probe(&usable),
+            crate::topology::TopologyReader::host(),
+            EngineSettings {
+                placement_map_max_bytes: 12 * page,
+                ..EngineSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+        let used = || agent.census_budget().used.load(Ordering::Relaxed);
+        let bind0 = Policy::new(PolicyMode::Bind, NodeSet::from_ids([0]).unwrap());
+        let keys = ["a", "b"].map(|n| RegionKey::parse("vm", n).unwrap());
+        for key in &keys {
+            let req = CreateRequest {
+                key: key.clone(),
+                size_bytes: 8 * page,
+                backend: Backend::Memfd,
+                hugepage_size_bytes: 0,
+                policies: vec![(0, 0, bind0)],
+            };
+            agent.create_region(req, "test", None).await.unwrap();
+            let req = crate::engine::PopulateRequest {
+                key: key.clone(),
+                offset: 0,
+                length: 0,
+                threads: 1,
+                cgroup: None,
+                verify: false,
+            };
+            let progress = Arc::new(crate::engine::PopulateProgress::default());
+            agent.populate(req, &progress, "test").await.unwrap();
+        }
+        let on_node0 = |p: &Placement| (p.nodes(), p.total(|r| r.not_present));
+        let all8 = (vec![NodeCount { node: 0, pages: 8 }], 0);
+        // a fits: kept.
+        let p = agent.placement(&keys[0], 0, 0).await.unwrap();
+        assert_eq!(on_node0(&p), all8);
+        assert_eq!(
+            (used(), mapped_pages(&agent, &keys[0]).await),
+            (8 * page, 8)
+        );
+        // Counted again: the same answer, still kept once.
+        let p = agent.placement(&keys[0], 0, 0).await.unwrap();
+        assert_eq!(on_node0(&p), all8);
+        assert_eq!(used(), 8 * page);
+        // b does not fit beside it: counted, not kept.
+        let p = agent.placement(&keys[1], 0, 0).await.unwrap();
+        assert_eq!(on_node0(&p), all8);
+        assert_eq!(
+            (used(), mapped_pages(&agent, &keys[1]).await),
+            (8 * page, 0)
+        );
+        // A handoff of a unmaps its pages and gives their bytes back.
+        let me = crate::domain::Holder {
+            pid: std::process::id() as i32,
+            start_time: 0,
+        };
+        agent.record_holder(&keys[0], me, "test").await.unwrap();
+        assert_eq!((used(), mapped_pages(&agent, &keys[0]).await), (0, 0));
+        // Now b fits; its delete gives the bytes back.
+        agent.placement(&keys[1], 0, 0).await.unwrap();
+        assert_eq!(used(), 8 * page);
+        agent.delete_region(&keys[1], "test", None).await.unwrap();
+        assert_eq!(used(), 0);
+    }
 
     /// A read fault that fails leaves the run's pages unknown, not "not present", even where
     /// move_pages could still name the node of a page mapped earlier.

@@ -223,6 +223,7 @@ impl Agent {
         // No VM fd comes back: one taken from another process would refuse every VM ioctl here
         // (KVM answers only its creator), and the file itself keeps its VM alive.
         let file = RegionFile {
+            census: Default::default(),
             fd,
             mapping,
             vm: None,
@@ -485,6 +486,7 @@ mod tests {
         // A pipe cannot be mapped.
         let (rd, _wr) = nix::unistd::pipe().unwrap();
         let file = RegionFile {
+            census: Default::default(),
             fd: rd,
             mapping: None,
             vm: None,
@@ -504,6 +506,7 @@ mod tests {
         let w = Mapping::window(fd.as_fd(), 0, page).unwrap();
         w.mbind(0, page, &bind, 0).unwrap();
         let file = RegionFile {
+            census: Default::default(),
             fd,
             mapping: None,
             vm: None,
@@ -533,6 +536,7 @@ mod tests {
         LiveRegion {
             intent: crate::engine::syscalls::contract::memfd_region(pages, ranges),
             file: Some(RegionFile {
+                census: Default::default(),
                 fd,
                 mapping,
                 vm: None,

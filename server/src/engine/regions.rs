@@ -312,6 +312,16 @@ impl Agent {
         actor: &str,
     ) -> Result<RegionView, AgentError> {
         let mut live = self.slot(key)?.write_owned().await;
+        // What GetPlacement keeps mapped goes before the VMM gets the file (see
+        // `placement::Census::forget`).
+        live = Agent::blocking(move || {
+            if let Some(f) = live.file.as_ref() {
+                let mut census = f.census.lock().unwrap_or_else(|p| p.into_inner());
+                census.forget(f.mapping.as_ref());
+            }
+            live
+        })
+        .await?;
         let file_id = live.intent.file_id;
         let ev = self.event(
             EventKind::Handoff,
@@ -369,6 +379,7 @@ pub(crate) fn create_file(
                 .map_err(kerr("memfd_create"))?;
             let mapping = Mapping::new(fd.as_fd(), intent.size_bytes).map_err(kerr("mmap"))?;
             Ok(RegionFile {
+                census: Default::default(),
                 fd,
                 mapping: Some(mapping),
                 vm: None,
@@ -389,6 +400,7 @@ pub(crate) fn create_file(
                 None
             };
             Ok(RegionFile {
+                census: Default::default(),
                 fd,
                 mapping,
                 vm: Some(vm),

@@ -101,6 +101,7 @@ impl Agent {
         let live = Box::new(LiveRegion {
             intent,
             file: Some(RegionFile {
+                census: Default::default(),
                 fd,
                 mapping: Some(mapping),
                 vm: None,

@@ -375,6 +375,7 @@ impl Agent {
         let live = LiveRegion {
             intent,
             file: Some(RegionFile {
+                census: Default::default(),
                 fd: f.fd,
                 mapping,
                 vm: None,

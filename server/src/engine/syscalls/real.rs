@@ -66,6 +66,10 @@ impl Syscalls for RealFile<'_> {
         if kernel::pidfd::have_cap_sys_nice() {
             // Pages the VMM also maps are shared; MOVE alone skips them.
             flags |= mempolicy::MPOL_MF_MOVE_ALL;
+        } else if let Some(m) = self.mapping {
+            // Without MOVE_ALL, a page GetPlacement keeps mapped in the long-lived mapping
+            // (its census) would count as shared and stay where it is: unmap it there first.
+            let _ = m.unmap_pages(offset, length);
         }
         let bound = bind_file_range(&window, offset, length, policy, flags);
         let after = nodes_of(&window, offset, length, self.page);
