@@ -19,7 +19,8 @@
 //! Environment (for development; the reported run uses the defaults):
 //! - `MEMPLACE_BENCH_ONLY=P1,P4`: run only these rows (`P1` runs `P1` on memfd and, where the
 //!   host's KVM has guest_memfd, `P1-gmem`; `P5` runs `P5` and `P5-fallback`; `P7` runs
-//!   `P7-attach` and `P7-exec`, which can also be named alone).
+//!   `P7-attach`, `P7-exec` and `P7-exec-qemu`; `P7-attach` and `P7-exec` (with its QEMU row)
+//!   can be named alone).
 //! - `MEMPLACE_BENCH_SAMPLES`: samples per side (default 5).
 //! - `MEMPLACE_BENCH_POPULATE_BYTES`: size for P1, P5 and P7 (default 4 GiB, halved while free memory is short).
 //! - `MEMPLACE_BENCH_P1_THREADS`: thread counts P1 sweeps (default `1,2,4`; the row is at 2).
@@ -144,6 +145,7 @@ async fn p7(size: u64) -> Vec<Row> {
     }
     if exec {
         rows.push(p7_exec::p7_exec(&agent, size).await);
+        rows.push(p7_exec::p7_exec_qemu(&agent).await);
     }
     rows
 }
