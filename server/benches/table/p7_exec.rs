@@ -108,8 +108,8 @@ fn through_ctl(agent: &AgentProc) -> Command {
 
 /// Waits until the agent has handled the exit of holder `pid` (the VMM memplacectl exec became):
 /// its HOLDER_LOST event of [`VM`] after sequence `after`, which it records. The agent holds the
-/// region's lock while it scans every process's open files for another holder, so the next
-/// sample would otherwise wait for that. Returns how long after the call the event was stored.
+/// region's lock while it scans every process's open files for another holder, so that no sample
+/// overlaps that work. Returns how long after the call the event was stored.
 /// Fails naming the event after [`PATIENCE`].
 async fn holder_exit_handled(c: &mut Client, pid: u32, after: &mut u64) -> Duration {
     let t = Instant::now();
@@ -248,7 +248,7 @@ pub(crate) async fn p7_exec(agent: &AgentProc, size: u64) -> Row {
                 acquire.show()
             ),
             format!(
-                "after each exec'd PROGRAM exits the bench waits for the agent's HOLDER_LOST event before the next step (the agent holds the region's lock while it scans every process's open files for another holder): {} from PROGRAM's exit",
+                "after each exec'd PROGRAM exits the bench waits for the agent's HOLDER_LOST event before the next step, so no sample overlaps that work (the agent scans every process's open files for another holder, holding the region's lock): {} from PROGRAM's exit",
                 exit.show()
             ),
             format!(
