@@ -9,17 +9,20 @@
 //!
 //! Run: `cargo bench -p memplace-server --bench table`.
 //!
-//! One file per row (P2 and P3 share their agent and clients, P4 and P6 theirs): `p1_populate`,
-//! `p2_setpolicy`, `p3_getregion`, `p4_restart`, `p5_placement`, `p6_idle`, `s1_scale`;
+//! One file per row (P2 and P3 share their agent and clients, P4 and P6 theirs, P7-attach and
+//! P7-exec theirs): `p1_populate`, `p2_setpolicy`, `p3_getregion`, `p4_restart`, `p5_placement`,
+//! `p6_idle`, `p7_attach`, `p7_exec`, `s1_scale`;
 //! `report` holds the samples, rows and the printed and JSON table. The agent is started by the
 //! integration tests' own harness (`server/tests/common/agent.rs`, included below with `#[path]`),
 //! so the bench and the tests run the agent the same way.
 //!
 //! Environment (for development; the reported run uses the defaults):
 //! - `MEMPLACE_BENCH_ONLY=P1,P4`: run only these rows (`P1` runs `P1` on memfd and, where the
-//!   host's KVM has guest_memfd, `P1-gmem`; `P5` runs `P5` and `P5-fallback`).
+//!   host's KVM has guest_memfd, `P1-gmem`; `P5` runs `P5` and `P5-fallback`; `P7` runs
+//!   `P7-attach`, `P7-exec` and `P7-exec-qemu`; `P7-attach` and `P7-exec` (with its QEMU row)
+//!   can be named alone).
 //! - `MEMPLACE_BENCH_SAMPLES`: samples per side (default 5).
-//! - `MEMPLACE_BENCH_POPULATE_BYTES`: size for P1 and P5 (default 4 GiB, halved while free memory is short).
+//! - `MEMPLACE_BENCH_POPULATE_BYTES`: size for P1, P5 and P7 (default 4 GiB, halved while free memory is short).
 //! - `MEMPLACE_BENCH_P1_THREADS`: thread counts P1 sweeps (default `1,2,4`; the row is at 2).
 //! - `MEMPLACE_BENCH_REGIONS`: regions for P4 and P6 (default 1000).
 //! - `MEMPLACE_BENCH_IDLE_SECS`: length of one P6 window (default 30: one pass at the default interval).
@@ -37,6 +40,8 @@ mod p3_getregion;
 mod p4_restart;
 mod p5_placement;
 mod p6_idle;
+mod p7_attach;
+mod p7_exec;
 mod report;
 mod s1_scale;
 
@@ -53,6 +58,11 @@ pub(crate) fn start_agent(args: &[&str]) -> (AgentProc, std::time::Duration) {
 }
 
 fn main() {
+    // P7-exec runs this binary as its PROGRAM: the clock is read before anything else.
+    let started = std::time::SystemTime::now();
+    if std::env::var_os(p7_exec::STAMP).is_some() {
+        p7_exec::stamp(started);
+    }
     // `cargo bench` passes --bench; anything else (a test run of this target) does nothing.
     if !std::env::args().any(|a| a == "--bench") {
         eprintln!("table: run with `cargo bench -p memplace-server --bench table`");
@@ -115,9 +125,29 @@ async fn run() -> (Vec<String>, Vec<Row>) {
     if selected("S1") {
         rows.push(s1_scale::s1().await);
     }
+    rows.extend(p7(size).await);
     header.push(format!("load average at end {}", loadavg()));
     println!("{}", header[header.len() - 1]);
     (header, rows)
+}
+
+/// P7-attach and P7-exec on one agent (`P7` selects both).
+async fn p7(size: u64) -> Vec<Row> {
+    let attach = selected("P7") || selected("P7-attach");
+    let exec = selected("P7") || selected("P7-exec");
+    if !attach && !exec {
+        return Vec::new();
+    }
+    let (agent, _) = crate::start_agent(&["--reconcile-interval-secs", "0"]);
+    let mut rows = Vec::new();
+    if attach {
+        rows.push(p7_attach::p7_attach(&agent, size).await);
+    }
+    if exec {
+        rows.push(p7_exec::p7_exec(&agent, size).await);
+        rows.push(p7_exec::p7_exec_qemu(&agent).await);
+    }
+    rows
 }
 
 /// 4 GiB unless memory is short: each side of P1 and P5 needs the size once, plus headroom. The

@@ -128,7 +128,7 @@ pub(crate) struct SqliteFloor {
 }
 
 impl SqliteFloor {
-    async fn open(dir: &Path) -> Self {
+    pub(crate) async fn open(dir: &Path) -> Self {
         use sqlx::Connection;
         use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
         let opts = SqliteConnectOptions::new()
@@ -147,7 +147,7 @@ impl SqliteFloor {
     }
 
     /// The median time of `n` sequential commits.
-    async fn commits(&mut self, n: usize) -> Duration {
+    pub(crate) async fn commits(&mut self, n: usize) -> Duration {
         let blob = vec![7u8; 256];
         let mut lat = Vec::with_capacity(n);
         for _ in 0..n {

@@ -218,6 +218,17 @@ pub(crate) fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
+/// The goal of a row that has none (P7: issue 25 sets none); its "met" column reads "-".
+pub(crate) const NO_GOAL: &str = "-";
+
+fn met_text(r: &Row) -> &'static str {
+    match (r.goal == NO_GOAL, r.met) {
+        (true, _) => "-",
+        (false, true) => "yes",
+        (false, false) => "**no**",
+    }
+}
+
 pub(crate) fn print_table(rows: &[Row]) {
     println!();
     println!(
@@ -233,7 +244,7 @@ pub(crate) fn print_table(rows: &[Row]) {
             r.against,
             r.ratio,
             r.goal,
-            if r.met { "yes" } else { "**no**" }
+            met_text(r)
         );
     }
     println!();
@@ -256,7 +267,7 @@ pub(crate) fn write_json(header: &[String], rows: &[Row]) {
                 "against": r.against,
                 "ratio": r.ratio,
                 "goal": r.goal,
-                "met": r.met,
+                "met": (r.goal != NO_GOAL).then_some(r.met),
                 "notes": r.notes,
                 "series": r.series.iter().map(Series::json).collect::<Vec<_>>(),
             })
