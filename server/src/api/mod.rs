@@ -4,6 +4,7 @@
 
 mod events;
 mod idempotency;
+mod paging;
 
 use crate::convert::{
     backend_from_pb, node_info_to_pb, node_pages, placement_to_pb, policy_from_pb, region_to_pb,
@@ -151,13 +152,19 @@ impl NodeAgentService for NodeAgent {
     ) -> Result<Response<pb::ListRegionsResponse>, Status> {
         let r = req.into_inner();
         let vm = vm_filter(&r.vm_id)?;
-        let v = self
+        let page = paging::page_request(&r.vm_id, r.page_size, &r.page_token)?;
+        let (v, more) = self
             .agent
-            .list_regions(vm.as_ref())
+            .list_regions_page(vm.as_ref(), page.after.as_ref(), page.size)
             .await
             .map_err(status_of)?;
+        let next_page_token = match v.last() {
+            Some(last) if more => paging::next_page_token(&r.vm_id, &last.intent.key),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListRegionsResponse {
             regions: v.iter().map(region_to_pb).collect(),
+            next_page_token,
         }))
     }
 

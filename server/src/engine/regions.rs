@@ -265,12 +265,24 @@ impl Agent {
 
     /// All regions (of one VM), with observed state.
     pub async fn list_regions(&self, vm_id: Option<&VmId>) -> Result<Vec<RegionView>, AgentError> {
-        let mut out = Vec::new();
-        for slot in self.slots(vm_id.map(VmId::as_str)) {
+        Ok(self.list_regions_page(vm_id, None, usize::MAX).await?.0)
+    }
+
+    /// A page of [`Self::list_regions`]: at most `limit` regions after `after` in key order, and
+    /// whether more follow.
+    pub async fn list_regions_page(
+        &self,
+        vm_id: Option<&VmId>,
+        after: Option<&RegionKey>,
+        limit: usize,
+    ) -> Result<(Vec<RegionView>, bool), AgentError> {
+        let (slots, more) = self.regions().page(vm_id.map(VmId::as_str), after, limit);
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
             let live = slot.read_owned().await;
             out.push(self.view_of(live).await?.1);
         }
-        Ok(out)
+        Ok((out, more))
     }
 
     /// Deletes a region: durable first, then every fd of the agent is closed.
