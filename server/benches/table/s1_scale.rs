@@ -27,6 +27,9 @@ struct Point {
     pass_cpu: Series,
     pass_wall: Series,
     list: Series,
+    /// The agent's CPU time for one whole listing: a figure the machine's other load does not
+    /// inflate the way it does the wall time.
+    list_cpu: Series,
     get: Series,
     rss_created_mib: f64,
     rss_mib: f64,
@@ -94,7 +97,7 @@ async fn point(n: u64, samples: usize) -> Point {
     let floor_files = FloorFiles::none(n, size);
     let (restarts, holder) = restarts(&mut agent, &tokens, &floor_files, samples).await;
     drop(floor_files);
-    let (pass_cpu, pass_wall, list, get, (list_bytes, list_pages)) =
+    let (pass_cpu, pass_wall, (list, list_cpu), get, (list_bytes, list_pages)) =
         latencies(&agent, n, samples).await;
     let pid = agent.pid() as i32;
     let p = Point {
@@ -103,6 +106,7 @@ async fn point(n: u64, samples: usize) -> Point {
         pass_cpu,
         pass_wall,
         list,
+        list_cpu,
         get,
         rss_created_mib,
         rss_mib: proc_rss(pid) as f64 / MIB as f64,
@@ -125,7 +129,7 @@ async fn latencies(
     agent: &AgentProc,
     n: u64,
     samples: usize,
-) -> (Series, Series, Series, Series, (usize, usize)) {
+) -> (Series, Series, (Series, Series), Series, (usize, usize)) {
     let pid = agent.pid() as i32;
     let mut c = agent.client().await;
     let mk = |name: &str| {
@@ -134,10 +138,11 @@ async fn latencies(
         s
     };
     let (mut bytes, mut pages) = (0, 0);
-    let (mut cpu, mut wall, mut list, mut get) = (
+    let (mut cpu, mut wall, mut list, mut list_cpu, mut get) = (
         mk("reconcile pass CPU"),
         mk("reconcile pass wall"),
         mk("ListRegions"),
+        mk("ListRegions agent CPU"),
         mk("GetRegion"),
     );
     for _ in 0..samples {
@@ -147,9 +152,13 @@ async fn latencies(
         wall.push_ms(t.elapsed());
         cpu.samples
             .push(cpu_ns(pid).saturating_sub(c0) as f64 / 1e6);
+        let c0 = cpu_ns(pid);
         let t = Instant::now();
         let (all, p) = c.list_regions_paged("", 0).await.expect("ListRegions");
         list.push_ms(t.elapsed());
+        list_cpu
+            .samples
+            .push(cpu_ns(pid).saturating_sub(c0) as f64 / 1e6);
         pages = p;
         assert_eq!(all.len() as u64, n, "ListRegions");
         bytes = all.iter().map(|r| r.encoded_len() + 3).sum();
@@ -163,7 +172,7 @@ async fn latencies(
         one.sort();
         get.push_ms(one[one.len() / 2]);
     }
-    (cpu, wall, list, get, (bytes, pages))
+    (cpu, wall, (list, list_cpu), get, (bytes, pages))
 }
 
 pub(crate) async fn s1() -> Row {
@@ -178,13 +187,14 @@ pub(crate) async fn s1() -> Row {
     for &n in &counts {
         let p = point(n, samples).await;
         println!(
-            "  n={n}: created in {:.1} s; restart held {}, unheld {}; pass CPU {}; ListRegions {} in {} pages; GetRegion {}; RSS {:.1} MiB; {} fds; database {:.1} MiB",
+            "  n={n}: created in {:.1} s; restart held {}, unheld {}; pass CPU {}; ListRegions {} in {} pages (agent CPU {}); GetRegion {}; RSS {:.1} MiB; {} fds; database {:.1} MiB",
             p.create_secs,
             p.restarts.held.show(),
             p.restarts.unheld.show(),
             p.pass_cpu.show(),
             p.list.show(),
             p.list_pages,
+            p.list_cpu.show(),
             p.get.show(),
             p.rss_mib,
             p.fds,
@@ -288,7 +298,7 @@ fn points_notes(points: &[Point], interval: u64) -> Vec<String> {
         .map(|p| {
             let n = p.n as f64;
             format!(
-                "n={}: created in {:.1} s; restart held {:.1} us/region, unheld {:.1}; raw loop {:.1}, with memfd_create {:.1}; pass CPU {:.1} us/region ({:.4} % of a core every {interval} s), wall {}; ListRegions {:.1} us/region in {} pages, answers {:.2} MiB ({} B/region); GetRegion {}; RSS {:.1} MiB after creation, {:.1} MiB after the held restarts ({:.1} KiB/region); {} fds; database {:.2} MiB ({:.0} B/region)",
+                "n={}: created in {:.1} s; restart held {:.1} us/region, unheld {:.1}; raw loop {:.1}, with memfd_create {:.1}; pass CPU {:.1} us/region ({:.4} % of a core every {interval} s), wall {}; ListRegions {:.1} us/region in {} pages (agent CPU {:.1} us/region), answers {:.2} MiB ({} B/region); GetRegion {}; RSS {:.1} MiB after creation, {:.1} MiB after the held restarts ({:.1} KiB/region); {} fds; database {:.2} MiB ({:.0} B/region)",
                 p.n,
                 p.create_secs,
                 p.restarts.held.median() * 1e3 / n,
@@ -300,6 +310,7 @@ fn points_notes(points: &[Point], interval: u64) -> Vec<String> {
                 p.pass_wall.show(),
                 p.list.median() * 1e3 / n,
                 p.list_pages,
+                p.list_cpu.median() * 1e3 / n,
                 p.list_bytes as f64 / MIB as f64,
                 p.list_bytes / p.n as usize,
                 p.get.show(),
@@ -348,6 +359,7 @@ fn point_series(p: Point) -> Vec<Series> {
         p.pass_cpu,
         p.pass_wall,
         p.list,
+        p.list_cpu,
         p.get,
         one("RSS after creation", "MiB", p.rss_created_mib),
         one("RSS", "MiB", p.rss_mib),

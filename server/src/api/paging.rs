@@ -43,9 +43,10 @@ pub fn page_request(vm_id: &str, page_size: i32, page_token: &str) -> Result<Pag
     Ok(PageRequest { size, after })
 }
 
-/// The token for the page after `last`, in a listing filtered to `vm_id` ("" for all).
-pub fn next_page_token(vm_id: &str, last: &RegionKey) -> String {
-    let plain = format!("{VERSION}/{vm_id}/{}/{}", last.vm_id, last.name);
+/// The token for the page after the region `last_vm`/`last_name`, in a listing filtered to
+/// `vm_id` ("" for all).
+pub fn next_page_token(vm_id: &str, last_vm: &str, last_name: &str) -> String {
+    let plain = format!("{VERSION}/{vm_id}/{last_vm}/{last_name}");
     plain.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -104,7 +105,7 @@ mod tests {
     fn a_token_names_the_last_key_of_its_listing() {
         for filter in ["", "vm-1"] {
             let k = key("vm-1", "ram.0_x");
-            let t = next_page_token(filter, &k);
+            let t = next_page_token(filter, &k.vm_id, &k.name);
             let p = page_request(filter, 7, &t).unwrap();
             assert_eq!(
                 p,
@@ -132,7 +133,7 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_invalid_argument() {
-        let good = next_page_token("", &key("vm", "r"));
+        let good = next_page_token("", "vm", "r");
         let other_version = "2/vm/vm/r".bytes().map(|b| format!("{b:02x}")).collect();
         let bad_name = "1//vm/r r".bytes().map(|b| format!("{b:02x}")).collect();
         let extra = "1//vm/r/x".bytes().map(|b| format!("{b:02x}")).collect();
@@ -158,7 +159,7 @@ mod tests {
 
     #[test]
     fn a_token_of_another_vm_filter_is_refused() {
-        let t = next_page_token("vm-a", &key("vm-a", "r"));
+        let t = next_page_token("vm-a", "vm-a", "r");
         let e = page_request("vm-b", 0, &t).unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().contains("vm_id \"vm-a\""), "{}", e.message());
