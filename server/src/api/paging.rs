@@ -76,7 +76,7 @@ fn token_key(vm_id: &str, token: &str) -> Result<RegionKey, Status> {
 
 /// Hex digits to text, if `s` is an even count of lowercase hex digits spelling UTF-8.
 fn unhex(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| match c {
