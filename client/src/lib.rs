@@ -372,18 +372,48 @@ impl Client {
             .ok_or_else(|| ClientError::Invalid("agent returned no region".into()))
     }
 
-    /// ListRegions.
+    /// ListRegions: every region (of one VM, or all for ""), in order, following the agent's
+    /// pages of its default size to the end.
     pub async fn list_regions(&mut self, vm_id: &str) -> Result<Vec<pb::Region>, ClientError> {
-        let req = pb::ListRegionsRequest {
-            vm_id: vm_id.into(),
-        };
-        Ok(self
-            .retrying(|mut c| {
-                let r = req.clone();
-                async move { c.list_regions(r).await }
-            })
-            .await?
-            .regions)
+        Ok(self.list_regions_paged(vm_id, 0).await?.0)
+    }
+
+    /// ListRegions in pages of `page_size` regions (0: the agent's default): every region, in
+    /// order, and the number of pages it took. Each page is retried on UNAVAILABLE; a region
+    /// created or deleted meanwhile may or may not be listed, every other one is listed once.
+    pub async fn list_regions_paged(
+        &mut self,
+        vm_id: &str,
+        page_size: i32,
+    ) -> Result<(Vec<pb::Region>, usize), ClientError> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            let req = pb::ListRegionsRequest {
+                vm_id: vm_id.into(),
+                page_size,
+                page_token: std::mem::take(&mut token),
+            };
+            let sent = req.page_token.clone();
+            let page = self
+                .retrying(|mut c| {
+                    let r = req.clone();
+                    async move { c.list_regions(r).await }
+                })
+                .await?;
+            out.extend(page.regions);
+            if page.next_page_token.is_empty() {
+                return Ok((out, pages));
+            }
+            if page.next_page_token == sent {
+                return Err(ClientError::Invalid(format!(
+                    "ListRegions answered page token {sent:?} with the same token: the listing would not end"
+                )));
+            }
+            token = page.next_page_token;
+        }
     }
 
     /// DeleteRegion with a fresh request id, retried safely.

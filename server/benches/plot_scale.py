@@ -30,7 +30,14 @@ PANELS = [
         "one reconcile pass (ms)",
         [("reconcile pass CPU", "#1f77b4"), ("reconcile pass wall", "#9467bd")],
     ),
-    ("latency (ms)", [("ListRegions", "#1f77b4"), ("GetRegion", "#d62728")]),
+    (
+        "latency (ms)",
+        [
+            ("ListRegions", "#1f77b4"),
+            ("ListRegions agent CPU", "#2ca02c"),
+            ("GetRegion", "#d62728"),
+        ],
+    ),
     (
         "agent footprint",
         [

@@ -260,7 +260,10 @@ fn cases() -> Vec<Case> {
             v.push(case(
                 format!("list {short:?}"),
                 inv,
-                Call::List(pb::ListRegionsRequest { vm_id: n.clone() }),
+                Call::List(pb::ListRegionsRequest {
+                    vm_id: n.clone(),
+                    ..Default::default()
+                }),
             ));
             v.push(case(
                 format!("reconcile {short:?}"),
@@ -491,7 +494,11 @@ fn cases() -> Vec<Case> {
         ),
         (
             "/memplace.v1.NodeAgentService/ListRegions",
-            pb::ListRegionsRequest { vm_id: "vm".into() }.encode_to_vec(),
+            pb::ListRegionsRequest {
+                vm_id: "vm".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
         ),
         (
             "/memplace.v1.NodeAgentService/Reconcile",

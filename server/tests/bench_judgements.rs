@@ -58,6 +58,7 @@ fn s1_judges_each_goal() {
         pass_cpu_ms: 300.0,
         interval_secs: 30,
         list_ms: 50.0,
+        list_pages: 10,
     };
     let met = |f: &judge::ScaleFigures| -> Vec<bool> {
         judge::s1_goals(f).into_iter().map(|(_, _, m)| m).collect()
@@ -106,6 +107,7 @@ fn s1_judges_each_goal() {
     );
     let shown = judge::s1_goals(&good);
     assert!(shown[3].1.contains("1.000 %"), "{:?}", shown[3]);
+    assert!(shown[4].1.contains("(10 pages)"), "{:?}", shown[4]);
 }
 
 /// P1 is judged against the faster of the one-file floors, not only the one at the agent's

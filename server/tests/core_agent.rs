@@ -764,6 +764,7 @@ async fn bad_requests_get_clear_codes_and_change_nothing() {
             c.raw()
                 .list_regions(pb::ListRegionsRequest {
                     vm_id: "a b".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_err(),

@@ -111,13 +111,16 @@ pub struct ScaleFigures {
     /// One reconcile pass's CPU time (median), ms, and the reconcile interval it is spread over, s.
     pub pass_cpu_ms: f64,
     pub interval_secs: u64,
-    /// ListRegions latency (median), ms.
+    /// ListRegions latency (median) of the whole listing: every page, as the client follows
+    /// them at its default page size, from the first call to the last answer; ms.
     pub list_ms: f64,
+    /// The pages that listing took.
+    pub list_pages: usize,
 }
 
 /// S1's goals: restart <= 1 s and <= 3x the raw loop, held and unheld; RSS <= 128 MiB; one pass
-/// <= 1 % of one core at the interval; ListRegions <= 50 ms. Each goal's name, the figure as
-/// shown, and whether it is met.
+/// <= 1 % of one core at the interval; ListRegions <= 50 ms for the whole listing, every page.
+/// Each goal's name, the figure as shown, and whether it is met.
 pub fn s1_goals(f: &ScaleFigures) -> Vec<(&'static str, String, bool)> {
     let share = f.pass_cpu_ms / (f.interval_secs.max(1) as f64 * 1e3) * 100.0;
     vec![
@@ -146,7 +149,10 @@ pub fn s1_goals(f: &ScaleFigures) -> Vec<(&'static str, String, bool)> {
         ),
         (
             "ListRegions <= 50 ms",
-            format!("{:.1} ms", f.list_ms),
+            format!(
+                "{:.1} ms for the whole listing ({} pages)",
+                f.list_ms, f.list_pages
+            ),
             f.list_ms <= 50.0,
         ),
     ]

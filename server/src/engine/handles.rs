@@ -11,6 +11,7 @@ use crate::kernel::GuestMemfdVm;
 use crate::store::{Store, WriteOp};
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
@@ -45,6 +46,24 @@ impl Regions {
             .filter(|(k, _)| vm_id.is_none_or(|v| k.vm_id == v))
             .map(|(_, s)| s.clone())
             .collect()
+    }
+
+    /// At most `limit` regions (of one VM) after `after` in key order, and whether more follow.
+    pub(crate) fn page(
+        &self,
+        vm_id: Option<&str>,
+        after: Option<&RegionKey>,
+        limit: usize,
+    ) -> (Vec<Slot>, bool) {
+        let map = self.map.lock();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut it = map
+            .range((start, Bound::Unbounded))
+            .skip_while(|(k, _)| vm_id.is_some_and(|v| k.vm_id.as_str() < v))
+            .take_while(|(k, _)| vm_id.is_none_or(|v| k.vm_id == v))
+            .map(|(_, s)| s);
+        let page = it.by_ref().take(limit).cloned().collect();
+        (page, it.next().is_some())
     }
 
     /// The map itself, for a change of several steps under one lock.

@@ -265,12 +265,40 @@ impl Agent {
 
     /// All regions (of one VM), with observed state.
     pub async fn list_regions(&self, vm_id: Option<&VmId>) -> Result<Vec<RegionView>, AgentError> {
-        let mut out = Vec::new();
-        for slot in self.slots(vm_id.map(VmId::as_str)) {
-            let live = slot.read_owned().await;
-            out.push(self.view_of(live).await?.1);
+        Ok(self
+            .list_regions_page(vm_id, None, usize::MAX, |v| v)
+            .await?
+            .0)
+    }
+
+    /// A page of [`Self::list_regions`]: at most `limit` regions after `after` in key order, each
+    /// as `each` makes it from its view (each view is dropped at once, not kept for the page),
+    /// and whether more follow.
+    pub async fn list_regions_page<T>(
+        &self,
+        vm_id: Option<&VmId>,
+        after: Option<&RegionKey>,
+        limit: usize,
+        mut each: impl FnMut(RegionView) -> T,
+    ) -> Result<(Vec<T>, bool), AgentError> {
+        let (slots, more) = self.regions().page(vm_id.map(VmId::as_str), after, limit);
+        let page = self.page_size();
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            // A region nobody is changing whose last check answers (the usual case) is read
+            // under its lock at once: no await, no owned guard, no blocking thread.
+            let ready = slot
+                .try_read()
+                .ok()
+                .filter(|live| live.answers_from_check())
+                .map(|live| live.view(page));
+            let view = match ready {
+                Some(v) => v,
+                None => self.view_of(slot.read_owned().await).await?.1,
+            };
+            out.push(each(view));
         }
-        Ok(out)
+        Ok((out, more))
     }
 
     /// Deletes a region: durable first, then every fd of the agent is closed.
