@@ -907,7 +907,8 @@ async fn handoff_tokens_are_per_vm_and_stable() {
 }
 
 /// A pass reconciles regions in groups on the blocking pool: with more regions than one group,
-/// every region is still checked, each one's drift found and repaired, once.
+/// every region is still checked, each one's drift found and repaired, once. Each range (512
+/// pages) is read at every page, so the next pass re-binds none of them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pass_over_many_regions_checks_and_repairs_every_one() {
     use memplace_client::handoff::Handoff;
@@ -964,7 +965,7 @@ async fn a_pass_over_many_regions_checks_and_repairs_every_one() {
             rep.ranges_drifted,
             rep.ranges_reapplied
         ),
-        (N as u32, 0, N as u32),
+        (N as u32, 0, 0),
         "{rep:?}"
     );
 }

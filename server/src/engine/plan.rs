@@ -28,6 +28,13 @@ pub fn sample_offsets(r: &RangeIntent, page: u64) -> impl Iterator<Item = u64> {
         .chain((!(last - r.offset).is_multiple_of(stride)).then_some(last))
 }
 
+/// Whether [`sample_offsets`] reads every page of a range (a range of up to [`DRIFT_SAMPLES`]
+/// pages): then its samples are the whole of what the kernel holds over it, and a range that
+/// reads its intent at every sample has no foreign change anywhere.
+pub fn samples_every_page(r: &RangeIntent, page: u64) -> bool {
+    (r.length / page).max(1) <= DRIFT_SAMPLES
+}
+
 /// Where a range's policy was found not to be its intent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Drift {
@@ -194,7 +201,8 @@ pub enum Skip {
 pub enum Verify {
     /// At every sample: a drift was seen, and its repair must show.
     Samples,
-    /// At the range's first and last page: the bind replaced the whole span or failed.
+    /// At the range's first and last page: a range too large to read at every page, whose
+    /// samples read its intent; the bind replaced the whole span or failed.
     Ends,
 }
 
@@ -215,6 +223,11 @@ pub enum Action {
         /// Where and what.
         drift: Drift,
     },
+    /// Nothing to do: the range read its intent at every page ([`samples_every_page`]).
+    Keep {
+        /// The range.
+        range: RangeIntent,
+    },
     /// Re-bind the whole range to its intent, then verify it.
     Rebind {
         /// The range.
@@ -229,10 +242,13 @@ pub enum Action {
 /// A shmem file's shared policy is a tree of sub-ranges, and anyone who maps the file (a VMM
 /// through /proc/PID/fd/N, QEMU's `host-nodes`) can mbind any page-aligned part of it. No
 /// interface lists that tree: get_mempolicy reads one address. So drift is *detected* at sample
-/// points ([`sample_offsets`]), and every range is *repaired* regardless, by re-binding its whole
-/// span on every pass, which replaces every sub-range of the tree in it. A change too small to be
-/// sampled is thus undone by the next pass without a drift report.
-pub fn plan(intent: &RegionIntent, observed: &Observed) -> Vec<Action> {
+/// points ([`sample_offsets`]). A drifted range is re-bound over its whole span, which replaces
+/// every sub-range of the tree in it. A range of up to [`DRIFT_SAMPLES`] pages is read at every
+/// page, so when it reads its intent everywhere nothing in it changed and it is kept as it is (a
+/// re-bind would change nothing). A larger range is read at a stride, so a change smaller than
+/// the stride can fall between samples: such a range is re-bound on every pass regardless, and
+/// the unseen change is undone without a drift report.
+pub fn plan(intent: &RegionIntent, observed: &Observed, page: u64) -> Vec<Action> {
     let ranges = intent.ranges.ranges();
     let n = ranges.len() as u32;
     let skip = |why| vec![Action::Skip { why, ranges: n }];
@@ -254,12 +270,15 @@ pub fn plan(intent: &RegionIntent, observed: &Observed) -> Vec<Action> {
                 drift,
             });
         }
-        actions.push(Action::Rebind {
-            range: *range,
-            verify: if drift.is_some() {
-                Verify::Samples
-            } else {
-                Verify::Ends
+        actions.push(match drift {
+            Some(_) => Action::Rebind {
+                range: *range,
+                verify: Verify::Samples,
+            },
+            None if samples_every_page(range, page) => Action::Keep { range: *range },
+            None => Action::Rebind {
+                range: *range,
+                verify: Verify::Ends,
             },
         });
     }
@@ -297,6 +316,8 @@ pub enum Done {
     Skipped(Skip, u32),
     /// A drift reported.
     Drifted(RangeIntent, Drift),
+    /// A range that read its intent at every page, left as it is.
+    Kept(RangeIntent),
     /// A range re-bound and verified (at every sample when a drift had been reported).
     Rebound(RangeIntent, Verify),
     /// A range whose re-bind failed or did not read back.
@@ -310,6 +331,7 @@ pub fn execute(k: Option<&impl Syscalls>, actions: &[Action], page: u64) -> Vec<
         .map(|a| match (a, k) {
             (Action::Skip { why, ranges }, _) => Done::Skipped(*why, *ranges),
             (Action::ReportDrift { range, drift }, _) => Done::Drifted(*range, *drift),
+            (Action::Keep { range }, _) => Done::Kept(*range),
             (Action::Rebind { range, verify }, Some(k)) => match rebind(k, range, *verify, page) {
                 Ok(()) => Done::Rebound(*range, *verify),
                 Err(why) => Done::Failed(*range, why),
@@ -426,7 +448,7 @@ mod tests {
             let observed = observe(Some(&k), intent, file, PAGE);
             assert!(observed.drift.is_empty(), "{why:?}: nothing read");
             assert_eq!(
-                plan(intent, &observed),
+                plan(intent, &observed, PAGE),
                 [Action::Skip { why, ranges: 2 }],
                 "{why:?} {file:?}"
             );
@@ -434,10 +456,10 @@ mod tests {
     }
 
     /// Drift found on the fake kernel is reported, re-bound and verified at every sample; a range
-    /// that did not drift is re-bound and verified at its ends. After execution the fake kernel
-    /// holds the intent everywhere.
+    /// that did not drift and was read at every page is kept as it is. After execution the fake
+    /// kernel holds the intent everywhere.
     #[test]
-    fn drift_is_reported_and_every_range_rebound() {
+    fn drift_is_reported_and_rebound_and_a_range_read_whole_is_kept() {
         let k = FakeKernel::new(8, PAGE);
         let intent = region(8, Strategy::SharedPolicy, &[(0, 4, bind0())]);
         // The first range (BIND) was never bound: the kernel shows DEFAULT there. The second
@@ -454,7 +476,7 @@ mod tests {
                 None
             ]
         );
-        let actions = plan(&intent, &observed);
+        let actions = plan(&intent, &observed, PAGE);
         assert_eq!(
             actions,
             [
@@ -466,10 +488,7 @@ mod tests {
                     range: r[0],
                     verify: Verify::Samples
                 },
-                Action::Rebind {
-                    range: r[1],
-                    verify: Verify::Ends
-                },
+                Action::Keep { range: r[1] },
             ]
         );
         let done = execute(Some(&k), &actions, PAGE);
@@ -477,12 +496,75 @@ mod tests {
             matches!(done[1], Done::Rebound(_, Verify::Samples)),
             "{done:?}"
         );
-        assert!(
-            matches!(done[2], Done::Rebound(_, Verify::Ends)),
-            "{done:?}"
-        );
+        assert_eq!(done[2], Done::Kept(r[1]));
         let again = observe(Some(&k), &intent, FileState::Mapped, PAGE);
         assert_eq!(again.drift, [None, None], "the repair reads back");
+    }
+
+    /// A range of more than DRIFT_SAMPLES pages is read at a stride, so a change between two
+    /// samples is not seen: it is re-bound on every pass (verified at its ends), which undoes
+    /// that change. One of exactly DRIFT_SAMPLES pages is read at every page: a one-page change
+    /// anywhere in it is found.
+    #[test]
+    fn a_range_read_at_a_stride_is_rebound_even_when_its_samples_agree() {
+        let pages = 2 * DRIFT_SAMPLES + 2;
+        let k = FakeKernel::new(pages, PAGE);
+        let whole = DRIFT_SAMPLES;
+        let inter = Policy::new(PolicyMode::Interleave, NodeSet::from_ids([0]).unwrap());
+        let intent = region(
+            pages,
+            Strategy::SharedPolicy,
+            &[(0, whole, bind0()), (whole, pages - whole, inter)],
+        );
+        let r = intent.ranges.ranges();
+        assert_eq!(r.len(), 2);
+        for x in r {
+            k.bind(x.offset, x.length, &x.policy).unwrap();
+        }
+        assert!(samples_every_page(&r[0], PAGE) && !samples_every_page(&r[1], PAGE));
+        // Off the second range's grid (stride 2 pages from its start): not sampled.
+        let unseen = (whole + 1) * PAGE;
+        assert!(sample_offsets(&r[1], PAGE).all(|o| o != unseen));
+        let pref = Policy::new(PolicyMode::Preferred, NodeSet::from_ids([0]).unwrap());
+        k.bind(unseen, PAGE, &pref).unwrap();
+        let observed = observe(Some(&k), &intent, FileState::Mapped, PAGE);
+        assert_eq!(observed.drift, [None, None], "not seen");
+        let actions = plan(&intent, &observed, PAGE);
+        assert_eq!(
+            actions,
+            [
+                Action::Keep { range: r[0] },
+                Action::Rebind {
+                    range: r[1],
+                    verify: Verify::Ends
+                },
+            ]
+        );
+        execute(Some(&k), &actions, PAGE);
+        assert_eq!(
+            k.policy_at(unseen),
+            Some(inter),
+            "undone without being seen"
+        );
+        // A one-page change in the middle of the range read at every page is seen.
+        k.bind((whole / 2 + 1) * PAGE, PAGE, &pref).unwrap();
+        let observed = observe(Some(&k), &intent, FileState::Mapped, PAGE);
+        assert_eq!(
+            observed.drift,
+            [
+                Some(Drift {
+                    offset: (whole / 2 + 1) * PAGE,
+                    found: Some(pref)
+                }),
+                None
+            ]
+        );
+        let done = execute(Some(&k), &plan(&intent, &observed, PAGE), PAGE);
+        assert!(
+            matches!(done[1], Done::Rebound(_, Verify::Samples)),
+            "{done:?}"
+        );
+        assert_eq!(k.policy_at((whole / 2 + 1) * PAGE), Some(bind0()));
     }
 
     /// A failing bind, or a policy that does not read back, is a failure with its reason.
@@ -494,6 +576,7 @@ mod tests {
         let actions = plan(
             &intent,
             &observe(Some(&k), &intent, FileState::Mapped, PAGE),
+            PAGE,
         );
         let done = execute(Some(&k), &actions, PAGE);
         assert!(
