@@ -10,7 +10,7 @@ cargo bench -p memplace-server --bench table --no-run 2>&1 | tail -2
 sync; echo 1 > /proc/sys/vm/drop_caches
 uptime
 cargo bench -p memplace-server --bench table 2>&1 | tee target/bench-idle.log
-cp target/bench-table.json server/benches/results/$(date +%F)-idle-table.json
-python3 server/benches/plot_p1.py target/bench-table.json server/benches/results/$(date +%F)-idle-p1.svg
-python3 server/benches/plot_scale.py target/bench-table.json server/benches/results/$(date +%F)-idle-scale.svg
+cp target/bench-table.json "server/benches/results/$(date +%F)-idle-table.json"
+python3 server/benches/plot_p1.py target/bench-table.json "server/benches/results/$(date +%F)-idle-p1.svg"
+python3 server/benches/plot_scale.py target/bench-table.json "server/benches/results/$(date +%F)-idle-scale.svg"
 uptime
