@@ -86,8 +86,9 @@ pub struct RegionView {
 
 /// What the last full kernel check of a region's shared-policy ranges found: when, and the policy
 /// the kernel showed over each range then (`None`: unreadable). Written by the reconcile pass
-/// (what it read before re-binding), by CreateRegion's and SetPolicy's read-back, and by a
-/// GetRegion with `fresh`; GetRegion and ListRegions answer from it.
+/// (what it read before re-binding), by CreateRegion's and SetPolicy's read-back, by a restart's
+/// read-back (`recover.rs`), and by a GetRegion with `fresh`; GetRegion and ListRegions answer
+/// from it.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct LastCheck {
     /// When the kernel was read, Unix milliseconds.

@@ -276,6 +276,7 @@ impl Agent {
             return;
         }
         let page = live.intent.page_size(self.page_size());
+        let at = super::live::now_unix_ms();
         let checked = verify_fresh(
             live.file.as_ref(),
             live.intent.size_bytes,
@@ -314,6 +315,21 @@ impl Agent {
             }
         };
         out.event(kind, &live.intent, message);
+        // What the read-back found is the region's first check after the restart, as SetPolicy's
+        // read-back is (ends of each range just bound): a range that bound and read back as
+        // intended was seen with its policy; the others (in `errors`) are left out, so views
+        // read them from the kernel until the first pass.
+        live.checked = Some(super::live::LastCheck {
+            at_unix_ms: at,
+            ranges: live
+                .intent
+                .ranges
+                .ranges()
+                .iter()
+                .filter(|r| !live.errors.contains_key(&r.offset))
+                .map(|r| (*r, Some(r.policy)))
+                .collect(),
+        });
     }
 }
 
@@ -474,6 +490,61 @@ fn lost(intent: RegionIntent) -> LiveRegion {
 mod tests {
     use super::*;
     use crate::domain::{NodeSet, Policy, PolicyMode, RangeMap};
+
+    /// A restart's read-back is each region's first check: GetRegion and ListRegions answer
+    /// from it at once, with its time, before any pass.
+    #[tokio::test]
+    async fn a_restart_read_back_is_the_first_check() {
+        use crate::domain::{Backend, RegionKey};
+        use crate::engine::{CreateRequest, EngineSettings};
+        use crate::store::Store;
+        use crate::topology::TopologyReader;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("s.db");
+        let usable: Vec<u32> = TopologyReader::host().read().usable.iter().collect();
+        let features = kernel::probe::probe(&usable);
+        let start = || async {
+            Agent::start(
+                Store::open(&db, std::time::Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+                features.clone(),
+                TopologyReader::host(),
+                EngineSettings::default(),
+            )
+            .await
+            .unwrap()
+        };
+        let agent = start().await;
+        let page = agent.page_size();
+        let key = RegionKey::parse("vm", "r").unwrap();
+        let bind0 = policy(PolicyMode::Bind, &[0]);
+        let req = CreateRequest {
+            key: key.clone(),
+            size_bytes: 4 * page,
+            backend: Backend::Memfd,
+            hugepage_size_bytes: 0,
+            policies: vec![(0, 2 * page, bind0)],
+        };
+        agent.create_region(req, "test", None).await.unwrap();
+        drop(agent);
+        let before = super::super::live::now_unix_ms();
+        let agent = start().await;
+        let live = agent.slot(&key).unwrap().read_owned().await;
+        assert!(live.answers_from_check(), "{:?}", live.checked);
+        let at = live.checked.as_ref().unwrap().at_unix_ms;
+        assert!(at >= before, "checked at {at}, restarted at {before}");
+        drop(live);
+        let v = agent.get_region(&key, false).await.unwrap();
+        assert_eq!(
+            v.observed_at_unix_ms, at,
+            "answered from the restart's check"
+        );
+        assert_eq!(
+            v.ranges.iter().map(|r| r.observed).collect::<Vec<_>>(),
+            vec![Some(bind0), Some(Policy::DEFAULT)]
+        );
+    }
 
     /// When the second mapping cannot be made, nothing was verified: that is an error, never
     /// "no range failed".
