@@ -2,17 +2,17 @@
 //!
 //! The page cache (cachestat) tells which pages are allocated, whoever maps them and whether or
 //! not anyone touched them (hugetlbfs, which lacks it, is probed page by page instead). The node
-//! of a page can be read only through a mapping of this process, so [`count_nodes`] read-faults
-//! just the allocated runs into a window mapping of exactly the range (a read fault on an
-//! allocated page allocates nothing) and lets the kernel count them: the window's line in
-//! `/proc/self/numa_maps` is one page-table walk with per-node totals, much cheaper than asking
-//! move_pages about every page. The window goes, with its page-table entries, when the count
-//! returns.
+//! of a page can be read only through a mapping of this process, so [`count_nodes_census`]
+//! asks move_pages about the pages a mapping of the file already maps and read-faults into it
+//! just the allocated pages it does not map yet (a read fault on an allocated page allocates
+//! nothing). A census mapping the caller keeps holds those pages for the next count;
+//! [`count_nodes`] counts through a window of exactly the range, which goes with its page-table
+//! entries when the count returns.
 
 use super::Mapping;
 use nix::errno::Errno;
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::BufRead as _;
 use std::os::fd::BorrowedFd;
 
 const ENOENT: i32 = -libc::ENOENT;
@@ -66,8 +66,9 @@ pub fn count_nodes(
 /// [`count_nodes`], but first from a holder's page tables where they map every allocated page of
 /// the range exactly once ([`HolderMappings::exact_counts`]): the holder already faulted them,
 /// so nothing is faulted here. Where they map every page of the range (a VMM that touched all
-/// of its memory), every page is allocated, and the page cache is not read either. Otherwise as
-/// [`count_nodes`].
+/// of its memory), every page is allocated, and the page cache is not read either. Otherwise
+/// the allocated pages are counted through a window of exactly the range, a census that keeps
+/// nothing ([`count_nodes_census`]).
 pub fn count_nodes_held(
     fd: BorrowedFd<'_>,
     file_len: u64,
@@ -76,52 +77,37 @@ pub fn count_nodes_held(
     page: u64,
     holder: Option<&HolderMappings>,
 ) -> Result<NodeCounts, Errno> {
-    // A page mapped in a shared mapping of the file is a page of its page cache: if the holder's
-    // mappings map each page of the range once, all are allocated and all are counted.
-    if let Some(h) = holder
-        && let Some(nodes) = h.exact_counts(offset, len, len / page)
-    {
-        return Ok(NodeCounts {
-            nodes,
-            counted_from: Some(h.pid),
-            ..Default::default()
-        });
+    if let Some(c) = holder_counts(holder, offset, len, len / page, 0) {
+        return Ok(c);
     }
-    let map = allocated(fd, file_len, offset, len, page)?;
-    let allocated_pages = map.iter().filter(|a| **a).count() as u64;
-    let mut counts = NodeCounts {
-        not_present: map.len() as u64 - allocated_pages,
-        ..Default::default()
-    };
-    if allocated_pages == 0 {
-        return Ok(counts);
-    }
-    if let Some(h) = holder
-        && let Some(nodes) = h.exact_counts(offset, len, allocated_pages)
-    {
-        counts.nodes = nodes;
-        counts.counted_from = Some(h.pid);
-        return Ok(counts);
-    }
-    let runs = runs(&map, offset, page);
     let window = Mapping::window(fd, offset, len)?;
-    // One thread: a second one on the same mapping was slower on the development VM (page-table
-    // updates are what a read fault costs there).
-    for (at, len) in &runs {
-        // A failed fault leaves pages unmapped, which the count reports as unknown.
-        let _ = window.populate_read(*at, *len);
-    }
-    // A page punched between the allocation check and its read fault is allocated again by the
-    // fault; that race needs a concurrent hole punch and costs one zero page.
-    let mapped = match numa_maps_nodes(window.guest_address()) {
-        Some(nodes) => nodes,
-        // No numa_maps (no /proc, or a kernel without NUMA): ask move_pages page by page.
-        None => move_pages_nodes(&window, &runs, page)?,
-    };
-    let mapped_total: u64 = mapped.values().sum();
-    counts.unknown = allocated_pages.saturating_sub(mapped_total);
-    counts.nodes = mapped;
-    Ok(counts)
+    count_nodes_census(
+        fd,
+        &window,
+        &mut CensusRuns::default(),
+        (file_len, offset, len, page),
+        holder,
+        false,
+    )
+}
+
+/// The counts of `[offset, offset+len)` from the holder's page tables, where they count the
+/// range's `allocated` pages exactly ([`HolderMappings::exact_counts`]); `not_present` pages of
+/// the range are not allocated.
+fn holder_counts(
+    holder: Option<&HolderMappings>,
+    offset: u64,
+    len: u64,
+    allocated: u64,
+    not_present: u64,
+) -> Option<NodeCounts> {
+    let h = holder?;
+    Some(NodeCounts {
+        nodes: h.exact_counts(offset, len, allocated)?,
+        not_present,
+        unknown: 0,
+        counted_from: Some(h.pid),
+    })
 }
 
 /// The file intervals a census mapping has had read-faulted into it by [`count_nodes_census`]:
@@ -197,18 +183,12 @@ pub fn count_nodes_census(
     fd: BorrowedFd<'_>,
     census: &Mapping,
     runs_mapped: &mut CensusRuns,
-    (offset, len, page): (u64, u64, u64),
+    (file_len, offset, len, page): (u64, u64, u64, u64),
     holder: Option<&HolderMappings>,
     keep: bool,
 ) -> Result<NodeCounts, Errno> {
-    if let Some(h) = holder
-        && let Some(nodes) = h.exact_counts(offset, len, len / page)
-    {
-        return Ok(NodeCounts {
-            nodes,
-            counted_from: Some(h.pid),
-            ..Default::default()
-        });
+    if let Some(c) = holder_counts(holder, offset, len, len / page, 0) {
+        return Ok(c);
     }
     let mut status = vec![ENOENT; (len / page) as usize];
     let mut ask = Vec::new();
@@ -226,7 +206,7 @@ pub fn count_nodes_census(
     let mut faulted = Vec::new();
     let mut allocated_elsewhere = 0u64;
     for &(at, l) in &ask {
-        let map = allocated(fd, census.len(), at, l, page)?;
+        let map = allocated(fd, file_len, at, l, page)?;
         allocated_elsewhere += map.iter().filter(|a| **a).count() as u64;
         faulted.extend(runs(&map, at, page));
     }
@@ -239,12 +219,8 @@ pub fn count_nodes_census(
     if allocated_pages == 0 {
         return Ok(counts);
     }
-    if let Some(h) = holder
-        && let Some(nodes) = h.exact_counts(offset, len, allocated_pages)
-    {
-        counts.nodes = nodes;
-        counts.counted_from = Some(h.pid);
-        return Ok(counts);
+    if let Some(c) = holder_counts(holder, offset, len, allocated_pages, counts.not_present) {
+        return Ok(c);
     }
     for &(at, l) in &faulted {
         // A failed fault leaves pages unmapped, which the count reports as unknown.
@@ -530,22 +506,6 @@ fn runs(map: &[bool], offset: u64, page: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Pages per node mapped in the mapping that starts at `addr`, from its line in
-/// `/proc/self/numa_maps` (the kernel walks the mapping's page tables). For a hugetlbfs mapping
-/// the kernel counts huge pages, for any other one base pages, as [`count_nodes`] counts.
-/// `None` when the line cannot be found or read.
-fn numa_maps_nodes(addr: u64) -> Option<BTreeMap<u32, u64>> {
-    let file = std::fs::File::open("/proc/self/numa_maps").ok()?;
-    let prefix = format!("{addr:08x} ");
-    // Lines come in address order; stop at ours so the kernel walks no further mappings.
-    let reader = std::io::BufReader::with_capacity(64 << 10, file);
-    let line = reader
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.starts_with(&prefix))?;
-    Some(parse_numa_maps_line(&line))
-}
-
 /// The `N<node>=<pages>` fields of one numa_maps line.
 fn parse_numa_maps_line(line: &str) -> BTreeMap<u32, u64> {
     line.split_ascii_whitespace()
@@ -555,23 +515,6 @@ fn parse_numa_maps_line(line: &str) -> BTreeMap<u32, u64> {
         })
         .filter(|(_, pages)| *pages > 0)
         .collect()
-}
-
-/// Pages per node of the runs as move_pages reports them for this process.
-fn move_pages_nodes(
-    window: &Mapping,
-    runs: &[(u64, u64)],
-    page: u64,
-) -> Result<BTreeMap<u32, u64>, Errno> {
-    let mut nodes = BTreeMap::new();
-    for &(at, len) in runs {
-        for n in window.page_nodes(at, len, page)? {
-            if let Ok(n) = u32::try_from(n) {
-                *nodes.entry(n).or_default() += 1;
-            }
-        }
-    }
-    Ok(nodes)
 }
 
 #[cfg(test)]
@@ -753,11 +696,16 @@ mod tests {
         let c = count_nodes(fd.as_fd(), size, 2 * page, 40 * page, page).unwrap();
         assert_eq!(c.nodes.values().sum::<u64>(), 2 + 2, "{c:?}");
         assert_eq!(c.not_present, 36, "{c:?}");
-        let w = Mapping::window(fd.as_fd(), 0, size).unwrap();
+        // The count (move_pages) agrees with the kernel's own walk of a mapping that maps the
+        // run: this process's numa_maps line for it.
+        let w = Mapping::window(fd.as_fd(), 40 * page, 10 * page).unwrap();
         w.populate_read(40 * page, 10 * page).unwrap();
-        let by_move_pages = move_pages_nodes(&w, &[(40 * page, 10 * page)], page).unwrap();
-        let by_numa_maps = numa_maps_nodes(w.guest_address()).unwrap();
-        assert_eq!(by_move_pages, by_numa_maps);
+        let id = super::super::fd_file_id(fd.as_fd()).unwrap();
+        let me = std::process::id() as i32;
+        let by_numa_maps = holder_mappings(me, id, &[(40 * page, 10 * page)]).unwrap();
+        assert_eq!(by_numa_maps.vmas.len(), 1, "{by_numa_maps:?}");
+        let c = count_nodes(fd.as_fd(), size, 40 * page, 10 * page, page).unwrap();
+        assert_eq!(c.nodes, by_numa_maps.vmas[0].nodes);
     }
 
     /// Pages of `[offset, offset+len)` mapped in `m` now (move_pages answers a node).
@@ -782,7 +730,8 @@ mod tests {
         let census = Mapping::new(fd.as_fd(), size).unwrap();
         let mut runs = CensusRuns::default();
         let count = |runs: &mut CensusRuns, keep| {
-            count_nodes_census(fd.as_fd(), &census, runs, (0, size, page), None, keep).unwrap()
+            count_nodes_census(fd.as_fd(), &census, runs, (size, 0, size, page), None, keep)
+                .unwrap()
         };
         // Not kept: counted, and nothing left mapped or recorded.
         let c = count(&mut runs, false);
@@ -817,7 +766,7 @@ mod tests {
             path.as_fd(),
             &census,
             &mut runs,
-            (40 * page, 10 * page, page),
+            (size, 40 * page, 10 * page, page),
             None,
             true,
         )
@@ -841,7 +790,7 @@ mod tests {
             fd.as_fd(),
             &census,
             &mut runs,
-            (2 * page, 40 * page, page),
+            (size, 2 * page, 40 * page, page),
             None,
             true,
         )

@@ -257,7 +257,7 @@ fn p5_row(size: u64, series: [Series; 5], wrong: Vec<String>, numastat_mb: Strin
                 held.show()
             ),
             format!(
-                "a count through a transient window, called directly in the bench (cachestat, read-fault the allocated runs into a window, its numa_maps line; what a count costs when nothing is kept): {}",
+                "a count through a transient window, called directly in the bench (cachestat, read-fault the allocated runs into a window, move_pages; what a count costs when nothing is kept): {}",
                 direct.show()
             ),
             format!(

@@ -38,9 +38,7 @@ pub(crate) struct Census {
 
 impl Drop for Census {
     fn drop(&mut self) {
-        if let Some(b) = &self.budget {
-            b.used.fetch_sub(self.runs.bytes(), Ordering::Relaxed);
-        }
+        self.give_back();
     }
 }
 
@@ -82,6 +80,12 @@ impl Census {
         if let Some(m) = mapping {
             let _ = m.unmap_pages(0, m.len());
         }
+        self.give_back();
+    }
+
+    /// Gives the bytes kept back to the budget and forgets them (their pages are unmapped, or
+    /// the mapping is going).
+    fn give_back(&mut self) {
         if let Some(b) = &self.budget {
             b.used.fetch_sub(self.runs.bytes(), Ordering::Relaxed);
         }
@@ -101,8 +105,15 @@ impl Census {
         let budget = self.budget.get_or_insert_with(|| budget.clone()).clone();
         let before = self.runs.bytes();
         let keep = budget.reserve(span.1);
-        let counted =
-            kernel::residency::count_nodes_census(fd, mapping, &mut self.runs, span, holder, keep);
+        let (offset, length, page) = span;
+        let counted = kernel::residency::count_nodes_census(
+            fd,
+            mapping,
+            &mut self.runs,
+            (mapping.len(), offset, length, page),
+            holder,
+            keep,
+        );
         let after = self.runs.bytes();
         if keep {
             // What was reserved for the range, less what it added.
